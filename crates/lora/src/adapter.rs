@@ -1,0 +1,151 @@
+//! In-memory adapter: one (A, B, scale) per adapted projection.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use candle_core::Tensor;
+
+use crate::config::LoraConfig;
+
+/// A linear projection of a Llama-family block that LoRA can adapt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Target {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Target {
+    pub const ALL: [Target; 7] = [
+        Target::Q,
+        Target::K,
+        Target::V,
+        Target::O,
+        Target::Gate,
+        Target::Up,
+        Target::Down,
+    ];
+
+    /// PEFT / HF module name (`q_proj`, ...).
+    pub fn peft_name(self) -> &'static str {
+        match self {
+            Target::Q => "q_proj",
+            Target::K => "k_proj",
+            Target::V => "v_proj",
+            Target::O => "o_proj",
+            Target::Gate => "gate_proj",
+            Target::Up => "up_proj",
+            Target::Down => "down_proj",
+        }
+    }
+
+    /// HF parent module (`self_attn` or `mlp`).
+    pub fn parent(self) -> &'static str {
+        match self {
+            Target::Q | Target::K | Target::V | Target::O => "self_attn",
+            _ => "mlp",
+        }
+    }
+
+    pub fn from_peft_name(name: &str) -> Option<Target> {
+        Target::ALL.into_iter().find(|t| t.peft_name() == name)
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.peft_name())
+    }
+}
+
+/// Which projection of which layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ModuleKey {
+    pub layer: usize,
+    pub target: Target,
+}
+
+impl ModuleKey {
+    pub fn new(layer: usize, target: Target) -> Self {
+        Self { layer, target }
+    }
+
+    /// PEFT's key prefix, e.g. `base_model.model.model.layers.3.self_attn.q_proj`.
+    pub fn peft_prefix(&self) -> String {
+        format!(
+            "base_model.model.model.layers.{}.{}.{}",
+            self.layer,
+            self.target.parent(),
+            self.target.peft_name()
+        )
+    }
+}
+
+impl fmt::Display for ModuleKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "layers.{}.{}", self.layer, self.target)
+    }
+}
+
+/// One adapted projection: `ΔW = scale · B · A`, A: [r, in], B: [out, r].
+///
+/// Tensors are always in the HF (un-permuted) row layout, whatever file the base came from.
+/// During training `a` and `b` are the tensors of candle `Var`s (they share storage).
+#[derive(Debug, Clone)]
+pub struct LoraModule {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+}
+
+impl LoraModule {
+    pub fn rank(&self) -> usize {
+        self.a.dims()[0]
+    }
+    pub fn in_features(&self) -> usize {
+        self.a.dims()[1]
+    }
+    pub fn out_features(&self) -> usize {
+        self.b.dims()[0]
+    }
+    /// Trainable parameters: r·(in + out).
+    pub fn num_params(&self) -> usize {
+        self.a.elem_count() + self.b.elem_count()
+    }
+    /// `ΔW = scale · B·A`, [out, in], f32.
+    pub fn delta(&self) -> candle_core::Result<Tensor> {
+        let a = self.a.to_dtype(candle_core::DType::F32)?;
+        let b = self.b.to_dtype(candle_core::DType::F32)?;
+        b.matmul(&a)?.affine(self.scale, 0.0)
+    }
+}
+
+/// Provenance stored in the safetensors header metadata of adapters lowrank writes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Provenance {
+    /// Fingerprint of the base weights the adapter was trained on (see `fingerprint`).
+    pub base_fingerprint: Option<String>,
+    pub lowrank_version: Option<String>,
+    pub created: Option<String>,
+}
+
+/// A LoRA adapter: config + one module per adapted projection.
+#[derive(Debug, Clone)]
+pub struct Adapter {
+    pub config: LoraConfig,
+    pub modules: BTreeMap<ModuleKey, LoraModule>,
+    pub provenance: Provenance,
+}
+
+impl Adapter {
+    pub fn num_params(&self) -> usize {
+        self.modules.values().map(|m| m.num_params()).sum()
+    }
+    pub fn get(&self, key: &ModuleKey) -> Option<&LoraModule> {
+        self.modules.get(key)
+    }
+}
