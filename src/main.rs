@@ -1,1 +1,16 @@
-fn main() {}
+//! `lowrank`: a thin CLI over the lowrank crates. Each subcommand parses flags, loads what it
+//! needs and calls a library; errors get context here and exit non-zero.
+
+mod cli;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    match cli::run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

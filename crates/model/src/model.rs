@@ -1,0 +1,366 @@
+//! The Llama-family decoder, top to bottom: rotary tables → attention → MLP → block → model.
+//!
+//! One code path serves training, evaluation, merged inference and mixed-adapter serving:
+//! the model owns only frozen weights; each forward receives, per sequence, the adapter
+//! mixture that applies to it. Sequences are *ragged*: their tokens are concatenated into
+//! one [N, hidden] matrix so every projection is one matmul over all sequences, and only
+//! attention runs per sequence (with its own KV cache and causal mask). No padding is ever
+//! computed, so a sequence's logits do not depend on what else is in the batch.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, D};
+use lowrank_lora::{Adapter, LoraModule, ModuleKey, Target};
+use rand::Rng;
+
+use crate::cache::KvCache;
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::ops;
+use crate::weights::Weights;
+
+/// A weighted mixture of adapters applied to one sequence (empty: the base model).
+pub type AdapterSet = Arc<Vec<(Arc<Adapter>, f64)>>;
+
+/// Which logits a sequence wants back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsMode {
+    None,
+    Last,
+    All,
+}
+
+/// One sequence of a ragged batch.
+pub struct SeqInput<'a> {
+    /// New tokens to run (after whatever the cache holds).
+    pub tokens: &'a [u32],
+    pub cache: Option<&'a mut KvCache>,
+    pub adapters: Option<AdapterSet>,
+    pub logits: LogitsMode,
+}
+
+/// Training switches: differentiable ops and LoRA dropout.
+pub struct ForwardOpts<'r> {
+    /// Use differentiable (unfused) ops so autograd sees every path.
+    pub train: bool,
+    /// LoRA dropout probability and the RNG that draws the masks (training only).
+    pub dropout: Option<(f64, &'r mut rand_chacha::ChaCha8Rng)>,
+}
+
+impl ForwardOpts<'_> {
+    pub fn infer() -> Self {
+        ForwardOpts { train: false, dropout: None }
+    }
+}
+
+/// Rows of the flat token matrix that share one adapter mixture.
+struct Group {
+    set: AdapterSet,
+    /// `None` when the group covers every token (no gather/scatter needed).
+    index: Option<Tensor>,
+}
+
+/// Per-sequence tensors reused by every layer.
+struct SeqCtx {
+    offset: usize,
+    len: usize,
+    cos: Tensor,
+    sin: Tensor,
+    mask: Option<Tensor>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Llama {
+    pub cfg: ModelConfig,
+    pub weights: Weights,
+    /// [max_pos, head_dim/2]
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+}
+
+impl Llama {
+    pub fn new(cfg: ModelConfig, weights: Weights, device: &Device) -> Result<Self> {
+        let (cos, sin) = rope_tables(&cfg, device)?;
+        Ok(Llama { cfg, weights, cos, sin, device: device.clone() })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Shapes of the adaptable projections, for validating adapters against this base.
+    pub fn lora_shapes(&self) -> Vec<(Target, usize, usize)> {
+        let c = &self.cfg;
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        vec![
+            (Target::Q, c.q_out(), h),
+            (Target::K, c.kv_out(), h),
+            (Target::V, c.kv_out(), h),
+            (Target::O, h, c.q_out()),
+            (Target::Gate, i, h),
+            (Target::Up, i, h),
+            (Target::Down, h, i),
+        ]
+    }
+
+    /// A copy with `W ← W + Σ w·s·B·A` folded into private copies of the adapted weights
+    /// (the rest stays shared with `self`). Removes all adapter latency.
+    pub fn merged(&self, set: &[(Arc<Adapter>, f64)]) -> Result<Llama> {
+        let mut out = self.clone();
+        for (adapter, weight) in set {
+            for (key, m) in &adapter.modules {
+                let layer = out.weights.layers.get_mut(key.layer).ok_or_else(|| {
+                    ModelError::Invalid(format!("adapter targets layer {} but the model has {}", key.layer, self.cfg.num_layers))
+                })?;
+                let w = layer.linear_mut(key.target);
+                let delta = m.delta()?.affine(*weight, 0.0)?;
+                *w = (&*w + delta)?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Run a ragged batch; returns the logits each sequence asked for
+    /// ([1, vocab] for `Last`, [t, vocab] for `All`).
+    pub fn forward(&self, seqs: &mut [SeqInput<'_>], opts: &mut ForwardOpts<'_>) -> Result<Vec<Option<Tensor>>> {
+        let hidden = self.forward_hidden(seqs, opts)?; // [N, H]
+        let mut out = Vec::with_capacity(seqs.len());
+        let mut off = 0;
+        for s in seqs.iter() {
+            let t = s.tokens.len();
+            let logits = match s.logits {
+                LogitsMode::None => None,
+                LogitsMode::Last => Some(self.lm_head(&hidden.narrow(0, off + t - 1, 1)?)?),
+                LogitsMode::All => Some(self.lm_head(&hidden.narrow(0, off, t)?)?),
+            };
+            out.push(logits);
+            off += t;
+        }
+        Ok(out)
+    }
+
+    /// [n, H] final hidden states → [n, vocab] logits.
+    pub fn lm_head(&self, h: &Tensor) -> Result<Tensor> {
+        let w = self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed);
+        ops::linear(h, w)
+    }
+
+    /// The decoder up to (and including) the final norm: [N, H] over all sequences' new tokens.
+    /// Appends to each sequence's KV cache.
+    pub fn forward_hidden(&self, seqs: &mut [SeqInput<'_>], opts: &mut ForwardOpts<'_>) -> Result<Tensor> {
+        if seqs.is_empty() {
+            return Err(ModelError::Invalid("empty batch".into()));
+        }
+        let mut ids = Vec::new();
+        let mut ctxs = Vec::with_capacity(seqs.len());
+        for s in seqs.iter() {
+            if s.tokens.is_empty() {
+                return Err(ModelError::Invalid("a sequence in the batch has no tokens".into()));
+            }
+            let start = s.cache.as_ref().map(|c| c.len()).unwrap_or(0);
+            let t = s.tokens.len();
+            if start + t > self.cfg.max_position_embeddings {
+                return Err(ModelError::ContextOverflow { len: start + t, max: self.cfg.max_position_embeddings });
+            }
+            if let Some(&bad) = s.tokens.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+                return Err(ModelError::Invalid(format!("token id {bad} is outside the vocabulary of {}", self.cfg.vocab_size)));
+            }
+            ctxs.push(SeqCtx {
+                offset: ids.len(),
+                len: t,
+                cos: self.cos.narrow(0, start, t)?,
+                sin: self.sin.narrow(0, start, t)?,
+                mask: causal_mask(t, start, &self.device)?,
+            });
+            ids.extend_from_slice(s.tokens);
+        }
+        let groups = self.groups(seqs, &ctxs)?;
+        let ids = Tensor::new(ids.as_slice(), &self.device)?;
+        let mut x = self.weights.embed.index_select(&ids, 0)?; // [N, H]
+        for l in 0..self.cfg.num_layers {
+            x = self.block(l, &x, seqs, &ctxs, &groups, opts)?;
+        }
+        for s in seqs.iter_mut() {
+            if let Some(c) = s.cache.as_deref_mut() {
+                c.advance(s.tokens.len());
+            }
+        }
+        ops::rms_norm(&x, &self.weights.norm, self.cfg.rms_norm_eps, opts.train)
+    }
+
+    /// Sequences sharing an adapter mixture form a group (compared by identity and weight).
+    fn groups(&self, seqs: &[SeqInput<'_>], ctxs: &[SeqCtx]) -> Result<Vec<Group>> {
+        type Key = Vec<(usize, u64)>;
+        let key = |set: &[(Arc<Adapter>, f64)]| -> Key {
+            set.iter().map(|(a, w)| (Arc::as_ptr(a) as usize, w.to_bits())).collect()
+        };
+        let mut found: Vec<(Key, AdapterSet, Vec<u32>)> = Vec::new();
+        let total: usize = ctxs.iter().map(|c| c.len).sum();
+        for (s, c) in seqs.iter().zip(ctxs) {
+            let Some(set) = s.adapters.as_ref() else { continue };
+            if set.is_empty() {
+                continue;
+            }
+            let k = key(set);
+            let rows = (c.offset..c.offset + c.len).map(|r| r as u32);
+            match found.iter_mut().find(|(fk, _, _)| *fk == k) {
+                Some((_, _, idx)) => idx.extend(rows),
+                None => found.push((k, set.clone(), rows.collect())),
+            }
+        }
+        found
+            .into_iter()
+            .map(|(_, set, idx)| {
+                let index = if idx.len() == total { None } else { Some(Tensor::new(idx.as_slice(), &self.device)?) };
+                Ok(Group { set, index })
+            })
+            .collect()
+    }
+
+    /// y = x·W₀ᵀ (+ bias) + Σ_groups Σ_adapters w·s·(drop(x)·Aᵀ)·Bᵀ.   x: [N, in] → [N, out]
+    fn proj(
+        &self,
+        x: &Tensor,
+        key: ModuleKey,
+        bias: Option<&Tensor>,
+        groups: &[Group],
+        opts: &mut ForwardOpts<'_>,
+    ) -> Result<Tensor> {
+        let w = self.weights.layers[key.layer].linear(key.target);
+        let mut y = ops::linear(x, w)?; // [N, out]
+        if let Some(b) = bias {
+            y = y.broadcast_add(b)?;
+        }
+        for g in groups {
+            let mods: Vec<(&LoraModule, f64)> =
+                g.set.iter().filter_map(|(a, wt)| a.get(&key).map(|m| (m, *wt))).collect();
+            if mods.is_empty() {
+                continue;
+            }
+            let xg = match &g.index {
+                None => x.clone(),
+                Some(idx) => x.index_select(idx, 0)?, // [n, in]
+            };
+            let mut delta: Option<Tensor> = None;
+            for (m, wt) in mods {
+                let xin = match opts.dropout.as_mut() {
+                    Some((p, rng)) if opts.train && *p > 0.0 => dropout(&xg, *p, rng)?,
+                    _ => xg.clone(),
+                };
+                let u = xin.matmul(&m.a.t()?)?; // [n, r]
+                let d = u.matmul(&m.b.t()?)?.affine(m.scale * wt, 0.0)?; // [n, out]
+                delta = Some(match delta {
+                    None => d,
+                    Some(acc) => (acc + d)?,
+                });
+            }
+            let delta = delta.expect("at least one module");
+            y = match &g.index {
+                None => (y + delta)?,
+                Some(idx) => y.index_add(idx, &delta, 0)?,
+            };
+        }
+        Ok(y)
+    }
+
+    /// One decoder block: x + attn(norm(x)), then + mlp(norm(x)).   x: [N, H] → [N, H]
+    fn block(
+        &self,
+        l: usize,
+        x: &Tensor,
+        seqs: &mut [SeqInput<'_>],
+        ctxs: &[SeqCtx],
+        groups: &[Group],
+        opts: &mut ForwardOpts<'_>,
+    ) -> Result<Tensor> {
+        let c = &self.cfg;
+        let lw = &self.weights.layers[l];
+        let key = |t| ModuleKey::new(l, t);
+        let h = ops::rms_norm(x, &lw.attn_norm, c.rms_norm_eps, opts.train)?; // [N, H]
+        let q = self.proj(&h, key(Target::Q), lw.q_bias.as_ref(), groups, opts)?; // [N, nh·hd]
+        let k = self.proj(&h, key(Target::K), lw.k_bias.as_ref(), groups, opts)?; // [N, nkv·hd]
+        let v = self.proj(&h, key(Target::V), lw.v_bias.as_ref(), groups, opts)?; // [N, nkv·hd]
+        let mut outs = Vec::with_capacity(ctxs.len());
+        for (s, cx) in seqs.iter_mut().zip(ctxs) {
+            let heads = |t: &Tensor, n: usize| -> Result<Tensor> {
+                // [t, n·hd] → [n, t, hd]
+                Ok(t.narrow(0, cx.offset, cx.len)?.reshape((cx.len, n, c.head_dim))?.transpose(0, 1)?.contiguous()?)
+            };
+            let qs = ops::rope(&heads(&q, c.num_heads)?, &cx.cos, &cx.sin, opts.train)?;
+            let ks = ops::rope(&heads(&k, c.num_kv_heads)?, &cx.cos, &cx.sin, opts.train)?;
+            let vs = heads(&v, c.num_kv_heads)?;
+            let (ks, vs) = match s.cache.as_deref_mut() {
+                Some(cache) => cache.append(l, &ks, &vs)?,
+                None => (ks, vs),
+            };
+            outs.push(self.attend(&qs, &ks, &vs, cx.mask.as_ref(), opts.train)?);
+        }
+        let attn = if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(&outs, 0)? }; // [N, nh·hd]
+        let o = self.proj(&attn, key(Target::O), None, groups, opts)?; // [N, H]
+        let x = (x + o)?;
+        let h = ops::rms_norm(&x, &lw.mlp_norm, c.rms_norm_eps, opts.train)?;
+        let gate = self.proj(&h, key(Target::Gate), None, groups, opts)?; // [N, I]
+        let up = self.proj(&h, key(Target::Up), None, groups, opts)?; // [N, I]
+        let m = (gate.silu()? * up)?;
+        let down = self.proj(&m, key(Target::Down), None, groups, opts)?; // [N, H]
+        Ok((x + down)?)
+    }
+
+    /// Grouped-query attention for one sequence.
+    /// q: [nh, t, hd], k/v: [nkv, S, hd] (S = cached + t) → [t, nh·hd]
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        let c = &self.cfg;
+        let (nh, t, hd) = q.dims3()?;
+        let nkv = c.num_kv_heads;
+        let g = nh / nkv;
+        let s = k.dim(1)?;
+        // Query heads [kv·g, kv·g+g) share KV head kv (HF's repeat_kv), so group them as rows.
+        let q = q.reshape((nkv, g * t, hd))?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?; // [nkv, g·t, S]
+        let scores = match mask {
+            Some(m) => scores.reshape((nkv, g, t, s))?.broadcast_add(m)?.reshape((nkv, g * t, s))?,
+            None => scores,
+        };
+        let p = ops::softmax(&scores, train)?;
+        let o = p.matmul(v)?; // [nkv, g·t, hd]
+        Ok(o.reshape((nh, t, hd))?.transpose(0, 1)?.reshape((t, nh * hd))?)
+    }
+}
+
+/// cos/sin tables [max_pos, hd/2] for HF's rotary embedding (inv_freq = θ^(−2i/hd)).
+fn rope_tables(cfg: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+    let hd = cfg.head_dim;
+    let n = cfg.max_position_embeddings;
+    let inv: Vec<f32> = (0..hd / 2).map(|i| 1.0 / (cfg.rope_theta as f32).powf(2.0 * i as f32 / hd as f32)).collect();
+    let inv = Tensor::new(inv.as_slice(), device)?.reshape((1, hd / 2))?;
+    let pos = Tensor::arange(0u32, n as u32, device)?.to_dtype(DType::F32)?.reshape((n, 1))?;
+    let freqs = pos.broadcast_mul(&inv)?; // [n, hd/2]
+    Ok((freqs.cos()?, freqs.sin()?))
+}
+
+/// Additive causal mask [t, start+t]: query i (position start+i) sees keys 0..=start+i.
+fn causal_mask(t: usize, start: usize, device: &Device) -> Result<Option<Tensor>> {
+    if t == 1 {
+        return Ok(None);
+    }
+    let s = start + t;
+    let m: Vec<f32> = (0..t)
+        .flat_map(|i| (0..s).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Some(Tensor::from_vec(m, (t, s), device)?))
+}
+
+/// Inverted dropout: zero each element with probability p, scale the rest by 1/(1−p).
+fn dropout(x: &Tensor, p: f64, rng: &mut rand_chacha::ChaCha8Rng) -> Result<Tensor> {
+    let keep = 1.0 / (1.0 - p);
+    let n = x.elem_count();
+    let mask: Vec<f32> = (0..n).map(|_| if rng.random::<f64>() < p { 0.0 } else { keep as f32 }).collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
+    Ok((x * mask)?)
+}
+
+/// Index of the largest value in each row of [n, vocab] logits.
+pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
+    Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?)
+}

@@ -1,0 +1,142 @@
+//! Tensor ops the model needs beyond candle's, chosen for training correctness.
+//!
+//! candle's autograd computes the gradient of *both* matmul inputs, so a frozen base weight
+//! would get a full dW on every step (an extra forward's worth of FLOPs and memory).
+//! [`frozen_linear`] is a custom op whose backward returns only dX = dY·W.
+//! candle's fused softmax / rms_norm / rope have no backward: in training mode the model uses
+//! the differentiable compositions below instead.
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
+
+use crate::error::Result;
+
+/// y = x·Wᵀ with W frozen (no gradient for W). x: [.., in], W: [out, in].
+struct FrozenLinear {
+    /// [out, in]
+    w: Tensor,
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        // Rebuild a plain tensor view of the input (one copy of the activations, small next
+        // to the matmul), multiply with candle's gemm, hand the result back as storage.
+        let x = match storage {
+            CpuStorage::F32(v) => match layout.contiguous_offsets() {
+                Some((a, b)) => Tensor::from_slice(&v[a..b], layout.shape(), &candle_core::Device::Cpu)?,
+                None => {
+                    let full = Tensor::from_slice(v.as_slice(), v.len(), &candle_core::Device::Cpu)?;
+                    full.as_strided(layout.shape(), layout.stride().to_vec(), layout.start_offset())?
+                        .contiguous()?
+                }
+            },
+            _ => candle_core::bail!("frozen-linear: only f32 is supported"),
+        };
+        let y = plain_linear(&x, &self.w)?;
+        let shape = y.shape().clone();
+        let data = y.flatten_all()?.to_vec1::<f32>()?;
+        Ok((CpuStorage::F32(data), shape))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        // dX = dY · W  ([.., out] · [out, in]); no dW.
+        let g = grad_res.contiguous()?;
+        let dims = g.dims().to_vec();
+        let out = dims[dims.len() - 1];
+        let rows = g.elem_count() / out;
+        let dx = g.reshape((rows, out))?.matmul(&self.w)?;
+        let mut new_dims = dims;
+        let last = new_dims.len() - 1;
+        new_dims[last] = self.w.dim(1)?;
+        Ok(Some(dx.reshape(new_dims)?))
+    }
+}
+
+trait AsStrided {
+    fn as_strided(&self, shape: &Shape, stride: Vec<usize>, offset: usize) -> candle_core::Result<Tensor>;
+}
+
+impl AsStrided for Tensor {
+    fn as_strided(&self, shape: &Shape, stride: Vec<usize>, offset: usize) -> candle_core::Result<Tensor> {
+        // Gather element by element: only reached for exotic layouts the model never makes.
+        let v = self.to_vec1::<f32>()?;
+        let dims = shape.dims();
+        let n = shape.elem_count();
+        let mut out = Vec::with_capacity(n);
+        let mut idx = vec![0usize; dims.len()];
+        for _ in 0..n {
+            let off: usize = offset + idx.iter().zip(&stride).map(|(i, s)| i * s).sum::<usize>();
+            out.push(v[off]);
+            for d in (0..dims.len()).rev() {
+                idx[d] += 1;
+                if idx[d] < dims[d] {
+                    break;
+                }
+                idx[d] = 0;
+            }
+        }
+        Tensor::from_vec(out, shape, &candle_core::Device::Cpu)
+    }
+}
+
+/// x·Wᵀ for x [.., in], W [out, in] (plain autograd semantics).
+pub fn plain_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let inp = dims[dims.len() - 1];
+    let rows = x.elem_count() / inp;
+    let y = x.reshape((rows, inp))?.matmul(&w.t()?)?;
+    let mut out_dims = dims;
+    let last = out_dims.len() - 1;
+    out_dims[last] = w.dim(0)?;
+    y.reshape(out_dims)
+}
+
+/// x·Wᵀ where W is a frozen weight: when x carries a gradient graph and W is not itself a
+/// variable, use the dX-only custom op (CPU); otherwise the plain matmul.
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if x.track_op() && !w.is_variable() && x.device().is_cpu() && x.dtype() == DType::F32 {
+        Ok(x.apply_op1(FrozenLinear { w: w.clone() })?)
+    } else {
+        Ok(plain_linear(x, w)?)
+    }
+}
+
+/// RMSNorm over the last dim. `train`: differentiable composition; else candle's fused op.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, train: bool) -> Result<Tensor> {
+    if !train {
+        return Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?);
+    }
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
+    Ok(y.broadcast_mul(w)?)
+}
+
+/// Softmax over the last dim. `train`: differentiable composition; else fused.
+pub fn softmax(x: &Tensor, train: bool) -> Result<Tensor> {
+    if train {
+        Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+    } else {
+        Ok(candle_nn::ops::softmax_last_dim(&x.contiguous()?)?)
+    }
+}
+
+/// HF ("half-split") rotary embedding. x: [heads, T, hd]; cos, sin: [T, hd/2].
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, train: bool) -> Result<Tensor> {
+    if !train {
+        let x4 = x.unsqueeze(0)?.contiguous()?;
+        return Ok(candle_nn::rotary_emb::rope(&x4, cos, sin)?.squeeze(0)?);
+    }
+    let hd = x.dim(D::Minus1)?;
+    let half = hd / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    // [x1, x2] → [x1·cos − x2·sin, x2·cos + x1·sin]
+    let c = cos.unsqueeze(0)?;
+    let s = sin.unsqueeze(0)?;
+    let r1 = (x1.broadcast_mul(&c)? - x2.broadcast_mul(&s)?)?;
+    let r2 = (x2.broadcast_mul(&c)? + x1.broadcast_mul(&s)?)?;
+    Ok(Tensor::cat(&[r1, r2], D::Minus1)?)
+}

@@ -1,0 +1,121 @@
+//! `--model`: the alias `smollm2-135m`, a GGUF file, or a HF model directory.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::fetch;
+use crate::gguf::GgufFile;
+use crate::model::Llama;
+use crate::tokenizer::Tok;
+use crate::weights;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSource {
+    Gguf(PathBuf),
+    HfDir(PathBuf),
+}
+
+impl ModelSource {
+    /// Resolve a `--model` value. The alias fetches the default model on first use.
+    pub fn resolve(spec: &str) -> Result<Self> {
+        if spec == fetch::DEFAULT_ALIAS {
+            return Ok(ModelSource::Gguf(fetch::ensure_default(true)?));
+        }
+        let p = Path::new(spec);
+        if p.is_dir() {
+            if !p.join("config.json").exists() {
+                return Err(ModelError::File {
+                    path: p.into(),
+                    msg: "a model directory needs config.json, *.safetensors and tokenizer.json".into(),
+                });
+            }
+            return Ok(ModelSource::HfDir(p.into()));
+        }
+        if p.is_file() {
+            return Ok(ModelSource::Gguf(p.into()));
+        }
+        Err(ModelError::File {
+            path: p.into(),
+            msg: format!("no such file or directory (expected `{}`, a GGUF file or a HF model directory)", fetch::DEFAULT_ALIAS),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        match self {
+            ModelSource::Gguf(p) | ModelSource::HfDir(p) => p,
+        }
+    }
+}
+
+/// A model ready to run: weights, tokenizer, and facts for `info`.
+pub struct LoadedModel {
+    pub source: ModelSource,
+    pub model: Llama,
+    pub tok: Tok,
+    /// Bytes of the model file(s) on disk.
+    pub file_bytes: u64,
+    /// Storage dtypes in the file, e.g. "Q4_1×211, Q8_0×1, F32×61".
+    pub file_dtypes: String,
+}
+
+impl LoadedModel {
+    pub fn load(spec: &str, device: &Device) -> Result<Self> {
+        Self::load_source(ModelSource::resolve(spec)?, device)
+    }
+
+    pub fn load_source(source: ModelSource, device: &Device) -> Result<Self> {
+        match &source {
+            ModelSource::Gguf(p) => {
+                let g = GgufFile::open(p)?;
+                let cfg = g.config()?;
+                let tok = Tok::from_gguf(&g)?;
+                let w = weights::load_gguf(&g, &cfg, device)?;
+                let dtypes = g.dtype_counts().iter().map(|(k, v)| format!("{k}×{v}")).collect::<Vec<_>>().join(", ");
+                let model = Llama::new(cfg, w, device)?;
+                Ok(LoadedModel { file_bytes: g.file_size, file_dtypes: dtypes, source, model, tok })
+            }
+            ModelSource::HfDir(d) => {
+                let cfg = ModelConfig::from_hf_json(&d.join("config.json"))?;
+                let tok = Tok::from_hf_dir(d, &cfg.eos_token_ids)?;
+                let w = weights::load_hf(d, &cfg, device)?;
+                let (bytes, dtypes) = hf_file_facts(d);
+                let model = Llama::new(cfg, w, device)?;
+                Ok(LoadedModel { file_bytes: bytes, file_dtypes: dtypes, source, model, tok })
+            }
+        }
+    }
+
+    pub fn eos_ids(&self) -> Vec<u32> {
+        let mut v = self.tok.eos_ids.clone();
+        for id in &self.model.cfg.eos_token_ids {
+            if !v.contains(id) {
+                v.push(*id);
+            }
+        }
+        v
+    }
+}
+
+fn hf_file_facts(dir: &Path) -> (u64, String) {
+    let mut bytes = 0;
+    let mut dtypes = std::collections::BTreeMap::<String, usize>::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "safetensors") {
+                bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
+                if let Ok(data) = std::fs::read(&p) {
+                    if let Ok(st) = safetensors::SafeTensors::deserialize(&data) {
+                        for (_, t) in st.tensors() {
+                            *dtypes.entry(format!("{:?}", t.dtype())).or_insert(0) += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    (bytes, dtypes.iter().map(|(k, v)| format!("{k}×{v}")).collect::<Vec<_>>().join(", "))
+}

@@ -1,0 +1,253 @@
+//! The frozen base weights, in HF layout and f32, loaded from GGUF or HF safetensors.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use lowrank_lora::Target;
+
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::gguf::GgufFile;
+
+/// One decoder block's weights. Linear weights are [out, in] (HF orientation).
+#[derive(Debug, Clone)]
+pub struct LayerWeights {
+    pub attn_norm: Tensor,
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    pub o: Tensor,
+    pub q_bias: Option<Tensor>,
+    pub k_bias: Option<Tensor>,
+    pub v_bias: Option<Tensor>,
+    pub mlp_norm: Tensor,
+    pub gate: Tensor,
+    pub up: Tensor,
+    pub down: Tensor,
+}
+
+impl LayerWeights {
+    pub fn linear(&self, t: Target) -> &Tensor {
+        match t {
+            Target::Q => &self.q,
+            Target::K => &self.k,
+            Target::V => &self.v,
+            Target::O => &self.o,
+            Target::Gate => &self.gate,
+            Target::Up => &self.up,
+            Target::Down => &self.down,
+        }
+    }
+    pub fn linear_mut(&mut self, t: Target) -> &mut Tensor {
+        match t {
+            Target::Q => &mut self.q,
+            Target::K => &mut self.k,
+            Target::V => &mut self.v,
+            Target::O => &mut self.o,
+            Target::Gate => &mut self.gate,
+            Target::Up => &mut self.up,
+            Target::Down => &mut self.down,
+        }
+    }
+}
+
+/// All weights of the model. Cloning shares storage (candle tensors are reference counted):
+/// a merged copy replaces only the tensors it changes.
+#[derive(Debug, Clone)]
+pub struct Weights {
+    pub embed: Tensor,
+    pub layers: Vec<LayerWeights>,
+    pub norm: Tensor,
+    /// `None` when tied to `embed`.
+    pub lm_head: Option<Tensor>,
+}
+
+impl Weights {
+    /// Every tensor with its HF name, in a stable order (for fingerprints and export).
+    pub fn named(&self) -> Vec<(String, &Tensor)> {
+        let mut v: Vec<(String, &Tensor)> = vec![("model.embed_tokens.weight".into(), &self.embed)];
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            v.push((format!("{p}.input_layernorm.weight"), &l.attn_norm));
+            for t in Target::ALL {
+                v.push((format!("{p}.{}.{}.weight", t.parent(), t.peft_name()), l.linear(t)));
+            }
+            for (n, b) in [("q_proj", &l.q_bias), ("k_proj", &l.k_bias), ("v_proj", &l.v_bias)] {
+                if let Some(b) = b {
+                    v.push((format!("{p}.self_attn.{n}.bias"), b));
+                }
+            }
+            v.push((format!("{p}.post_attention_layernorm.weight"), &l.mlp_norm));
+        }
+        v.push(("model.norm.weight".into(), &self.norm));
+        if let Some(h) = &self.lm_head {
+            v.push(("lm_head.weight".into(), h));
+        }
+        v
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.named().iter().map(|(_, t)| t.elem_count()).sum()
+    }
+}
+
+/// llama.cpp's q/k row permutation, undone: GGUF rows (head, hd/2, 2) → HF rows (head, 2, hd/2).
+/// Works on any [rows, cols] tensor (a weight, a bias as [rows, 1], a LoRA B).
+pub fn gguf_to_hf_rows(t: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let rows = dims[0];
+    let cols: usize = dims[1..].iter().product::<usize>().max(1);
+    let hd = rows / n_head;
+    t.reshape((n_head, hd / 2, 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)
+}
+
+/// HF rows → llama.cpp's GGUF rows (the inverse of [`gguf_to_hf_rows`]).
+pub fn hf_to_gguf_rows(t: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let rows = dims[0];
+    let cols: usize = dims[1..].iter().product::<usize>().max(1);
+    let hd = rows / n_head;
+    t.reshape((n_head, 2, hd / 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)
+}
+
+fn check_shape(path: &Path, name: &str, t: &Tensor, want: &[usize]) -> Result<()> {
+    if t.dims() != want {
+        return Err(ModelError::Tensor {
+            path: path.into(),
+            name: name.into(),
+            msg: format!("shape {:?}, expected {:?}", t.dims(), want),
+        });
+    }
+    Ok(())
+}
+
+/// Load and dequantize every weight of a GGUF model.
+pub fn load_gguf(g: &GgufFile, cfg: &ModelConfig, device: &Device) -> Result<Weights> {
+    let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
+        if !g.has_tensor(name) {
+            return Err(ModelError::Tensor {
+                path: g.path.clone(),
+                name: name.into(),
+                msg: "missing".into(),
+            });
+        }
+        let t = g.tensor_f32(name, device)?;
+        check_shape(&g.path, name, &t, shape)?;
+        Ok(t)
+    };
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let (qo, kvo) = (cfg.q_out(), cfg.kv_out());
+    let embed = get("token_embd.weight", &[cfg.vocab_size, h])?;
+    let mut layers = Vec::with_capacity(cfg.num_layers);
+    for l in 0..cfg.num_layers {
+        let n = |s: &str| format!("blk.{l}.{s}");
+        let bias = |s: &str, len: usize| -> Result<Option<Tensor>> {
+            if cfg.attention_bias {
+                Ok(Some(get(&n(s), &[len])?))
+            } else {
+                Ok(None)
+            }
+        };
+        let q = gguf_to_hf_rows(&get(&n("attn_q.weight"), &[qo, h])?, cfg.num_heads)?;
+        let k = gguf_to_hf_rows(&get(&n("attn_k.weight"), &[kvo, h])?, cfg.num_kv_heads)?;
+        let q_bias = bias("attn_q.bias", qo)?.map(|b| gguf_to_hf_rows(&b, cfg.num_heads)).transpose()?;
+        let k_bias = bias("attn_k.bias", kvo)?.map(|b| gguf_to_hf_rows(&b, cfg.num_kv_heads)).transpose()?;
+        layers.push(LayerWeights {
+            attn_norm: get(&n("attn_norm.weight"), &[h])?,
+            q,
+            k,
+            v: get(&n("attn_v.weight"), &[kvo, h])?,
+            o: get(&n("attn_output.weight"), &[h, qo])?,
+            q_bias,
+            k_bias,
+            v_bias: bias("attn_v.bias", kvo)?,
+            mlp_norm: get(&n("ffn_norm.weight"), &[h])?,
+            gate: get(&n("ffn_gate.weight"), &[i, h])?,
+            up: get(&n("ffn_up.weight"), &[i, h])?,
+            down: get(&n("ffn_down.weight"), &[h, i])?,
+        });
+    }
+    let norm = get("output_norm.weight", &[h])?;
+    let lm_head = if cfg.tie_word_embeddings { None } else { Some(get("output.weight", &[cfg.vocab_size, h])?) };
+    Ok(Weights { embed, layers, norm, lm_head })
+}
+
+/// Load a HF model directory's `*.safetensors` (any float dtype → f32).
+pub fn load_hf(dir: &Path, cfg: &ModelConfig, device: &Device) -> Result<Weights> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| ModelError::File { path: dir.into(), msg: e.to_string() })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(ModelError::File { path: dir.into(), msg: "no *.safetensors weights in this directory".into() });
+    }
+    let mut all: HashMap<String, (PathBuf, Tensor)> = HashMap::new();
+    for f in &files {
+        let ts = candle_core::safetensors::load(f, device).map_err(|e| ModelError::File {
+            path: f.clone(),
+            msg: format!("cannot read safetensors (corrupt or truncated?): {e}"),
+        })?;
+        for (k, t) in ts {
+            all.insert(k, (f.clone(), t));
+        }
+    }
+    let mut take = |name: &str, shape: &[usize]| -> Result<Tensor> {
+        let (p, t) = all.remove(name).ok_or_else(|| ModelError::Tensor {
+            path: dir.into(),
+            name: name.into(),
+            msg: "missing from the safetensors files".into(),
+        })?;
+        let t = t.to_dtype(DType::F32)?;
+        check_shape(&p, name, &t, shape)?;
+        Ok(t)
+    };
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let (qo, kvo) = (cfg.q_out(), cfg.kv_out());
+    let embed = take("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+    let mut layers = Vec::with_capacity(cfg.num_layers);
+    for l in 0..cfg.num_layers {
+        let p = format!("model.layers.{l}");
+        let mut bias = |s: &str, len: usize| -> Result<Option<Tensor>> {
+            if cfg.attention_bias {
+                Ok(Some(take(&format!("{p}.self_attn.{s}.bias"), &[len])?))
+            } else {
+                Ok(None)
+            }
+        };
+        let (q_bias, k_bias, v_bias) = (bias("q_proj", qo)?, bias("k_proj", kvo)?, bias("v_proj", kvo)?);
+        layers.push(LayerWeights {
+            attn_norm: take(&format!("{p}.input_layernorm.weight"), &[h])?,
+            q: take(&format!("{p}.self_attn.q_proj.weight"), &[qo, h])?,
+            k: take(&format!("{p}.self_attn.k_proj.weight"), &[kvo, h])?,
+            v: take(&format!("{p}.self_attn.v_proj.weight"), &[kvo, h])?,
+            o: take(&format!("{p}.self_attn.o_proj.weight"), &[h, qo])?,
+            q_bias,
+            k_bias,
+            v_bias,
+            mlp_norm: take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+            gate: take(&format!("{p}.mlp.gate_proj.weight"), &[i, h])?,
+            up: take(&format!("{p}.mlp.up_proj.weight"), &[i, h])?,
+            down: take(&format!("{p}.mlp.down_proj.weight"), &[h, i])?,
+        });
+    }
+    let norm = take("model.norm.weight", &[h])?;
+    let lm_head = if cfg.tie_word_embeddings {
+        None
+    } else {
+        match take("lm_head.weight", &[cfg.vocab_size, h]) {
+            Ok(t) => Some(t),
+            // Some checkpoints omit the head although config says untied; HF then ties.
+            Err(_) => None,
+        }
+    };
+    Ok(Weights { embed, layers, norm, lm_head })
+}

@@ -1,0 +1,164 @@
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use clap::{Args, Parser, Subcommand};
+use lowrank_model::chat::ChatMessage;
+use lowrank_model::generate::{generate, SamplingParams};
+use lowrank_model::LoadedModel;
+
+#[derive(Parser)]
+#[command(name = "lowrank", version, about = "LoRA fine-tuning, merging and multi-adapter serving for Llama-family models")]
+pub struct Cli {
+    /// CPU threads for tensor kernels (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Clone)]
+pub struct ModelArg {
+    /// `smollm2-135m` (default, fetched on first use), a GGUF file, or a HF model directory.
+    #[arg(long, default_value = "smollm2-135m")]
+    pub model: String,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Fetch the default model (SmolLM2-135M-Instruct, GGUF Q4_1) into $LOWRANK_HOME.
+    Fetch,
+    /// Architecture, parameter count, dtypes and file size of a model.
+    Info(ModelArg),
+    /// Print the token ids of TEXT as a JSON array (no special tokens added).
+    Tokenize {
+        #[command(flatten)]
+        model: ModelArg,
+        text: String,
+    },
+    /// Generate a completion; only the completion goes to stdout.
+    Generate(GenerateArgs),
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Raw prompt text (no template).
+    #[arg(long, conflicts_with = "chat", required_unless_present = "chat")]
+    prompt: Option<String>,
+    /// A user message, rendered with the model's chat template.
+    #[arg(long)]
+    chat: Option<String>,
+    /// System message for --chat.
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+pub fn run() -> Result<ExitCode> {
+    let cli = Cli::parse();
+    lowrank_model::init_threads(cli.threads);
+    let device = Device::Cpu;
+    match cli.cmd {
+        Cmd::Fetch => {
+            let p = lowrank_model::fetch::ensure_default(true)?;
+            println!("{}", p.display());
+        }
+        Cmd::Info(m) => info(&m, &device)?,
+        Cmd::Tokenize { model, text } => {
+            let lm = load(&model, &device)?;
+            let ids = lm.tok.encode(&text)?;
+            println!("{}", serde_json::to_string(&ids)?);
+        }
+        Cmd::Generate(a) => generate_cmd(a, &device)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn load(m: &ModelArg, device: &Device) -> Result<LoadedModel> {
+    LoadedModel::load(&m.model, device).with_context(|| format!("loading model `{}`", m.model))
+}
+
+fn info(m: &ModelArg, device: &Device) -> Result<()> {
+    let lm = load(m, device)?;
+    let c = &lm.model.cfg;
+    let out = serde_json::json!({
+        "source": lm.source.path().display().to_string(),
+        "architecture": c.arch,
+        "layers": c.num_layers,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "heads": c.num_heads,
+        "kv_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        "vocab_size": c.vocab_size,
+        "rope_theta": c.rope_theta,
+        "rms_norm_eps": c.rms_norm_eps,
+        "context_length": c.max_position_embeddings,
+        "tied_embeddings": c.tie_word_embeddings,
+        "attention_bias": c.attention_bias,
+        "parameters": lm.model.weights.num_params(),
+        "file_dtypes": lm.file_dtypes,
+        "compute_dtype": "f32",
+        "file_bytes": lm.file_bytes,
+        "chat_template": lm.tok.chat_template.is_some(),
+        "eos_ids": lm.eos_ids(),
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+fn generate_cmd(a: GenerateArgs, device: &Device) -> Result<()> {
+    let lm = load(&a.model, device)?;
+    let prompt_text = match (&a.prompt, &a.chat) {
+        (Some(p), _) => p.clone(),
+        (None, Some(c)) => {
+            let mut msgs = Vec::new();
+            if let Some(s) = &a.system {
+                msgs.push(ChatMessage::new("system", s));
+            }
+            msgs.push(ChatMessage::new("user", c));
+            lm.tok.render_chat(&msgs, true)?
+        }
+        (None, None) => anyhow::bail!("give --prompt or --chat"),
+    };
+    let ids = lm.tok.encode(&prompt_text)?;
+    let params = SamplingParams {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        top_k: a.top_k,
+        seed: a.seed,
+        max_tokens: a.max_tokens,
+        stop: a.stop.clone(),
+    };
+    if !(0.0..=1.0).contains(&a.top_p) || a.top_p == 0.0 {
+        anyhow::bail!("--top-p must be in (0, 1]");
+    }
+    if a.temperature < 0.0 || !a.temperature.is_finite() {
+        anyhow::bail!("--temperature must be ≥ 0");
+    }
+    let mut stdout = std::io::stdout();
+    let eos = lm.eos_ids();
+    let g = generate(&lm.model, &lm.tok, &ids, None, &params, &eos, &mut |s| {
+        let _ = stdout.write_all(s.as_bytes());
+        let _ = stdout.flush();
+    })?;
+    println!();
+    eprintln!("[{} prompt tokens, {} generated, finish: {}]", g.prompt_tokens, g.ids.len(), g.finish.as_openai());
+    Ok(())
+}
