@@ -5,6 +5,7 @@
 //! Data flows one way: `source` (where the files are) → `config` + `weights` → `model`
 //! (forward) → `generate`.
 
+pub mod adapters;
 pub mod cache;
 pub mod chat;
 pub mod config;
