@@ -149,3 +149,46 @@ impl Adapter {
         self.modules.get(key)
     }
 }
+
+/// Outcome of comparing an adapter's recorded base fingerprint with the loaded base.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FingerprintStatus {
+    /// The adapter was trained on this base.
+    Match,
+    /// It was trained on a different base (only returned with `force`).
+    Mismatch { adapter: String, base: String },
+    /// The adapter records no fingerprint (e.g. it was made by PEFT): nothing to check.
+    Absent,
+}
+
+impl Adapter {
+    /// Compare the provenance fingerprint with the base model's (see `fingerprint`).
+    /// A mismatch is an error unless `force`: an adapter applied to the wrong base produces
+    /// plausible-looking but wrong output, so the user must opt in explicitly.
+    pub fn check_fingerprint(&self, base: &str, force: bool) -> crate::error::Result<FingerprintStatus> {
+        match &self.provenance.base_fingerprint {
+            None => Ok(FingerprintStatus::Absent),
+            Some(f) if f == base => Ok(FingerprintStatus::Match),
+            Some(f) if force => Ok(FingerprintStatus::Mismatch { adapter: f.clone(), base: base.to_string() }),
+            Some(f) => Err(crate::error::LoraError::Mismatch(format!(
+                "the adapter was trained on base {f}, but the loaded base is {base} (use --force to apply it anyway)"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_status() {
+        let mut a = Adapter { config: LoraConfig::new(4, 8.0, &[Target::Q]), modules: BTreeMap::new(), provenance: Provenance::default() };
+        assert_eq!(a.check_fingerprint("sha256s:x", false).unwrap(), FingerprintStatus::Absent);
+        a.provenance.base_fingerprint = Some("sha256s:x".into());
+        assert_eq!(a.check_fingerprint("sha256s:x", false).unwrap(), FingerprintStatus::Match);
+        let e = a.check_fingerprint("sha256s:y", false).unwrap_err().to_string();
+        assert!(e.contains("sha256s:x") && e.contains("sha256s:y"), "{e}");
+        assert!(matches!(a.check_fingerprint("sha256s:y", true).unwrap(), FingerprintStatus::Mismatch { .. }));
+    }
+}

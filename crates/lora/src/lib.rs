@@ -5,12 +5,30 @@
 //! nothing of the model's forward pass (the model receives adapters through a plan).
 
 pub mod adapter;
+pub mod analysis;
+pub mod combine;
 pub mod config;
 pub mod error;
+pub mod fingerprint;
+pub mod init;
+pub mod linalg;
+pub mod merge;
+pub mod peft;
+pub mod permute;
+pub mod shapes;
 
-pub use adapter::{Adapter, LoraModule, ModuleKey, Target};
-pub use config::LoraConfig;
-pub use error::LoraError;
+pub use adapter::{Adapter, FingerprintStatus, LoraModule, ModuleKey, Provenance, Target};
+pub use analysis::{adapter_stats, amplification, effective_rank, module_stats, subspace_similarity, Amplification, ModuleStats};
+pub use combine::{combine, CombineMethod};
+pub use config::{InitLoraWeights, LoraConfig};
+pub use error::{LoraError, Result};
+pub use fingerprint::fingerprint;
+pub use init::init_module;
+pub use linalg::{svd_of_lowrank, Mat, Svd};
+pub use merge::{merge_weight, unmerge_weight};
+pub use peft::{load_peft, save_peft};
+pub use permute::{gguf_to_hf_rows, hf_to_gguf_rows};
+pub use shapes::BaseShapes;
 
 /// Version string written into adapter provenance.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -92,30 +92,7 @@ impl Weights {
     }
 }
 
-/// llama.cpp's q/k row permutation, undone: GGUF rows (head, hd/2, 2) → HF rows (head, 2, hd/2).
-/// Works on any [rows, cols] tensor (a weight, a bias as [rows, 1], a LoRA B).
-pub fn gguf_to_hf_rows(t: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
-    let dims = t.dims().to_vec();
-    let rows = dims[0];
-    let cols: usize = dims[1..].iter().product::<usize>().max(1);
-    let hd = rows / n_head;
-    t.reshape((n_head, hd / 2, 2, cols))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape(dims)
-}
-
-/// HF rows → llama.cpp's GGUF rows (the inverse of [`gguf_to_hf_rows`]).
-pub fn hf_to_gguf_rows(t: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
-    let dims = t.dims().to_vec();
-    let rows = dims[0];
-    let cols: usize = dims[1..].iter().product::<usize>().max(1);
-    let hd = rows / n_head;
-    t.reshape((n_head, 2, hd / 2, cols))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape(dims)
-}
+pub use lowrank_lora::permute::{gguf_to_hf_rows, hf_to_gguf_rows};
 
 fn check_shape(path: &Path, name: &str, t: &Tensor, want: &[usize]) -> Result<()> {
     if t.dims() != want {
