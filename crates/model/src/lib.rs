@@ -10,6 +10,7 @@ pub mod cache;
 pub mod chat;
 pub mod config;
 pub mod error;
+pub mod export;
 pub mod fetch;
 pub mod generate;
 pub mod gguf;
