@@ -1,3 +1,8 @@
+mod adapter_cmds;
+mod eval;
+mod tasks;
+mod train;
+
 use std::io::Write;
 use std::process::ExitCode;
 
@@ -18,7 +23,7 @@ pub struct Cli {
     cmd: Cmd,
 }
 
-#[derive(Args, Clone)]
+#[derive(Args, Clone, Debug, Default)]
 pub struct ModelArg {
     /// `smollm2-135m` (default, fetched on first use), a GGUF file, or a HF model directory.
     #[arg(long, default_value = "smollm2-135m")]
@@ -35,16 +40,66 @@ enum Cmd {
     Tokenize {
         #[command(flatten)]
         model: ModelArg,
+        /// Accepted for symmetry with generate/eval: adapters never change tokenization,
+        /// but they are loaded and checked against the base.
+        #[command(flatten)]
+        adapters: AdapterArgs,
         text: String,
     },
     /// Generate a completion; only the completion goes to stdout.
     Generate(GenerateArgs),
+    /// Train a LoRA adapter (or fine-tune all weights with --method full).
+    Train(train::TrainArgs),
+    /// Loss on a JSONL file, or generation metrics on a task's held-out set.
+    Eval(eval::EvalArgs),
+    /// Merge adapters into the base and write a HF directory or a GGUF file.
+    Merge(adapter_cmds::MergeArgs),
+    /// Targets, ranks, parameters, sizes, fingerprint (and --svd analysis) of an adapter.
+    Inspect(adapter_cmds::InspectArgs),
+    /// Built-in niche tasks.
+    #[command(subcommand)]
+    Tasks(tasks::TasksCmd),
+}
+
+/// `--adapter DIR[:scale]` (repeatable: weighted sum), `--merged`, `--force`.
+#[derive(Args, Clone, Debug, Default)]
+pub struct AdapterArgs {
+    /// A PEFT adapter directory, optionally with `:scale` (repeatable: weighted sum).
+    #[arg(long)]
+    pub adapter: Vec<String>,
+    /// Fold the adapters into the weights first (no adapter latency).
+    #[arg(long)]
+    pub merged: bool,
+    /// Apply an adapter even if its recorded base fingerprint differs from this base.
+    #[arg(long)]
+    pub force: bool,
+}
+
+impl AdapterArgs {
+    /// The mixture to run with; with `--merged` it is folded into `lm.model` instead.
+    pub fn mixture(&self, lm: &LoadedModel) -> Result<Option<lowrank_model::AdapterSet>> {
+        lowrank_model::adapters::load_mixture(&lm.model, &self.adapter, self.force).context("loading adapters")
+    }
+
+    /// Load adapters; with --merged, replace the model by the merged copy and return None.
+    pub fn apply(&self, lm: &mut LoadedModel) -> Result<Option<lowrank_model::AdapterSet>> {
+        let set = self.mixture(lm)?;
+        if self.merged {
+            if let Some(s) = &set {
+                lm.model = lm.model.merged(s)?;
+            }
+            return Ok(None);
+        }
+        Ok(set)
+    }
 }
 
 #[derive(Args)]
 pub struct GenerateArgs {
     #[command(flatten)]
     model: ModelArg,
+    #[command(flatten)]
+    adapters: AdapterArgs,
     /// Raw prompt text (no template).
     #[arg(long, conflicts_with = "chat", required_unless_present = "chat")]
     prompt: Option<String>,
@@ -80,12 +135,18 @@ pub fn run() -> Result<ExitCode> {
             println!("{}", p.display());
         }
         Cmd::Info(m) => info(&m, &device)?,
-        Cmd::Tokenize { model, text } => {
+        Cmd::Tokenize { model, adapters, text } => {
             let lm = load(&model, &device)?;
+            adapters.mixture(&lm)?;
             let ids = lm.tok.encode(&text)?;
             println!("{}", serde_json::to_string(&ids)?);
         }
         Cmd::Generate(a) => generate_cmd(a, &device)?,
+        Cmd::Train(a) => train::run(a, &device)?,
+        Cmd::Eval(a) => eval::run(a, &device)?,
+        Cmd::Merge(a) => adapter_cmds::merge(a, &device)?,
+        Cmd::Inspect(a) => adapter_cmds::inspect(a, &device)?,
+        Cmd::Tasks(c) => tasks::run(c)?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -124,7 +185,8 @@ fn info(m: &ModelArg, device: &Device) -> Result<()> {
 }
 
 fn generate_cmd(a: GenerateArgs, device: &Device) -> Result<()> {
-    let lm = load(&a.model, device)?;
+    let mut lm = load(&a.model, device)?;
+    let set = a.adapters.apply(&mut lm)?;
     let prompt_text = match (&a.prompt, &a.chat) {
         (Some(p), _) => p.clone(),
         (None, Some(c)) => {
@@ -154,7 +216,7 @@ fn generate_cmd(a: GenerateArgs, device: &Device) -> Result<()> {
     }
     let mut stdout = std::io::stdout();
     let eos = lm.eos_ids();
-    let g = generate(&lm.model, &lm.tok, &ids, None, &params, &eos, &mut |s| {
+    let g = generate(&lm.model, &lm.tok, &ids, set, &params, &eos, &mut |s| {
         let _ = stdout.write_all(s.as_bytes());
         let _ = stdout.flush();
     })?;

@@ -1,0 +1,407 @@
+//! Continuous batching on a dedicated thread.
+//!
+//! Each step runs ONE ragged `Llama::forward` over the active rows: prompt chunks of newly
+//! admitted requests (within a per-step prefill token budget, oldest first) and one token of
+//! every decoding request. Every row brings its own KV cache and adapter mixture; the forward
+//! shares the base matmuls and applies each mixture's LoRA delta to its own rows only, so a
+//! row's output does not depend on its batch-mates. After the forward each row samples with its
+//! own seeded sampler and streams text; finished rows drop their cache and adapter pins.
+
+use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use lowrank_model::generate::{FinishReason, Sampler, SamplingParams, TextStream};
+use lowrank_model::{AdapterSet, ForwardOpts, KvCache, Llama, LogitsMode, SeqInput, Tok};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::metrics::Metrics;
+
+/// What the scheduler tells a request's handler.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// One generated token and the text that became final with it (may be empty).
+    Token(String),
+    Done { finish: FinishReason, prompt_tokens: usize, completion_tokens: usize },
+    /// The request failed (HTTP status, message).
+    Error(u16, String),
+}
+
+/// A request ready to run: tokenized prompt, resolved adapters, sampling.
+pub struct GenRequest {
+    pub prompt: Vec<u32>,
+    pub adapters: Option<AdapterSet>,
+    pub params: SamplingParams,
+    pub arrived: Instant,
+    pub deadline: Instant,
+    pub events: UnboundedSender<Event>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum SubmitError {
+    QueueFull(usize),
+    TooLarge { need: usize, budget: usize },
+    Stopped,
+}
+
+enum Msg {
+    Submit(GenRequest),
+    Shutdown,
+}
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    pub max_batch: usize,
+    pub max_queue: usize,
+    pub kv_cache_bytes: usize,
+    pub prefill_tokens_per_step: usize,
+}
+
+/// The handle HTTP handlers submit through.
+pub struct Scheduler {
+    tx: Mutex<Sender<Msg>>,
+    queued: Arc<AtomicU64>,
+    alive: Arc<AtomicBool>,
+    cfg: SchedulerConfig,
+    kv_per_token: usize,
+    max_pos: usize,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Scheduler {
+    pub fn start(model: Arc<Llama>, tok: Arc<Tok>, eos: Vec<u32>, cfg: SchedulerConfig, metrics: Arc<Metrics>) -> Scheduler {
+        let c = &model.cfg;
+        // K and V, every layer, f32 activations.
+        let kv_per_token = c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4;
+        let max_pos = c.max_position_embeddings;
+        let (tx, rx) = mpsc::channel();
+        let queued = Arc::new(AtomicU64::new(0));
+        let alive = Arc::new(AtomicBool::new(true));
+        let th = {
+            let (queued, alive, cfg) = (queued.clone(), alive.clone(), cfg.clone());
+            std::thread::Builder::new()
+                .name("lowrank-scheduler".into())
+                .spawn(move || {
+                    let mut s = Loop { model: &model, tok: &tok, eos: &eos, cfg, metrics: &metrics, queued: &queued, kv_per_token };
+                    let r = catch_unwind(AssertUnwindSafe(|| s.run(rx)));
+                    if r.is_err() {
+                        eprintln!("lowrank serve: the scheduler thread panicked");
+                    }
+                    alive.store(false, Ordering::SeqCst);
+                })
+                .expect("spawn scheduler thread")
+        };
+        Scheduler { tx: Mutex::new(tx), queued, alive, cfg, kv_per_token, max_pos, thread: Mutex::new(Some(th)) }
+    }
+
+    /// KV bytes reserved for a request of `prompt` tokens generating up to `max_tokens`.
+    pub fn kv_need(&self, prompt: usize, max_tokens: usize) -> usize {
+        (prompt + max_tokens).min(self.max_pos) * self.kv_per_token
+    }
+
+    pub fn queued(&self) -> u64 {
+        self.queued.load(Ordering::SeqCst)
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
+
+    pub fn submit(&self, req: GenRequest) -> Result<(), SubmitError> {
+        if !self.is_alive() {
+            return Err(SubmitError::Stopped);
+        }
+        let need = self.kv_need(req.prompt.len(), req.params.max_tokens);
+        if need > self.cfg.kv_cache_bytes {
+            return Err(SubmitError::TooLarge { need, budget: self.cfg.kv_cache_bytes });
+        }
+        let prev = self.queued.fetch_add(1, Ordering::SeqCst);
+        if prev as usize >= self.cfg.max_queue {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::QueueFull(self.cfg.max_queue));
+        }
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        if tx.send(Msg::Submit(req)).is_err() {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::Stopped);
+        }
+        Ok(())
+    }
+
+    /// Stop the thread (after failing anything still queued) and wait for it.
+    pub fn shutdown(&self) {
+        let _ = self.tx.lock().unwrap_or_else(|e| e.into_inner()).send(Msg::Shutdown);
+        if let Some(h) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        let _ = self.tx.lock().unwrap_or_else(|e| e.into_inner()).send(Msg::Shutdown);
+    }
+}
+
+struct Row<'t> {
+    /// Tokens not yet fed: the prompt, then the last sampled token.
+    input: Vec<u32>,
+    fed: usize,
+    prompt_tokens: usize,
+    cache: KvCache,
+    adapters: Option<AdapterSet>,
+    sampler: Sampler,
+    stream: TextStream<'t>,
+    generated: usize,
+    arrived: Instant,
+    deadline: Instant,
+    last_token_at: Option<Instant>,
+    events: UnboundedSender<Event>,
+    reserved: usize,
+    done: bool,
+}
+
+impl Row<'_> {
+    fn finish(&mut self, ev: Event) {
+        let _ = self.events.send(ev);
+        self.done = true;
+    }
+}
+
+struct Loop<'a> {
+    model: &'a Llama,
+    tok: &'a Tok,
+    eos: &'a [u32],
+    cfg: SchedulerConfig,
+    metrics: &'a Metrics,
+    queued: &'a AtomicU64,
+    kv_per_token: usize,
+}
+
+fn panic_msg(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_else(|| "panic".into())
+}
+
+impl<'a> Loop<'a> {
+    fn run(&mut self, rx: Receiver<Msg>) {
+        let mut waiting: VecDeque<GenRequest> = VecDeque::new();
+        let mut rows: Vec<Row<'a>> = Vec::new();
+        let mut reserved = 0usize;
+        let mut stopping = false;
+        let mut disconnected = false;
+        loop {
+            // 1. Take new requests (block only when there is nothing to do).
+            if rows.is_empty() && waiting.is_empty() {
+                if stopping || disconnected {
+                    break;
+                }
+                match rx.recv() {
+                    Ok(Msg::Submit(r)) => waiting.push_back(r),
+                    Ok(Msg::Shutdown) => stopping = true,
+                    Err(_) => disconnected = true,
+                }
+            }
+            loop {
+                match rx.try_recv() {
+                    Ok(Msg::Submit(r)) => waiting.push_back(r),
+                    Ok(Msg::Shutdown) => stopping = true,
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        disconnected = true;
+                        break;
+                    }
+                }
+            }
+            let now = Instant::now();
+            if stopping {
+                for r in waiting.drain(..) {
+                    self.queued.fetch_sub(1, Ordering::SeqCst);
+                    let _ = r.events.send(Event::Error(503, "the server is shutting down".into()));
+                }
+            }
+            // 2. Drop abandoned and expired requests.
+            waiting.retain(|r| {
+                let keep = !r.events.is_closed() && now < r.deadline;
+                if !keep {
+                    self.queued.fetch_sub(1, Ordering::SeqCst);
+                    if now >= r.deadline {
+                        let _ = r.events.send(Event::Error(504, "request timed out waiting in the queue".into()));
+                    }
+                }
+                keep
+            });
+            for r in rows.iter_mut() {
+                if r.events.is_closed() {
+                    r.done = true;
+                } else if now >= r.deadline {
+                    r.finish(Event::Error(504, format!("request timed out after {} generated tokens", r.generated)));
+                }
+            }
+            self.sweep(&mut rows, &mut reserved);
+            // 3. Admit, oldest first, within max_batch and the KV budget.
+            while rows.len() < self.cfg.max_batch.max(1) {
+                let Some(r) = waiting.front() else { break };
+                let need = (r.prompt.len() + r.params.max_tokens).min(self.model.cfg.max_position_embeddings) * self.kv_per_token;
+                if !rows.is_empty() && reserved + need > self.cfg.kv_cache_bytes {
+                    break;
+                }
+                let r = waiting.pop_front().expect("front exists");
+                self.queued.fetch_sub(1, Ordering::SeqCst);
+                reserved += need;
+                rows.push(Row {
+                    prompt_tokens: r.prompt.len(),
+                    input: r.prompt,
+                    fed: 0,
+                    cache: KvCache::new(self.model.cfg.num_layers),
+                    adapters: r.adapters,
+                    stream: TextStream::new(self.tok, r.params.stop.clone()),
+                    sampler: Sampler::new(r.params),
+                    generated: 0,
+                    arrived: r.arrived,
+                    deadline: r.deadline,
+                    last_token_at: None,
+                    events: r.events,
+                    reserved: need,
+                    done: false,
+                });
+            }
+            self.metrics.queue_depth.store(self.queued.load(Ordering::SeqCst), Ordering::Relaxed);
+            self.metrics.running.store(rows.len() as u64, Ordering::Relaxed);
+            if rows.is_empty() {
+                continue;
+            }
+            // 4. One forward over every row that has work this step.
+            self.step(&mut rows);
+            self.sweep(&mut rows, &mut reserved);
+            let kv: usize = rows.iter().map(|r| r.cache.bytes()).sum();
+            self.metrics.kv_cache_bytes.store(kv as u64, Ordering::Relaxed);
+            self.metrics.running.store(rows.len() as u64, Ordering::Relaxed);
+        }
+        self.metrics.running.store(0, Ordering::Relaxed);
+        self.metrics.kv_cache_bytes.store(0, Ordering::Relaxed);
+    }
+
+    /// Remove finished rows (their caches and adapter pins go with them), keeping order.
+    fn sweep(&self, rows: &mut Vec<Row<'a>>, reserved: &mut usize) {
+        rows.retain(|r| {
+            if r.done {
+                *reserved -= r.reserved;
+            }
+            !r.done
+        });
+    }
+
+    fn step(&self, rows: &mut [Row<'a>]) {
+        let mut budget = self.cfg.prefill_tokens_per_step.max(1);
+        let mut which: Vec<(usize, usize)> = Vec::with_capacity(rows.len());
+        let result = {
+            let mut seqs: Vec<SeqInput<'_>> = Vec::with_capacity(rows.len());
+            for (i, r) in rows.iter_mut().enumerate() {
+                let left = r.input.len() - r.fed;
+                let take = if r.generated > 0 {
+                    left // decoding: the one sampled token
+                } else {
+                    let t = left.min(budget);
+                    budget -= t;
+                    t
+                };
+                if take == 0 {
+                    continue;
+                }
+                let end = r.fed + take;
+                seqs.push(SeqInput {
+                    tokens: &r.input[r.fed..end],
+                    cache: Some(&mut r.cache),
+                    adapters: r.adapters.clone(),
+                    logits: if end == r.input.len() { LogitsMode::Last } else { LogitsMode::None },
+                });
+                which.push((i, take));
+            }
+            if seqs.is_empty() {
+                return;
+            }
+            self.metrics.batch_rows.observe(seqs.len() as f64);
+            self.metrics.batch_tokens.observe(which.iter().map(|(_, t)| *t).sum::<usize>() as f64);
+            catch_unwind(AssertUnwindSafe(|| self.model.forward(&mut seqs, &mut ForwardOpts::infer())))
+        };
+        let logits = match result {
+            Ok(Ok(l)) => l,
+            Ok(Err(e)) => {
+                for &(i, _) in &which {
+                    rows[i].finish(Event::Error(500, format!("model error: {e}")));
+                }
+                return;
+            }
+            Err(p) => {
+                for &(i, _) in &which {
+                    rows[i].finish(Event::Error(500, format!("model error: {}", panic_msg(&*p))));
+                }
+                return;
+            }
+        };
+        let now = Instant::now();
+        for (k, &(i, take)) in which.iter().enumerate() {
+            let r = &mut rows[i];
+            r.fed += take;
+            let Some(l) = logits[k].as_ref() else { continue };
+            let res = catch_unwind(AssertUnwindSafe(|| self.advance(r, l, now)));
+            match res {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => r.finish(Event::Error(500, e)),
+                Err(p) => r.finish(Event::Error(500, format!("sampling failed: {}", panic_msg(&*p)))),
+            }
+        }
+    }
+
+    /// Sample the next token of a row and stream it; finish the row when it is done.
+    fn advance(&self, r: &mut Row<'a>, logits: &candle_core::Tensor, now: Instant) -> Result<(), String> {
+        let id = r.sampler.sample(logits).map_err(|e| format!("sampling failed: {e}"))?;
+        r.generated += 1;
+        self.metrics.completion_tokens.fetch_add(1, Ordering::Relaxed);
+        match r.last_token_at {
+            None => self.metrics.ttft.observe(now.duration_since(r.arrived).as_secs_f64()),
+            Some(t) => self.metrics.itl.observe(now.duration_since(t).as_secs_f64()),
+        }
+        r.last_token_at = Some(now);
+        let done = |r: &mut Row<'a>, finish: FinishReason| {
+            r.finish(Event::Done { finish, prompt_tokens: r.prompt_tokens, completion_tokens: r.generated });
+        };
+        let flush = |r: &mut Row<'a>| -> Result<(), String> {
+            let rest = r.stream.flush().map_err(|e| e.to_string())?;
+            if !rest.is_empty() {
+                let _ = r.events.send(Event::Token(rest));
+            }
+            Ok(())
+        };
+        if self.eos.contains(&id) {
+            flush(r)?;
+            done(r, FinishReason::Stop);
+            return Ok(());
+        }
+        let (piece, stopped) = r.stream.push(id).map_err(|e| e.to_string())?;
+        if r.events.send(Event::Token(piece)).is_err() {
+            r.done = true; // the client went away
+            return Ok(());
+        }
+        if stopped {
+            done(r, FinishReason::Stop);
+        } else if r.generated >= r.sampler.params.max_tokens || r.cache.len() + 1 > self.model.cfg.max_position_embeddings {
+            flush(r)?;
+            done(r, FinishReason::Length);
+        } else {
+            r.input = vec![id];
+            r.fed = 0;
+        }
+        Ok(())
+    }
+}
+
+/// How long a request may still run.
+pub fn deadline_after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d).unwrap_or(now + Duration::from_secs(86400 * 365))
+}

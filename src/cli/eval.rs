@@ -1,0 +1,89 @@
+//! `lowrank eval`: loss on a JSONL file, or generation metrics on a task / file.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use clap::Args;
+use lowrank_train::evaluate::{eval_generation, eval_loss_file, examples_from_jsonl, examples_from_task};
+use lowrank_train::tasks::{task_by_name, Metric};
+
+use super::{AdapterArgs, ModelArg};
+
+#[derive(Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArg,
+    #[command(flatten)]
+    pub adapters: AdapterArgs,
+    /// JSONL data: loss mode, or generation mode with --metric.
+    #[arg(long, conflicts_with = "task")]
+    pub data: Option<PathBuf>,
+    /// A built-in task's held-out set (generation metrics).
+    #[arg(long)]
+    pub task: Option<String>,
+    /// exact | bleu | slot-error | accuracy (with --data: generation mode).
+    #[arg(long)]
+    pub metric: Option<String>,
+    /// Held-out examples for --task.
+    #[arg(long, default_value_t = 100)]
+    pub n: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Print K failures (expected vs got) to stderr.
+    #[arg(long, default_value_t = 0)]
+    pub show_errors: usize,
+}
+
+pub fn parse_metric(s: &str) -> Result<Metric> {
+    Ok(match s {
+        "exact" => Metric::Exact,
+        "bleu" => Metric::Bleu,
+        "slot-error" | "slot_error" => Metric::SlotError,
+        "accuracy" => Metric::Accuracy,
+        other => anyhow::bail!("--metric `{other}`: use exact, bleu, slot-error or accuracy"),
+    })
+}
+
+pub fn run(a: EvalArgs, device: &Device) -> Result<()> {
+    let metric = a.metric.as_deref().map(parse_metric).transpose()?;
+    if a.task.is_none() && a.data.is_none() {
+        anyhow::bail!("give --data FILE or --task NAME");
+    }
+    let task = match &a.task {
+        Some(t) => Some(task_by_name(t).with_context(|| {
+            let names: Vec<_> = lowrank_train::tasks::all_tasks().iter().map(|t| t.name()).collect();
+            format!("unknown task `{t}` (available: {})", names.join(", "))
+        })?),
+        None => None,
+    };
+    let mut lm = super::load(&a.model, device)?;
+    let set = a.adapters.apply(&mut lm)?;
+    if let (Some(data), None) = (&a.data, metric) {
+        let (loss, tokens) = eval_loss_file(&lm, data, set).with_context(|| format!("evaluating {}", data.display()))?;
+        println!("{}", serde_json::json!({"loss": loss, "tokens": tokens, "perplexity": loss.exp()}));
+        return Ok(());
+    }
+    let (examples, metrics) = match (&task, &a.data) {
+        (Some(t), _) => (examples_from_task(t.as_ref(), a.n, a.seed), metric.map(|m| vec![m]).unwrap_or_else(|| t.metrics())),
+        (None, Some(d)) => (examples_from_jsonl(d)?, vec![metric.expect("metric")]),
+        _ => unreachable!(),
+    };
+    let r = eval_generation(&lm, &examples, &metrics, set, a.batch, true)?;
+    for f in r.failures.iter().take(a.show_errors) {
+        eprintln!("--- input: {}\n    expected: {}\n    got:      {}", f.input, f.expected, f.got);
+    }
+    let mut out = serde_json::Map::new();
+    if let Some(t) = &task {
+        out.insert("task".into(), t.name().into());
+    }
+    for (m, v) in &r.scores {
+        out.insert(m.clone(), serde_json::json!((v * 100.0).round() / 100.0));
+    }
+    out.insert("n".into(), r.n.into());
+    out.insert("wall_s".into(), serde_json::json!((r.wall_s * 100.0).round() / 100.0));
+    println!("{}", serde_json::Value::Object(out));
+    Ok(())
+}
