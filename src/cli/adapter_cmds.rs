@@ -30,7 +30,10 @@ pub fn merge(a: MergeArgs, device: &Device) -> Result<()> {
         anyhow::bail!("--adapter: give at least one adapter to merge");
     }
     if !matches!(a.format.as_str(), "safetensors" | "gguf") {
-        anyhow::bail!("--format: `{}` is not supported (safetensors or gguf)", a.format);
+        anyhow::bail!(
+            "--format: `{}` is not supported (safetensors or gguf)",
+            a.format
+        );
     }
     let lm = super::load(&a.model, device)?;
     let set = a.adapters.mixture(&lm)?.expect("non-empty");
@@ -76,7 +79,12 @@ fn human(b: u64) -> String {
 }
 
 pub fn inspect(a: InspectArgs, device: &Device) -> Result<()> {
-    let lm = super::load(&ModelArg { model: a.model.clone() }, device)?;
+    let lm = super::load(
+        &ModelArg {
+            model: a.model.clone(),
+        },
+        device,
+    )?;
     let (adapter, status) = lowrank_model::adapters::load_adapter(&lm.model, &a.adapter, true)
         .with_context(|| format!("loading adapter {}", a.adapter.display()))?;
     let disk = lowrank_train::trainer::dir_bytes(&a.adapter);
@@ -84,9 +92,15 @@ pub fn inspect(a: InspectArgs, device: &Device) -> Result<()> {
     let params = adapter.num_params();
     let targets = adapter.config.targets().map_err(anyhow::Error::msg)?;
     let mut modules = Vec::new();
-    let mut by_target: std::collections::BTreeMap<String, (usize, usize, f64, f64)> = Default::default();
+    let mut by_target: std::collections::BTreeMap<String, (usize, usize, f64, f64)> =
+        Default::default();
     for (k, m) in &adapter.modules {
-        let e = by_target.entry(k.target.to_string()).or_insert((0, m.rank(), adapter.config.alpha_for(k.layer, k.target), m.scale));
+        let e = by_target.entry(k.target.to_string()).or_insert((
+            0,
+            m.rank(),
+            adapter.config.alpha_for(k.layer, k.target),
+            m.scale,
+        ));
         e.0 += 1;
         if a.svd {
             let s = module_stats(m)?;
@@ -101,8 +115,12 @@ pub fn inspect(a: InspectArgs, device: &Device) -> Result<()> {
     }
     let fp = match &status {
         lowrank_lora::adapter::FingerprintStatus::Match => "match".to_string(),
-        lowrank_lora::adapter::FingerprintStatus::Absent => "absent (not recorded; shapes checked)".to_string(),
-        lowrank_lora::adapter::FingerprintStatus::Mismatch { adapter, base } => format!("MISMATCH: adapter {adapter} vs base {base}"),
+        lowrank_lora::adapter::FingerprintStatus::Absent => {
+            "absent (not recorded; shapes checked)".to_string()
+        }
+        lowrank_lora::adapter::FingerprintStatus::Mismatch { adapter, base } => {
+            format!("MISMATCH: adapter {adapter} vs base {base}")
+        }
     };
     let out = serde_json::json!({
         "adapter": a.adapter.display().to_string(),

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use candle_core::Device;
 use clap::Args;
-use lowrank_train::evaluate::{eval_generation, eval_loss_file, examples_from_jsonl, examples_from_task};
+use lowrank_train::evaluate::{
+    eval_generation, eval_loss_file, examples_from_jsonl, examples_from_task,
+};
 use lowrank_train::tasks::{task_by_name, Metric};
 
 use super::{AdapterArgs, ModelArg};
@@ -54,7 +56,10 @@ pub fn run(a: EvalArgs, device: &Device) -> Result<()> {
     }
     let task = match &a.task {
         Some(t) => Some(task_by_name(t).with_context(|| {
-            let names: Vec<_> = lowrank_train::tasks::all_tasks().iter().map(|t| t.name()).collect();
+            let names: Vec<_> = lowrank_train::tasks::all_tasks()
+                .iter()
+                .map(|t| t.name())
+                .collect();
             format!("unknown task `{t}` (available: {})", names.join(", "))
         })?),
         None => None,
@@ -62,18 +67,28 @@ pub fn run(a: EvalArgs, device: &Device) -> Result<()> {
     let mut lm = super::load(&a.model, device)?;
     let set = a.adapters.apply(&mut lm)?;
     if let (Some(data), None) = (&a.data, metric) {
-        let (loss, tokens) = eval_loss_file(&lm, data, set).with_context(|| format!("evaluating {}", data.display()))?;
-        println!("{}", serde_json::json!({"loss": loss, "tokens": tokens, "perplexity": loss.exp()}));
+        let (loss, tokens) = eval_loss_file(&lm, data, set)
+            .with_context(|| format!("evaluating {}", data.display()))?;
+        println!(
+            "{}",
+            serde_json::json!({"loss": loss, "tokens": tokens, "perplexity": loss.exp()})
+        );
         return Ok(());
     }
     let (examples, metrics) = match (&task, &a.data) {
-        (Some(t), _) => (examples_from_task(t.as_ref(), a.n, a.seed), metric.map(|m| vec![m]).unwrap_or_else(|| t.metrics())),
+        (Some(t), _) => (
+            examples_from_task(t.as_ref(), a.n, a.seed),
+            metric.map(|m| vec![m]).unwrap_or_else(|| t.metrics()),
+        ),
         (None, Some(d)) => (examples_from_jsonl(d)?, vec![metric.expect("metric")]),
         _ => unreachable!(),
     };
     let r = eval_generation(&lm, &examples, &metrics, set, a.batch, true)?;
     for f in r.failures.iter().take(a.show_errors) {
-        eprintln!("--- input: {}\n    expected: {}\n    got:      {}", f.input, f.expected, f.got);
+        eprintln!(
+            "--- input: {}\n    expected: {}\n    got:      {}",
+            f.input, f.expected, f.got
+        );
     }
     let mut out = serde_json::Map::new();
     if let Some(t) = &task {
@@ -83,7 +98,10 @@ pub fn run(a: EvalArgs, device: &Device) -> Result<()> {
         out.insert(m.clone(), serde_json::json!((v * 100.0).round() / 100.0));
     }
     out.insert("n".into(), r.n.into());
-    out.insert("wall_s".into(), serde_json::json!((r.wall_s * 100.0).round() / 100.0));
+    out.insert(
+        "wall_s".into(),
+        serde_json::json!((r.wall_s * 100.0).round() / 100.0),
+    );
     println!("{}", serde_json::Value::Object(out));
     Ok(())
 }

@@ -1,5 +1,8 @@
 mod adapter_cmds;
+mod demo;
 mod eval;
+mod experiments;
+mod serve;
 mod tasks;
 mod train;
 
@@ -14,7 +17,11 @@ use lowrank_model::generate::{generate, SamplingParams};
 use lowrank_model::LoadedModel;
 
 #[derive(Parser)]
-#[command(name = "lowrank", version, about = "LoRA fine-tuning, merging and multi-adapter serving for Llama-family models")]
+#[command(
+    name = "lowrank",
+    version,
+    about = "LoRA fine-tuning, merging and multi-adapter serving for Llama-family models"
+)]
 pub struct Cli {
     /// CPU threads for tensor kernels (default: all cores).
     #[arg(long, global = true)]
@@ -59,6 +66,25 @@ enum Cmd {
     /// Built-in niche tasks.
     #[command(subcommand)]
     Tasks(tasks::TasksCmd),
+    /// OpenAI-compatible server: one base, many adapters, mixed-adapter batching.
+    Serve(serve::ServeArgs),
+    /// The main job: train one adapter per built-in task and show each beats the base.
+    Demo(demo::DemoArgs),
+    /// Benchmarks: inference, training step, server load.
+    #[command(subcommand)]
+    Bench(serve::BenchCmd),
+    /// LoRA paper Table 6: train every (weight types × rank) configuration and score it.
+    Sweep(experiments::SweepArgs),
+    /// LoRA paper Table 5: one trainable-parameter budget spread over weight types.
+    Budget(experiments::BudgetArgs),
+    /// Subspace similarity φ(A1, A2, i, j) of two adapters (JSON grid, SVG heatmap).
+    Similarity(experiments::SimilarityArgs),
+    /// Feature amplification ‖ΔW‖ / ‖UᵀWVᵀ‖ of an adapter against its base (paper Table 7).
+    Amplify(experiments::AmplifyArgs),
+    /// LoRA vs full fine-tuning on the same data and step budget, side by side.
+    Compare(experiments::CompareArgs),
+    /// Weighted combination of adapters (PEFT add_weighted_adapter: linear, cat, svd).
+    Combine(experiments::CombineArgs),
 }
 
 /// `--adapter DIR[:scale]` (repeatable: weighted sum), `--merged`, `--force`.
@@ -78,7 +104,8 @@ pub struct AdapterArgs {
 impl AdapterArgs {
     /// The mixture to run with; with `--merged` it is folded into `lm.model` instead.
     pub fn mixture(&self, lm: &LoadedModel) -> Result<Option<lowrank_model::AdapterSet>> {
-        lowrank_model::adapters::load_mixture(&lm.model, &self.adapter, self.force).context("loading adapters")
+        lowrank_model::adapters::load_mixture(&lm.model, &self.adapter, self.force)
+            .context("loading adapters")
     }
 
     /// Load adapters; with --merged, replace the model by the merged copy and return None.
@@ -135,7 +162,11 @@ pub fn run() -> Result<ExitCode> {
             println!("{}", p.display());
         }
         Cmd::Info(m) => info(&m, &device)?,
-        Cmd::Tokenize { model, adapters, text } => {
+        Cmd::Tokenize {
+            model,
+            adapters,
+            text,
+        } => {
             let lm = load(&model, &device)?;
             adapters.mixture(&lm)?;
             let ids = lm.tok.encode(&text)?;
@@ -147,6 +178,19 @@ pub fn run() -> Result<ExitCode> {
         Cmd::Merge(a) => adapter_cmds::merge(a, &device)?,
         Cmd::Inspect(a) => adapter_cmds::inspect(a, &device)?,
         Cmd::Tasks(c) => tasks::run(c)?,
+        Cmd::Serve(a) => serve::serve(a, &device)?,
+        Cmd::Demo(a) => {
+            if !demo::run(a, &device)? {
+                return Ok(ExitCode::from(2));
+            }
+        }
+        Cmd::Bench(c) => serve::bench(c, &device)?,
+        Cmd::Sweep(a) => experiments::run_sweep(a, &device)?,
+        Cmd::Budget(a) => experiments::run_budget(a, &device)?,
+        Cmd::Similarity(a) => experiments::run_similarity(a, &device)?,
+        Cmd::Amplify(a) => experiments::run_amplify(a, &device)?,
+        Cmd::Compare(a) => experiments::run_compare(a, &device)?,
+        Cmd::Combine(a) => experiments::run_combine(a, &device)?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -221,6 +265,11 @@ fn generate_cmd(a: GenerateArgs, device: &Device) -> Result<()> {
         let _ = stdout.flush();
     })?;
     println!();
-    eprintln!("[{} prompt tokens, {} generated, finish: {}]", g.prompt_tokens, g.ids.len(), g.finish.as_openai());
+    eprintln!(
+        "[{} prompt tokens, {} generated, finish: {}]",
+        g.prompt_tokens,
+        g.ids.len(),
+        g.finish.as_openai()
+    );
     Ok(())
 }

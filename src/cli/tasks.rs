@@ -32,13 +32,25 @@ pub fn run(c: TasksCmd) -> Result<()> {
                 println!("{:<10} {:<28} {}", t.name(), m.join(", "), t.description());
             }
         }
-        TasksCmd::Make { name, out, seed, train, eval } => {
-            let t = task_by_name(&name).with_context(|| format!("unknown task `{name}` (see `lowrank tasks list`)"))?;
+        TasksCmd::Make {
+            name,
+            out,
+            seed,
+            train,
+            eval,
+        } => {
+            let t = task_by_name(&name)
+                .with_context(|| format!("unknown task `{name}` (see `lowrank tasks list`)"))?;
             if train == 0 || eval == 0 {
                 anyhow::bail!("--train and --eval must be ≥ 1");
             }
-            make_task_files(t.as_ref(), &out, seed, train, eval).with_context(|| format!("writing {}", out.display()))?;
-            eprintln!("wrote {} and {}", out.join("train.jsonl").display(), out.join("eval.jsonl").display());
+            make_task_files(t.as_ref(), &out, seed, train, eval)
+                .with_context(|| format!("writing {}", out.display()))?;
+            eprintln!(
+                "wrote {} and {}",
+                out.join("train.jsonl").display(),
+                out.join("eval.jsonl").display()
+            );
         }
     }
     Ok(())

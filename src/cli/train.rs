@@ -150,10 +150,16 @@ pub fn run(a: TrainArgs, device: &Device) -> Result<()> {
     }
     eprintln!(
         "training {} ({} trainable parameters, {} steps) on {}",
-        match cfg.method { Method::Lora => format!("LoRA r={} on {}", cfg.rank, cfg.targets.join(",")), Method::Full => "all weights".into() },
+        match cfg.method {
+            Method::Lora => format!("LoRA r={} on {}", cfg.rank, cfg.targets.join(",")),
+            Method::Full => "all weights".into(),
+        },
         t.trainable_params(),
         t.total_steps(),
-        cfg.data.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+        cfg.data
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
     );
     let s = t.run(a.resume.as_deref(), &stop)?;
     println!("{}", serde_json::to_string_pretty(&s)?);

@@ -165,7 +165,11 @@ impl Adapter {
     /// Compare the provenance fingerprint with the base model's (see `fingerprint`).
     /// A mismatch is an error unless `force`: an adapter applied to the wrong base produces
     /// plausible-looking but wrong output, so the user must opt in explicitly.
-    pub fn check_fingerprint(&self, base: &str, force: bool) -> crate::error::Result<FingerprintStatus> {
+    pub fn check_fingerprint(
+        &self,
+        base: &str,
+        force: bool,
+    ) -> crate::error::Result<FingerprintStatus> {
         match &self.provenance.base_fingerprint {
             None => Ok(FingerprintStatus::Absent),
             Some(f) if f == base => Ok(FingerprintStatus::Match),
@@ -183,12 +187,28 @@ mod tests {
 
     #[test]
     fn fingerprint_status() {
-        let mut a = Adapter { config: LoraConfig::new(4, 8.0, &[Target::Q]), modules: BTreeMap::new(), provenance: Provenance::default() };
-        assert_eq!(a.check_fingerprint("sha256s:x", false).unwrap(), FingerprintStatus::Absent);
+        let mut a = Adapter {
+            config: LoraConfig::new(4, 8.0, &[Target::Q]),
+            modules: BTreeMap::new(),
+            provenance: Provenance::default(),
+        };
+        assert_eq!(
+            a.check_fingerprint("sha256s:x", false).unwrap(),
+            FingerprintStatus::Absent
+        );
         a.provenance.base_fingerprint = Some("sha256s:x".into());
-        assert_eq!(a.check_fingerprint("sha256s:x", false).unwrap(), FingerprintStatus::Match);
-        let e = a.check_fingerprint("sha256s:y", false).unwrap_err().to_string();
+        assert_eq!(
+            a.check_fingerprint("sha256s:x", false).unwrap(),
+            FingerprintStatus::Match
+        );
+        let e = a
+            .check_fingerprint("sha256s:y", false)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("sha256s:x") && e.contains("sha256s:y"), "{e}");
-        assert!(matches!(a.check_fingerprint("sha256s:y", true).unwrap(), FingerprintStatus::Mismatch { .. }));
+        assert!(matches!(
+            a.check_fingerprint("sha256s:y", true).unwrap(),
+            FingerprintStatus::Mismatch { .. }
+        ));
     }
 }

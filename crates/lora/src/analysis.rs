@@ -38,10 +38,14 @@ pub fn effective_rank(s: &[f64]) -> (usize, f64) {
         return (0, 0.0);
     }
     let thr = s.iter().filter(|&&x| x > 1e-3 * max).count();
-    let h: f64 = s.iter().filter(|&&x| x > 0.0).map(|&x| {
-        let p = x / sum;
-        -p * p.ln()
-    }).sum();
+    let h: f64 = s
+        .iter()
+        .filter(|&&x| x > 0.0)
+        .map(|&x| {
+            let p = x / sum;
+            -p * p.ln()
+        })
+        .sum();
     (thr, h.exp())
 }
 
@@ -49,17 +53,30 @@ pub fn module_stats(m: &LoraModule) -> Result<ModuleStats> {
     let svd = linalg::svd_of_lowrank(&Mat::from_tensor(&m.b)?, &Mat::from_tensor(&m.a)?, m.scale)?;
     let frobenius = svd.s.iter().map(|x| x * x).sum::<f64>().sqrt();
     let (t, e) = effective_rank(&svd.s);
-    Ok(ModuleStats { frobenius, singular_values: svd.s, effective_rank_threshold: t, effective_rank_entropy: e })
+    Ok(ModuleStats {
+        frobenius,
+        singular_values: svd.s,
+        effective_rank_threshold: t,
+        effective_rank_entropy: e,
+    })
 }
 
 /// [`module_stats`] for every module, in key order.
 pub fn adapter_stats(a: &Adapter) -> Result<Vec<(ModuleKey, ModuleStats)>> {
-    a.modules.iter().map(|(k, m)| Ok((*k, module_stats(m)?))).collect()
+    a.modules
+        .iter()
+        .map(|(k, m)| Ok((*k, module_stats(m)?)))
+        .collect()
 }
 
 /// Top-`k` right-singular vectors of `a` [r, in] as rows [k, in].
 fn right_vectors(a: &Tensor, k: usize, which: &str) -> Result<Mat> {
-    let m = Mat::from_tensor(a).map_err(|_| LoraError::Invalid(format!("subspace_similarity: {which} must be 2-D, got {:?}", a.dims())))?;
+    let m = Mat::from_tensor(a).map_err(|_| {
+        LoraError::Invalid(format!(
+            "subspace_similarity: {which} must be 2-D, got {:?}",
+            a.dims()
+        ))
+    })?;
     if k == 0 || k > m.rows.min(m.cols) {
         return Err(LoraError::Invalid(format!(
             "subspace_similarity: {which} is [{}, {}], cannot take its top {k} directions",
@@ -74,7 +91,10 @@ pub fn subspace_similarity(a1: &Tensor, a2: &Tensor, i: usize, j: usize) -> Resu
     let v1 = right_vectors(a1, i, "A1")?;
     let v2 = right_vectors(a2, j, "A2")?;
     if v1.cols != v2.cols {
-        return Err(LoraError::Mismatch(format!("subspace_similarity: A1 has {} columns, A2 has {}", v1.cols, v2.cols)));
+        return Err(LoraError::Mismatch(format!(
+            "subspace_similarity: A1 has {} columns, A2 has {}",
+            v1.cols, v2.cols
+        )));
     }
     // U_iᵀ U_j with U as column matrices = V1 · V2ᵀ with our row matrices.
     let g = v1.matmul(&v2.transpose())?;
@@ -106,16 +126,35 @@ pub fn amplification(w: &Tensor, delta: &Tensor, r: usize) -> Result<Amplificati
     let wm = Mat::from_tensor(w)?;
     let dm = Mat::from_tensor(delta)?;
     if (wm.rows, wm.cols) != (dm.rows, dm.cols) {
-        return Err(LoraError::Mismatch(format!("amplification: W is {:?} but ΔW is {:?}", w.dims(), delta.dims())));
+        return Err(LoraError::Mismatch(format!(
+            "amplification: W is {:?} but ΔW is {:?}",
+            w.dims(),
+            delta.dims()
+        )));
     }
     if r == 0 || r > wm.rows.min(wm.cols) {
-        return Err(LoraError::Invalid(format!("amplification: r = {r} for a [{}, {}] weight", wm.rows, wm.cols)));
+        return Err(LoraError::Invalid(format!(
+            "amplification: r = {r} for a [{}, {}] weight",
+            wm.rows, wm.cols
+        )));
     }
     let ds = linalg::top_k_svd(&dm, r, Iterations::Converge, 0)?;
     let ws = linalg::top_k_svd(&wm, r, Iterations::Converge, 1)?;
     let mut rng = ChaCha8Rng::seed_from_u64(0x10A5);
-    let gu = Mat::from_vec(wm.rows, r, (0..wm.rows * r).map(|_| linalg::std_normal(&mut rng)).collect())?;
-    let gv = Mat::from_vec(wm.cols, r, (0..wm.cols * r).map(|_| linalg::std_normal(&mut rng)).collect())?;
+    let gu = Mat::from_vec(
+        wm.rows,
+        r,
+        (0..wm.rows * r)
+            .map(|_| linalg::std_normal(&mut rng))
+            .collect(),
+    )?;
+    let gv = Mat::from_vec(
+        wm.cols,
+        r,
+        (0..wm.cols * r)
+            .map(|_| linalg::std_normal(&mut rng))
+            .collect(),
+    )?;
     let (ru, _) = linalg::qr_thin(&gu)?;
     let (rv, _) = linalg::qr_thin(&gv)?;
     let delta_norm = dm.frobenius();
@@ -154,7 +193,12 @@ mod tests {
         v1[6 + 1] = 1.0; // e1
         v2[2] = 2.0; // e2
         v2[6 + 3] = 1.0; // e3
-        assert!(subspace_similarity(&t(2, 6, v1.clone()), &t(2, 6, v2), 2, 2).unwrap().abs() < 1e-12);
+        assert!(
+            subspace_similarity(&t(2, 6, v1.clone()), &t(2, 6, v2), 2, 2)
+                .unwrap()
+                .abs()
+                < 1e-12
+        );
         // Hand case: A1 top direction e0 (σ=3), A2 = one row (e0 + e1)/√2·…: φ(1,1) = cos² 45° = 0.5.
         let a3 = t(1, 6, vec![1.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
         assert!((subspace_similarity(&t(2, 6, v1.clone()), &a3, 1, 1).unwrap() - 0.5).abs() < 1e-9);
@@ -201,7 +245,10 @@ mod tests {
         let b = t(4, 2, vec![3.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
         let a = t(2, 3, vec![1.0, 0.0, 0.0, 0.0, 1.0, 0.0]);
         let st = module_stats(&LoraModule { a, b, scale: 2.0 }).unwrap();
-        assert!((st.singular_values[0] - 6.0).abs() < 1e-12 && (st.singular_values[1] - 2.0).abs() < 1e-12);
+        assert!(
+            (st.singular_values[0] - 6.0).abs() < 1e-12
+                && (st.singular_values[1] - 2.0).abs() < 1e-12
+        );
         assert!((st.frobenius - 40f64.sqrt()).abs() < 1e-12);
         assert_eq!(st.effective_rank_threshold, 2);
         let p: [f64; 2] = [0.75, 0.25];

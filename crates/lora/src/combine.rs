@@ -44,14 +44,22 @@ impl FromStr for CombineMethod {
             "linear" => Ok(CombineMethod::Linear),
             "cat" => Ok(CombineMethod::Cat),
             "svd" => Ok(CombineMethod::Svd),
-            other => Err(LoraError::Invalid(format!("unknown combination method `{other}` (linear, cat or svd)"))),
+            other => Err(LoraError::Invalid(format!(
+                "unknown combination method `{other}` (linear, cat or svd)"
+            ))),
         }
     }
 }
 
 /// The rank PEFT allocates for an adapter: r, or the largest rank_pattern entry.
 fn config_rank(a: &Adapter) -> usize {
-    a.config.rank_pattern.values().copied().chain([a.config.r]).max().unwrap_or(a.config.r)
+    a.config
+        .rank_pattern
+        .values()
+        .copied()
+        .chain([a.config.r])
+        .max()
+        .unwrap_or(a.config.r)
 }
 
 /// Pad `a` [k, in] with zero rows and `b` [out, k] with zero columns up to rank `r`.
@@ -65,17 +73,32 @@ fn pad(a: Tensor, b: Tensor, r: usize) -> Result<(Tensor, Tensor)> {
     Ok((Tensor::cat(&[&a, &za], 0)?, Tensor::cat(&[&b, &zb], 1)?))
 }
 
-pub fn combine(adapters: &[(&Adapter, f64)], method: CombineMethod, rank: Option<usize>) -> Result<Adapter> {
-    let first = adapters.first().ok_or_else(|| LoraError::Invalid("combine: no adapters given".into()))?.0;
+pub fn combine(
+    adapters: &[(&Adapter, f64)],
+    method: CombineMethod,
+    rank: Option<usize>,
+) -> Result<Adapter> {
+    let first = adapters
+        .first()
+        .ok_or_else(|| LoraError::Invalid("combine: no adapters given".into()))?
+        .0;
     if let Some((_, w)) = adapters.iter().find(|(_, w)| !w.is_finite()) {
-        return Err(LoraError::Invalid(format!("combine: weight {w} is not finite")));
+        return Err(LoraError::Invalid(format!(
+            "combine: weight {w} is not finite"
+        )));
     }
-    let method = if adapters.len() == 1 { CombineMethod::Linear } else { method };
+    let method = if adapters.len() == 1 {
+        CombineMethod::Linear
+    } else {
+        method
+    };
     let ranks: Vec<usize> = adapters.iter().map(|(a, _)| config_rank(a)).collect();
     let new_rank = match method {
         CombineMethod::Linear => {
             if ranks.iter().any(|r| *r != ranks[0]) {
-                return Err(LoraError::Mismatch(format!("combine linear: all adapters need the same rank, got {ranks:?}")));
+                return Err(LoraError::Mismatch(format!(
+                    "combine linear: all adapters need the same rank, got {ranks:?}"
+                )));
             }
             ranks[0]
         }
@@ -85,13 +108,21 @@ pub fn combine(adapters: &[(&Adapter, f64)], method: CombineMethod, rank: Option
     if new_rank == 0 {
         return Err(LoraError::Invalid("combine: rank 0".into()));
     }
-    let keys: BTreeSet<ModuleKey> = adapters.iter().flat_map(|(a, _)| a.modules.keys().copied()).collect();
+    let keys: BTreeSet<ModuleKey> = adapters
+        .iter()
+        .flat_map(|(a, _)| a.modules.keys().copied())
+        .collect();
     let mut modules = BTreeMap::new();
     for key in keys {
-        let parts: Vec<(&LoraModule, f64)> =
-            adapters.iter().filter_map(|(a, w)| a.modules.get(&key).map(|m| (m, *w))).collect();
+        let parts: Vec<(&LoraModule, f64)> = adapters
+            .iter()
+            .filter_map(|(a, w)| a.modules.get(&key).map(|m| (m, *w)))
+            .collect();
         let (out, inp) = (parts[0].0.out_features(), parts[0].0.in_features());
-        if let Some((m, _)) = parts.iter().find(|(m, _)| (m.out_features(), m.in_features()) != (out, inp)) {
+        if let Some((m, _)) = parts
+            .iter()
+            .find(|(m, _)| (m.out_features(), m.in_features()) != (out, inp))
+        {
             return Err(LoraError::Mismatch(format!(
                 "combine: {key} is [{out}, {inp}] in one adapter and [{}, {}] in another",
                 m.out_features(),
@@ -99,24 +130,37 @@ pub fn combine(adapters: &[(&Adapter, f64)], method: CombineMethod, rank: Option
             )));
         }
         let device = parts[0].0.a.device().clone();
-        let f32s = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.to_device(&device)?) };
+        let f32s =
+            |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.to_device(&device)?) };
         let (a, b) = match method {
             CombineMethod::Linear => {
                 let mut a_sum: Option<Tensor> = None;
                 let mut b_sum: Option<Tensor> = None;
                 for (m, w) in &parts {
                     if m.rank() != new_rank {
-                        return Err(LoraError::Mismatch(format!("combine linear: {key} has rank {}, expected {new_rank}", m.rank())));
+                        return Err(LoraError::Mismatch(format!(
+                            "combine linear: {key} has rank {}, expected {new_rank}",
+                            m.rank()
+                        )));
                     }
                     let ws = w * m.scale;
                     let root = ws.abs().sqrt();
                     let sign = if ws >= 0.0 { 1.0 } else { -1.0 };
                     let a = f32s(&m.a)?.affine(sign * root, 0.0)?;
                     let b = f32s(&m.b)?.affine(root, 0.0)?;
-                    a_sum = Some(match a_sum { Some(s) => (s + a)?, None => a });
-                    b_sum = Some(match b_sum { Some(s) => (s + b)?, None => b });
+                    a_sum = Some(match a_sum {
+                        Some(s) => (s + a)?,
+                        None => a,
+                    });
+                    b_sum = Some(match b_sum {
+                        Some(s) => (s + b)?,
+                        None => b,
+                    });
                 }
-                (a_sum.expect("at least one part"), b_sum.expect("at least one part"))
+                (
+                    a_sum.expect("at least one part"),
+                    b_sum.expect("at least one part"),
+                )
             }
             CombineMethod::Cat => {
                 let mut as_ = Vec::new();
@@ -138,15 +182,27 @@ pub fn combine(adapters: &[(&Adapter, f64)], method: CombineMethod, rank: Option
                     as_.push(f32s(&m.a)?.affine(w * m.scale, 0.0)?);
                     bs.push(f32s(&m.b)?);
                 }
-                let svd = linalg::svd_of_lowrank(&Mat::from_tensor(&Tensor::cat(&bs, 1)?)?, &Mat::from_tensor(&Tensor::cat(&as_, 0)?)?, 1.0)?
-                    .truncate(new_rank);
+                let svd = linalg::svd_of_lowrank(
+                    &Mat::from_tensor(&Tensor::cat(&bs, 1)?)?,
+                    &Mat::from_tensor(&Tensor::cat(&as_, 0)?)?,
+                    1.0,
+                )?
+                .truncate(new_rank);
                 let mut us = svd.u.clone();
                 let k = svd.s.len();
                 for row in us.data.chunks_mut(k.max(1)) {
                     row.iter_mut().zip(&svd.s).for_each(|(x, s)| *x *= s);
                 }
-                let b = if k == 0 { Tensor::zeros((out, 0), DType::F32, &device)? } else { us.to_tensor(&device)? };
-                let a = if k == 0 { Tensor::zeros((0, inp), DType::F32, &device)? } else { svd.vt.to_tensor(&device)? };
+                let b = if k == 0 {
+                    Tensor::zeros((out, 0), DType::F32, &device)?
+                } else {
+                    us.to_tensor(&device)?
+                };
+                let a = if k == 0 {
+                    Tensor::zeros((0, inp), DType::F32, &device)?
+                } else {
+                    svd.vt.to_tensor(&device)?
+                };
                 pad(a, b, new_rank)?
             }
         };
@@ -159,25 +215,37 @@ pub fn combine(adapters: &[(&Adapter, f64)], method: CombineMethod, rank: Option
     config.rank_pattern.clear();
     config.alpha_pattern.clear();
     config.use_rslora = false;
-    let mut targets: Vec<String> = modules.keys().map(|k| k.target.peft_name().to_string()).collect();
+    let mut targets: Vec<String> = modules
+        .keys()
+        .map(|k| k.target.peft_name().to_string())
+        .collect();
     targets.sort();
     targets.dedup();
     config.target_modules = TargetModules::List(targets);
     // Layers: the union of the parts' restrictions (None if any part covers every layer).
-    config.layers_to_transform = if adapters.iter().any(|(a, _)| a.config.layers_to_transform.is_none()) {
+    config.layers_to_transform = if adapters
+        .iter()
+        .any(|(a, _)| a.config.layers_to_transform.is_none())
+    {
         None
     } else {
         let layers: BTreeSet<usize> = modules.keys().map(|k| k.layer).collect();
         Some(LayersToTransform::List(layers.into_iter().collect()))
     };
     let fp = &first.provenance.base_fingerprint;
-    let same_base = adapters.iter().all(|(a, _)| &a.provenance.base_fingerprint == fp);
+    let same_base = adapters
+        .iter()
+        .all(|(a, _)| &a.provenance.base_fingerprint == fp);
     let provenance = Provenance {
         base_fingerprint: if same_base { fp.clone() } else { None },
         lowrank_version: Some(crate::VERSION.to_string()),
         created: None,
     };
-    Ok(Adapter { config, modules, provenance })
+    Ok(Adapter {
+        config,
+        modules,
+        provenance,
+    })
 }
 
 #[cfg(test)]
@@ -194,14 +262,40 @@ mod tests {
         for (t, o) in [(Target::Q, 24), (Target::V, 12)] {
             let a = Tensor::randn(seed, 1., (r, 24), &dev).unwrap();
             let b = Tensor::randn(-seed, 1., (o, r), &dev).unwrap();
-            modules.insert(ModuleKey::new(0, t), LoraModule { a, b, scale: alpha / r as f64 });
+            modules.insert(
+                ModuleKey::new(0, t),
+                LoraModule {
+                    a,
+                    b,
+                    scale: alpha / r as f64,
+                },
+            );
         }
-        Adapter { config, modules, provenance: Provenance::default() }
+        Adapter {
+            config,
+            modules,
+            provenance: Provenance::default(),
+        }
     }
 
     fn rel_err(x: &Tensor, y: &Tensor) -> f32 {
-        let n = (x - y).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
-        let d = y.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+        let n = (x - y)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt();
+        let d = y
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt();
         n / d
     }
 
@@ -209,7 +303,10 @@ mod tests {
         let mut acc: Option<Tensor> = None;
         for (a, w) in parts {
             let d = a.modules[key].delta().unwrap().affine(*w, 0.0).unwrap();
-            acc = Some(match acc { Some(s) => (s + d).unwrap(), None => d });
+            acc = Some(match acc {
+                Some(s) => (s + d).unwrap(),
+                None => d,
+            });
         }
         acc.unwrap()
     }
@@ -230,7 +327,10 @@ mod tests {
             assert_eq!(c.scale, 1.0);
             assert_eq!(c.rank(), 6);
             assert!(rel_err(&c.delta().unwrap(), &want) < 1e-6);
-            assert!(rel_err(&svd.modules[key].delta().unwrap(), &want) < 1e-5, "{key}");
+            assert!(
+                rel_err(&svd.modules[key].delta().unwrap(), &want) < 1e-5,
+                "{key}"
+            );
         }
         // Truncated svd keeps the top directions: rank 1 is the best rank-1 approximation.
         let s1 = combine(&parts, CombineMethod::Svd, Some(1)).unwrap();
@@ -238,11 +338,20 @@ mod tests {
         let want = Mat::from_tensor(&expected(&parts, &key)).unwrap();
         let full = linalg::svd(&want).unwrap();
         let got = Mat::from_tensor(&s1.modules[&key].delta().unwrap()).unwrap();
-        let resid: f64 = got.data.iter().zip(&want.data).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
+        let resid: f64 = got
+            .data
+            .iter()
+            .zip(&want.data)
+            .map(|(x, y)| (x - y).powi(2))
+            .sum::<f64>()
+            .sqrt();
         let best: f64 = full.s[1..].iter().map(|s| s * s).sum::<f64>().sqrt();
         assert!((resid - best).abs() < 1e-4 * full.s[0]);
         // Default svd rank is the max part rank.
-        assert_eq!(combine(&parts, CombineMethod::Svd, None).unwrap().config.r, 4);
+        assert_eq!(
+            combine(&parts, CombineMethod::Svd, None).unwrap().config.r,
+            4
+        );
     }
 
     #[test]
@@ -252,7 +361,12 @@ mod tests {
         // One part: exact w·s·B·A (PEFT forces linear with one adapter).
         let one = combine(&[(&a1, -0.5)], CombineMethod::Svd, None).unwrap();
         let key = ModuleKey::new(0, Target::V);
-        assert!(rel_err(&one.modules[&key].delta().unwrap(), &expected(&[(&a1, -0.5)], &key)) < 1e-6);
+        assert!(
+            rel_err(
+                &one.modules[&key].delta().unwrap(),
+                &expected(&[(&a1, -0.5)], &key)
+            ) < 1e-6
+        );
         // Two parts: A = Σ sign·√|ws|·A_i, B = Σ √|ws|·B_i.
         let lin = combine(&[(&a1, 0.5), (&a2, -2.0)], CombineMethod::Linear, None).unwrap();
         let m = &lin.modules[&key];

@@ -149,8 +149,16 @@ impl LoraConfig {
     }
 
     /// PEFT's pattern lookup: the first key that matches the module's full name suffix.
-    fn pattern_lookup<T: Copy>(map: &BTreeMap<String, T>, layer: usize, target: Target) -> Option<T> {
-        let full = format!("model.layers.{layer}.{}.{}", target.parent(), target.peft_name());
+    fn pattern_lookup<T: Copy>(
+        map: &BTreeMap<String, T>,
+        layer: usize,
+        target: Target,
+    ) -> Option<T> {
+        let full = format!(
+            "model.layers.{layer}.{}.{}",
+            target.parent(),
+            target.peft_name()
+        );
         map.iter().find_map(|(k, v)| {
             let hit = full == *k || full.ends_with(&format!(".{k}")) || k == target.peft_name();
             hit.then_some(*v)

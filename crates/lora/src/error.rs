@@ -8,7 +8,11 @@ pub enum LoraError {
     #[error("{path}: invalid adapter config: {msg}")]
     Config { path: PathBuf, msg: String },
     #[error("{path}: key `{key}`: {msg}")]
-    Tensor { path: PathBuf, key: String, msg: String },
+    Tensor {
+        path: PathBuf,
+        key: String,
+        msg: String,
+    },
     #[error("adapter does not fit this base model: {0}")]
     Mismatch(String),
     #[error("{0}")]

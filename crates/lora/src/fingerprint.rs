@@ -27,7 +27,11 @@ fn sample_indices(n: usize) -> Box<dyn Iterator<Item = usize>> {
     // Middle: `count` values, one every `stride` (≥ 1 because n > MAX_SAMPLES).
     let count = MAX_SAMPLES - 2 * EDGE;
     let stride = (n - 2 * EDGE) / count;
-    Box::new((0..EDGE).chain((0..count).map(move |k| EDGE + k * stride)).chain(n - EDGE..n))
+    Box::new(
+        (0..EDGE)
+            .chain((0..count).map(move |k| EDGE + k * stride))
+            .chain(n - EDGE..n),
+    )
 }
 
 /// Fast path: read the samples straight out of a contiguous CPU buffer (no copies of the
@@ -39,8 +43,12 @@ fn sample_cpu(t: &Tensor) -> Option<Vec<f32>> {
     let n = end - start;
     let out = match &*storage {
         Storage::Cpu(CpuStorage::F32(v)) => sample_indices(n).map(|i| v[start + i]).collect(),
-        Storage::Cpu(CpuStorage::BF16(v)) => sample_indices(n).map(|i| v[start + i].to_f32()).collect(),
-        Storage::Cpu(CpuStorage::F16(v)) => sample_indices(n).map(|i| v[start + i].to_f32()).collect(),
+        Storage::Cpu(CpuStorage::BF16(v)) => {
+            sample_indices(n).map(|i| v[start + i].to_f32()).collect()
+        }
+        Storage::Cpu(CpuStorage::F16(v)) => {
+            sample_indices(n).map(|i| v[start + i].to_f32()).collect()
+        }
         _ => return None,
     };
     Some(out)
@@ -64,7 +72,11 @@ fn sample(t: &Tensor) -> Result<Vec<f32>> {
         Tensor::from_iter(idx.map(|i| i as i64), flat.device())?
     };
     let picked = flat.index_select(&ids, 0)?;
-    let picked = if picked.dtype() == DType::F32 { picked } else { picked.to_dtype(DType::F32)? };
+    let picked = if picked.dtype() == DType::F32 {
+        picked
+    } else {
+        picked.to_dtype(DType::F32)?
+    };
     Ok(picked.to_vec1::<f32>()?)
 }
 
@@ -74,7 +86,10 @@ pub fn fingerprint<'a>(tensors: impl Iterator<Item = (&'a str, &'a Tensor)>) -> 
     let mut items: Vec<(&str, &Tensor)> = tensors.collect();
     items.sort_by(|a, b| a.0.cmp(b.0));
     if let Some(w) = items.windows(2).find(|w| w[0].0 == w[1].0) {
-        return Err(LoraError::Invalid(format!("fingerprint: duplicate tensor name `{}`", w[0].0)));
+        return Err(LoraError::Invalid(format!(
+            "fingerprint: duplicate tensor name `{}`",
+            w[0].0
+        )));
     }
     let mut h = Sha256::new();
     h.update(b"lowrank-fingerprint-v1\0");
@@ -124,10 +139,16 @@ mod tests {
         v[idx] -= 1.0;
         v[n - 1] = 123.0;
         let a3 = Tensor::from_vec(v, (300, 400), &dev).unwrap();
-        assert_ne!(f1, fingerprint([("a", &a3), ("b", &b)].into_iter()).unwrap());
+        assert_ne!(
+            f1,
+            fingerprint([("a", &a3), ("b", &b)].into_iter()).unwrap()
+        );
         assert_ne!(f1, fingerprint([("a", &a), ("c", &b)].into_iter()).unwrap());
         let a4 = a.reshape((400, 300)).unwrap();
-        assert_ne!(f1, fingerprint([("a", &a4), ("b", &b)].into_iter()).unwrap());
+        assert_ne!(
+            f1,
+            fingerprint([("a", &a4), ("b", &b)].into_iter()).unwrap()
+        );
         assert!(fingerprint([("a", &a), ("a", &b)].into_iter()).is_err());
         // The generic (non-contiguous / device) path samples the same values as the CPU fast path.
         let at = a.t().unwrap();
@@ -151,11 +172,24 @@ mod tests {
         // real figure is printed.
         let dev = Device::Cpu;
         let mut ts = vec![];
-        ts.push(("embed".to_string(), Tensor::zeros((49152, 576), DType::F32, &dev).unwrap()));
+        ts.push((
+            "embed".to_string(),
+            Tensor::zeros((49152, 576), DType::F32, &dev).unwrap(),
+        ));
         for l in 0..30 {
-            for (n, s) in [("q", (576, 576)), ("k", (192, 576)), ("v", (192, 576)), ("o", (576, 576)),
-                           ("g", (1536, 576)), ("u", (1536, 576)), ("d", (576, 1536))] {
-                ts.push((format!("l{l}.{n}"), Tensor::ones(s, DType::F32, &dev).unwrap()));
+            for (n, s) in [
+                ("q", (576, 576)),
+                ("k", (192, 576)),
+                ("v", (192, 576)),
+                ("o", (576, 576)),
+                ("g", (1536, 576)),
+                ("u", (1536, 576)),
+                ("d", (576, 1536)),
+            ] {
+                ts.push((
+                    format!("l{l}.{n}"),
+                    Tensor::ones(s, DType::F32, &dev).unwrap(),
+                ));
             }
         }
         let total: usize = ts.iter().map(|(_, t)| t.elem_count()).sum();

@@ -22,7 +22,9 @@ use crate::error::{LoraError, Result};
 use crate::linalg::{self, Iterations, Mat};
 
 fn uniform(rng: &mut ChaCha8Rng, n: usize, bound: f64) -> Vec<f32> {
-    (0..n).map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32).collect()
+    (0..n)
+        .map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32)
+        .collect()
 }
 
 /// Initialise the module for (`layer`, `target`) of shape [out, in]. Returns the module and,
@@ -41,10 +43,16 @@ pub fn init_module(
     let r = config.rank_for(layer, target);
     let scale = config.scale_for(layer, target);
     if r == 0 || out == 0 || inp == 0 {
-        return Err(LoraError::Invalid(format!("layers.{layer}.{target}: cannot init rank {r} for [{out}, {inp}]")));
+        return Err(LoraError::Invalid(format!(
+            "layers.{layer}.{target}: cannot init rank {r} for [{out}, {inp}]"
+        )));
     }
     let kaiming_a = |rng: &mut ChaCha8Rng| -> Result<Tensor> {
-        Ok(Tensor::from_vec(uniform(rng, r * inp, 1.0 / (inp as f64).sqrt()), (r, inp), device)?)
+        Ok(Tensor::from_vec(
+            uniform(rng, r * inp, 1.0 / (inp as f64).sqrt()),
+            (r, inp),
+            device,
+        )?)
     };
     let zeros_b = || -> Result<Tensor> { Ok(Tensor::zeros((out, r), DType::F32, device)?) };
     let module = |a, b| LoraModule { a, b, scale };
@@ -129,7 +137,17 @@ mod tests {
     fn default_init_kaiming_and_zero_b() {
         let dev = Device::Cpu;
         let mut rng = ChaCha8Rng::seed_from_u64(1);
-        let (m, res) = init_module(&cfg(InitLoraWeights::Bool(true)), 0, Target::Q, 96, 400, None, &mut rng, &dev).unwrap();
+        let (m, res) = init_module(
+            &cfg(InitLoraWeights::Bool(true)),
+            0,
+            Target::Q,
+            96,
+            400,
+            None,
+            &mut rng,
+            &dev,
+        )
+        .unwrap();
         assert!(res.is_none());
         assert_eq!(m.a.dims(), &[8, 400]);
         assert_eq!(m.b.dims(), &[96, 8]);
@@ -142,25 +160,84 @@ mod tests {
         assert_eq!(stats(&m.b).2, 0.0);
         // Deterministic given the seed; different for another seed.
         let mut rng2 = ChaCha8Rng::seed_from_u64(1);
-        let (m2, _) = init_module(&cfg(InitLoraWeights::Bool(true)), 0, Target::Q, 96, 400, None, &mut rng2, &dev).unwrap();
-        assert_eq!(m.a.to_vec2::<f32>().unwrap(), m2.a.to_vec2::<f32>().unwrap());
+        let (m2, _) = init_module(
+            &cfg(InitLoraWeights::Bool(true)),
+            0,
+            Target::Q,
+            96,
+            400,
+            None,
+            &mut rng2,
+            &dev,
+        )
+        .unwrap();
+        assert_eq!(
+            m.a.to_vec2::<f32>().unwrap(),
+            m2.a.to_vec2::<f32>().unwrap()
+        );
         let mut rng3 = ChaCha8Rng::seed_from_u64(2);
-        let (m3, _) = init_module(&cfg(InitLoraWeights::Bool(true)), 0, Target::Q, 96, 400, None, &mut rng3, &dev).unwrap();
-        assert_ne!(m.a.to_vec2::<f32>().unwrap(), m3.a.to_vec2::<f32>().unwrap());
+        let (m3, _) = init_module(
+            &cfg(InitLoraWeights::Bool(true)),
+            0,
+            Target::Q,
+            96,
+            400,
+            None,
+            &mut rng3,
+            &dev,
+        )
+        .unwrap();
+        assert_ne!(
+            m.a.to_vec2::<f32>().unwrap(),
+            m3.a.to_vec2::<f32>().unwrap()
+        );
     }
 
     #[test]
     fn gaussian_and_false() {
         let dev = Device::Cpu;
         let mut rng = ChaCha8Rng::seed_from_u64(3);
-        let (m, _) = init_module(&cfg(InitLoraWeights::Named("gaussian".into())), 0, Target::Q, 64, 2000, None, &mut rng, &dev).unwrap();
+        let (m, _) = init_module(
+            &cfg(InitLoraWeights::Named("gaussian".into())),
+            0,
+            Target::Q,
+            64,
+            2000,
+            None,
+            &mut rng,
+            &dev,
+        )
+        .unwrap();
         let (mean, std, _) = stats(&m.a);
-        assert!(mean.abs() < 0.01 && (std - 1.0 / 8.0).abs() < 0.005, "{mean} {std}");
+        assert!(
+            mean.abs() < 0.01 && (std - 1.0 / 8.0).abs() < 0.005,
+            "{mean} {std}"
+        );
         assert_eq!(stats(&m.b).2, 0.0);
-        let (m, _) = init_module(&cfg(InitLoraWeights::Bool(false)), 0, Target::Q, 64, 100, None, &mut rng, &dev).unwrap();
+        let (m, _) = init_module(
+            &cfg(InitLoraWeights::Bool(false)),
+            0,
+            Target::Q,
+            64,
+            100,
+            None,
+            &mut rng,
+            &dev,
+        )
+        .unwrap();
         let (_, _, bmax) = stats(&m.b);
         assert!(bmax > 0.0 && bmax <= 1.0 / 8f32.sqrt());
-        assert!(init_module(&cfg(InitLoraWeights::Named("olora".into())), 0, Target::Q, 8, 8, None, &mut rng, &dev).is_err());
+        assert!(init_module(
+            &cfg(InitLoraWeights::Named("olora".into())),
+            0,
+            Target::Q,
+            8,
+            8,
+            None,
+            &mut rng,
+            &dev
+        )
+        .is_err());
     }
 
     #[test]
@@ -168,11 +245,28 @@ mod tests {
         let dev = Device::Cpu;
         let mut rng = ChaCha8Rng::seed_from_u64(4);
         let w = Tensor::randn(0f32, 1., (96, 80), &dev).unwrap();
-        let (m, res) = init_module(&cfg(InitLoraWeights::Named("pissa".into())), 0, Target::Q, 96, 80, Some(&w), &mut rng, &dev).unwrap();
+        let (m, res) = init_module(
+            &cfg(InitLoraWeights::Named("pissa".into())),
+            0,
+            Target::Q,
+            96,
+            80,
+            Some(&w),
+            &mut rng,
+            &dev,
+        )
+        .unwrap();
         let res = res.unwrap();
         // residual + scale·B·A == W
         let back = (&res + m.delta().unwrap()).unwrap();
-        let err = (back - &w).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let err = (back - &w)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(err < 1e-5, "{err}");
         // scale·B·A is the best rank-8 approximation: its singular values are W's top 8, and
         // the residual's top singular value is W's 9th.
@@ -184,14 +278,48 @@ mod tests {
         let rs = linalg::svd(&Mat::from_tensor(&res).unwrap()).unwrap();
         assert!((rs.s[0] - full.s[8]).abs() < 1e-4 * full.s[0]);
         // A·Aᵀ = diag(S/scale) (rows of A are scaled orthonormal vectors), same for BᵀB.
-        let aat = m.a.matmul(&m.a.t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
+        let aat =
+            m.a.matmul(&m.a.t().unwrap())
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
         for i in 0..8 {
             assert!((aat[i][i] as f64 - full.s[i] / 2.0).abs() < 1e-3 * full.s[0]);
         }
         // niter variant is close on a matrix with a clear spectral gap; missing W is an error.
-        assert!(init_module(&cfg(InitLoraWeights::Named("pissa".into())), 0, Target::Q, 96, 80, None, &mut rng, &dev).is_err());
-        assert!(init_module(&cfg(InitLoraWeights::Named("pissa_niter_x".into())), 0, Target::Q, 96, 80, Some(&w), &mut rng, &dev).is_err());
-        let (m4, _) = init_module(&cfg(InitLoraWeights::Named("pissa_niter_4".into())), 0, Target::Q, 96, 80, Some(&w), &mut rng, &dev).unwrap();
+        assert!(init_module(
+            &cfg(InitLoraWeights::Named("pissa".into())),
+            0,
+            Target::Q,
+            96,
+            80,
+            None,
+            &mut rng,
+            &dev
+        )
+        .is_err());
+        assert!(init_module(
+            &cfg(InitLoraWeights::Named("pissa_niter_x".into())),
+            0,
+            Target::Q,
+            96,
+            80,
+            Some(&w),
+            &mut rng,
+            &dev
+        )
+        .is_err());
+        let (m4, _) = init_module(
+            &cfg(InitLoraWeights::Named("pissa_niter_4".into())),
+            0,
+            Target::Q,
+            96,
+            80,
+            Some(&w),
+            &mut rng,
+            &dev,
+        )
+        .unwrap();
         assert_eq!(m4.a.dims(), &[8, 80]);
     }
 }

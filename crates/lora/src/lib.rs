@@ -18,7 +18,10 @@ pub mod permute;
 pub mod shapes;
 
 pub use adapter::{Adapter, FingerprintStatus, LoraModule, ModuleKey, Provenance, Target};
-pub use analysis::{adapter_stats, amplification, effective_rank, module_stats, subspace_similarity, Amplification, ModuleStats};
+pub use analysis::{
+    adapter_stats, amplification, effective_rank, module_stats, subspace_similarity, Amplification,
+    ModuleStats,
+};
 pub use combine::{combine, CombineMethod};
 pub use config::{InitLoraWeights, LoraConfig};
 pub use error::{LoraError, Result};

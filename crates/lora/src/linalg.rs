@@ -29,7 +29,11 @@ pub struct Mat {
 
 impl Mat {
     pub fn zeros(rows: usize, cols: usize) -> Self {
-        Mat { rows, cols, data: vec![0.0; rows * cols] }
+        Mat {
+            rows,
+            cols,
+            data: vec![0.0; rows * cols],
+        }
     }
 
     pub fn identity(n: usize) -> Self {
@@ -142,7 +146,11 @@ impl Mat {
     }
 
     pub fn scale(&self, s: f64) -> Mat {
-        Mat { rows: self.rows, cols: self.cols, data: self.data.iter().map(|x| x * s).collect() }
+        Mat {
+            rows: self.rows,
+            cols: self.cols,
+            data: self.data.iter().map(|x| x * s).collect(),
+        }
     }
 
     /// Columns `[0, k)`.
@@ -150,7 +158,8 @@ impl Mat {
         let k = k.min(self.cols);
         let mut out = Mat::zeros(self.rows, k);
         for i in 0..self.rows {
-            out.data[i * k..(i + 1) * k].copy_from_slice(&self.data[i * self.cols..i * self.cols + k]);
+            out.data[i * k..(i + 1) * k]
+                .copy_from_slice(&self.data[i * self.cols..i * self.cols + k]);
         }
         out
     }
@@ -158,7 +167,11 @@ impl Mat {
     /// Rows `[0, k)`.
     pub fn first_rows(&self, k: usize) -> Mat {
         let k = k.min(self.rows);
-        Mat { rows: k, cols: self.cols, data: self.data[..k * self.cols].to_vec() }
+        Mat {
+            rows: k,
+            cols: self.cols,
+            data: self.data[..k * self.cols].to_vec(),
+        }
     }
 }
 
@@ -190,7 +203,9 @@ impl Svd {
 pub fn qr_thin(a: &Mat) -> Result<(Mat, Mat)> {
     let (m, n) = (a.rows, a.cols);
     if m < n {
-        return Err(LoraError::Invalid(format!("qr_thin needs rows ≥ cols, got [{m}, {n}]")));
+        return Err(LoraError::Invalid(format!(
+            "qr_thin needs rows ≥ cols, got [{m}, {n}]"
+        )));
     }
     // Work column-major: column j is r[j*m..(j+1)*m].
     let mut r: Vec<f64> = vec![0.0; m * n];
@@ -262,7 +277,10 @@ pub fn qr_thin(a: &Mat) -> Result<(Mat, Mat)> {
 pub fn sym_eigen(a: &Mat) -> Result<(Vec<f64>, Mat)> {
     let n = a.rows;
     if a.cols != n {
-        return Err(LoraError::Invalid(format!("sym_eigen needs a square matrix, got [{}, {}]", a.rows, a.cols)));
+        return Err(LoraError::Invalid(format!(
+            "sym_eigen needs a square matrix, got [{}, {}]",
+            a.rows, a.cols
+        )));
     }
     let mut m = a.clone();
     let mut v = Mat::identity(n);
@@ -333,15 +351,27 @@ pub fn svd(a: &Mat) -> Result<Svd> {
     if a.rows < a.cols {
         // SVD of Aᵀ = U' S V'ᵀ  ⇒  A = V' S U'ᵀ.
         let t = svd(&a.transpose())?;
-        return Ok(Svd { u: t.vt.transpose(), s: t.s, vt: t.u.transpose() });
+        return Ok(Svd {
+            u: t.vt.transpose(),
+            s: t.s,
+            vt: t.u.transpose(),
+        });
     }
     let (m, n) = (a.rows, a.cols);
     if n == 0 {
-        return Ok(Svd { u: Mat::zeros(m, 0), s: vec![], vt: Mat::zeros(0, 0) });
+        return Ok(Svd {
+            u: Mat::zeros(m, 0),
+            s: vec![],
+            vt: Mat::zeros(0, 0),
+        });
     }
     // Columns of A (and V) stored contiguously for the pairwise rotations.
-    let mut cols: Vec<Vec<f64>> = (0..n).map(|j| (0..m).map(|i| a.get(i, j)).collect()).collect();
-    let mut vcols: Vec<Vec<f64>> = (0..n).map(|j| (0..n).map(|i| if i == j { 1.0 } else { 0.0 }).collect()).collect();
+    let mut cols: Vec<Vec<f64>> = (0..n)
+        .map(|j| (0..m).map(|i| a.get(i, j)).collect())
+        .collect();
+    let mut vcols: Vec<Vec<f64>> = (0..n)
+        .map(|j| (0..n).map(|i| if i == j { 1.0 } else { 0.0 }).collect())
+        .collect();
     let eps = 1e-15;
     for _sweep in 0..80 {
         let mut rotated = false;
@@ -386,7 +416,10 @@ pub fn svd(a: &Mat) -> Result<Svd> {
             break;
         }
     }
-    let norms: Vec<f64> = cols.iter().map(|c| c.iter().map(|x| x * x).sum::<f64>().sqrt()).collect();
+    let norms: Vec<f64> = cols
+        .iter()
+        .map(|c| c.iter().map(|x| x * x).sum::<f64>().sqrt())
+        .collect();
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by(|&i, &j| norms[j].total_cmp(&norms[i]));
     let smax = norms.iter().cloned().fold(0.0, f64::max);
@@ -397,7 +430,8 @@ pub fn svd(a: &Mat) -> Result<Svd> {
     let mut ucols: Vec<Vec<f64>> = Vec::with_capacity(n);
     for (newj, &oldj) in order.iter().enumerate() {
         let sv = norms[oldj];
-        let ucol: Option<Vec<f64>> = (sv > tiny).then(|| cols[oldj].iter().map(|x| x / sv).collect());
+        let ucol: Option<Vec<f64>> =
+            (sv > tiny).then(|| cols[oldj].iter().map(|x| x / sv).collect());
         s.push(if sv > tiny { sv } else { 0.0 });
         ucols.push(ucol.unwrap_or_default());
         for k in 0..n {
@@ -467,7 +501,11 @@ pub fn top_k_svd(a: &Mat, k: usize, iters: Iterations, seed: u64) -> Result<Svd>
     let kmax = m.min(n);
     let k = k.min(kmax);
     if k == 0 {
-        return Ok(Svd { u: Mat::zeros(m, 0), s: vec![], vt: Mat::zeros(0, n) });
+        return Ok(Svd {
+            u: Mat::zeros(m, 0),
+            s: vec![],
+            vt: Mat::zeros(0, n),
+        });
     }
     // Small matrices: the dense Jacobi SVD is exact and cheap.
     if kmax <= 64 || k * 2 >= kmax {
@@ -496,7 +534,11 @@ pub fn top_k_svd(a: &Mat, k: usize, iters: Iterations, seed: u64) -> Result<Svd>
                 let top: Vec<f64> = s[..k].to_vec();
                 if !prev.is_empty() {
                     let scale = top[0].max(f64::MIN_POSITIVE);
-                    let diff = top.iter().zip(&prev).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+                    let diff = top
+                        .iter()
+                        .zip(&prev)
+                        .map(|(x, y)| (x - y).abs())
+                        .fold(0.0, f64::max);
                     if diff <= 1e-12 * scale {
                         break;
                     }
@@ -508,7 +550,12 @@ pub fn top_k_svd(a: &Mat, k: usize, iters: Iterations, seed: u64) -> Result<Svd>
     let b = q.t_matmul(a)?; // [p, n]
     let small = svd(&b)?;
     let u = q.matmul(&small.u)?;
-    Ok(Svd { u, s: small.s, vt: small.vt }.truncate(k))
+    Ok(Svd {
+        u,
+        s: small.s,
+        vt: small.vt,
+    }
+    .truncate(k))
 }
 
 /// Standard normal sample (Box–Muller); `rand` 0.9 has no normal distribution without
@@ -554,7 +601,12 @@ mod tests {
 
     fn rand_mat(rows: usize, cols: usize, seed: u64) -> Mat {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        Mat::from_vec(rows, cols, (0..rows * cols).map(|_| std_normal(&mut rng)).collect()).unwrap()
+        Mat::from_vec(
+            rows,
+            cols,
+            (0..rows * cols).map(|_| std_normal(&mut rng)).collect(),
+        )
+        .unwrap()
     }
 
     fn orthonormal_cols(rows: usize, cols: usize, seed: u64) -> Mat {
@@ -577,7 +629,11 @@ mod tests {
 
     fn max_abs_diff(a: &Mat, b: &Mat) -> f64 {
         assert_eq!((a.rows, a.cols), (b.rows, b.cols));
-        a.data.iter().zip(&b.data).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+        a.data
+            .iter()
+            .zip(&b.data)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max)
     }
 
     fn reconstruct(s: &Svd) -> Mat {
@@ -686,7 +742,10 @@ mod tests {
             assert!((x - y).abs() < 1e-8 * s_true[0], "{:?}", d.s);
         }
         assert_orthonormal_cols(&d.u, 1e-10);
-        assert_eq!((d.u.rows, d.u.cols, d.vt.rows, d.vt.cols), (1536, 8, 8, 576));
+        assert_eq!(
+            (d.u.rows, d.u.cols, d.vt.rows, d.vt.cols),
+            (1536, 8, 8, 576)
+        );
         // Generous bound: CI machines are slow and this is a debug-ish build.
         assert!(el.as_secs_f64() < 5.0, "top_k_svd took {el:?}");
         // Deterministic.

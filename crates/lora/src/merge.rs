@@ -9,8 +9,14 @@ fn check(w: &Tensor, m: &LoraModule) -> Result<()> {
     let (out, inp) = w
         .dims2()
         .map_err(|_| LoraError::Mismatch(format!("base weight must be 2-D, got {:?}", w.dims())))?;
-    let (r, a_in) = m.a.dims2().map_err(|_| LoraError::Mismatch(format!("lora_A must be 2-D, got {:?}", m.a.dims())))?;
-    let (b_out, b_r) = m.b.dims2().map_err(|_| LoraError::Mismatch(format!("lora_B must be 2-D, got {:?}", m.b.dims())))?;
+    let (r, a_in) = m
+        .a
+        .dims2()
+        .map_err(|_| LoraError::Mismatch(format!("lora_A must be 2-D, got {:?}", m.a.dims())))?;
+    let (b_out, b_r) = m
+        .b
+        .dims2()
+        .map_err(|_| LoraError::Mismatch(format!("lora_B must be 2-D, got {:?}", m.b.dims())))?;
     if (out, inp) != (b_out, a_in) || r != b_r {
         return Err(LoraError::Mismatch(format!(
             "weight [{out}, {inp}] vs lora_B [{b_out}, {b_r}] · lora_A [{r}, {a_in}]"
@@ -54,11 +60,33 @@ mod tests {
         let merged = merge_weight(&w, &m, 0.7).unwrap();
         // It actually changed W, by weight·scale·B·A.
         let expect = (&w + m.b.matmul(&m.a).unwrap().affine(1.4, 0.0).unwrap()).unwrap();
-        let e = (&merged - &expect).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let e = (&merged - &expect)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(e < 1e-5);
         let back = unmerge_weight(&merged, &m, 0.7).unwrap();
-        let num = (&back - &w).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
-        let den = w.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+        let num = (&back - &w)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt();
+        let den = w
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt();
         assert!(num / den < 1e-6, "relative error {}", num / den);
     }
 
@@ -66,7 +94,10 @@ mod tests {
     fn shape_mismatch_is_error() {
         let dev = Device::Cpu;
         let w = Tensor::zeros((32, 48), DType::F32, &dev).unwrap();
-        assert!(matches!(merge_weight(&w, &module(&dev), 1.0), Err(LoraError::Mismatch(_))));
+        assert!(matches!(
+            merge_weight(&w, &module(&dev), 1.0),
+            Err(LoraError::Mismatch(_))
+        ));
         assert!(unmerge_weight(&w, &module(&dev), 1.0).is_err());
     }
 }

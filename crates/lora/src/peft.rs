@@ -57,33 +57,57 @@ pub fn parse_peft_key(key: &str) -> std::result::Result<(ModuleKey, Factor), Str
     let parts: Vec<&str> = rest.split('.').collect();
     // [layer, parent, proj, lora_X, weight] or [layer, parent, proj, lora_X, adapter_name, weight]
     if !(parts.len() == 5 || parts.len() == 6) || parts[parts.len() - 1] != "weight" {
-        return Err("unrecognised key layout (only lora_A / lora_B weights are supported; biases, \
+        return Err(
+            "unrecognised key layout (only lora_A / lora_B weights are supported; biases, \
                     magnitude vectors and modules_to_save are not)"
-            .into());
+                .into(),
+        );
     }
-    let layer: usize = parts[0].parse().map_err(|_| format!("layer index `{}` is not a number", parts[0]))?;
-    let target = Target::from_peft_name(parts[2]).ok_or_else(|| format!("unknown projection `{}`", parts[2]))?;
+    let layer: usize = parts[0]
+        .parse()
+        .map_err(|_| format!("layer index `{}` is not a number", parts[0]))?;
+    let target = Target::from_peft_name(parts[2])
+        .ok_or_else(|| format!("unknown projection `{}`", parts[2]))?;
     if parts[1] != target.parent() {
-        return Err(format!("`{}` belongs under `{}`, not `{}`", parts[2], target.parent(), parts[1]));
+        return Err(format!(
+            "`{}` belongs under `{}`, not `{}`",
+            parts[2],
+            target.parent(),
+            parts[1]
+        ));
     }
     let factor = match parts[3] {
         "lora_A" => Factor::A,
         "lora_B" => Factor::B,
-        other => return Err(format!("unknown LoRA tensor `{other}` (expected lora_A or lora_B)")),
+        other => {
+            return Err(format!(
+                "unknown LoRA tensor `{other}` (expected lora_A or lora_B)"
+            ))
+        }
     };
     Ok((ModuleKey::new(layer, target), factor))
 }
 
 fn io_err(path: &Path, msg: impl std::fmt::Display) -> LoraError {
-    LoraError::Io { path: path.to_path_buf(), msg: msg.to_string() }
+    LoraError::Io {
+        path: path.to_path_buf(),
+        msg: msg.to_string(),
+    }
 }
 
 fn cfg_err(path: &Path, msg: impl std::fmt::Display) -> LoraError {
-    LoraError::Config { path: path.to_path_buf(), msg: msg.to_string() }
+    LoraError::Config {
+        path: path.to_path_buf(),
+        msg: msg.to_string(),
+    }
 }
 
 fn tensor_err(path: &Path, key: &str, msg: impl std::fmt::Display) -> LoraError {
-    LoraError::Tensor { path: path.to_path_buf(), key: key.to_string(), msg: msg.to_string() }
+    LoraError::Tensor {
+        path: path.to_path_buf(),
+        key: key.to_string(),
+        msg: msg.to_string(),
+    }
 }
 
 /// A JSON value that switches a feature on (anything but null / false / empty).
@@ -99,7 +123,8 @@ fn is_set(v: &serde_json::Value) -> bool {
 
 /// Read and validate `adapter_config.json`.
 pub fn read_config(path: &Path) -> Result<LoraConfig> {
-    let text = fs::read_to_string(path).map_err(|e| io_err(path, format!("cannot read adapter config: {e}")))?;
+    let text = fs::read_to_string(path)
+        .map_err(|e| io_err(path, format!("cannot read adapter config: {e}")))?;
     let config: LoraConfig = serde_json::from_str(&text).map_err(|e| cfg_err(path, e))?;
     validate_config(&config).map_err(|m| cfg_err(path, m))?;
     Ok(config)
@@ -108,13 +133,19 @@ pub fn read_config(path: &Path) -> Result<LoraConfig> {
 /// The checks a config must pass to be loaded (or saved) by lowrank.
 fn validate_config(config: &LoraConfig) -> std::result::Result<(), String> {
     if config.peft_type != "LORA" {
-        return Err(format!("peft_type is `{}`, only LORA is supported", config.peft_type));
+        return Err(format!(
+            "peft_type is `{}`, only LORA is supported",
+            config.peft_type
+        ));
     }
     if config.use_dora {
         return Err("use_dora = true: DoRA adapters are not supported".into());
     }
     if config.fan_in_fan_out {
-        return Err("fan_in_fan_out = true (Conv1D/GPT-2 style weights) is not supported for Llama models".into());
+        return Err(
+            "fan_in_fan_out = true (Conv1D/GPT-2 style weights) is not supported for Llama models"
+                .into(),
+        );
     }
     if config.r == 0 {
         return Err("r must be at least 1".into());
@@ -123,13 +154,30 @@ fn validate_config(config: &LoraConfig) -> std::result::Result<(), String> {
         return Err(format!("lora_alpha {} is not finite", config.lora_alpha));
     }
     if config.bias != "none" {
-        return Err(format!("bias = `{}`: trained biases are not supported (Llama projections have none)", config.bias));
+        return Err(format!(
+            "bias = `{}`: trained biases are not supported (Llama projections have none)",
+            config.bias
+        ));
     }
-    if config.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
-        return Err("modules_to_save is set: adapters carrying full copies of modules are not supported".into());
+    if config
+        .modules_to_save
+        .as_ref()
+        .is_some_and(|m| !m.is_empty())
+    {
+        return Err(
+            "modules_to_save is set: adapters carrying full copies of modules are not supported"
+                .into(),
+        );
     }
     // PEFT features that change the math; silently ignoring them would give wrong outputs.
-    for field in ["lora_bias", "use_qalora", "layer_replication", "target_parameters", "alora_invocation_tokens", "use_bdlora"] {
+    for field in [
+        "lora_bias",
+        "use_qalora",
+        "layer_replication",
+        "target_parameters",
+        "alora_invocation_tokens",
+        "use_bdlora",
+    ] {
         if let Some(v) = config.extra.get(field) {
             if is_set(v) {
                 return Err(format!("`{field}` = {v} is not supported"));
@@ -144,13 +192,32 @@ fn validate_config(config: &LoraConfig) -> std::result::Result<(), String> {
 fn decode_f32(view: &TensorView<'_>, path: &Path, key: &str) -> Result<Vec<f32>> {
     let data = view.data();
     let v: Vec<f32> = match view.dtype() {
-        StDtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        StDtype::F16 => data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        StDtype::BF16 => data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        other => return Err(tensor_err(path, key, format!("dtype {other:?} not supported (F32, F16 or BF16)"))),
+        StDtype::F32 => data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        StDtype::F16 => data
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        StDtype::BF16 => data
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        other => {
+            return Err(tensor_err(
+                path,
+                key,
+                format!("dtype {other:?} not supported (F32, F16 or BF16)"),
+            ))
+        }
     };
     if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
-        return Err(tensor_err(path, key, format!("non-finite value {x} at flat index {i}")));
+        return Err(tensor_err(
+            path,
+            key,
+            format!("non-finite value {x} at flat index {i}"),
+        ));
     }
     Ok(v)
 }
@@ -159,7 +226,10 @@ fn decode_f32(view: &TensorView<'_>, path: &Path, key: &str) -> Result<Vec<f32>>
 pub fn load_peft(dir: &Path, shapes: &BaseShapes, device: &Device) -> Result<Adapter> {
     let cfg_path = dir.join(CONFIG_FILE);
     if !cfg_path.is_file() {
-        return Err(io_err(&cfg_path, "adapter config not found (is this a PEFT adapter directory?)"));
+        return Err(io_err(
+            &cfg_path,
+            "adapter config not found (is this a PEFT adapter directory?)",
+        ));
     }
     let config = read_config(&cfg_path)?;
     let targets = config.targets().map_err(|m| cfg_err(&cfg_path, m))?;
@@ -176,8 +246,12 @@ pub fn load_peft(dir: &Path, shapes: &BaseShapes, device: &Device) -> Result<Ada
         return Err(io_err(&st_path, "adapter weights not found"));
     }
     let bytes = fs::read(&st_path).map_err(|e| io_err(&st_path, format!("cannot read: {e}")))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| io_err(&st_path, format!("corrupt or truncated safetensors file: {e}")))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| {
+        io_err(
+            &st_path,
+            format!("corrupt or truncated safetensors file: {e}"),
+        )
+    })?;
     let (_, meta) = SafeTensors::read_metadata(&bytes)
         .map_err(|e| io_err(&st_path, format!("corrupt safetensors header: {e}")))?;
     let provenance = provenance_from(meta.metadata());
@@ -193,18 +267,40 @@ pub fn load_peft(dir: &Path, shapes: &BaseShapes, device: &Device) -> Result<Ada
     for name in &names {
         let (mk, factor) = parse_peft_key(name).map_err(|m| tensor_err(&st_path, name, m))?;
         if mk.layer >= shapes.num_layers {
-            return Err(tensor_err(&st_path, name, format!("layer {} but the base model has {} layers", mk.layer, shapes.num_layers)));
+            return Err(tensor_err(
+                &st_path,
+                name,
+                format!(
+                    "layer {} but the base model has {} layers",
+                    mk.layer, shapes.num_layers
+                ),
+            ));
         }
         if !targets.contains(&mk.target) {
-            return Err(tensor_err(&st_path, name, format!("{} is not in target_modules of {CONFIG_FILE}", mk.target)));
+            return Err(tensor_err(
+                &st_path,
+                name,
+                format!("{} is not in target_modules of {CONFIG_FILE}", mk.target),
+            ));
         }
         if !config.applies_to_layer(mk.layer) {
-            return Err(tensor_err(&st_path, name, format!("layer {} is excluded by layers_to_transform in {CONFIG_FILE}", mk.layer)));
+            return Err(tensor_err(
+                &st_path,
+                name,
+                format!(
+                    "layer {} is excluded by layers_to_transform in {CONFIG_FILE}",
+                    mk.layer
+                ),
+            ));
         }
         let view = st.tensor(name).map_err(|e| tensor_err(&st_path, name, e))?;
         let dims = view.shape().to_vec();
         if dims.len() != 2 {
-            return Err(tensor_err(&st_path, name, format!("expected a 2-D tensor, got shape {dims:?}")));
+            return Err(tensor_err(
+                &st_path,
+                name,
+                format!("expected a 2-D tensor, got shape {dims:?}"),
+            ));
         }
         let values = decode_f32(&view, &st_path, name)?;
         let slot = parts.entry(mk).or_insert((None, None));
@@ -222,16 +318,36 @@ pub fn load_peft(dir: &Path, shapes: &BaseShapes, device: &Device) -> Result<Ada
     for (mk, (a, b)) in parts {
         let (a, b) = match (a, b) {
             (Some(a), Some(b)) => (a, b),
-            (Some((n, _, _)), None) => return Err(tensor_err(&st_path, &n, format!("`{}` is missing", peft_key(&mk, Factor::B)))),
-            (None, Some((n, _, _))) => return Err(tensor_err(&st_path, &n, format!("`{}` is missing", peft_key(&mk, Factor::A)))),
+            (Some((n, _, _)), None) => {
+                return Err(tensor_err(
+                    &st_path,
+                    &n,
+                    format!("`{}` is missing", peft_key(&mk, Factor::B)),
+                ))
+            }
+            (None, Some((n, _, _))) => {
+                return Err(tensor_err(
+                    &st_path,
+                    &n,
+                    format!("`{}` is missing", peft_key(&mk, Factor::A)),
+                ))
+            }
             (None, None) => unreachable!("entries are created with one factor present"),
         };
-        let (out, inp) = shapes
-            .dims_of(mk.target)
-            .ok_or_else(|| tensor_err(&st_path, &a.0, format!("the base model has no {} projection", mk.target)))?;
+        let (out, inp) = shapes.dims_of(mk.target).ok_or_else(|| {
+            tensor_err(
+                &st_path,
+                &a.0,
+                format!("the base model has no {} projection", mk.target),
+            )
+        })?;
         let r = config.rank_for(mk.layer, mk.target);
         if a.2[1] != inp || b.2[0] != out {
-            let (bad, shape) = if a.2[1] != inp { (&a.0, &a.2) } else { (&b.0, &b.2) };
+            let (bad, shape) = if a.2[1] != inp {
+                (&a.0, &a.2)
+            } else {
+                (&b.0, &b.2)
+            };
             return Err(tensor_err(
                 &st_path,
                 bad,
@@ -240,29 +356,64 @@ pub fn load_peft(dir: &Path, shapes: &BaseShapes, device: &Device) -> Result<Ada
         }
         for (n, got) in [(&a.0, a.2[0]), (&b.0, b.2[1])] {
             if got != r {
-                return Err(tensor_err(&st_path, n, format!("tensor rank {got} but {CONFIG_FILE} says r = {r} for this module")));
+                return Err(tensor_err(
+                    &st_path,
+                    n,
+                    format!("tensor rank {got} but {CONFIG_FILE} says r = {r} for this module"),
+                ));
             }
         }
         let at = Tensor::from_vec(a.1, (r, inp), device)?;
         let bt = Tensor::from_vec(b.1, (out, r), device)?;
-        modules.insert(mk, LoraModule { a: at, b: bt, scale: config.scale_for(mk.layer, mk.target) });
+        modules.insert(
+            mk,
+            LoraModule {
+                a: at,
+                b: bt,
+                scale: config.scale_for(mk.layer, mk.target),
+            },
+        );
     }
-    Ok(Adapter { config, modules, provenance })
+    Ok(Adapter {
+        config,
+        modules,
+        provenance,
+    })
 }
 
 fn provenance_from(meta: &Option<HashMap<String, String>>) -> Provenance {
     let get = |k: &str| meta.as_ref().and_then(|m| m.get(k).cloned());
-    Provenance { base_fingerprint: get(META_FINGERPRINT), lowrank_version: get(META_VERSION), created: get(META_CREATED) }
+    Provenance {
+        base_fingerprint: get(META_FINGERPRINT),
+        lowrank_version: get(META_VERSION),
+        created: get(META_CREATED),
+    }
 }
 
 /// Raw little-endian bytes of a tensor in `dtype` (F32/F16/BF16).
 fn tensor_bytes(t: &Tensor, dtype: DType) -> Result<Vec<u8>> {
     let t = t.to_dtype(dtype)?.to_device(&Device::Cpu)?.flatten_all()?;
     Ok(match dtype {
-        DType::F32 => t.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        DType::F16 => t.to_vec1::<half::f16>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        DType::BF16 => t.to_vec1::<half::bf16>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        other => return Err(LoraError::Invalid(format!("cannot save adapters as {other:?} (F32, F16 or BF16)"))),
+        DType::F32 => t
+            .to_vec1::<f32>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        DType::F16 => t
+            .to_vec1::<half::f16>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        DType::BF16 => t
+            .to_vec1::<half::bf16>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        other => {
+            return Err(LoraError::Invalid(format!(
+                "cannot save adapters as {other:?} (F32, F16 or BF16)"
+            )))
+        }
     })
 }
 
@@ -275,7 +426,8 @@ pub fn config_json(config: &LoraConfig) -> Result<String> {
     if c.task_type.is_none() {
         c.task_type = Some("CAUSAL_LM".into());
     }
-    let mut s = serde_json::to_string_pretty(&c).map_err(|e| LoraError::Invalid(format!("cannot serialize adapter config: {e}")))?;
+    let mut s = serde_json::to_string_pretty(&c)
+        .map_err(|e| LoraError::Invalid(format!("cannot serialize adapter config: {e}")))?;
     s.push('\n');
     Ok(s)
 }
@@ -283,15 +435,20 @@ pub fn config_json(config: &LoraConfig) -> Result<String> {
 /// Build the safetensors bytes: tensors via the `safetensors` crate, then the `__metadata__`
 /// object spliced into the header with sorted keys. (The crate serializes metadata from a
 /// `HashMap`, whose order changes from run to run; splicing keeps the bytes deterministic.)
-fn safetensors_bytes(tensors: &[(String, StDtype, Vec<usize>, Vec<u8>)], meta: &BTreeMap<String, String>) -> Result<Vec<u8>> {
+fn safetensors_bytes(
+    tensors: &[(String, StDtype, Vec<usize>, Vec<u8>)],
+    meta: &BTreeMap<String, String>,
+) -> Result<Vec<u8>> {
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
         .map(|(n, d, s, b)| TensorView::new(*d, s.clone(), b).map(|v| (n.clone(), v)))
         .collect::<std::result::Result<_, _>>()
         .map_err(|e| LoraError::Invalid(format!("safetensors: {e}")))?;
-    let raw = safetensors::serialize(views, None).map_err(|e| LoraError::Invalid(format!("safetensors: {e}")))?;
+    let raw = safetensors::serialize(views, None)
+        .map_err(|e| LoraError::Invalid(format!("safetensors: {e}")))?;
     let n = u64::from_le_bytes(raw[..8].try_into().expect("8-byte length prefix")) as usize;
-    let header = std::str::from_utf8(&raw[8..8 + n]).map_err(|e| LoraError::Invalid(format!("safetensors header: {e}")))?;
+    let header = std::str::from_utf8(&raw[8..8 + n])
+        .map_err(|e| LoraError::Invalid(format!("safetensors header: {e}")))?;
     let header = header.trim_end();
     let body = header
         .strip_prefix('{')
@@ -321,28 +478,49 @@ pub fn save_peft(adapter: &Adapter, dir: &Path, dtype: DType) -> Result<()> {
         DType::F32 => StDtype::F32,
         DType::F16 => StDtype::F16,
         DType::BF16 => StDtype::BF16,
-        other => return Err(LoraError::Invalid(format!("cannot save adapters as {other:?} (F32, F16 or BF16)"))),
+        other => {
+            return Err(LoraError::Invalid(format!(
+                "cannot save adapters as {other:?} (F32, F16 or BF16)"
+            )))
+        }
     };
     let st_path = dir.join(WEIGHTS_FILE);
     let config = &adapter.config;
     validate_config(config).map_err(|m| cfg_err(&dir.join(CONFIG_FILE), m))?;
     if adapter.modules.is_empty() {
-        return Err(LoraError::Invalid(format!("{}: adapter has no modules to save", dir.display())));
+        return Err(LoraError::Invalid(format!(
+            "{}: adapter has no modules to save",
+            dir.display()
+        )));
     }
-    let targets = config.targets().map_err(|m| cfg_err(&dir.join(CONFIG_FILE), m))?;
+    let targets = config
+        .targets()
+        .map_err(|m| cfg_err(&dir.join(CONFIG_FILE), m))?;
     let mut tensors = Vec::with_capacity(adapter.modules.len() * 2);
     for (mk, m) in &adapter.modules {
         let ka = peft_key(mk, Factor::A);
         let kb = peft_key(mk, Factor::B);
         // Refuse what load_peft would refuse, so a saved adapter always loads back.
         if !targets.contains(&mk.target) || !config.applies_to_layer(mk.layer) {
-            return Err(tensor_err(&st_path, &ka, "module is not covered by the config's target_modules / layers_to_transform"));
+            return Err(tensor_err(
+                &st_path,
+                &ka,
+                "module is not covered by the config's target_modules / layers_to_transform",
+            ));
         }
-        let (r, _) = m.a.dims2().map_err(|_| tensor_err(&st_path, &ka, format!("not 2-D: {:?}", m.a.dims())))?;
-        let (_, br) = m.b.dims2().map_err(|_| tensor_err(&st_path, &kb, format!("not 2-D: {:?}", m.b.dims())))?;
+        let (r, _) =
+            m.a.dims2()
+                .map_err(|_| tensor_err(&st_path, &ka, format!("not 2-D: {:?}", m.a.dims())))?;
+        let (_, br) =
+            m.b.dims2()
+                .map_err(|_| tensor_err(&st_path, &kb, format!("not 2-D: {:?}", m.b.dims())))?;
         let want_r = config.rank_for(mk.layer, mk.target);
         if r != want_r || br != want_r {
-            return Err(tensor_err(&st_path, &ka, format!("tensor rank {r} (lora_B {br}) but config r = {want_r}")));
+            return Err(tensor_err(
+                &st_path,
+                &ka,
+                format!("tensor rank {r} (lora_B {br}) but config r = {want_r}"),
+            ));
         }
         let want_s = config.scale_for(mk.layer, mk.target);
         if (m.scale - want_s).abs() > 1e-9 * want_s.abs().max(1.0) {
@@ -351,12 +529,22 @@ pub fn save_peft(adapter: &Adapter, dir: &Path, dtype: DType) -> Result<()> {
         for (k, t) in [(ka, &m.a), (kb, &m.b)] {
             let bytes = tensor_bytes(t, dtype)?;
             let finite = match dtype {
-                DType::F32 => bytes.chunks_exact(4).all(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()),
-                DType::F16 => bytes.chunks_exact(2).all(|c| half::f16::from_le_bytes([c[0], c[1]]).is_finite()),
-                _ => bytes.chunks_exact(2).all(|c| half::bf16::from_le_bytes([c[0], c[1]]).is_finite()),
+                DType::F32 => bytes
+                    .chunks_exact(4)
+                    .all(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()),
+                DType::F16 => bytes
+                    .chunks_exact(2)
+                    .all(|c| half::f16::from_le_bytes([c[0], c[1]]).is_finite()),
+                _ => bytes
+                    .chunks_exact(2)
+                    .all(|c| half::bf16::from_le_bytes([c[0], c[1]]).is_finite()),
             };
             if !finite {
-                return Err(tensor_err(&st_path, &k, format!("non-finite values (in {dtype:?})")));
+                return Err(tensor_err(
+                    &st_path,
+                    &k,
+                    format!("non-finite values (in {dtype:?})"),
+                ));
             }
             tensors.push((k, st_dtype, t.dims().to_vec(), bytes));
         }
@@ -368,13 +556,21 @@ pub fn save_peft(adapter: &Adapter, dir: &Path, dtype: DType) -> Result<()> {
     if let Some(f) = &p.base_fingerprint {
         meta.insert(META_FINGERPRINT.to_string(), f.clone());
     }
-    meta.insert(META_VERSION.to_string(), p.lowrank_version.clone().unwrap_or_else(|| crate::VERSION.to_string()));
+    meta.insert(
+        META_VERSION.to_string(),
+        p.lowrank_version
+            .clone()
+            .unwrap_or_else(|| crate::VERSION.to_string()),
+    );
     if let Some(c) = &p.created {
         meta.insert(META_CREATED.to_string(), c.clone());
     }
     let st_bytes = safetensors_bytes(&tensors, &meta)?;
     let cfg = config_json(config)?;
-    write_dir_atomically(dir, &[(CONFIG_FILE, cfg.as_bytes()), (WEIGHTS_FILE, &st_bytes)])
+    write_dir_atomically(
+        dir,
+        &[(CONFIG_FILE, cfg.as_bytes()), (WEIGHTS_FILE, &st_bytes)],
+    )
 }
 
 fn unique_suffix() -> String {
@@ -384,7 +580,12 @@ fn unique_suffix() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    format!("{}-{}-{}", std::process::id(), nanos, COUNTER.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{}-{}-{}",
+        std::process::id(),
+        nanos,
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Best-effort directory fsync (makes the renames durable on Linux; a no-op error elsewhere).
@@ -405,15 +606,20 @@ pub fn write_dir_atomically(dir: &Path, files: &[(&str, &[u8])]) -> Result<()> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    fs::create_dir_all(&parent).map_err(|e| io_err(&parent, format!("cannot create parent directory: {e}")))?;
+    fs::create_dir_all(&parent)
+        .map_err(|e| io_err(&parent, format!("cannot create parent directory: {e}")))?;
     if let Ok(md) = fs::symlink_metadata(dir) {
         if !md.is_dir() {
-            return Err(io_err(dir, "exists and is not a directory; refusing to replace it"));
+            return Err(io_err(
+                dir,
+                "exists and is not a directory; refusing to replace it",
+            ));
         }
     }
     let suffix = unique_suffix();
     let tmp = parent.join(format!(".{name}.tmp-{suffix}"));
-    fs::create_dir(&tmp).map_err(|e| io_err(&tmp, format!("cannot create temporary directory: {e}")))?;
+    fs::create_dir(&tmp)
+        .map_err(|e| io_err(&tmp, format!("cannot create temporary directory: {e}")))?;
     let write_all = || -> Result<()> {
         for (fname, bytes) in files {
             let p = tmp.join(fname);
@@ -432,19 +638,28 @@ pub fn write_dir_atomically(dir: &Path, files: &[(&str, &[u8])]) -> Result<()> {
         let old = parent.join(format!(".{name}.old-{suffix}"));
         if let Err(e) = fs::rename(dir, &old) {
             let _ = fs::remove_dir_all(&tmp);
-            return Err(io_err(dir, format!("cannot move the existing directory aside: {e}")));
+            return Err(io_err(
+                dir,
+                format!("cannot move the existing directory aside: {e}"),
+            ));
         }
         if let Err(e) = fs::rename(&tmp, dir) {
             // Put the old directory back so the user loses nothing.
             let _ = fs::rename(&old, dir);
             let _ = fs::remove_dir_all(&tmp);
-            return Err(io_err(dir, format!("cannot move the new adapter into place: {e}")));
+            return Err(io_err(
+                dir,
+                format!("cannot move the new adapter into place: {e}"),
+            ));
         }
         // The new adapter is in place; a leftover hidden `.old-` directory is only clutter.
         let _ = fs::remove_dir_all(&old);
     } else if let Err(e) = fs::rename(&tmp, dir) {
         let _ = fs::remove_dir_all(&tmp);
-        return Err(io_err(dir, format!("cannot move the new adapter into place: {e}")));
+        return Err(io_err(
+            dir,
+            format!("cannot move the new adapter into place: {e}"),
+        ));
     }
     sync_dir(&parent);
     Ok(())
@@ -462,7 +677,10 @@ pub fn init_name(i: &InitLoraWeights) -> String {
 mod tests {
     use super::*;
 
-    const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures/smollm2-135m/peft_adapter");
+    const FIXTURE: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/fixtures/smollm2-135m/peft_adapter"
+    );
 
     fn fixture() -> Option<PathBuf> {
         let p = PathBuf::from(FIXTURE);
@@ -479,7 +697,8 @@ mod tests {
     struct TmpDir(PathBuf);
     impl TmpDir {
         fn new(tag: &str) -> Self {
-            let p = std::env::temp_dir().join(format!("lowrank-lora-test-{tag}-{}", unique_suffix()));
+            let p =
+                std::env::temp_dir().join(format!("lowrank-lora-test-{tag}-{}", unique_suffix()));
             fs::create_dir_all(&p).unwrap();
             TmpDir(p)
         }
@@ -511,11 +730,26 @@ mod tests {
                 );
             }
         }
-        Adapter { config, modules, provenance: Provenance { base_fingerprint: Some("sha256s:abc".into()), lowrank_version: None, created: None } }
+        Adapter {
+            config,
+            modules,
+            provenance: Provenance {
+                base_fingerprint: Some("sha256s:abc".into()),
+                lowrank_version: None,
+                created: None,
+            },
+        }
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     }
 
     fn err_string<T: std::fmt::Debug>(r: Result<T>) -> String {
@@ -533,13 +767,23 @@ mod tests {
         assert_eq!(a.config.lora_alpha, 16.0);
         let q = a.get(&ModuleKey::new(0, Target::Q)).unwrap();
         assert_eq!(q.a.dims(), &[8, 576]);
-        assert_eq!(a.get(&ModuleKey::new(29, Target::Down)).unwrap().b.dims(), &[576, 8]);
-        assert_eq!(a.get(&ModuleKey::new(3, Target::K)).unwrap().b.dims(), &[192, 8]);
+        assert_eq!(
+            a.get(&ModuleKey::new(29, Target::Down)).unwrap().b.dims(),
+            &[576, 8]
+        );
+        assert_eq!(
+            a.get(&ModuleKey::new(3, Target::K)).unwrap().b.dims(),
+            &[192, 8]
+        );
         // r=8 × 7 projections × 30 layers.
         let per_layer = 8 * ((576 + 576) * 2 + (192 + 576) * 2 + (1536 + 576) * 3);
         assert_eq!(a.num_params(), per_layer * 30);
         // Wrong base (too few layers) is rejected, naming a key.
-        let e = err_string(load_peft(&dir, &BaseShapes::llama(20, 576, 192, 1536), &Device::Cpu));
+        let e = err_string(load_peft(
+            &dir,
+            &BaseShapes::llama(20, 576, 192, 1536),
+            &Device::Cpu,
+        ));
         assert!(e.contains("layers.2") && e.contains("20 layers"), "{e}");
     }
 
@@ -571,7 +815,10 @@ mod tests {
         let (_, meta) = SafeTensors::read_metadata(&ours).unwrap();
         let meta = meta.metadata().clone().unwrap();
         assert_eq!(meta.get("format").map(String::as_str), Some("pt"));
-        assert_eq!(meta.get(META_VERSION).map(String::as_str), Some(crate::VERSION));
+        assert_eq!(
+            meta.get(META_VERSION).map(String::as_str),
+            Some(crate::VERSION)
+        );
         // Load back: bit-identical tensors and the same config semantics.
         let b = load_peft(&out, &BaseShapes::smollm2_135m(), &dev).unwrap();
         assert_eq!(b.modules.len(), 210);
@@ -586,7 +833,10 @@ mod tests {
         let out2 = tmp.0.join("adapter2");
         save_peft(&b, &out2, DType::F32).unwrap();
         assert_eq!(ours, fs::read(out2.join(WEIGHTS_FILE)).unwrap());
-        assert_eq!(fs::read(out.join(CONFIG_FILE)).unwrap(), fs::read(out2.join(CONFIG_FILE)).unwrap());
+        assert_eq!(
+            fs::read(out.join(CONFIG_FILE)).unwrap(),
+            fs::read(out2.join(CONFIG_FILE)).unwrap()
+        );
     }
 
     #[test]
@@ -595,11 +845,26 @@ mod tests {
         let tmp = TmpDir::new("cfg");
         let out = tmp.0.join("a");
         save_peft(&tiny_adapter(&dev), &out, DType::F32).unwrap();
-        let v: serde_json::Value = serde_json::from_str(&fs::read_to_string(out.join(CONFIG_FILE)).unwrap()).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(out.join(CONFIG_FILE)).unwrap()).unwrap();
         for f in [
-            "peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules", "layers_to_transform",
-            "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "bias", "init_lora_weights", "fan_in_fan_out",
-            "modules_to_save", "inference_mode", "base_model_name_or_path",
+            "peft_type",
+            "task_type",
+            "r",
+            "lora_alpha",
+            "lora_dropout",
+            "target_modules",
+            "layers_to_transform",
+            "rank_pattern",
+            "alpha_pattern",
+            "use_rslora",
+            "use_dora",
+            "bias",
+            "init_lora_weights",
+            "fan_in_fan_out",
+            "modules_to_save",
+            "inference_mode",
+            "base_model_name_or_path",
         ] {
             assert!(v.get(f).is_some(), "missing {f}");
         }
@@ -612,11 +877,20 @@ mod tests {
         let st = fs::read(out.join(WEIGHTS_FILE)).unwrap();
         let (_, meta) = SafeTensors::read_metadata(&st).unwrap();
         let meta = meta.metadata().clone().unwrap();
-        assert_eq!(meta.get(META_FINGERPRINT).map(String::as_str), Some("sha256s:abc"));
+        assert_eq!(
+            meta.get(META_FINGERPRINT).map(String::as_str),
+            Some("sha256s:abc")
+        );
         let back = load_peft(&out, &tiny_shapes(), &dev).unwrap();
-        assert_eq!(back.provenance.base_fingerprint.as_deref(), Some("sha256s:abc"));
+        assert_eq!(
+            back.provenance.base_fingerprint.as_deref(),
+            Some("sha256s:abc")
+        );
         // No temp or old directories left beside the target.
-        let leftovers: Vec<_> = fs::read_dir(&tmp.0).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let leftovers: Vec<_> = fs::read_dir(&tmp.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(leftovers.len(), 1, "{leftovers:?}");
     }
 
@@ -630,7 +904,11 @@ mod tests {
             save_peft(&a, &out, dt).unwrap();
             let st = fs::read(out.join(WEIGHTS_FILE)).unwrap();
             let s = SafeTensors::deserialize(&st).unwrap();
-            let want = if dt == DType::F16 { StDtype::F16 } else { StDtype::BF16 };
+            let want = if dt == DType::F16 {
+                StDtype::F16
+            } else {
+                StDtype::BF16
+            };
             assert!(s.tensors().iter().all(|(_, v)| v.dtype() == want));
             let b = load_peft(&out, &tiny_shapes(), &dev).unwrap();
             for (k, m) in &a.modules {
@@ -656,7 +934,8 @@ mod tests {
 
     fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
         let p = dir.join(CONFIG_FILE);
-        let mut v: serde_json::Value = serde_json::from_str(&fs::read_to_string(&p).unwrap()).unwrap();
+        let mut v: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(&p).unwrap()).unwrap();
         f(&mut v);
         fs::write(&p, serde_json::to_string(&v).unwrap()).unwrap();
     }
@@ -669,12 +948,25 @@ mod tests {
         let mut ts: Vec<(String, Vec<usize>, Vec<f32>)> = st
             .tensors()
             .into_iter()
-            .map(|(n, v)| (n.clone(), v.shape().to_vec(), decode_f32(&v, &p, &n).unwrap()))
+            .map(|(n, v)| {
+                (
+                    n.clone(),
+                    v.shape().to_vec(),
+                    decode_f32(&v, &p, &n).unwrap(),
+                )
+            })
             .collect();
         f(&mut ts);
         let raw: Vec<(String, StDtype, Vec<usize>, Vec<u8>)> = ts
             .into_iter()
-            .map(|(n, s, v)| (n, StDtype::F32, s, v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+            .map(|(n, s, v)| {
+                (
+                    n,
+                    StDtype::F32,
+                    s,
+                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                )
+            })
             .collect();
         fs::write(&p, safetensors_bytes(&raw, &BTreeMap::new()).unwrap()).unwrap();
     }
@@ -694,12 +986,20 @@ mod tests {
         let e = broken("bin", |d| {
             fs::rename(d.join(WEIGHTS_FILE), d.join(PICKLE_FILE)).unwrap();
         });
-        assert!(e.contains(PICKLE_FILE) && e.contains("safe_serialization"), "{e}");
+        assert!(
+            e.contains(PICKLE_FILE) && e.contains("safe_serialization"),
+            "{e}"
+        );
     }
 
     #[test]
     fn unknown_target_module() {
-        let e = broken("tgt", |d| edit_config(d, |v| v["target_modules"] = serde_json::json!(["q_proj", "v_proj", "down_proj", "lm_head"])));
+        let e = broken("tgt", |d| {
+            edit_config(d, |v| {
+                v["target_modules"] =
+                    serde_json::json!(["q_proj", "v_proj", "down_proj", "lm_head"])
+            })
+        });
         assert!(e.contains(CONFIG_FILE) && e.contains("lm_head"), "{e}");
     }
 
@@ -707,20 +1007,35 @@ mod tests {
     fn config_feature_flags_rejected() {
         let e = broken("dora", |d| edit_config(d, |v| v["use_dora"] = true.into()));
         assert!(e.contains(CONFIG_FILE) && e.contains("DoRA"), "{e}");
-        let e = broken("fifo", |d| edit_config(d, |v| v["fan_in_fan_out"] = true.into()));
+        let e = broken("fifo", |d| {
+            edit_config(d, |v| v["fan_in_fan_out"] = true.into())
+        });
         assert!(e.contains("fan_in_fan_out"), "{e}");
-        let e = broken("ptype", |d| edit_config(d, |v| v["peft_type"] = "IA3".into()));
+        let e = broken("ptype", |d| {
+            edit_config(d, |v| v["peft_type"] = "IA3".into())
+        });
         assert!(e.contains("IA3"), "{e}");
-        let e = broken("lbias", |d| edit_config(d, |v| v["lora_bias"] = true.into()));
+        let e = broken("lbias", |d| {
+            edit_config(d, |v| v["lora_bias"] = true.into())
+        });
         assert!(e.contains("lora_bias"), "{e}");
-        let e = broken("json", |d| fs::write(d.join(CONFIG_FILE), "{ not json").unwrap());
+        let e = broken("json", |d| {
+            fs::write(d.join(CONFIG_FILE), "{ not json").unwrap()
+        });
         assert!(e.contains(CONFIG_FILE), "{e}");
     }
 
     #[test]
     fn key_not_targeted_by_config() {
-        let e = broken("nottgt", |d| edit_config(d, |v| v["target_modules"] = serde_json::json!(["v_proj", "down_proj"])));
-        assert!(e.contains(WEIGHTS_FILE) && e.contains("q_proj") && e.contains("target_modules"), "{e}");
+        let e = broken("nottgt", |d| {
+            edit_config(d, |v| {
+                v["target_modules"] = serde_json::json!(["v_proj", "down_proj"])
+            })
+        });
+        assert!(
+            e.contains(WEIGHTS_FILE) && e.contains("q_proj") && e.contains("target_modules"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -732,15 +1047,26 @@ mod tests {
                 t.2.truncate(32);
             })
         });
-        assert!(e.contains(WEIGHTS_FILE) && e.contains(QKEY) && e.contains("[4, 8]"), "{e}");
+        assert!(
+            e.contains(WEIGHTS_FILE) && e.contains(QKEY) && e.contains("[4, 8]"),
+            "{e}"
+        );
     }
 
     #[test]
     fn rank_mismatch() {
         let e = broken("rank", |d| edit_config(d, |v| v["r"] = 6.into()));
-        assert!(e.contains(WEIGHTS_FILE) && e.contains("layers.0.self_attn.q_proj.lora_A") && e.contains("rank 4") && e.contains("r = 6"), "{e}");
+        assert!(
+            e.contains(WEIGHTS_FILE)
+                && e.contains("layers.0.self_attn.q_proj.lora_A")
+                && e.contains("rank 4")
+                && e.contains("r = 6"),
+            "{e}"
+        );
         // rank_pattern for one module.
-        let e = broken("rankpat", |d| edit_config(d, |v| v["rank_pattern"] = serde_json::json!({"q_proj": 2})));
+        let e = broken("rankpat", |d| {
+            edit_config(d, |v| v["rank_pattern"] = serde_json::json!({"q_proj": 2}))
+        });
         assert!(e.contains("q_proj.lora_A") && e.contains("r = 2"), "{e}");
     }
 
@@ -751,7 +1077,10 @@ mod tests {
                 ts.iter_mut().find(|t| t.0 == QKEY).unwrap().2[5] = f32::NAN;
             })
         });
-        assert!(e.contains(WEIGHTS_FILE) && e.contains(QKEY) && e.contains("NaN"), "{e}");
+        assert!(
+            e.contains(WEIGHTS_FILE) && e.contains(QKEY) && e.contains("NaN"),
+            "{e}"
+        );
         let key_b = QKEY.replace("lora_A", "lora_B");
         let e = broken("inf", |d| {
             edit_tensors(d, |ts| {
@@ -764,18 +1093,33 @@ mod tests {
     #[test]
     fn unknown_and_missing_keys() {
         let e = broken("unk", |d| {
-            edit_tensors(d, |ts| ts.push(("base_model.model.lm_head.lora_A.weight".into(), vec![4, 16], vec![0.0; 64])))
+            edit_tensors(d, |ts| {
+                ts.push((
+                    "base_model.model.lm_head.lora_A.weight".into(),
+                    vec![4, 16],
+                    vec![0.0; 64],
+                ))
+            })
         });
         assert!(e.contains("base_model.model.lm_head.lora_A.weight"), "{e}");
         let e = broken("magn", |d| {
-            edit_tensors(d, |ts| ts.push(("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector".into(), vec![16, 1], vec![0.0; 16])))
+            edit_tensors(d, |ts| {
+                ts.push((
+                    "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector".into(),
+                    vec![16, 1],
+                    vec![0.0; 16],
+                ))
+            })
         });
         assert!(e.contains("lora_magnitude_vector"), "{e}");
         let e = broken("missb", |d| {
             let kb = QKEY.replace("lora_A", "lora_B");
             edit_tensors(d, |ts| ts.retain(|t| t.0 != kb))
         });
-        assert!(e.contains(QKEY) && e.contains("lora_B.weight` is missing"), "{e}");
+        assert!(
+            e.contains(QKEY) && e.contains("lora_B.weight` is missing"),
+            "{e}"
+        );
         let e = broken("layer", |d| {
             edit_tensors(d, |ts| {
                 for t in ts.iter_mut() {
@@ -795,7 +1139,9 @@ mod tests {
         save_peft(&orig, &out, DType::F32).unwrap();
         edit_tensors(&out, |ts| {
             for t in ts.iter_mut() {
-                t.0 = t.0.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight");
+                t.0 =
+                    t.0.replace(".lora_A.weight", ".lora_A.default.weight")
+                        .replace(".lora_B.weight", ".lora_B.default.weight");
             }
         });
         let a = load_peft(&out, &tiny_shapes(), &dev).unwrap();
@@ -805,7 +1151,17 @@ mod tests {
         }
         // Two adapter names for the same module is ambiguous.
         edit_tensors(&out, |ts| {
-            let extra: Vec<_> = ts.iter().filter(|t| t.0.contains(".lora_A.default.")).map(|t| (t.0.replace(".default.", ".other."), t.1.clone(), t.2.clone())).collect();
+            let extra: Vec<_> = ts
+                .iter()
+                .filter(|t| t.0.contains(".lora_A.default."))
+                .map(|t| {
+                    (
+                        t.0.replace(".default.", ".other."),
+                        t.1.clone(),
+                        t.2.clone(),
+                    )
+                })
+                .collect();
             ts.extend(extra);
         });
         let e = err_string(load_peft(&out, &tiny_shapes(), &dev));
@@ -820,7 +1176,9 @@ mod tests {
             fs::write(&p, &b[..b.len() - 10]).unwrap();
         });
         assert!(e.contains(WEIGHTS_FILE) && e.contains("truncated"), "{e}");
-        let e = broken("trunchdr", |d| fs::write(d.join(WEIGHTS_FILE), [1u8, 2, 3]).unwrap());
+        let e = broken("trunchdr", |d| {
+            fs::write(d.join(WEIGHTS_FILE), [1u8, 2, 3]).unwrap()
+        });
         assert!(e.contains(WEIGHTS_FILE), "{e}");
         // Also on the real fixture file.
         let Some(fx) = fixture() else { return };
@@ -846,7 +1204,10 @@ mod tests {
         let m = bad.modules.get_mut(&ModuleKey::new(1, Target::V)).unwrap();
         m.b = m.b.affine(f64::NAN, 0.0).unwrap();
         let e = err_string(save_peft(&bad, &out, DType::F32));
-        assert!(e.contains("layers.1.self_attn.v_proj.lora_B.weight") && e.contains("non-finite"), "{e}");
+        assert!(
+            e.contains("layers.1.self_attn.v_proj.lora_B.weight") && e.contains("non-finite"),
+            "{e}"
+        );
         assert_eq!(fs::read(out.join(WEIGHTS_FILE)).unwrap(), before);
         assert!(out.join("stale.txt").exists());
         // A failing save to a new path leaves nothing there.
@@ -863,7 +1224,10 @@ mod tests {
         good2.config.base_model_name_or_path = Some("x".into());
         save_peft(&good2, &out, DType::F32).unwrap();
         assert!(!out.join("stale.txt").exists());
-        let names: Vec<_> = fs::read_dir(&tmp.0).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let names: Vec<_> = fs::read_dir(&tmp.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
         assert_eq!(names, vec!["a".to_string()], "leftovers: {names:?}");
         // A regular file in the way is not replaced.
         let file = tmp.0.join("file");
@@ -874,12 +1238,22 @@ mod tests {
 
     #[test]
     fn key_parsing() {
-        let (k, f) = parse_peft_key("base_model.model.model.layers.12.mlp.gate_proj.lora_B.weight").unwrap();
+        let (k, f) =
+            parse_peft_key("base_model.model.model.layers.12.mlp.gate_proj.lora_B.weight").unwrap();
         assert_eq!((k, f), (ModuleKey::new(12, Target::Gate), Factor::B));
-        assert_eq!(peft_key(&k, Factor::B), "base_model.model.model.layers.12.mlp.gate_proj.lora_B.weight");
-        assert!(parse_peft_key("base_model.model.model.layers.1.mlp.q_proj.lora_A.weight").is_err());
-        assert!(parse_peft_key("base_model.model.model.layers.x.mlp.up_proj.lora_A.weight").is_err());
-        assert!(parse_peft_key("base_model.model.model.layers.1.mlp.up_proj.lora_C.weight").is_err());
+        assert_eq!(
+            peft_key(&k, Factor::B),
+            "base_model.model.model.layers.12.mlp.gate_proj.lora_B.weight"
+        );
+        assert!(
+            parse_peft_key("base_model.model.model.layers.1.mlp.q_proj.lora_A.weight").is_err()
+        );
+        assert!(
+            parse_peft_key("base_model.model.model.layers.x.mlp.up_proj.lora_A.weight").is_err()
+        );
+        assert!(
+            parse_peft_key("base_model.model.model.layers.1.mlp.up_proj.lora_C.weight").is_err()
+        );
         assert!(parse_peft_key("base_model.model.model.layers.1.mlp.up_proj.lora_A.bias").is_err());
     }
 }

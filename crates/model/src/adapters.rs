@@ -16,27 +16,41 @@ impl Llama {
     pub fn base_shapes(&self) -> BaseShapes {
         BaseShapes {
             num_layers: self.cfg.num_layers,
-            dims: self.lora_shapes().into_iter().map(|(t, o, i)| (t, (o, i))).collect(),
+            dims: self
+                .lora_shapes()
+                .into_iter()
+                .map(|(t, o, i)| (t, (o, i)))
+                .collect(),
         }
     }
 
     /// Fingerprint of the base weights (sampled sha256; see `lowrank_lora::fingerprint`).
     pub fn fingerprint(&self) -> Result<String> {
         let named = self.weights.named();
-        Ok(lowrank_lora::fingerprint::fingerprint(named.iter().map(|(n, t)| (n.as_str(), *t)))?)
+        Ok(lowrank_lora::fingerprint::fingerprint(
+            named.iter().map(|(n, t)| (n.as_str(), *t)),
+        )?)
     }
 }
 
 /// Load a PEFT adapter directory for `model`: shape checks always, fingerprint check when
 /// the adapter records one (refused on mismatch unless `force`).
-pub fn load_adapter(model: &Llama, dir: &Path, force: bool) -> Result<(Adapter, FingerprintStatus)> {
+pub fn load_adapter(
+    model: &Llama,
+    dir: &Path,
+    force: bool,
+) -> Result<(Adapter, FingerprintStatus)> {
     let a = lowrank_lora::peft::load_peft(dir, &model.base_shapes(), model.device())?;
     let status = match &a.provenance.base_fingerprint {
         None => FingerprintStatus::Absent,
-        Some(_) => a.check_fingerprint(&model.fingerprint()?, force).map_err(|e| match e {
-            lowrank_lora::LoraError::Mismatch(m) => ModelError::Invalid(format!("{}: {m}", dir.display())),
-            e => ModelError::Lora(e),
-        })?,
+        Some(_) => a
+            .check_fingerprint(&model.fingerprint()?, force)
+            .map_err(|e| match e {
+                lowrank_lora::LoraError::Mismatch(m) => {
+                    ModelError::Invalid(format!("{}: {m}", dir.display()))
+                }
+                e => ModelError::Lora(e),
+            })?,
     };
     Ok((a, status))
 }
@@ -47,7 +61,9 @@ pub fn parse_adapter_spec(spec: &str) -> Result<(PathBuf, f64)> {
     if let Some((p, s)) = spec.rsplit_once(':') {
         if let Ok(x) = s.parse::<f64>() {
             if !x.is_finite() {
-                return Err(ModelError::Invalid(format!("adapter scale in `{spec}` must be finite")));
+                return Err(ModelError::Invalid(format!(
+                    "adapter scale in `{spec}` must be finite"
+                )));
             }
             return Ok((PathBuf::from(p), x));
         }

@@ -12,7 +12,10 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
-        KvCache { layers: vec![None; num_layers], len: 0 }
+        KvCache {
+            layers: vec![None; num_layers],
+            len: 0,
+        }
     }
 
     /// Tokens already cached (= the position of the next token).

@@ -14,7 +14,10 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: &str, content: &str) -> Self {
-        ChatMessage { role: role.into(), content: content.into() }
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -32,8 +35,11 @@ pub fn render_chat(
     let mut env = Environment::new();
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_function("raise_exception", raise_exception);
-    env.add_template("chat", template).map_err(|e| ModelError::Template(e.to_string()))?;
-    let tpl = env.get_template("chat").map_err(|e| ModelError::Template(e.to_string()))?;
+    env.add_template("chat", template)
+        .map_err(|e| ModelError::Template(e.to_string()))?;
+    let tpl = env
+        .get_template("chat")
+        .map_err(|e| ModelError::Template(e.to_string()))?;
     tpl.render(context! {
         messages => messages,
         add_generation_prompt => add_generation_prompt,

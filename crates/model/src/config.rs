@@ -65,7 +65,10 @@ impl ModelConfig {
             .ok_or_else(|| field_err("model_type", "expected a string"))?
             .to_string();
         if !Self::SUPPORTED.contains(&model_type.as_str()) {
-            return Err(ModelError::UnsupportedArch { path: path.into(), arch: model_type });
+            return Err(ModelError::UnsupportedArch {
+                path: path.into(),
+                arch: model_type,
+            });
         }
         let hidden_size = get_usize("hidden_size")?;
         let num_heads = get_usize("num_attention_heads")?;
@@ -82,11 +85,20 @@ impl ModelConfig {
         let rope_theta = v
             .get("rope_theta")
             .and_then(Value::as_f64)
-            .or_else(|| v.pointer("/rope_parameters/rope_theta").and_then(Value::as_f64))
+            .or_else(|| {
+                v.pointer("/rope_parameters/rope_theta")
+                    .and_then(Value::as_f64)
+            })
             .unwrap_or(10000.0);
-        if let Some(rt) = v.pointer("/rope_parameters/rope_type").and_then(Value::as_str) {
+        if let Some(rt) = v
+            .pointer("/rope_parameters/rope_type")
+            .and_then(Value::as_str)
+        {
             if rt != "default" {
-                return Err(field_err("rope_parameters.rope_type", &format!("rope type `{rt}` is not supported (only default)")));
+                return Err(field_err(
+                    "rope_parameters.rope_type",
+                    &format!("rope type `{rt}` is not supported (only default)"),
+                ));
             }
         }
         if let Some(rs) = v.get("rope_scaling") {
@@ -96,7 +108,11 @@ impl ModelConfig {
         }
         let eos_token_ids = match v.get("eos_token_id") {
             Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-            Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(Value::as_u64)
+                .map(|x| x as u32)
+                .collect(),
             _ => vec![],
         };
         let cfg = ModelConfig {
@@ -113,7 +129,10 @@ impl ModelConfig {
             num_kv_heads,
             head_dim,
             rope_theta,
-            rms_norm_eps: v.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6),
+            rms_norm_eps: v
+                .get("rms_norm_eps")
+                .and_then(Value::as_f64)
+                .unwrap_or(1e-6),
             max_position_embeddings: v
                 .get("max_position_embeddings")
                 .and_then(Value::as_u64)
@@ -122,7 +141,10 @@ impl ModelConfig {
                 .get("tie_word_embeddings")
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
-            bos_token_id: v.get("bos_token_id").and_then(Value::as_u64).map(|x| x as u32),
+            bos_token_id: v
+                .get("bos_token_id")
+                .and_then(Value::as_u64)
+                .map(|x| x as u32),
             eos_token_ids,
         };
         cfg.validate(path)?;
@@ -131,19 +153,33 @@ impl ModelConfig {
 
     pub fn validate(&self, path: &Path) -> Result<()> {
         let bad = |field: &str, msg: String| {
-            Err(ModelError::Field { path: path.into(), field: field.into(), msg })
+            Err(ModelError::Field {
+                path: path.into(),
+                field: field.into(),
+                msg,
+            })
         };
-        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
+        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0
+        {
             return bad(
                 "num_key_value_heads",
-                format!("{} heads cannot be grouped over {} KV heads", self.num_heads, self.num_kv_heads),
+                format!(
+                    "{} heads cannot be grouped over {} KV heads",
+                    self.num_heads, self.num_kv_heads
+                ),
             );
         }
         if self.head_dim == 0 || self.head_dim % 2 != 0 {
-            return bad("head_dim", format!("head dim {} must be even and positive", self.head_dim));
+            return bad(
+                "head_dim",
+                format!("head dim {} must be even and positive", self.head_dim),
+            );
         }
         if self.num_layers == 0 || self.hidden_size == 0 || self.vocab_size == 0 {
-            return bad("num_hidden_layers", "layers, hidden size and vocab must be positive".into());
+            return bad(
+                "num_hidden_layers",
+                "layers, hidden size and vocab must be positive".into(),
+            );
         }
         Ok(())
     }
@@ -151,11 +187,20 @@ impl ModelConfig {
     /// Trainable parameter count of the dense model (embeddings, blocks, norms, head).
     pub fn num_params(&self) -> usize {
         let h = self.hidden_size;
-        let attn = h * self.q_out() * 2 + h * self.kv_out() * 2
-            + if self.attention_bias { self.q_out() + 2 * self.kv_out() } else { 0 };
+        let attn = h * self.q_out() * 2
+            + h * self.kv_out() * 2
+            + if self.attention_bias {
+                self.q_out() + 2 * self.kv_out()
+            } else {
+                0
+            };
         let mlp = 3 * h * self.intermediate_size;
         let block = attn + mlp + 2 * h;
-        let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            self.vocab_size * h
+        };
         self.vocab_size * h + self.num_layers * block + h + head
     }
 }

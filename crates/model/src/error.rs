@@ -10,9 +10,17 @@ pub enum ModelError {
     #[error("{path}: unsupported architecture `{arch}` (supported: llama, mistral, qwen2 and other Llama-family decoders)")]
     UnsupportedArch { path: PathBuf, arch: String },
     #[error("{path}: missing or invalid field `{field}`: {msg}")]
-    Field { path: PathBuf, field: String, msg: String },
+    Field {
+        path: PathBuf,
+        field: String,
+        msg: String,
+    },
     #[error("{path}: tensor `{name}`: {msg}")]
-    Tensor { path: PathBuf, name: String, msg: String },
+    Tensor {
+        path: PathBuf,
+        name: String,
+        msg: String,
+    },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error("chat template: {0}")]

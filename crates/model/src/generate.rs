@@ -25,7 +25,14 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0, max_tokens: 256, stop: vec![] }
+        SamplingParams {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+            max_tokens: 256,
+            stop: vec![],
+        }
     }
 }
 
@@ -70,7 +77,9 @@ impl Sampler {
             return argmax(logits);
         }
         let t = p.temperature as f32;
-        let mut idx: Vec<usize> = (0..logits.len()).filter(|&i| logits[i].is_finite()).collect();
+        let mut idx: Vec<usize> = (0..logits.len())
+            .filter(|&i| logits[i].is_finite())
+            .collect();
         if idx.is_empty() {
             return argmax(logits);
         }
@@ -79,7 +88,10 @@ impl Sampler {
             idx.truncate(p.top_k);
         }
         let max = logits[idx[0]];
-        let mut probs: Vec<f64> = idx.iter().map(|&i| (((logits[i] - max) / t) as f64).exp()).collect();
+        let mut probs: Vec<f64> = idx
+            .iter()
+            .map(|&i| (((logits[i] - max) / t) as f64).exp())
+            .collect();
         let sum: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|q| *q /= sum);
         if p.top_p < 1.0 {
@@ -131,7 +143,12 @@ pub struct TextStream<'t> {
 
 impl<'t> TextStream<'t> {
     pub fn new(tok: &'t Tok, stop: Vec<String>) -> Self {
-        TextStream { tok, ids: vec![], emitted: 0, stop: stop.into_iter().filter(|s| !s.is_empty()).collect() }
+        TextStream {
+            tok,
+            ids: vec![],
+            emitted: 0,
+            stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
+        }
     }
 
     /// Add a token; returns (new text safe to show, whether a stop string was hit).
@@ -199,7 +216,10 @@ pub fn generate(
     }
     let max = model.cfg.max_position_embeddings;
     if prompt.len() >= max {
-        return Err(ModelError::ContextOverflow { len: prompt.len(), max });
+        return Err(ModelError::ContextOverflow {
+            len: prompt.len(),
+            max,
+        });
     }
     let mut cache = KvCache::new(model.cfg.num_layers);
     let mut sampler = Sampler::new(params.clone());
@@ -216,7 +236,11 @@ pub fn generate(
                 adapters: adapters.clone(),
                 logits: LogitsMode::Last,
             }];
-            model.forward(&mut seqs, &mut ForwardOpts::infer())?.pop().flatten().expect("logits")
+            model
+                .forward(&mut seqs, &mut ForwardOpts::infer())?
+                .pop()
+                .flatten()
+                .expect("logits")
         };
         let id = sampler.sample(&logits)?;
         ids.push(id);
@@ -238,7 +262,12 @@ pub fn generate(
         text.push_str(&rest);
         on_text(&rest);
     }
-    Ok(Generation { ids, text, finish, prompt_tokens: prompt.len() })
+    Ok(Generation {
+        ids,
+        text,
+        finish,
+        prompt_tokens: prompt.len(),
+    })
 }
 
 /// Greedy decoding of many prompts at once (each with its own adapters), up to `max_tokens`
@@ -255,7 +284,9 @@ pub fn greedy_batch(
     let mut caches: Vec<KvCache> = (0..n).map(|_| KvCache::new(model.cfg.num_layers)).collect();
     let mut outs: Vec<Vec<u32>> = vec![vec![]; n];
     let mut next: Vec<Vec<u32>> = prompts.to_vec();
-    let mut active: Vec<usize> = (0..n).filter(|&i| !prompts[i].is_empty() && max_tokens > 0).collect();
+    let mut active: Vec<usize> = (0..n)
+        .filter(|&i| !prompts[i].is_empty() && max_tokens > 0)
+        .collect();
     let max = model.cfg.max_position_embeddings;
     while !active.is_empty() {
         let logits = {

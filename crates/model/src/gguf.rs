@@ -31,12 +31,22 @@ impl GgufFile {
         let content = Content::read(&mut reader).map_err(|e| {
             let msg = e.to_string();
             if msg.contains("magic") {
-                ModelError::NotGguf { path: path.into(), msg }
+                ModelError::NotGguf {
+                    path: path.into(),
+                    msg,
+                }
             } else {
-                ModelError::File { path: path.into(), msg: format!("corrupt or truncated GGUF header: {msg}") }
+                ModelError::File {
+                    path: path.into(),
+                    msg: format!("corrupt or truncated GGUF header: {msg}"),
+                }
             }
         })?;
-        let g = GgufFile { path: path.into(), content, file_size };
+        let g = GgufFile {
+            path: path.into(),
+            content,
+            file_size,
+        };
         g.check_tensor_extents()?;
         Ok(g)
     }
@@ -72,16 +82,23 @@ impl GgufFile {
     }
 
     fn field_err(&self, field: &str, msg: &str) -> ModelError {
-        ModelError::Field { path: self.path.clone(), field: field.into(), msg: msg.into() }
+        ModelError::Field {
+            path: self.path.clone(),
+            field: field.into(),
+            msg: msg.into(),
+        }
     }
 
     fn meta_u64(&self, key: &str) -> Result<u64> {
-        let v = self.meta(key).ok_or_else(|| self.field_err(key, "missing"))?;
+        let v = self
+            .meta(key)
+            .ok_or_else(|| self.field_err(key, "missing"))?;
         value_u64(v).ok_or_else(|| self.field_err(key, "expected an integer"))
     }
 
     fn meta_f64(&self, key: &str) -> Option<f64> {
-        self.meta(key).and_then(|v| v.to_f32().map(|x| x as f64).or_else(|_| v.to_f64()).ok())
+        self.meta(key)
+            .and_then(|v| v.to_f32().map(|x| x as f64).or_else(|_| v.to_f64()).ok())
     }
 
     pub fn config(&self) -> Result<ModelConfig> {
@@ -89,13 +106,18 @@ impl GgufFile {
             .meta_str("general.architecture")
             .ok_or_else(|| self.field_err("general.architecture", "missing"))?;
         if !ModelConfig::SUPPORTED.contains(&arch.as_str()) {
-            return Err(ModelError::UnsupportedArch { path: self.path.clone(), arch });
+            return Err(ModelError::UnsupportedArch {
+                path: self.path.clone(),
+                arch,
+            });
         }
         let k = |s: &str| format!("{arch}.{s}");
         let hidden = self.meta_u64(&k("embedding_length"))? as usize;
         let num_heads = self.meta_u64(&k("attention.head_count"))? as usize;
-        let num_kv_heads =
-            self.meta_u64(&k("attention.head_count_kv")).map(|x| x as usize).unwrap_or(num_heads);
+        let num_kv_heads = self
+            .meta_u64(&k("attention.head_count_kv"))
+            .map(|x| x as usize)
+            .unwrap_or(num_heads);
         let head_dim = self
             .meta_u64(&k("attention.key_length"))
             .or_else(|_| self.meta_u64(&k("rope.dimension_count")))
@@ -113,7 +135,10 @@ impl GgufFile {
                     .ok_or_else(|| self.field_err(&k("vocab_size"), "missing"))?,
             },
         };
-        let eos = self.meta("tokenizer.ggml.eos_token_id").and_then(value_u64).map(|x| x as u32);
+        let eos = self
+            .meta("tokenizer.ggml.eos_token_id")
+            .and_then(value_u64)
+            .map(|x| x as u32);
         let cfg = ModelConfig {
             attention_bias: self.content.tensor_infos.contains_key("blk.0.attn_q.bias"),
             tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
@@ -125,9 +150,14 @@ impl GgufFile {
             num_kv_heads,
             head_dim,
             rope_theta: self.meta_f64(&k("rope.freq_base")).unwrap_or(10000.0),
-            rms_norm_eps: self.meta_f64(&k("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+            rms_norm_eps: self
+                .meta_f64(&k("attention.layer_norm_rms_epsilon"))
+                .unwrap_or(1e-5),
             max_position_embeddings: self.meta_u64(&k("context_length")).unwrap_or(2048) as usize,
-            bos_token_id: self.meta("tokenizer.ggml.bos_token_id").and_then(value_u64).map(|x| x as u32),
+            bos_token_id: self
+                .meta("tokenizer.ggml.bos_token_id")
+                .and_then(value_u64)
+                .map(|x| x as u32),
             eos_token_ids: eos.into_iter().collect(),
             arch,
         };
@@ -138,14 +168,19 @@ impl GgufFile {
     /// Dequantize one tensor to f32 on `device`. candle returns GGUF shapes in row-major
     /// order ([out, in] for a linear weight).
     pub fn tensor_f32(&self, name: &str, device: &Device) -> Result<Tensor> {
-        let file = File::open(&self.path)
-            .map_err(|e| ModelError::File { path: self.path.clone(), msg: e.to_string() })?;
-        let mut reader = BufReader::new(file);
-        let q = self.content.tensor(&mut reader, name, device).map_err(|e| ModelError::Tensor {
+        let file = File::open(&self.path).map_err(|e| ModelError::File {
             path: self.path.clone(),
-            name: name.into(),
             msg: e.to_string(),
         })?;
+        let mut reader = BufReader::new(file);
+        let q = self
+            .content
+            .tensor(&mut reader, name, device)
+            .map_err(|e| ModelError::Tensor {
+                path: self.path.clone(),
+                name: name.into(),
+                msg: e.to_string(),
+            })?;
         let t = q.dequantize(device).map_err(|e| ModelError::Tensor {
             path: self.path.clone(),
             name: name.into(),

@@ -32,9 +32,11 @@ pub use tokenizer::Tok;
 /// candle's default comes out as 1 on these VMs (see ENGINEERING notes); it reads
 /// `RAYON_NUM_THREADS`, so this must run before the first tensor op.
 pub fn init_threads(n: Option<usize>) -> usize {
-    let n = n
-        .filter(|n| *n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let n = n.filter(|n| *n > 0).unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     let _ = rayon_init(n);
     n

@@ -49,7 +49,10 @@ pub struct ForwardOpts<'r> {
 
 impl ForwardOpts<'_> {
     pub fn infer() -> Self {
-        ForwardOpts { train: false, dropout: None }
+        ForwardOpts {
+            train: false,
+            dropout: None,
+        }
     }
 }
 
@@ -82,7 +85,13 @@ pub struct Llama {
 impl Llama {
     pub fn new(cfg: ModelConfig, weights: Weights, device: &Device) -> Result<Self> {
         let (cos, sin) = rope_tables(&cfg, device)?;
-        Ok(Llama { cfg, weights, cos, sin, device: device.clone() })
+        Ok(Llama {
+            cfg,
+            weights,
+            cos,
+            sin,
+            device: device.clone(),
+        })
     }
 
     pub fn device(&self) -> &Device {
@@ -111,7 +120,10 @@ impl Llama {
         for (adapter, weight) in set {
             for (key, m) in &adapter.modules {
                 let layer = out.weights.layers.get_mut(key.layer).ok_or_else(|| {
-                    ModelError::Invalid(format!("adapter targets layer {} but the model has {}", key.layer, self.cfg.num_layers))
+                    ModelError::Invalid(format!(
+                        "adapter targets layer {} but the model has {}",
+                        key.layer, self.cfg.num_layers
+                    ))
                 })?;
                 let w = layer.linear_mut(key.target);
                 let delta = m.delta()?.affine(*weight, 0.0)?;
@@ -123,7 +135,11 @@ impl Llama {
 
     /// Run a ragged batch; returns the logits each sequence asked for
     /// ([1, vocab] for `Last`, [t, vocab] for `All`).
-    pub fn forward(&self, seqs: &mut [SeqInput<'_>], opts: &mut ForwardOpts<'_>) -> Result<Vec<Option<Tensor>>> {
+    pub fn forward(
+        &self,
+        seqs: &mut [SeqInput<'_>],
+        opts: &mut ForwardOpts<'_>,
+    ) -> Result<Vec<Option<Tensor>>> {
         let hidden = self.forward_hidden(seqs, opts)?; // [N, H]
         let mut out = Vec::with_capacity(seqs.len());
         let mut off = 0;
@@ -148,7 +164,11 @@ impl Llama {
 
     /// The decoder up to (and including) the final norm: [N, H] over all sequences' new tokens.
     /// Appends to each sequence's KV cache.
-    pub fn forward_hidden(&self, seqs: &mut [SeqInput<'_>], opts: &mut ForwardOpts<'_>) -> Result<Tensor> {
+    pub fn forward_hidden(
+        &self,
+        seqs: &mut [SeqInput<'_>],
+        opts: &mut ForwardOpts<'_>,
+    ) -> Result<Tensor> {
         if seqs.is_empty() {
             return Err(ModelError::Invalid("empty batch".into()));
         }
@@ -156,15 +176,27 @@ impl Llama {
         let mut ctxs = Vec::with_capacity(seqs.len());
         for s in seqs.iter() {
             if s.tokens.is_empty() {
-                return Err(ModelError::Invalid("a sequence in the batch has no tokens".into()));
+                return Err(ModelError::Invalid(
+                    "a sequence in the batch has no tokens".into(),
+                ));
             }
             let start = s.cache.as_ref().map(|c| c.len()).unwrap_or(0);
             let t = s.tokens.len();
             if start + t > self.cfg.max_position_embeddings {
-                return Err(ModelError::ContextOverflow { len: start + t, max: self.cfg.max_position_embeddings });
+                return Err(ModelError::ContextOverflow {
+                    len: start + t,
+                    max: self.cfg.max_position_embeddings,
+                });
             }
-            if let Some(&bad) = s.tokens.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
-                return Err(ModelError::Invalid(format!("token id {bad} is outside the vocabulary of {}", self.cfg.vocab_size)));
+            if let Some(&bad) = s
+                .tokens
+                .iter()
+                .find(|&&id| id as usize >= self.cfg.vocab_size)
+            {
+                return Err(ModelError::Invalid(format!(
+                    "token id {bad} is outside the vocabulary of {}",
+                    self.cfg.vocab_size
+                )));
             }
             ctxs.push(SeqCtx {
                 offset: ids.len(),
@@ -193,12 +225,16 @@ impl Llama {
     fn groups(&self, seqs: &[SeqInput<'_>], ctxs: &[SeqCtx]) -> Result<Vec<Group>> {
         type Key = Vec<(usize, u64)>;
         let key = |set: &[(Arc<Adapter>, f64)]| -> Key {
-            set.iter().map(|(a, w)| (Arc::as_ptr(a) as usize, w.to_bits())).collect()
+            set.iter()
+                .map(|(a, w)| (Arc::as_ptr(a) as usize, w.to_bits()))
+                .collect()
         };
         let mut found: Vec<(Key, AdapterSet, Vec<u32>)> = Vec::new();
         let total: usize = ctxs.iter().map(|c| c.len).sum();
         for (s, c) in seqs.iter().zip(ctxs) {
-            let Some(set) = s.adapters.as_ref() else { continue };
+            let Some(set) = s.adapters.as_ref() else {
+                continue;
+            };
             if set.is_empty() {
                 continue;
             }
@@ -212,7 +248,11 @@ impl Llama {
         found
             .into_iter()
             .map(|(_, set, idx)| {
-                let index = if idx.len() == total { None } else { Some(Tensor::new(idx.as_slice(), &self.device)?) };
+                let index = if idx.len() == total {
+                    None
+                } else {
+                    Some(Tensor::new(idx.as_slice(), &self.device)?)
+                };
                 Ok(Group { set, index })
             })
             .collect()
@@ -233,8 +273,11 @@ impl Llama {
             y = y.broadcast_add(b)?;
         }
         for g in groups {
-            let mods: Vec<(&LoraModule, f64)> =
-                g.set.iter().filter_map(|(a, wt)| a.get(&key).map(|m| (m, *wt))).collect();
+            let mods: Vec<(&LoraModule, f64)> = g
+                .set
+                .iter()
+                .filter_map(|(a, wt)| a.get(&key).map(|m| (m, *wt)))
+                .collect();
             if mods.is_empty() {
                 continue;
             }
@@ -285,7 +328,10 @@ impl Llama {
         for (s, cx) in seqs.iter_mut().zip(ctxs) {
             let heads = |t: &Tensor, n: usize| -> Result<Tensor> {
                 // [t, n·hd] → [n, t, hd]
-                Ok(t.narrow(0, cx.offset, cx.len)?.reshape((cx.len, n, c.head_dim))?.transpose(0, 1)?.contiguous()?)
+                Ok(t.narrow(0, cx.offset, cx.len)?
+                    .reshape((cx.len, n, c.head_dim))?
+                    .transpose(0, 1)?
+                    .contiguous()?)
             };
             let qs = ops::rope(&heads(&q, c.num_heads)?, &cx.cos, &cx.sin, opts.train)?;
             let ks = ops::rope(&heads(&k, c.num_kv_heads)?, &cx.cos, &cx.sin, opts.train)?;
@@ -296,7 +342,11 @@ impl Llama {
             };
             outs.push(self.attend(&qs, &ks, &vs, cx.mask.as_ref(), opts.train)?);
         }
-        let attn = if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(&outs, 0)? }; // [N, nh·hd]
+        let attn = if outs.len() == 1 {
+            outs.pop().unwrap()
+        } else {
+            Tensor::cat(&outs, 0)?
+        }; // [N, nh·hd]
         let o = self.proj(&attn, key(Target::O), None, groups, opts)?; // [N, H]
         let x = (x + o)?;
         let h = ops::rms_norm(&x, &lw.mlp_norm, c.rms_norm_eps, opts.train)?;
@@ -309,7 +359,14 @@ impl Llama {
 
     /// Grouped-query attention for one sequence.
     /// q: [nh, t, hd], k/v: [nkv, S, hd] (S = cached + t) → [t, nh·hd]
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
         let c = &self.cfg;
         let (nh, t, hd) = q.dims3()?;
         let nkv = c.num_kv_heads;
@@ -319,12 +376,19 @@ impl Llama {
         let q = q.reshape((nkv, g * t, hd))?;
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?; // [nkv, g·t, S]
         let scores = match mask {
-            Some(m) => scores.reshape((nkv, g, t, s))?.broadcast_add(m)?.reshape((nkv, g * t, s))?,
+            Some(m) => {
+                scores
+                    .reshape((nkv, g, t, s))?
+                    .broadcast_add(m)?
+                    .reshape((nkv, g * t, s))?
+            }
             None => scores,
         };
         let p = ops::softmax(&scores, train)?;
         let o = p.matmul(v)?; // [nkv, g·t, hd]
-        Ok(o.reshape((nh, t, hd))?.transpose(0, 1)?.reshape((t, nh * hd))?)
+        Ok(o.reshape((nh, t, hd))?
+            .transpose(0, 1)?
+            .reshape((t, nh * hd))?)
     }
 }
 
@@ -332,9 +396,13 @@ impl Llama {
 fn rope_tables(cfg: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
     let hd = cfg.head_dim;
     let n = cfg.max_position_embeddings;
-    let inv: Vec<f32> = (0..hd / 2).map(|i| 1.0 / (cfg.rope_theta as f32).powf(2.0 * i as f32 / hd as f32)).collect();
+    let inv: Vec<f32> = (0..hd / 2)
+        .map(|i| 1.0 / (cfg.rope_theta as f32).powf(2.0 * i as f32 / hd as f32))
+        .collect();
     let inv = Tensor::new(inv.as_slice(), device)?.reshape((1, hd / 2))?;
-    let pos = Tensor::arange(0u32, n as u32, device)?.to_dtype(DType::F32)?.reshape((n, 1))?;
+    let pos = Tensor::arange(0u32, n as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((n, 1))?;
     let freqs = pos.broadcast_mul(&inv)?; // [n, hd/2]
     Ok((freqs.cos()?, freqs.sin()?))
 }
@@ -346,7 +414,15 @@ fn causal_mask(t: usize, start: usize, device: &Device) -> Result<Option<Tensor>
     }
     let s = start + t;
     let m: Vec<f32> = (0..t)
-        .flat_map(|i| (0..s).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            (0..s).map(move |j| {
+                if j > start + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
         .collect();
     Ok(Some(Tensor::from_vec(m, (t, s), device)?))
 }
@@ -355,7 +431,15 @@ fn causal_mask(t: usize, start: usize, device: &Device) -> Result<Option<Tensor>
 fn dropout(x: &Tensor, p: f64, rng: &mut rand_chacha::ChaCha8Rng) -> Result<Tensor> {
     let keep = 1.0 / (1.0 - p);
     let n = x.elem_count();
-    let mask: Vec<f32> = (0..n).map(|_| if rng.random::<f64>() < p { 0.0 } else { keep as f32 }).collect();
+    let mask: Vec<f32> = (0..n)
+        .map(|_| {
+            if rng.random::<f64>() < p {
+                0.0
+            } else {
+                keep as f32
+            }
+        })
+        .collect();
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
     Ok((x * mask)?)
 }

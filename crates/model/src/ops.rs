@@ -21,16 +21,27 @@ impl CustomOp1 for FrozenLinear {
         "frozen-linear"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         // Rebuild a plain tensor view of the input (one copy of the activations, small next
         // to the matmul), multiply with candle's gemm, hand the result back as storage.
         let x = match storage {
             CpuStorage::F32(v) => match layout.contiguous_offsets() {
-                Some((a, b)) => Tensor::from_slice(&v[a..b], layout.shape(), &candle_core::Device::Cpu)?,
+                Some((a, b)) => {
+                    Tensor::from_slice(&v[a..b], layout.shape(), &candle_core::Device::Cpu)?
+                }
                 None => {
-                    let full = Tensor::from_slice(v.as_slice(), v.len(), &candle_core::Device::Cpu)?;
-                    full.as_strided(layout.shape(), layout.stride().to_vec(), layout.start_offset())?
-                        .contiguous()?
+                    let full =
+                        Tensor::from_slice(v.as_slice(), v.len(), &candle_core::Device::Cpu)?;
+                    full.as_strided(
+                        layout.shape(),
+                        layout.stride().to_vec(),
+                        layout.start_offset(),
+                    )?
+                    .contiguous()?
                 }
             },
             _ => candle_core::bail!("frozen-linear: only f32 is supported"),
@@ -41,7 +52,12 @@ impl CustomOp1 for FrozenLinear {
         Ok((CpuStorage::F32(data), shape))
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         // dX = dY · W  ([.., out] · [out, in]); no dW.
         let g = grad_res.contiguous()?;
         let dims = g.dims().to_vec();
@@ -56,11 +72,21 @@ impl CustomOp1 for FrozenLinear {
 }
 
 trait AsStrided {
-    fn as_strided(&self, shape: &Shape, stride: Vec<usize>, offset: usize) -> candle_core::Result<Tensor>;
+    fn as_strided(
+        &self,
+        shape: &Shape,
+        stride: Vec<usize>,
+        offset: usize,
+    ) -> candle_core::Result<Tensor>;
 }
 
 impl AsStrided for Tensor {
-    fn as_strided(&self, shape: &Shape, stride: Vec<usize>, offset: usize) -> candle_core::Result<Tensor> {
+    fn as_strided(
+        &self,
+        shape: &Shape,
+        stride: Vec<usize>,
+        offset: usize,
+    ) -> candle_core::Result<Tensor> {
         // Gather element by element: only reached for exotic layouts the model never makes.
         let v = self.to_vec1::<f32>()?;
         let dims = shape.dims();

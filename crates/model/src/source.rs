@@ -29,7 +29,8 @@ impl ModelSource {
             if !p.join("config.json").exists() {
                 return Err(ModelError::File {
                     path: p.into(),
-                    msg: "a model directory needs config.json, *.safetensors and tokenizer.json".into(),
+                    msg: "a model directory needs config.json, *.safetensors and tokenizer.json"
+                        .into(),
                 });
             }
             return Ok(ModelSource::HfDir(p.into()));
@@ -39,7 +40,10 @@ impl ModelSource {
         }
         Err(ModelError::File {
             path: p.into(),
-            msg: format!("no such file or directory (expected `{}`, a GGUF file or a HF model directory)", fetch::DEFAULT_ALIAS),
+            msg: format!(
+                "no such file or directory (expected `{}`, a GGUF file or a HF model directory)",
+                fetch::DEFAULT_ALIAS
+            ),
         })
     }
 
@@ -73,9 +77,20 @@ impl LoadedModel {
                 let cfg = g.config()?;
                 let tok = Tok::from_gguf(&g)?;
                 let w = weights::load_gguf(&g, &cfg, device)?;
-                let dtypes = g.dtype_counts().iter().map(|(k, v)| format!("{k}×{v}")).collect::<Vec<_>>().join(", ");
+                let dtypes = g
+                    .dtype_counts()
+                    .iter()
+                    .map(|(k, v)| format!("{k}×{v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
                 let model = Llama::new(cfg, w, device)?;
-                Ok(LoadedModel { file_bytes: g.file_size, file_dtypes: dtypes, source, model, tok })
+                Ok(LoadedModel {
+                    file_bytes: g.file_size,
+                    file_dtypes: dtypes,
+                    source,
+                    model,
+                    tok,
+                })
             }
             ModelSource::HfDir(d) => {
                 let cfg = ModelConfig::from_hf_json(&d.join("config.json"))?;
@@ -83,7 +98,13 @@ impl LoadedModel {
                 let w = weights::load_hf(d, &cfg, device)?;
                 let (bytes, dtypes) = hf_file_facts(d);
                 let model = Llama::new(cfg, w, device)?;
-                Ok(LoadedModel { file_bytes: bytes, file_dtypes: dtypes, source, model, tok })
+                Ok(LoadedModel {
+                    file_bytes: bytes,
+                    file_dtypes: dtypes,
+                    source,
+                    model,
+                    tok,
+                })
             }
         }
     }
@@ -117,5 +138,12 @@ fn hf_file_facts(dir: &Path) -> (u64, String) {
             }
         }
     }
-    (bytes, dtypes.iter().map(|(k, v)| format!("{k}×{v}")).collect::<Vec<_>>().join(", "))
+    (
+        bytes,
+        dtypes
+            .iter()
+            .map(|(k, v)| format!("{k}×{v}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    )
 }

@@ -30,15 +30,23 @@ impl Tok {
     /// space, control / user-defined tokens as special added tokens.
     pub fn from_gguf(g: &GgufFile) -> Result<Tok> {
         let err = |m: String| ModelError::Tokenizer(format!("{}: {m}", g.path.display()));
-        let model = g.meta_str("tokenizer.ggml.model").ok_or_else(|| err("missing tokenizer.ggml.model".into()))?;
+        let model = g
+            .meta_str("tokenizer.ggml.model")
+            .ok_or_else(|| err("missing tokenizer.ggml.model".into()))?;
         if model != "gpt2" {
-            return Err(err(format!("tokenizer.ggml.model = `{model}` is not supported (only gpt2 byte-level BPE)")));
+            return Err(err(format!(
+                "tokenizer.ggml.model = `{model}` is not supported (only gpt2 byte-level BPE)"
+            )));
         }
         let strings = |key: &str| -> Result<Vec<String>> {
             match g.meta(key) {
                 Some(Value::Array(a)) => a
                     .iter()
-                    .map(|v| v.to_string().cloned().map_err(|_| err(format!("{key}: non-string element"))))
+                    .map(|v| {
+                        v.to_string()
+                            .cloned()
+                            .map_err(|_| err(format!("{key}: non-string element")))
+                    })
                     .collect(),
                 _ => Err(err(format!("missing {key}"))),
             }
@@ -49,8 +57,11 @@ impl Tok {
             Some(Value::Array(a)) => a.iter().map(|v| value_u64(v).unwrap_or(1)).collect(),
             _ => vec![1; tokens.len()],
         };
-        let vocab: serde_json::Map<String, Json> =
-            tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+        let vocab: serde_json::Map<String, Json> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), json!(i)))
+            .collect();
         // llama.cpp token types: 3 = control, 4 = user-defined.
         let added: Vec<Json> = tokens
             .iter()
@@ -61,14 +72,16 @@ impl Tok {
                        "normalized": false, "special": true})
             })
             .collect();
-        let pre = g.meta_str("tokenizer.ggml.pre").unwrap_or_else(|| "gpt2".into());
-        let byte_level = |use_regex: bool| {
-            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
-        };
+        let pre = g
+            .meta_str("tokenizer.ggml.pre")
+            .unwrap_or_else(|| "gpt2".into());
+        let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
         let pre_tokenizer = match pre.as_str() {
-            "llama3" | "llama-bpe" | "smaug-bpe" | "dbrx" => json!({"type": "Sequence", "pretokenizers": [
+            "llama3" | "llama-bpe" | "smaug-bpe" | "dbrx" => {
+                json!({"type": "Sequence", "pretokenizers": [
                 {"type": "Split", "pattern": {"Regex": REGEX_LLAMA3}, "behavior": "Isolated", "invert": false},
-                byte_level(false)]}),
+                byte_level(false)]})
+            }
             "qwen2" => json!({"type": "Sequence", "pretokenizers": [
                 {"type": "Split", "pattern": {"Regex": REGEX_QWEN2}, "behavior": "Isolated", "invert": false},
                 byte_level(false)]}),
@@ -88,8 +101,17 @@ impl Tok {
         });
         let inner = tokenizers::Tokenizer::from_bytes(serde_json::to_vec(&spec).expect("json"))
             .map_err(|e| err(format!("cannot build tokenizer: {e}")))?;
-        let tok_str = |key: &str| g.meta(key).and_then(value_u64).and_then(|i| tokens.get(i as usize).cloned());
-        let eos_ids: Vec<u32> = g.meta("tokenizer.ggml.eos_token_id").and_then(value_u64).map(|x| x as u32).into_iter().collect();
+        let tok_str = |key: &str| {
+            g.meta(key)
+                .and_then(value_u64)
+                .and_then(|i| tokens.get(i as usize).cloned())
+        };
+        let eos_ids: Vec<u32> = g
+            .meta("tokenizer.ggml.eos_token_id")
+            .and_then(value_u64)
+            .map(|x| x as u32)
+            .into_iter()
+            .collect();
         Ok(Tok {
             inner,
             chat_template: g.meta_str("tokenizer.chat_template"),
@@ -107,8 +129,9 @@ impl Tok {
             .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", tj.display())))?;
         let tc_path = dir.join("tokenizer_config.json");
         let tc: Json = match std::fs::read_to_string(&tc_path) {
-            Ok(s) => serde_json::from_str(&s)
-                .map_err(|e| ModelError::Tokenizer(format!("{}: invalid JSON: {e}", tc_path.display())))?,
+            Ok(s) => serde_json::from_str(&s).map_err(|e| {
+                ModelError::Tokenizer(format!("{}: invalid JSON: {e}", tc_path.display()))
+            })?,
             Err(_) => Json::Null,
         };
         let special = |k: &str| -> Option<String> {
@@ -120,9 +143,14 @@ impl Tok {
         };
         let jinja = dir.join("chat_template.jinja");
         let chat_template = if jinja.exists() {
-            Some(std::fs::read_to_string(&jinja).map_err(|e| ModelError::Template(format!("{}: {e}", jinja.display())))?)
+            Some(
+                std::fs::read_to_string(&jinja)
+                    .map_err(|e| ModelError::Template(format!("{}: {e}", jinja.display())))?,
+            )
         } else {
-            tc.get("chat_template").and_then(Json::as_str).map(String::from)
+            tc.get("chat_template")
+                .and_then(Json::as_str)
+                .map(String::from)
         };
         let eos_token = special("eos_token");
         let mut eos_ids: Vec<u32> = eos_from_config.to_vec();
@@ -131,17 +159,28 @@ impl Tok {
                 eos_ids.push(id);
             }
         }
-        Ok(Tok { inner, chat_template, bos_token: special("bos_token"), eos_token, eos_ids })
+        Ok(Tok {
+            inner,
+            chat_template,
+            bos_token: special("bos_token"),
+            eos_token,
+            eos_ids,
+        })
     }
 
     /// Token ids of `text`; no special tokens are added (special-token text is recognised).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, false).map_err(|e| ModelError::Tokenizer(e.to_string()))
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))
     }
 
     pub fn token_id(&self, token: &str) -> Option<u32> {
@@ -153,10 +192,22 @@ impl Tok {
     }
 
     /// Render `messages` with the model's own chat template.
-    pub fn render_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+    pub fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let tpl = self.chat_template.as_deref().ok_or_else(|| {
-            ModelError::Template("this model has no chat template (tokenizer.chat_template); use --prompt".into())
+            ModelError::Template(
+                "this model has no chat template (tokenizer.chat_template); use --prompt".into(),
+            )
         })?;
-        render_chat(tpl, messages, add_generation_prompt, self.bos_token.as_deref(), self.eos_token.as_deref())
+        render_chat(
+            tpl,
+            messages,
+            add_generation_prompt,
+            self.bos_token.as_deref(),
+            self.eos_token.as_deref(),
+        )
     }
 }

@@ -71,9 +71,16 @@ impl Weights {
             let p = format!("model.layers.{i}");
             v.push((format!("{p}.input_layernorm.weight"), &l.attn_norm));
             for t in Target::ALL {
-                v.push((format!("{p}.{}.{}.weight", t.parent(), t.peft_name()), l.linear(t)));
+                v.push((
+                    format!("{p}.{}.{}.weight", t.parent(), t.peft_name()),
+                    l.linear(t),
+                ));
             }
-            for (n, b) in [("q_proj", &l.q_bias), ("k_proj", &l.k_bias), ("v_proj", &l.v_bias)] {
+            for (n, b) in [
+                ("q_proj", &l.q_bias),
+                ("k_proj", &l.k_bias),
+                ("v_proj", &l.v_bias),
+            ] {
                 if let Some(b) = b {
                     v.push((format!("{p}.self_attn.{n}.bias"), b));
                 }
@@ -134,8 +141,12 @@ pub fn load_gguf(g: &GgufFile, cfg: &ModelConfig, device: &Device) -> Result<Wei
         };
         let q = gguf_to_hf_rows(&get(&n("attn_q.weight"), &[qo, h])?, cfg.num_heads)?;
         let k = gguf_to_hf_rows(&get(&n("attn_k.weight"), &[kvo, h])?, cfg.num_kv_heads)?;
-        let q_bias = bias("attn_q.bias", qo)?.map(|b| gguf_to_hf_rows(&b, cfg.num_heads)).transpose()?;
-        let k_bias = bias("attn_k.bias", kvo)?.map(|b| gguf_to_hf_rows(&b, cfg.num_kv_heads)).transpose()?;
+        let q_bias = bias("attn_q.bias", qo)?
+            .map(|b| gguf_to_hf_rows(&b, cfg.num_heads))
+            .transpose()?;
+        let k_bias = bias("attn_k.bias", kvo)?
+            .map(|b| gguf_to_hf_rows(&b, cfg.num_kv_heads))
+            .transpose()?;
         layers.push(LayerWeights {
             attn_norm: get(&n("attn_norm.weight"), &[h])?,
             q,
@@ -152,20 +163,35 @@ pub fn load_gguf(g: &GgufFile, cfg: &ModelConfig, device: &Device) -> Result<Wei
         });
     }
     let norm = get("output_norm.weight", &[h])?;
-    let lm_head = if cfg.tie_word_embeddings { None } else { Some(get("output.weight", &[cfg.vocab_size, h])?) };
-    Ok(Weights { embed, layers, norm, lm_head })
+    let lm_head = if cfg.tie_word_embeddings {
+        None
+    } else {
+        Some(get("output.weight", &[cfg.vocab_size, h])?)
+    };
+    Ok(Weights {
+        embed,
+        layers,
+        norm,
+        lm_head,
+    })
 }
 
 /// Load a HF model directory's `*.safetensors` (any float dtype → f32).
 pub fn load_hf(dir: &Path, cfg: &ModelConfig, device: &Device) -> Result<Weights> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| ModelError::File { path: dir.into(), msg: e.to_string() })?
+        .map_err(|e| ModelError::File {
+            path: dir.into(),
+            msg: e.to_string(),
+        })?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
         .collect();
     files.sort();
     if files.is_empty() {
-        return Err(ModelError::File { path: dir.into(), msg: "no *.safetensors weights in this directory".into() });
+        return Err(ModelError::File {
+            path: dir.into(),
+            msg: "no *.safetensors weights in this directory".into(),
+        });
     }
     let mut all: HashMap<String, (PathBuf, Tensor)> = HashMap::new();
     for f in &files {
@@ -200,7 +226,11 @@ pub fn load_hf(dir: &Path, cfg: &ModelConfig, device: &Device) -> Result<Weights
                 Ok(None)
             }
         };
-        let (q_bias, k_bias, v_bias) = (bias("q_proj", qo)?, bias("k_proj", kvo)?, bias("v_proj", kvo)?);
+        let (q_bias, k_bias, v_bias) = (
+            bias("q_proj", qo)?,
+            bias("k_proj", kvo)?,
+            bias("v_proj", kvo)?,
+        );
         layers.push(LayerWeights {
             attn_norm: take(&format!("{p}.input_layernorm.weight"), &[h])?,
             q: take(&format!("{p}.self_attn.q_proj.weight"), &[qo, h])?,
@@ -226,5 +256,10 @@ pub fn load_hf(dir: &Path, cfg: &ModelConfig, device: &Device) -> Result<Weights
             Err(_) => None,
         }
     };
-    Ok(Weights { embed, layers, norm, lm_head })
+    Ok(Weights {
+        embed,
+        layers,
+        norm,
+        lm_head,
+    })
 }

@@ -6,7 +6,10 @@ use candle_core::{Device, Tensor};
 use lowrank_model::LoadedModel;
 
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures"))
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/fixtures"
+    ))
 }
 
 /// The default model, loaded once per test binary (fetched if absent).
@@ -20,16 +23,28 @@ pub fn smollm() -> &'static LoadedModel {
 }
 
 pub fn load_st(path: PathBuf) -> std::collections::HashMap<String, Tensor> {
-    candle_core::safetensors::load(&path, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    candle_core::safetensors::load(&path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 pub fn ids_of(t: &Tensor) -> Vec<u32> {
-    t.to_vec1::<i64>().unwrap().into_iter().map(|x| x as u32).collect()
+    t.to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|x| x as u32)
+        .collect()
 }
 
 /// (max |a-b|, argmax agree at every row)
 pub fn compare_logits(a: &Tensor, b: &Tensor) -> (f32, bool) {
-    let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let d = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     let am = a.argmax(1).unwrap().to_vec1::<u32>().unwrap();
     let bm = b.argmax(1).unwrap().to_vec1::<u32>().unwrap();
     (d, am == bm)

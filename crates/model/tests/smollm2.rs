@@ -18,8 +18,18 @@ fn cases() -> Value {
 
 fn logits_all(tokens: &[u32]) -> Tensor {
     let m = smollm();
-    let mut seqs = [SeqInput { tokens, cache: None, adapters: None, logits: LogitsMode::All }];
-    m.model.forward(&mut seqs, &mut ForwardOpts::infer()).unwrap().pop().flatten().unwrap()
+    let mut seqs = [SeqInput {
+        tokens,
+        cache: None,
+        adapters: None,
+        logits: LogitsMode::All,
+    }];
+    m.model
+        .forward(&mut seqs, &mut ForwardOpts::infer())
+        .unwrap()
+        .pop()
+        .flatten()
+        .unwrap()
 }
 
 #[test]
@@ -27,7 +37,12 @@ fn tokenize_cases_match_hf() {
     let m = smollm();
     for c in cases()["tokenize"].as_array().unwrap() {
         let text = c["text"].as_str().unwrap();
-        let want: Vec<u32> = c["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let want: Vec<u32> = c["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
         assert_eq!(m.tok.encode(text).unwrap(), want, "text {text:?}");
     }
 }
@@ -39,7 +54,12 @@ fn chat_template_renders_identically() {
         let msgs: Vec<ChatMessage> = serde_json::from_value(c["messages"].clone()).unwrap();
         let rendered = m.tok.render_chat(&msgs, true).unwrap();
         assert_eq!(rendered, c["rendered"].as_str().unwrap());
-        let want: Vec<u32> = c["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let want: Vec<u32> = c["prompt_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
         assert_eq!(m.tok.encode(&rendered).unwrap(), want);
     }
 }
@@ -59,9 +79,22 @@ fn greedy_reproduces_hf() {
     let m = smollm();
     let eos = m.eos_ids();
     for c in cases()["chat"].as_array().unwrap() {
-        let prompt: Vec<u32> = c["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        let want: Vec<u32> = c["greedy_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        let params = SamplingParams { max_tokens: 24, ..Default::default() };
+        let prompt: Vec<u32> = c["prompt_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let want: Vec<u32> = c["greedy_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let params = SamplingParams {
+            max_tokens: 24,
+            ..Default::default()
+        };
         let g = generate(&m.model, &m.tok, &prompt, None, &params, &eos, &mut |_| {}).unwrap();
         assert_eq!(g.ids, want);
         // Batched greedy decoding gives the same tokens (EOS excluded there).
@@ -74,13 +107,27 @@ fn greedy_reproduces_hf() {
 #[test]
 fn batch_of_different_lengths_equals_each_alone() {
     let m = smollm();
-    let prompts: Vec<Vec<u32>> = ["Hello world!", "The quick brown fox jumps over the lazy dog.", "SELECT name FROM users WHERE id = 7;"]
+    let prompts: Vec<Vec<u32>> = [
+        "Hello world!",
+        "The quick brown fox jumps over the lazy dog.",
+        "SELECT name FROM users WHERE id = 7;",
+    ]
+    .iter()
+    .map(|t| m.tok.encode(t).unwrap())
+    .collect();
+    let mut seqs: Vec<SeqInput> = prompts
         .iter()
-        .map(|t| m.tok.encode(t).unwrap())
+        .map(|p| SeqInput {
+            tokens: p,
+            cache: None,
+            adapters: None,
+            logits: LogitsMode::All,
+        })
         .collect();
-    let mut seqs: Vec<SeqInput> =
-        prompts.iter().map(|p| SeqInput { tokens: p, cache: None, adapters: None, logits: LogitsMode::All }).collect();
-    let batched = m.model.forward(&mut seqs, &mut ForwardOpts::infer()).unwrap();
+    let batched = m
+        .model
+        .forward(&mut seqs, &mut ForwardOpts::infer())
+        .unwrap();
     for (p, b) in prompts.iter().zip(batched) {
         let alone = logits_all(p);
         let (d, same) = compare_logits(&alone, &b.unwrap());
@@ -91,18 +138,45 @@ fn batch_of_different_lengths_equals_each_alone() {
 #[test]
 fn kv_cache_decode_equals_full_forward() {
     let m = smollm();
-    let ids = m.tok.encode("LoRA freezes the pretrained weights and trains a low-rank update.").unwrap();
+    let ids = m
+        .tok
+        .encode("LoRA freezes the pretrained weights and trains a low-rank update.")
+        .unwrap();
     let full = logits_all(&ids);
     let mut cache = KvCache::new(m.model.cfg.num_layers);
     let split = 5;
     let mut rows = Vec::new();
     {
-        let mut s = [SeqInput { tokens: &ids[..split], cache: Some(&mut cache), adapters: None, logits: LogitsMode::All }];
-        rows.push(m.model.forward(&mut s, &mut ForwardOpts::infer()).unwrap().pop().flatten().unwrap());
+        let mut s = [SeqInput {
+            tokens: &ids[..split],
+            cache: Some(&mut cache),
+            adapters: None,
+            logits: LogitsMode::All,
+        }];
+        rows.push(
+            m.model
+                .forward(&mut s, &mut ForwardOpts::infer())
+                .unwrap()
+                .pop()
+                .flatten()
+                .unwrap(),
+        );
     }
     for i in split..ids.len() {
-        let mut s = [SeqInput { tokens: &ids[i..i + 1], cache: Some(&mut cache), adapters: None, logits: LogitsMode::Last }];
-        rows.push(m.model.forward(&mut s, &mut ForwardOpts::infer()).unwrap().pop().flatten().unwrap());
+        let mut s = [SeqInput {
+            tokens: &ids[i..i + 1],
+            cache: Some(&mut cache),
+            adapters: None,
+            logits: LogitsMode::Last,
+        }];
+        rows.push(
+            m.model
+                .forward(&mut s, &mut ForwardOpts::infer())
+                .unwrap()
+                .pop()
+                .flatten()
+                .unwrap(),
+        );
     }
     let inc = Tensor::cat(&rows, 0).unwrap();
     let (d, same) = compare_logits(&full, &inc);
@@ -115,7 +189,19 @@ fn prompt_longer_than_context_is_an_error() {
     let m = smollm();
     let n = m.model.cfg.max_position_embeddings + 1;
     let ids = vec![42u32; n];
-    let err = generate(&m.model, &m.tok, &ids, None, &SamplingParams::default(), &[2], &mut |_| {}).unwrap_err();
-    assert!(err.to_string().contains("does not fit the context"), "{err}");
+    let err = generate(
+        &m.model,
+        &m.tok,
+        &ids,
+        None,
+        &SamplingParams::default(),
+        &[2],
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("does not fit the context"),
+        "{err}"
+    );
     let _ = Arc::new(0);
 }

@@ -17,8 +17,19 @@ fn tiny_hf_logits_match_transformers() {
     assert_eq!(lm.model.cfg.rope_theta, 10000.0);
     let st = load_st(fixtures().join("tiny-llama-hf/logits.safetensors"));
     let ids = ids_of(&st["input_ids"]);
-    let mut s = [SeqInput { tokens: &ids, cache: None, adapters: None, logits: LogitsMode::All }];
-    let got = lm.model.forward(&mut s, &mut ForwardOpts::infer()).unwrap().pop().flatten().unwrap();
+    let mut s = [SeqInput {
+        tokens: &ids,
+        cache: None,
+        adapters: None,
+        logits: LogitsMode::All,
+    }];
+    let got = lm
+        .model
+        .forward(&mut s, &mut ForwardOpts::infer())
+        .unwrap()
+        .pop()
+        .flatten()
+        .unwrap();
     let (d, same) = compare_logits(&got, &st["base"]);
     assert!(d <= 1e-3 && same, "max |Δ| = {d}");
     assert!(lm.tok.chat_template.is_some());
@@ -48,7 +59,9 @@ pub fn tiny_random(seed: u64) -> Llama {
     let mut r = |shape: &[usize]| {
         k += 1;
         let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|i| (((i as u64 * 2654435761 + k * 97) % 1000) as f32 / 1000.0 - 0.5) * 0.4).collect();
+        let v: Vec<f32> = (0..n)
+            .map(|i| (((i as u64 * 2654435761 + k * 97) % 1000) as f32 / 1000.0 - 0.5) * 0.4)
+            .collect();
         Tensor::from_vec(v, shape, &dev).unwrap()
     };
     let layers = (0..2)
@@ -67,12 +80,22 @@ pub fn tiny_random(seed: u64) -> Llama {
             down: r(&[32, 48]),
         })
         .collect();
-    let w = Weights { embed: r(&[97, 32]), layers, norm: (r(&[32]) + 1.0).unwrap(), lm_head: None };
+    let w = Weights {
+        embed: r(&[97, 32]),
+        layers,
+        norm: (r(&[32]) + 1.0).unwrap(),
+        lm_head: None,
+    };
     Llama::new(cfg, w, &dev).unwrap()
 }
 
 fn run(m: &Llama, tokens: &[u32], cache: Option<&mut KvCache>, mode: LogitsMode) -> Tensor {
-    let mut s = [SeqInput { tokens, cache, adapters: None, logits: mode }];
+    let mut s = [SeqInput {
+        tokens,
+        cache,
+        adapters: None,
+        logits: mode,
+    }];
     m.model_forward(&mut s)
 }
 
@@ -81,7 +104,11 @@ trait Fwd {
 }
 impl Fwd for Llama {
     fn model_forward(&self, s: &mut [SeqInput]) -> Tensor {
-        self.forward(s, &mut ForwardOpts::infer()).unwrap().pop().flatten().unwrap()
+        self.forward(s, &mut ForwardOpts::infer())
+            .unwrap()
+            .pop()
+            .flatten()
+            .unwrap()
     }
 }
 
@@ -96,8 +123,22 @@ fn tiny_random_shapes_masks_and_cache() {
     let mut changed = ids.clone();
     changed[8] = 50;
     let full2 = run(&m, &changed, None, LogitsMode::All);
-    let d_prefix = (full.narrow(0, 0, 8).unwrap() - full2.narrow(0, 0, 8).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    let d_after = (full.narrow(0, 8, 4).unwrap() - full2.narrow(0, 8, 4).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let d_prefix = (full.narrow(0, 0, 8).unwrap() - full2.narrow(0, 0, 8).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let d_after = (full.narrow(0, 8, 4).unwrap() - full2.narrow(0, 8, 4).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert_eq!(d_prefix, 0.0);
     assert!(d_after > 1e-4);
     // Incremental decode with the KV cache equals the full forward.
@@ -110,8 +151,24 @@ fn tiny_random_shapes_masks_and_cache() {
     let (d, same) = compare_logits(&full, &inc);
     assert!(d < 1e-5 && same, "{d}");
     // Training-mode (differentiable) ops compute the same function as the fused ones.
-    let mut s = [SeqInput { tokens: &ids, cache: None, adapters: None, logits: LogitsMode::All }];
-    let tr = m.forward(&mut s, &mut ForwardOpts { train: true, dropout: None }).unwrap().pop().flatten().unwrap();
+    let mut s = [SeqInput {
+        tokens: &ids,
+        cache: None,
+        adapters: None,
+        logits: LogitsMode::All,
+    }];
+    let tr = m
+        .forward(
+            &mut s,
+            &mut ForwardOpts {
+                train: true,
+                dropout: None,
+            },
+        )
+        .unwrap()
+        .pop()
+        .flatten()
+        .unwrap();
     let (d, _) = compare_logits(&full, &tr);
     assert!(d < 1e-4, "{d}");
 }

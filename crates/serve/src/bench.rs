@@ -80,29 +80,58 @@ pub struct BenchRow {
 }
 
 /// Random adapter for `model`, saved at `dir`.
-fn random_adapter(model: &Llama, dir: &Path, rank: usize, targets: &[Target], seed: u64) -> Result<Adapter> {
+fn random_adapter(
+    model: &Llama,
+    dir: &Path,
+    rank: usize,
+    targets: &[Target],
+    seed: u64,
+) -> Result<Adapter> {
     let shapes = model.base_shapes();
     let config = LoraConfig::new(rank, 2.0 * rank as f64, targets);
     let mut modules = BTreeMap::new();
     // A small LCG keeps the adapters reproducible without another dependency.
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let mut draw = |n: usize, bound: f64| -> Vec<f32> {
         (0..n)
             .map(|_| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 (((state >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0) as f32 * bound as f32
             })
             .collect()
     };
     for l in 0..shapes.num_layers {
         for &t in targets {
-            let (out, inp) = shapes.dims_of(t).ok_or_else(|| ServeError::Invalid(format!("the base has no {t}")))?;
-            let a = Tensor::from_vec(draw(rank * inp, 1.0 / (inp as f64).sqrt()), (rank, inp), &Device::Cpu).map_err(model_err)?;
-            let b = Tensor::from_vec(draw(out * rank, 0.05), (out, rank), &Device::Cpu).map_err(model_err)?;
-            modules.insert(ModuleKey::new(l, t), LoraModule { a, b, scale: config.scale_for(l, t) });
+            let (out, inp) = shapes
+                .dims_of(t)
+                .ok_or_else(|| ServeError::Invalid(format!("the base has no {t}")))?;
+            let a = Tensor::from_vec(
+                draw(rank * inp, 1.0 / (inp as f64).sqrt()),
+                (rank, inp),
+                &Device::Cpu,
+            )
+            .map_err(model_err)?;
+            let b = Tensor::from_vec(draw(out * rank, 0.05), (out, rank), &Device::Cpu)
+                .map_err(model_err)?;
+            modules.insert(
+                ModuleKey::new(l, t),
+                LoraModule {
+                    a,
+                    b,
+                    scale: config.scale_for(l, t),
+                },
+            );
         }
     }
-    let a = Adapter { config, modules, provenance: Provenance::default() };
+    let a = Adapter {
+        config,
+        modules,
+        provenance: Provenance::default(),
+    };
     lowrank_lora::save_peft(&a, dir, DType::F32).map_err(|e| ServeError::Invalid(e.to_string()))?;
     Ok(a)
 }
@@ -128,15 +157,21 @@ struct Outcome {
 
 /// Decode an HTTP/1.1 chunked body (returns the input unchanged if it is not chunked).
 fn dechunk(headers: &str, body: &[u8]) -> Vec<u8> {
-    if !headers.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    if !headers
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         return body.to_vec();
     }
     let mut out = Vec::new();
     let mut i = 0;
     while i < body.len() {
-        let Some(eol) = body[i..].windows(2).position(|w| w == b"\r\n") else { break };
+        let Some(eol) = body[i..].windows(2).position(|w| w == b"\r\n") else {
+            break;
+        };
         let size_line = String::from_utf8_lossy(&body[i..i + eol]).to_string();
-        let size = usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16).unwrap_or(0);
+        let size = usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16)
+            .unwrap_or(0);
         i += eol + 2;
         if size == 0 || i + size > body.len() {
             break;
@@ -150,9 +185,15 @@ fn dechunk(headers: &str, body: &[u8]) -> Vec<u8> {
 /// A streaming chat request over raw HTTP/1.1; TTFT is the arrival of the first non-empty
 /// content delta.
 async fn one_request(addr: std::net::SocketAddr, body: String) -> Outcome {
-    let fail = Outcome { ok: false, ttft: None, completion_tokens: 0 };
+    let fail = Outcome {
+        ok: false,
+        ttft: None,
+        completion_tokens: 0,
+    };
     let t0 = Instant::now();
-    let Ok(mut c) = tokio::net::TcpStream::connect(addr).await else { return fail };
+    let Ok(mut c) = tokio::net::TcpStream::connect(addr).await else {
+        return fail;
+    };
     let req = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
         body.len(),
@@ -175,13 +216,17 @@ async fn one_request(addr: std::net::SocketAddr, body: String) -> Outcome {
         buf.extend_from_slice(&chunk[..n]);
         if ttft.is_none() {
             let hay = &buf[from..];
-            let hit = hay.windows(needle.len() + 1).any(|w| &w[..needle.len()] == needle && w[needle.len()] != b'"');
+            let hit = hay
+                .windows(needle.len() + 1)
+                .any(|w| &w[..needle.len()] == needle && w[needle.len()] != b'"');
             if hit {
                 ttft = Some(t0.elapsed());
             }
         }
     }
-    let Some(split) = buf.windows(4).position(|w| w == b"\r\n\r\n") else { return fail };
+    let Some(split) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return fail;
+    };
     let headers = String::from_utf8_lossy(&buf[..split]).to_string();
     if !headers.starts_with("HTTP/1.1 200") {
         return fail;
@@ -190,7 +235,9 @@ async fn one_request(addr: std::net::SocketAddr, body: String) -> Outcome {
     let text = String::from_utf8_lossy(&body);
     let mut tokens = None;
     for line in text.lines() {
-        let Some(d) = line.strip_prefix("data: ") else { continue };
+        let Some(d) = line.strip_prefix("data: ") else {
+            continue;
+        };
         if d.contains("\"error\"") {
             return fail;
         }
@@ -201,7 +248,11 @@ async fn one_request(addr: std::net::SocketAddr, body: String) -> Outcome {
         }
     }
     match tokens {
-        Some(n) => Outcome { ok: true, ttft: ttft.or(Some(t0.elapsed())), completion_tokens: n },
+        Some(n) => Outcome {
+            ok: true,
+            ttft: ttft.or(Some(t0.elapsed())),
+            completion_tokens: n,
+        },
         None => fail,
     }
 }
@@ -215,7 +266,13 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// Run one scenario against a fresh server.
-async fn scenario(name: &str, state: AppState, models: Vec<String>, n_adapters: usize, cfg: &BenchConfig) -> Result<BenchRow> {
+async fn scenario(
+    name: &str,
+    state: AppState,
+    models: Vec<String>,
+    n_adapters: usize,
+    cfg: &BenchConfig,
+) -> Result<BenchRow> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -255,7 +312,10 @@ async fn scenario(name: &str, state: AppState, models: Vec<String>, n_adapters: 
     }
     let mut outcomes = Vec::new();
     for t in tasks {
-        outcomes.extend(t.await.map_err(|e| ServeError::Invalid(format!("bench client failed: {e}")))?);
+        outcomes.extend(
+            t.await
+                .map_err(|e| ServeError::Invalid(format!("bench client failed: {e}")))?,
+        );
     }
     let secs = t0.elapsed().as_secs_f64();
     let _ = stop_tx.send(());
@@ -263,10 +323,18 @@ async fn scenario(name: &str, state: AppState, models: Vec<String>, n_adapters: 
     let (sum1, n1) = state.metrics.batch_rows.sum_count();
     let ok: Vec<&Outcome> = outcomes.iter().filter(|o| o.ok).collect();
     let tokens: usize = ok.iter().map(|o| o.completion_tokens).sum();
-    let mut ttft: Vec<f64> = ok.iter().filter_map(|o| o.ttft).map(|d| d.as_secs_f64() * 1e3).collect();
+    let mut ttft: Vec<f64> = ok
+        .iter()
+        .filter_map(|o| o.ttft)
+        .map(|d| d.as_secs_f64() * 1e3)
+        .collect();
     ttft.sort_by(|a, b| a.total_cmp(b));
     // Mean sequences per forward during the run.
-    let mean_batch = if n1 > n0 { (sum1 - sum0) / (n1 - n0) as f64 } else { 0.0 };
+    let mean_batch = if n1 > n0 {
+        (sum1 - sum0) / (n1 - n0) as f64
+    } else {
+        0.0
+    };
     Ok(BenchRow {
         scenario: name.to_string(),
         adapters: n_adapters,
@@ -286,13 +354,32 @@ async fn scenario(name: &str, state: AppState, models: Vec<String>, n_adapters: 
 pub fn format_table(rows: &[BenchRow]) -> String {
     let mut s = format!(
         "{:<24} {:>8} {:>6} {:>6} {:>8} {:>8} {:>9} {:>7} {:>10} {:>10} {:>7}\n",
-        "scenario", "adapters", "reqs", "failed", "tokens", "secs", "tok/s", "req/s", "ttft p50", "ttft p95", "batch"
+        "scenario",
+        "adapters",
+        "reqs",
+        "failed",
+        "tokens",
+        "secs",
+        "tok/s",
+        "req/s",
+        "ttft p50",
+        "ttft p95",
+        "batch"
     );
     for r in rows {
         s.push_str(&format!(
             "{:<24} {:>8} {:>6} {:>6} {:>8} {:>8.2} {:>9.1} {:>7.2} {:>8.1}ms {:>8.1}ms {:>7.1}\n",
-            r.scenario, r.adapters, r.requests, r.failed, r.completion_tokens, r.seconds, r.tokens_per_s, r.requests_per_s,
-            r.ttft_p50_ms, r.ttft_p95_ms, r.mean_batch
+            r.scenario,
+            r.adapters,
+            r.requests,
+            r.failed,
+            r.completion_tokens,
+            r.seconds,
+            r.tokens_per_s,
+            r.requests_per_s,
+            r.ttft_p50_ms,
+            r.ttft_p95_ms,
+            r.mean_batch
         ));
     }
     s
@@ -301,19 +388,44 @@ pub fn format_table(rows: &[BenchRow]) -> String {
 /// Run the benchmark on `lm` (consumed: its tokenizer is shared by every scenario's server)
 /// and print the table to stdout; progress goes to stderr.
 pub async fn bench_serve(lm: LoadedModel, cfg: BenchConfig) -> Result<Vec<BenchRow>> {
-    let base_id = cfg.serve.model_id.clone().unwrap_or_else(|| default_model_id(&lm.source));
+    let base_id = cfg
+        .serve
+        .model_id
+        .clone()
+        .unwrap_or_else(|| default_model_id(&lm.source));
     let eos = lm.eos_ids();
     let model = lm.model;
     let tok: Arc<Tok> = Arc::new(lm.tok);
-    let max_n = cfg.adapter_counts.iter().copied().max().unwrap_or(0).max(if cfg.merged { 1 } else { 0 });
-    let dir = TempDir(std::env::temp_dir().join(format!("lowrank-bench-{}-{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0))));
+    let max_n = cfg
+        .adapter_counts
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .max(if cfg.merged { 1 } else { 0 });
+    let dir = TempDir(
+        std::env::temp_dir().join(format!(
+            "lowrank-bench-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        )),
+    );
     let _ = std::fs::remove_dir_all(&dir.0);
     let names: Vec<String> = (0..max_n).map(|i| format!("bench-{i:03}")).collect();
-    eprintln!("bench: writing {max_n} random adapters (r = {}, {:?}) to {}", cfg.rank, cfg.targets, dir.0.display());
+    eprintln!(
+        "bench: writing {max_n} random adapters (r = {}, {:?}) to {}",
+        cfg.rank,
+        cfg.targets,
+        dir.0.display()
+    );
     let mut first: Option<Adapter> = None;
     {
         let model = model.clone();
-        let (names, d, rank, targets) = (names.clone(), dir.0.clone(), cfg.rank, cfg.targets.clone());
+        let (names, d, rank, targets) =
+            (names.clone(), dir.0.clone(), cfg.rank, cfg.targets.clone());
         let a0 = tokio::task::spawn_blocking(move || -> Result<Option<Adapter>> {
             let mut a0 = None;
             for (i, n) in names.iter().enumerate() {
@@ -336,7 +448,11 @@ pub async fn bench_serve(lm: LoadedModel, cfg: BenchConfig) -> Result<Vec<BenchR
         sc.max_tokens_limit = sc.max_tokens_limit.max(cfg.max_tokens);
         sc.max_queue = sc.max_queue.max(cfg.concurrency);
         let (tok, eos, id) = (tok.clone(), eos.clone(), base_id.clone());
-        async move { tokio::task::spawn_blocking(move || AppState::from_parts(m, tok, eos, id, sc)).await.map_err(|e| ServeError::Invalid(e.to_string()))? }
+        async move {
+            tokio::task::spawn_blocking(move || AppState::from_parts(m, tok, eos, id, sc))
+                .await
+                .map_err(|e| ServeError::Invalid(e.to_string()))?
+        }
     };
     if cfg.base {
         eprintln!("bench: base model");

@@ -22,7 +22,15 @@ struct HistInner {
 
 impl Histogram {
     pub fn new(bounds: &[f64]) -> Self {
-        Histogram { bounds: bounds.to_vec(), inner: Mutex::new(HistInner { counts: vec![0; bounds.len()], sum: 0.0, count: 0, max: 0.0 }) }
+        Histogram {
+            bounds: bounds.to_vec(),
+            inner: Mutex::new(HistInner {
+                counts: vec![0; bounds.len()],
+                sum: 0.0,
+                count: 0,
+                max: 0.0,
+            }),
+        }
     }
 
     pub fn observe(&self, v: f64) {
@@ -58,11 +66,17 @@ impl Histogram {
         for (b, c) in self.bounds.iter().zip(&h.counts) {
             let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {c}");
         }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}", h.count, h.sum, h.count);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}",
+            h.count, h.sum, h.count
+        );
     }
 }
 
-const LATENCY_BOUNDS: [f64; 14] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const LATENCY_BOUNDS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 const BATCH_BOUNDS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 
 /// Every metric the server exports.
@@ -104,21 +118,38 @@ impl Default for Metrics {
 }
 
 fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 impl Metrics {
     pub fn request(&self, endpoint: &str, status: u16) {
-        *self.requests.lock().unwrap_or_else(|e| e.into_inner()).entry((endpoint.to_string(), status)).or_insert(0) += 1;
+        *self
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((endpoint.to_string(), status))
+            .or_insert(0) += 1;
     }
 
     pub fn adapter_request(&self, adapter: &str) {
-        *self.adapter_requests.lock().unwrap_or_else(|e| e.into_inner()).entry(adapter.to_string()).or_insert(0) += 1;
+        *self
+            .adapter_requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(adapter.to_string())
+            .or_insert(0) += 1;
     }
 
     /// Requests counted for (endpoint, status).
     pub fn requests_of(&self, endpoint: &str, status: u16) -> u64 {
-        self.requests.lock().unwrap_or_else(|e| e.into_inner()).get(&(endpoint.to_string(), status)).copied().unwrap_or(0)
+        self.requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(endpoint.to_string(), status))
+            .copied()
+            .unwrap_or(0)
     }
 
     pub fn render(&self) -> String {
@@ -127,24 +158,100 @@ impl Metrics {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
         };
         let _ = writeln!(o, "# HELP lowrank_requests_total HTTP requests by endpoint and status.\n# TYPE lowrank_requests_total counter");
-        for ((e, s), n) in self.requests.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            let _ = writeln!(o, "lowrank_requests_total{{endpoint=\"{}\",status=\"{s}\"}} {n}", escape(e));
+        for ((e, s), n) in self
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                o,
+                "lowrank_requests_total{{endpoint=\"{}\",status=\"{s}\"}} {n}",
+                escape(e)
+            );
         }
-        g(&mut o, "lowrank_prompt_tokens_total", "counter", "Prompt tokens processed.", self.prompt_tokens.load(Ordering::Relaxed));
-        g(&mut o, "lowrank_completion_tokens_total", "counter", "Tokens generated.", self.completion_tokens.load(Ordering::Relaxed));
-        g(&mut o, "lowrank_queue_depth", "gauge", "Requests waiting for a batch slot.", self.queue_depth.load(Ordering::Relaxed));
-        g(&mut o, "lowrank_running_sequences", "gauge", "Sequences being generated.", self.running.load(Ordering::Relaxed));
-        g(&mut o, "lowrank_kv_cache_bytes", "gauge", "Bytes held by KV caches.", self.kv_cache_bytes.load(Ordering::Relaxed));
-        g(&mut o, "lowrank_resident_adapters", "gauge", "Adapters loaded in memory.", self.resident_adapters.load(Ordering::Relaxed));
-        g(&mut o, "lowrank_resident_adapter_bytes", "gauge", "Tensor bytes of loaded adapters.", self.resident_adapter_bytes.load(Ordering::Relaxed));
+        g(
+            &mut o,
+            "lowrank_prompt_tokens_total",
+            "counter",
+            "Prompt tokens processed.",
+            self.prompt_tokens.load(Ordering::Relaxed),
+        );
+        g(
+            &mut o,
+            "lowrank_completion_tokens_total",
+            "counter",
+            "Tokens generated.",
+            self.completion_tokens.load(Ordering::Relaxed),
+        );
+        g(
+            &mut o,
+            "lowrank_queue_depth",
+            "gauge",
+            "Requests waiting for a batch slot.",
+            self.queue_depth.load(Ordering::Relaxed),
+        );
+        g(
+            &mut o,
+            "lowrank_running_sequences",
+            "gauge",
+            "Sequences being generated.",
+            self.running.load(Ordering::Relaxed),
+        );
+        g(
+            &mut o,
+            "lowrank_kv_cache_bytes",
+            "gauge",
+            "Bytes held by KV caches.",
+            self.kv_cache_bytes.load(Ordering::Relaxed),
+        );
+        g(
+            &mut o,
+            "lowrank_resident_adapters",
+            "gauge",
+            "Adapters loaded in memory.",
+            self.resident_adapters.load(Ordering::Relaxed),
+        );
+        g(
+            &mut o,
+            "lowrank_resident_adapter_bytes",
+            "gauge",
+            "Tensor bytes of loaded adapters.",
+            self.resident_adapter_bytes.load(Ordering::Relaxed),
+        );
         let _ = writeln!(o, "# HELP lowrank_adapter_requests_total Requests per adapter.\n# TYPE lowrank_adapter_requests_total counter");
-        for (a, n) in self.adapter_requests.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            let _ = writeln!(o, "lowrank_adapter_requests_total{{adapter=\"{}\"}} {n}", escape(a));
+        for (a, n) in self
+            .adapter_requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                o,
+                "lowrank_adapter_requests_total{{adapter=\"{}\"}} {n}",
+                escape(a)
+            );
         }
-        self.batch_rows.render(&mut o, "lowrank_batch_size", "Sequences per batched forward.");
-        self.batch_tokens.render(&mut o, "lowrank_batch_tokens", "Tokens per batched forward.");
-        self.ttft.render(&mut o, "lowrank_time_to_first_token_seconds", "Time from arrival to the first generated token.");
-        self.itl.render(&mut o, "lowrank_inter_token_latency_seconds", "Time between consecutive generated tokens.");
+        self.batch_rows.render(
+            &mut o,
+            "lowrank_batch_size",
+            "Sequences per batched forward.",
+        );
+        self.batch_tokens.render(
+            &mut o,
+            "lowrank_batch_tokens",
+            "Tokens per batched forward.",
+        );
+        self.ttft.render(
+            &mut o,
+            "lowrank_time_to_first_token_seconds",
+            "Time from arrival to the first generated token.",
+        );
+        self.itl.render(
+            &mut o,
+            "lowrank_inter_token_latency_seconds",
+            "Time between consecutive generated tokens.",
+        );
         o
     }
 }

@@ -77,8 +77,11 @@ impl InMessage {
                 let mut out = String::new();
                 for p in ps {
                     if p.kind != "text" {
-                        return Err(ApiError::bad_request(format!("message content of type `{}` is not supported (text only)", p.kind))
-                            .param("messages"));
+                        return Err(ApiError::bad_request(format!(
+                            "message content of type `{}` is not supported (text only)",
+                            p.kind
+                        ))
+                        .param("messages"));
                     }
                     out.push_str(p.text.as_deref().unwrap_or(""));
                 }
@@ -137,7 +140,15 @@ impl Kind {
         }
     }
 
-    pub fn full(self, id: &str, created: u64, model: &str, text: &str, finish: &str, usage: Value) -> Value {
+    pub fn full(
+        self,
+        id: &str,
+        created: u64,
+        model: &str,
+        text: &str,
+        finish: &str,
+        usage: Value,
+    ) -> Value {
         match self {
             Kind::Chat => json!({
                 "id": id, "object": "chat.completion", "created": created, "model": model,
@@ -154,7 +165,16 @@ impl Kind {
     }
 
     /// One streamed chunk; `role` only on a chat stream's first chunk.
-    pub fn chunk(self, id: &str, created: u64, model: &str, text: Option<&str>, role: bool, finish: Option<&str>, with_usage: bool) -> Value {
+    pub fn chunk(
+        self,
+        id: &str,
+        created: u64,
+        model: &str,
+        text: Option<&str>,
+        role: bool,
+        finish: Option<&str>,
+        with_usage: bool,
+    ) -> Value {
         let mut v = match self {
             Kind::Chat => {
                 let mut delta = serde_json::Map::new();
@@ -181,7 +201,14 @@ impl Kind {
     }
 
     /// The final usage-only chunk (`stream_options.include_usage`).
-    pub fn usage_chunk(self, id: &str, created: u64, model: &str, prompt: usize, completion: usize) -> Value {
+    pub fn usage_chunk(
+        self,
+        id: &str,
+        created: u64,
+        model: &str,
+        prompt: usize,
+        completion: usize,
+    ) -> Value {
         let object = match self {
             Kind::Chat => "chat.completion.chunk",
             Kind::Completion => "text_completion",

@@ -85,7 +85,10 @@ pub struct Registry {
 pub fn adapter_bytes(a: &Adapter) -> u64 {
     a.modules
         .values()
-        .map(|m| ((m.a.elem_count() * m.a.dtype().size_in_bytes()) + (m.b.elem_count() * m.b.dtype().size_in_bytes())) as u64)
+        .map(|m| {
+            ((m.a.elem_count() * m.a.dtype().size_in_bytes())
+                + (m.b.elem_count() * m.b.dtype().size_in_bytes())) as u64
+        })
         .sum()
 }
 
@@ -94,12 +97,20 @@ pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 128
         && !name.starts_with('.')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 impl Registry {
     /// Scan `root` (if any) for adapter directories; nothing is loaded yet.
-    pub fn new(model: Arc<Llama>, root: Option<&Path>, base_id: &str, max_bytes: u64, metrics: Arc<Metrics>) -> crate::Result<Self> {
+    pub fn new(
+        model: Arc<Llama>,
+        root: Option<&Path>,
+        base_id: &str,
+        max_bytes: u64,
+        metrics: Arc<Metrics>,
+    ) -> crate::Result<Self> {
         let root = match root {
             None => None,
             Some(r) => Some(r.canonicalize().map_err(|e| {
@@ -113,7 +124,10 @@ impl Registry {
             max_bytes,
             base_fingerprint: OnceLock::new(),
             metrics,
-            inner: Mutex::new(Inner { next_generation: 1, ..Default::default() }),
+            inner: Mutex::new(Inner {
+                next_generation: 1,
+                ..Default::default()
+            }),
         };
         reg.scan()?;
         Ok(reg)
@@ -128,21 +142,34 @@ impl Registry {
     }
 
     fn scan(&self) -> crate::Result<()> {
-        let Some(root) = &self.root else { return Ok(()) };
-        let rd = std::fs::read_dir(root).map_err(|e| crate::ServeError::Invalid(format!("{}: {e}", root.display())))?;
+        let Some(root) = &self.root else {
+            return Ok(());
+        };
+        let rd = std::fs::read_dir(root)
+            .map_err(|e| crate::ServeError::Invalid(format!("{}: {e}", root.display())))?;
         let mut inner = self.lock();
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
             if !valid_name(&name) || name == self.base_id {
                 continue;
             }
-            let Ok(p) = e.path().canonicalize() else { continue };
+            let Ok(p) = e.path().canonicalize() else {
+                continue;
+            };
             if !p.starts_with(root) || !p.join(lowrank_lora::peft::CONFIG_FILE).is_file() {
                 continue;
             }
             inner.epoch += 1;
             let epoch = inner.epoch;
-            inner.entries.insert(name, Entry { path: p, loaded: None, last_used: 0, epoch });
+            inner.entries.insert(
+                name,
+                Entry {
+                    path: p,
+                    loaded: None,
+                    last_used: 0,
+                    epoch,
+                },
+            );
         }
         Ok(())
     }
@@ -162,11 +189,19 @@ impl Registry {
             .iter()
             .map(|(n, e)| AdapterInfo {
                 name: n.clone(),
-                path: e.path.strip_prefix(&root).map(Path::to_path_buf).unwrap_or_else(|_| e.path.clone()),
+                path: e
+                    .path
+                    .strip_prefix(&root)
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|_| e.path.clone()),
                 loaded: e.loaded.is_some(),
                 generation: e.loaded.as_ref().map(|r| r.generation),
                 bytes: e.loaded.as_ref().map(|r| r.bytes),
-                in_use: e.loaded.as_ref().map(|r| Arc::strong_count(&r.adapter) - 1).unwrap_or(0),
+                in_use: e
+                    .loaded
+                    .as_ref()
+                    .map(|r| Arc::strong_count(&r.adapter) - 1)
+                    .unwrap_or(0),
             })
             .collect()
     }
@@ -179,37 +214,63 @@ impl Registry {
 
     fn used(inner: &mut Inner) -> u64 {
         inner.retired.retain(|(w, _)| w.strong_count() > 0);
-        let cur: u64 = inner.entries.values().filter_map(|e| e.loaded.as_ref()).map(|r| r.bytes).sum();
+        let cur: u64 = inner
+            .entries
+            .values()
+            .filter_map(|e| e.loaded.as_ref())
+            .map(|r| r.bytes)
+            .sum();
         cur + inner.retired.iter().map(|(_, b)| b).sum::<u64>()
     }
 
     fn publish(&self, inner: &mut Inner) {
         let bytes = Self::used(inner);
-        let n = inner.entries.values().filter(|e| e.loaded.is_some()).count() + inner.retired.len();
-        self.metrics.resident_adapters.store(n as u64, Ordering::Relaxed);
-        self.metrics.resident_adapter_bytes.store(bytes, Ordering::Relaxed);
+        let n = inner
+            .entries
+            .values()
+            .filter(|e| e.loaded.is_some())
+            .count()
+            + inner.retired.len();
+        self.metrics
+            .resident_adapters
+            .store(n as u64, Ordering::Relaxed);
+        self.metrics
+            .resident_adapter_bytes
+            .store(bytes, Ordering::Relaxed);
     }
 
     fn fingerprint(&self) -> std::result::Result<&str, String> {
         self.base_fingerprint
-            .get_or_init(|| self.model.fingerprint().map_err(|e| format!("cannot fingerprint the base model: {e}")))
+            .get_or_init(|| {
+                self.model
+                    .fingerprint()
+                    .map_err(|e| format!("cannot fingerprint the base model: {e}"))
+            })
             .as_deref()
             .map_err(|e| e.clone())
     }
 
     /// Load and validate an adapter directory (shapes, finiteness, base fingerprint).
     fn load_dir(&self, name: &str, dir: &Path) -> std::result::Result<Adapter, RegistryError> {
-        let fail = |m: String| RegistryError::Load(format!("adapter `{name}` cannot be loaded: {m}"));
-        let a = lowrank_lora::peft::load_peft(dir, &self.model.base_shapes(), self.model.device()).map_err(|e| fail(e.to_string()))?;
+        let fail =
+            |m: String| RegistryError::Load(format!("adapter `{name}` cannot be loaded: {m}"));
+        let a = lowrank_lora::peft::load_peft(dir, &self.model.base_shapes(), self.model.device())
+            .map_err(|e| fail(e.to_string()))?;
         if a.provenance.base_fingerprint.is_some() {
             let fp = self.fingerprint().map_err(fail)?;
-            a.check_fingerprint(fp, false).map_err(|e| fail(e.to_string()))?;
+            a.check_fingerprint(fp, false)
+                .map_err(|e| fail(e.to_string()))?;
         }
         Ok(a)
     }
 
     /// Evict idle adapters (least recently used first) until `need` more bytes fit.
-    fn make_room(&self, inner: &mut Inner, need: u64, keep: &str) -> std::result::Result<(), RegistryError> {
+    fn make_room(
+        &self,
+        inner: &mut Inner,
+        need: u64,
+        keep: &str,
+    ) -> std::result::Result<(), RegistryError> {
         if need > self.max_bytes {
             return Err(RegistryError::Budget(format!(
                 "adapter `{keep}` needs {need} bytes, more than the server's adapter budget of {} bytes",
@@ -220,7 +281,12 @@ impl Registry {
             let victim = inner
                 .entries
                 .iter()
-                .filter(|(n, e)| n.as_str() != keep && e.loaded.as_ref().is_some_and(|r| Arc::strong_count(&r.adapter) == 1))
+                .filter(|(n, e)| {
+                    n.as_str() != keep
+                        && e.loaded
+                            .as_ref()
+                            .is_some_and(|r| Arc::strong_count(&r.adapter) == 1)
+                })
                 .min_by_key(|(_, e)| e.last_used)
                 .map(|(n, _)| n.clone());
             match victim {
@@ -242,7 +308,9 @@ impl Registry {
             let mut inner = self.lock();
             inner.clock += 1;
             let clock = inner.clock;
-            let e = inner.entries.get_mut(name).ok_or_else(|| RegistryError::NotFound(format!("adapter `{name}` does not exist")))?;
+            let e = inner.entries.get_mut(name).ok_or_else(|| {
+                RegistryError::NotFound(format!("adapter `{name}` does not exist"))
+            })?;
             e.last_used = clock;
             if let Some(r) = &e.loaded {
                 return Ok(r.clone());
@@ -252,7 +320,11 @@ impl Registry {
         let adapter = self.load_dir(name, &path)?;
         let mut inner = self.lock();
         match inner.entries.get(name) {
-            None => return Err(RegistryError::NotFound(format!("adapter `{name}` was removed"))),
+            None => {
+                return Err(RegistryError::NotFound(format!(
+                    "adapter `{name}` was removed"
+                )))
+            }
             Some(e) if e.epoch != epoch => {
                 // Re-registered meanwhile: serve whatever is current now.
                 if let Some(r) = &e.loaded {
@@ -269,12 +341,19 @@ impl Registry {
         Ok(r)
     }
 
-    fn install(&self, inner: &mut Inner, name: &str, adapter: Adapter) -> std::result::Result<Resident, RegistryError> {
+    fn install(
+        &self,
+        inner: &mut Inner,
+        name: &str,
+        adapter: Adapter,
+    ) -> std::result::Result<Resident, RegistryError> {
         let bytes = adapter_bytes(&adapter);
         // The version being replaced stops counting as current; if in use it is retired.
         if let Some(old) = inner.entries.get_mut(name).and_then(|e| e.loaded.take()) {
             if Arc::strong_count(&old.adapter) > 1 {
-                inner.retired.push((Arc::downgrade(&old.adapter), old.bytes));
+                inner
+                    .retired
+                    .push((Arc::downgrade(&old.adapter), old.bytes));
             }
         }
         self.make_room(inner, bytes, name)?;
@@ -282,7 +361,11 @@ impl Registry {
         inner.next_generation += 1;
         inner.clock += 1;
         let clock = inner.clock;
-        let r = Resident { adapter: Arc::new(adapter), generation, bytes };
+        let r = Resident {
+            adapter: Arc::new(adapter),
+            generation,
+            bytes,
+        };
         let e = inner.entries.get_mut(name).expect("entry exists");
         e.loaded = Some(r.clone());
         e.last_used = clock;
@@ -294,24 +377,39 @@ impl Registry {
     /// symlinks it must still lie inside the root.
     pub fn confine(&self, path: &str) -> std::result::Result<PathBuf, RegistryError> {
         let root = self.root.as_ref().ok_or_else(|| {
-            RegistryError::Invalid("the server has no adapters directory; adapters can only be loaded from inside it".into())
+            RegistryError::Invalid(
+                "the server has no adapters directory; adapters can only be loaded from inside it"
+                    .into(),
+            )
         })?;
         let p = Path::new(path);
         if path.is_empty() {
             return Err(RegistryError::Invalid("`path` is empty".into()));
         }
         if p.components().any(|c| matches!(c, Component::ParentDir)) {
-            return Err(RegistryError::Invalid(format!("path `{path}` must not contain `..`")));
+            return Err(RegistryError::Invalid(format!(
+                "path `{path}` must not contain `..`"
+            )));
         }
-        let full = if p.is_absolute() { p.to_path_buf() } else { root.join(p) };
-        let canon = full
-            .canonicalize()
-            .map_err(|e| RegistryError::Invalid(format!("path `{path}` cannot be opened inside the adapters directory: {e}")))?;
+        let full = if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            root.join(p)
+        };
+        let canon = full.canonicalize().map_err(|e| {
+            RegistryError::Invalid(format!(
+                "path `{path}` cannot be opened inside the adapters directory: {e}"
+            ))
+        })?;
         if !canon.starts_with(root) {
-            return Err(RegistryError::Invalid(format!("path `{path}` is outside the adapters directory")));
+            return Err(RegistryError::Invalid(format!(
+                "path `{path}` is outside the adapters directory"
+            )));
         }
         if !canon.is_dir() {
-            return Err(RegistryError::Invalid(format!("path `{path}` is not a directory")));
+            return Err(RegistryError::Invalid(format!(
+                "path `{path}` is not a directory"
+            )));
         }
         Ok(canon)
     }
@@ -326,7 +424,9 @@ impl Registry {
             )));
         }
         if name == self.base_id {
-            return Err(RegistryError::Invalid(format!("`{name}` is the base model's id")));
+            return Err(RegistryError::Invalid(format!(
+                "`{name}` is the base model's id"
+            )));
         }
         let dir = self.confine(path)?;
         let adapter = self.load_dir(name, &dir)?;
@@ -339,7 +439,15 @@ impl Registry {
                 e.epoch = epoch;
             }
             None => {
-                inner.entries.insert(name.to_string(), Entry { path: dir, loaded: None, last_used: 0, epoch });
+                inner.entries.insert(
+                    name.to_string(),
+                    Entry {
+                        path: dir,
+                        loaded: None,
+                        last_used: 0,
+                        epoch,
+                    },
+                );
             }
         }
         self.install(&mut inner, name, adapter)
@@ -348,7 +456,10 @@ impl Registry {
     /// Stop serving `name`; requests using it finish with the version they hold.
     pub fn remove(&self, name: &str) -> std::result::Result<(), RegistryError> {
         let mut inner = self.lock();
-        let e = inner.entries.remove(name).ok_or_else(|| RegistryError::NotFound(format!("adapter `{name}` does not exist")))?;
+        let e = inner
+            .entries
+            .remove(name)
+            .ok_or_else(|| RegistryError::NotFound(format!("adapter `{name}` does not exist")))?;
         if let Some(r) = e.loaded {
             if Arc::strong_count(&r.adapter) > 1 {
                 inner.retired.push((Arc::downgrade(&r.adapter), r.bytes));
@@ -361,6 +472,9 @@ impl Registry {
     /// Load every registered adapter; returns the failures (which stay registered and fail
     /// again, clearly, when requested).
     pub fn preload(&self) -> Vec<(String, RegistryError)> {
-        self.names().into_iter().filter_map(|n| self.get(&n).err().map(|e| (n, e))).collect()
+        self.names()
+            .into_iter()
+            .filter_map(|n| self.get(&n).err().map(|e| (n, e)))
+            .collect()
     }
 }

@@ -26,7 +26,11 @@ use crate::metrics::Metrics;
 pub enum Event {
     /// One generated token and the text that became final with it (may be empty).
     Token(String),
-    Done { finish: FinishReason, prompt_tokens: usize, completion_tokens: usize },
+    Done {
+        finish: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
     /// The request failed (HTTP status, message).
     Error(u16, String),
 }
@@ -73,7 +77,13 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    pub fn start(model: Arc<Llama>, tok: Arc<Tok>, eos: Vec<u32>, cfg: SchedulerConfig, metrics: Arc<Metrics>) -> Scheduler {
+    pub fn start(
+        model: Arc<Llama>,
+        tok: Arc<Tok>,
+        eos: Vec<u32>,
+        cfg: SchedulerConfig,
+        metrics: Arc<Metrics>,
+    ) -> Scheduler {
         let c = &model.cfg;
         // K and V, every layer, f32 activations.
         let kv_per_token = c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4;
@@ -86,7 +96,15 @@ impl Scheduler {
             std::thread::Builder::new()
                 .name("lowrank-scheduler".into())
                 .spawn(move || {
-                    let mut s = Loop { model: &model, tok: &tok, eos: &eos, cfg, metrics: &metrics, queued: &queued, kv_per_token };
+                    let mut s = Loop {
+                        model: &model,
+                        tok: &tok,
+                        eos: &eos,
+                        cfg,
+                        metrics: &metrics,
+                        queued: &queued,
+                        kv_per_token,
+                    };
                     let r = catch_unwind(AssertUnwindSafe(|| s.run(rx)));
                     if r.is_err() {
                         eprintln!("lowrank serve: the scheduler thread panicked");
@@ -95,7 +113,15 @@ impl Scheduler {
                 })
                 .expect("spawn scheduler thread")
         };
-        Scheduler { tx: Mutex::new(tx), queued, alive, cfg, kv_per_token, max_pos, thread: Mutex::new(Some(th)) }
+        Scheduler {
+            tx: Mutex::new(tx),
+            queued,
+            alive,
+            cfg,
+            kv_per_token,
+            max_pos,
+            thread: Mutex::new(Some(th)),
+        }
     }
 
     /// KV bytes reserved for a request of `prompt` tokens generating up to `max_tokens`.
@@ -117,7 +143,10 @@ impl Scheduler {
         }
         let need = self.kv_need(req.prompt.len(), req.params.max_tokens);
         if need > self.cfg.kv_cache_bytes {
-            return Err(SubmitError::TooLarge { need, budget: self.cfg.kv_cache_bytes });
+            return Err(SubmitError::TooLarge {
+                need,
+                budget: self.cfg.kv_cache_bytes,
+            });
         }
         let prev = self.queued.fetch_add(1, Ordering::SeqCst);
         if prev as usize >= self.cfg.max_queue {
@@ -134,7 +163,11 @@ impl Scheduler {
 
     /// Stop the thread (after failing anything still queued) and wait for it.
     pub fn shutdown(&self) {
-        let _ = self.tx.lock().unwrap_or_else(|e| e.into_inner()).send(Msg::Shutdown);
+        let _ = self
+            .tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(Msg::Shutdown);
         if let Some(h) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = h.join();
         }
@@ -143,7 +176,11 @@ impl Scheduler {
 
 impl Drop for Scheduler {
     fn drop(&mut self) {
-        let _ = self.tx.lock().unwrap_or_else(|e| e.into_inner()).send(Msg::Shutdown);
+        let _ = self
+            .tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(Msg::Shutdown);
     }
 }
 
@@ -183,7 +220,10 @@ struct Loop<'a> {
 }
 
 fn panic_msg(p: &(dyn std::any::Any + Send)) -> String {
-    p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_else(|| "panic".into())
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
 }
 
 impl<'a> Loop<'a> {
@@ -220,7 +260,9 @@ impl<'a> Loop<'a> {
             if stopping {
                 for r in waiting.drain(..) {
                     self.queued.fetch_sub(1, Ordering::SeqCst);
-                    let _ = r.events.send(Event::Error(503, "the server is shutting down".into()));
+                    let _ = r
+                        .events
+                        .send(Event::Error(503, "the server is shutting down".into()));
                 }
             }
             // 2. Drop abandoned and expired requests.
@@ -229,7 +271,10 @@ impl<'a> Loop<'a> {
                 if !keep {
                     self.queued.fetch_sub(1, Ordering::SeqCst);
                     if now >= r.deadline {
-                        let _ = r.events.send(Event::Error(504, "request timed out waiting in the queue".into()));
+                        let _ = r.events.send(Event::Error(
+                            504,
+                            "request timed out waiting in the queue".into(),
+                        ));
                     }
                 }
                 keep
@@ -238,14 +283,19 @@ impl<'a> Loop<'a> {
                 if r.events.is_closed() {
                     r.done = true;
                 } else if now >= r.deadline {
-                    r.finish(Event::Error(504, format!("request timed out after {} generated tokens", r.generated)));
+                    r.finish(Event::Error(
+                        504,
+                        format!("request timed out after {} generated tokens", r.generated),
+                    ));
                 }
             }
             self.sweep(&mut rows, &mut reserved);
             // 3. Admit, oldest first, within max_batch and the KV budget.
             while rows.len() < self.cfg.max_batch.max(1) {
                 let Some(r) = waiting.front() else { break };
-                let need = (r.prompt.len() + r.params.max_tokens).min(self.model.cfg.max_position_embeddings) * self.kv_per_token;
+                let need = (r.prompt.len() + r.params.max_tokens)
+                    .min(self.model.cfg.max_position_embeddings)
+                    * self.kv_per_token;
                 if !rows.is_empty() && reserved + need > self.cfg.kv_cache_bytes {
                     break;
                 }
@@ -269,8 +319,12 @@ impl<'a> Loop<'a> {
                     done: false,
                 });
             }
-            self.metrics.queue_depth.store(self.queued.load(Ordering::SeqCst), Ordering::Relaxed);
-            self.metrics.running.store(rows.len() as u64, Ordering::Relaxed);
+            self.metrics
+                .queue_depth
+                .store(self.queued.load(Ordering::SeqCst), Ordering::Relaxed);
+            self.metrics
+                .running
+                .store(rows.len() as u64, Ordering::Relaxed);
             if rows.is_empty() {
                 continue;
             }
@@ -278,8 +332,12 @@ impl<'a> Loop<'a> {
             self.step(&mut rows);
             self.sweep(&mut rows, &mut reserved);
             let kv: usize = rows.iter().map(|r| r.cache.bytes()).sum();
-            self.metrics.kv_cache_bytes.store(kv as u64, Ordering::Relaxed);
-            self.metrics.running.store(rows.len() as u64, Ordering::Relaxed);
+            self.metrics
+                .kv_cache_bytes
+                .store(kv as u64, Ordering::Relaxed);
+            self.metrics
+                .running
+                .store(rows.len() as u64, Ordering::Relaxed);
         }
         self.metrics.running.store(0, Ordering::Relaxed);
         self.metrics.kv_cache_bytes.store(0, Ordering::Relaxed);
@@ -317,7 +375,11 @@ impl<'a> Loop<'a> {
                     tokens: &r.input[r.fed..end],
                     cache: Some(&mut r.cache),
                     adapters: r.adapters.clone(),
-                    logits: if end == r.input.len() { LogitsMode::Last } else { LogitsMode::None },
+                    logits: if end == r.input.len() {
+                        LogitsMode::Last
+                    } else {
+                        LogitsMode::None
+                    },
                 });
                 which.push((i, take));
             }
@@ -325,8 +387,12 @@ impl<'a> Loop<'a> {
                 return;
             }
             self.metrics.batch_rows.observe(seqs.len() as f64);
-            self.metrics.batch_tokens.observe(which.iter().map(|(_, t)| *t).sum::<usize>() as f64);
-            catch_unwind(AssertUnwindSafe(|| self.model.forward(&mut seqs, &mut ForwardOpts::infer())))
+            self.metrics
+                .batch_tokens
+                .observe(which.iter().map(|(_, t)| *t).sum::<usize>() as f64);
+            catch_unwind(AssertUnwindSafe(|| {
+                self.model.forward(&mut seqs, &mut ForwardOpts::infer())
+            }))
         };
         let logits = match result {
             Ok(Ok(l)) => l,
@@ -338,7 +404,10 @@ impl<'a> Loop<'a> {
             }
             Err(p) => {
                 for &(i, _) in &which {
-                    rows[i].finish(Event::Error(500, format!("model error: {}", panic_msg(&*p))));
+                    rows[i].finish(Event::Error(
+                        500,
+                        format!("model error: {}", panic_msg(&*p)),
+                    ));
                 }
                 return;
             }
@@ -347,28 +416,53 @@ impl<'a> Loop<'a> {
         for (k, &(i, take)) in which.iter().enumerate() {
             let r = &mut rows[i];
             r.fed += take;
-            let Some(l) = logits[k].as_ref() else { continue };
+            let Some(l) = logits[k].as_ref() else {
+                continue;
+            };
             let res = catch_unwind(AssertUnwindSafe(|| self.advance(r, l, now)));
             match res {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => r.finish(Event::Error(500, e)),
-                Err(p) => r.finish(Event::Error(500, format!("sampling failed: {}", panic_msg(&*p)))),
+                Err(p) => r.finish(Event::Error(
+                    500,
+                    format!("sampling failed: {}", panic_msg(&*p)),
+                )),
             }
         }
     }
 
     /// Sample the next token of a row and stream it; finish the row when it is done.
-    fn advance(&self, r: &mut Row<'a>, logits: &candle_core::Tensor, now: Instant) -> Result<(), String> {
-        let id = r.sampler.sample(logits).map_err(|e| format!("sampling failed: {e}"))?;
+    fn advance(
+        &self,
+        r: &mut Row<'a>,
+        logits: &candle_core::Tensor,
+        now: Instant,
+    ) -> Result<(), String> {
+        let id = r
+            .sampler
+            .sample(logits)
+            .map_err(|e| format!("sampling failed: {e}"))?;
         r.generated += 1;
-        self.metrics.completion_tokens.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .completion_tokens
+            .fetch_add(1, Ordering::Relaxed);
         match r.last_token_at {
-            None => self.metrics.ttft.observe(now.duration_since(r.arrived).as_secs_f64()),
-            Some(t) => self.metrics.itl.observe(now.duration_since(t).as_secs_f64()),
+            None => self
+                .metrics
+                .ttft
+                .observe(now.duration_since(r.arrived).as_secs_f64()),
+            Some(t) => self
+                .metrics
+                .itl
+                .observe(now.duration_since(t).as_secs_f64()),
         }
         r.last_token_at = Some(now);
         let done = |r: &mut Row<'a>, finish: FinishReason| {
-            r.finish(Event::Done { finish, prompt_tokens: r.prompt_tokens, completion_tokens: r.generated });
+            r.finish(Event::Done {
+                finish,
+                prompt_tokens: r.prompt_tokens,
+                completion_tokens: r.generated,
+            });
         };
         let flush = |r: &mut Row<'a>| -> Result<(), String> {
             let rest = r.stream.flush().map_err(|e| e.to_string())?;
@@ -389,7 +483,9 @@ impl<'a> Loop<'a> {
         }
         if stopped {
             done(r, FinishReason::Stop);
-        } else if r.generated >= r.sampler.params.max_tokens || r.cache.len() + 1 > self.model.cfg.max_position_embeddings {
+        } else if r.generated >= r.sampler.params.max_tokens
+            || r.cache.len() + 1 > self.model.cfg.max_position_embeddings
+        {
             flush(r)?;
             done(r, FinishReason::Length);
         } else {
@@ -403,5 +499,6 @@ impl<'a> Loop<'a> {
 /// How long a request may still run.
 pub fn deadline_after(d: Duration) -> Instant {
     let now = Instant::now();
-    now.checked_add(d).unwrap_or(now + Duration::from_secs(86400 * 365))
+    now.checked_add(d)
+        .unwrap_or(now + Duration::from_secs(86400 * 365))
 }

@@ -30,7 +30,13 @@ fn adapters_dir(lm: &lowrank_model::LoadedModel, n: usize) -> TempDir {
 async fn endpoints_and_shapes() {
     let lm = tiny();
     let dir = adapters_dir(&lm, 1);
-    let s = state(lm, ServeConfig { adapters_dir: Some(dir.path().into()), ..Default::default() });
+    let s = state(
+        lm,
+        ServeConfig {
+            adapters_dir: Some(dir.path().into()),
+            ..Default::default()
+        },
+    );
 
     let h = call(&s, "GET", "/health", None, None).await;
     assert_eq!(h.status, StatusCode::OK);
@@ -62,7 +68,10 @@ async fn endpoints_and_shapes() {
     let fr = v["choices"][0]["finish_reason"].as_str().unwrap();
     assert!(fr == "stop" || fr == "length");
     let u = &v["usage"];
-    let (p, c) = (u["prompt_tokens"].as_u64().unwrap(), u["completion_tokens"].as_u64().unwrap());
+    let (p, c) = (
+        u["prompt_tokens"].as_u64().unwrap(),
+        u["completion_tokens"].as_u64().unwrap(),
+    );
     assert!(p > 0 && c >= 1 && c <= 8);
     assert_eq!(u["total_tokens"].as_u64().unwrap(), p + c);
     if fr == "length" {
@@ -91,7 +100,12 @@ async fn endpoints_and_shapes() {
                 "temperature": 0, "adapters": [{"name": "a0", "scale": 1.0}]}),
     )
     .await;
-    assert_eq!(r.json()["choices"][0]["message"]["content"].as_str().unwrap(), a);
+    assert_eq!(
+        r.json()["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap(),
+        a
+    );
     // Mixture with the fixture too: accepted.
     let r = post(
         &s,
@@ -139,7 +153,13 @@ async fn endpoints_and_shapes() {
 async fn streaming_matches_non_streaming() {
     let lm = tiny();
     let dir = adapters_dir(&lm, 1);
-    let s = state(lm, ServeConfig { adapters_dir: Some(dir.path().into()), ..Default::default() });
+    let s = state(
+        lm,
+        ServeConfig {
+            adapters_dir: Some(dir.path().into()),
+            ..Default::default()
+        },
+    );
     for model in ["model", "a0"] {
         let full = chat_text(&s, model, "Write a poem", 16).await;
         let mut body = chat_body(model, "Write a poem", 16);
@@ -149,7 +169,10 @@ async fn streaming_matches_non_streaming() {
         assert_eq!(r.status, StatusCode::OK);
         let events = r.sse();
         assert_eq!(events.last().unwrap(), "[DONE]");
-        let chunks: Vec<serde_json::Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+        let chunks: Vec<serde_json::Value> = events[..events.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str(e).unwrap())
+            .collect();
         assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
         let mut text = String::new();
         let mut finish = None;
@@ -179,7 +202,12 @@ async fn streaming_matches_non_streaming() {
             assert_eq!(c["object"], "text_completion");
             text.push_str(c["choices"][0]["text"].as_str().unwrap());
         }
-        let full = post(&s, "/v1/completions", &json!({"model": model, "prompt": "The sky", "max_tokens": 10, "temperature": 0})).await;
+        let full = post(
+            &s,
+            "/v1/completions",
+            &json!({"model": model, "prompt": "The sky", "max_tokens": 10, "temperature": 0}),
+        )
+        .await;
         assert_eq!(text, full.json()["choices"][0]["text"].as_str().unwrap());
     }
 }
@@ -187,19 +215,45 @@ async fn streaming_matches_non_streaming() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn error_cases() {
     let lm = tiny();
-    let s = state(lm, ServeConfig { api_key: Some("sk-test".into()), body_limit: 4096, max_tokens_limit: 64, ..Default::default() });
+    let s = state(
+        lm,
+        ServeConfig {
+            api_key: Some("sk-test".into()),
+            body_limit: 4096,
+            max_tokens_limit: 64,
+            ..Default::default()
+        },
+    );
     let key = Some("sk-test");
     let good = chat_body("model", "Hi", 2).to_string();
 
     let r = call(&s, "POST", "/v1/chat/completions", Some(&good), None).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     r.error_message();
-    let r = call(&s, "POST", "/v1/chat/completions", Some(&good), Some("wrong")).await;
+    let r = call(
+        &s,
+        "POST",
+        "/v1/chat/completions",
+        Some(&good),
+        Some("wrong"),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
-    assert_eq!(call(&s, "GET", "/v1/models", None, None).await.status, StatusCode::UNAUTHORIZED);
-    assert_eq!(call(&s, "POST", "/v1/chat/completions", Some(&good), key).await.status, StatusCode::OK);
+    assert_eq!(
+        call(&s, "GET", "/v1/models", None, None).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        call(&s, "POST", "/v1/chat/completions", Some(&good), key)
+            .await
+            .status,
+        StatusCode::OK
+    );
     // Health and metrics stay open.
-    assert_eq!(call(&s, "GET", "/health", None, None).await.status, StatusCode::OK);
+    assert_eq!(
+        call(&s, "GET", "/health", None, None).await.status,
+        StatusCode::OK
+    );
 
     let cases: Vec<(String, StatusCode, &str)> = vec![
         (chat_body("nope", "Hi", 2).to_string(), StatusCode::NOT_FOUND, "nope"),
@@ -220,16 +274,43 @@ async fn error_cases() {
     ];
     for (body, status, needle) in cases {
         let r = call(&s, "POST", "/v1/chat/completions", Some(&body), key).await;
-        assert_eq!(r.status, status, "{}: {}", &body[..body.len().min(80)], r.text);
+        assert_eq!(
+            r.status,
+            status,
+            "{}: {}",
+            &body[..body.len().min(80)],
+            r.text
+        );
         let msg = r.error_message();
         assert!(msg.contains(needle), "`{msg}` lacks `{needle}`");
     }
-    let r = call(&s, "POST", "/v1/completions", Some(&json!({"model": "model", "prompt": ["a", "b"]}).to_string()), key).await;
+    let r = call(
+        &s,
+        "POST",
+        "/v1/completions",
+        Some(&json!({"model": "model", "prompt": ["a", "b"]}).to_string()),
+        key,
+    )
+    .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
-    let r = call(&s, "POST", "/v1/completions", Some(&json!({"model": "model", "prompt": [1, 999999]}).to_string()), key).await;
+    let r = call(
+        &s,
+        "POST",
+        "/v1/completions",
+        Some(&json!({"model": "model", "prompt": [1, 999999]}).to_string()),
+        key,
+    )
+    .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     let long = "word ".repeat(600); // fits the body limit, not the 512-token context
-    let r = call(&s, "POST", "/v1/completions", Some(&json!({"model": "model", "prompt": long}).to_string()), key).await;
+    let r = call(
+        &s,
+        "POST",
+        "/v1/completions",
+        Some(&json!({"model": "model", "prompt": long}).to_string()),
+        key,
+    )
+    .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
     assert!(r.error_message().contains("context"));
     let r = call(&s, "GET", "/v1/nothing", None, key).await;
@@ -237,18 +318,45 @@ async fn error_cases() {
     r.error_message();
     // Unknown model on the chat endpoint counts in the metrics; the server still serves.
     assert!(s.metrics.requests_of("/v1/chat/completions", 404) >= 2);
-    assert_eq!(call(&s, "POST", "/v1/chat/completions", Some(&good), key).await.status, StatusCode::OK);
+    assert_eq!(
+        call(&s, "POST", "/v1/chat/completions", Some(&good), key)
+            .await
+            .status,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn context_overflow_and_timeout() {
-    let s = state(tiny(), ServeConfig { body_limit: 1 << 20, ..Default::default() });
+    let s = state(
+        tiny(),
+        ServeConfig {
+            body_limit: 1 << 20,
+            ..Default::default()
+        },
+    );
     let long = "word ".repeat(2000);
-    let r = post(&s, "/v1/completions", &json!({"model": "model", "prompt": long})).await;
+    let r = post(
+        &s,
+        "/v1/completions",
+        &json!({"model": "model", "prompt": long}),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert!(r.error_message().contains("context"));
-    let s = state(tiny(), ServeConfig { request_timeout: Duration::from_millis(0), ..Default::default() });
-    let r = post(&s, "/v1/completions", &json!({"model": "model", "prompt": "x", "max_tokens": 5})).await;
+    let s = state(
+        tiny(),
+        ServeConfig {
+            request_timeout: Duration::from_millis(0),
+            ..Default::default()
+        },
+    );
+    let r = post(
+        &s,
+        "/v1/completions",
+        &json!({"model": "model", "prompt": "x", "max_tokens": 5}),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT, "{}", r.text);
     r.error_message();
 }
@@ -259,12 +367,29 @@ async fn context_overflow_and_timeout() {
 async fn batched_equals_alone() {
     let lm = tiny();
     let dir = adapters_dir(&lm, 3);
-    let s = state(lm, ServeConfig { adapters_dir: Some(dir.path().into()), prefill_tokens_per_step: 24, ..Default::default() });
-    let prompts = ["Hi", "Tell me about the weather in Paris today please", "1 2 3", "What is LoRA?", "Write a long story about a dragon and a knight"];
+    let s = state(
+        lm,
+        ServeConfig {
+            adapters_dir: Some(dir.path().into()),
+            prefill_tokens_per_step: 24,
+            ..Default::default()
+        },
+    );
+    let prompts = [
+        "Hi",
+        "Tell me about the weather in Paris today please",
+        "1 2 3",
+        "What is LoRA?",
+        "Write a long story about a dragon and a knight",
+    ];
     let models = ["a0", "a1", "a2", "model", "fixture"];
     let mut reqs = Vec::new();
     for i in 0..12 {
-        let mut b = chat_body(models[i % models.len()], prompts[(i * 3) % prompts.len()], 6 + (i * 5) % 17);
+        let mut b = chat_body(
+            models[i % models.len()],
+            prompts[(i * 3) % prompts.len()],
+            6 + (i * 5) % 17,
+        );
         if i % 4 == 3 {
             b["model"] = json!("model");
             b["adapters"] = json!([{"name": "a0", "scale": 0.5}, {"name": "a2", "scale": 0.7}]);
@@ -276,10 +401,18 @@ async fn batched_equals_alone() {
     for b in &reqs {
         let r = post(&s, "/v1/chat/completions", b).await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-        alone.push(r.json()["choices"][0]["message"]["content"].as_str().unwrap().to_string());
+        alone.push(
+            r.json()["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
     }
     let distinct: std::collections::BTreeSet<_> = alone.iter().collect();
-    assert!(distinct.len() >= 4, "adapters should give different outputs: {alone:?}");
+    assert!(
+        distinct.len() >= 4,
+        "adapters should give different outputs: {alone:?}"
+    );
     let before = s.metrics.batch_rows.max();
     assert_eq!(before, 1.0);
     // All at once, twice (different interleavings).
@@ -295,31 +428,65 @@ async fn batched_equals_alone() {
         for (i, h) in handles.into_iter().enumerate() {
             let r = h.await.unwrap();
             assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-            assert_eq!(r.json()["choices"][0]["message"]["content"].as_str().unwrap(), alone[i], "request {i} differs in a batch");
+            assert_eq!(
+                r.json()["choices"][0]["message"]["content"]
+                    .as_str()
+                    .unwrap(),
+                alone[i],
+                "request {i} differs in a batch"
+            );
         }
     }
-    assert!(s.metrics.batch_rows.max() >= 4.0, "requests were not batched (max batch {})", s.metrics.batch_rows.max());
+    assert!(
+        s.metrics.batch_rows.max() >= 4.0,
+        "requests were not batched (max batch {})",
+        s.metrics.batch_rows.max()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn queue_full_gives_429() {
-    let s = state(tiny(), ServeConfig { max_batch: 1, max_queue: 1, ..Default::default() });
+    let s = state(
+        tiny(),
+        ServeConfig {
+            max_batch: 1,
+            max_queue: 1,
+            ..Default::default()
+        },
+    );
     // A long streaming request occupies the only batch slot...
     let mut body = chat_body("model", "Go on", 400);
     body["stream"] = json!(true);
-    let resp = lowrank_serve::app(s.clone()).oneshot(request("POST", "/v1/chat/completions", Some(&body.to_string()), None)).await.unwrap();
+    let resp = lowrank_serve::app(s.clone())
+        .oneshot(request(
+            "POST",
+            "/v1/chat/completions",
+            Some(&body.to_string()),
+            None,
+        ))
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let mut stream = resp.into_body().into_data_stream();
     let _ = stream.next().await.unwrap().unwrap();
     for _ in 0..400 {
-        if s.metrics.running.load(std::sync::atomic::Ordering::Relaxed) == 1 && s.scheduler.queued() == 0 {
+        if s.metrics.running.load(std::sync::atomic::Ordering::Relaxed) == 1
+            && s.scheduler.queued() == 0
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // ...a second one waits in the queue...
     let s2 = s.clone();
-    let waiting = tokio::spawn(async move { post(&s2, "/v1/completions", &json!({"model": "model", "prompt": "x", "max_tokens": 2})).await });
+    let waiting = tokio::spawn(async move {
+        post(
+            &s2,
+            "/v1/completions",
+            &json!({"model": "model", "prompt": "x", "max_tokens": 2}),
+        )
+        .await
+    });
     for _ in 0..200 {
         if s.scheduler.queued() == 1 {
             break;
@@ -328,7 +495,12 @@ async fn queue_full_gives_429() {
     }
     assert_eq!(s.scheduler.queued(), 1);
     // ...and a third is refused.
-    let r = post(&s, "/v1/completions", &json!({"model": "model", "prompt": "y", "max_tokens": 2})).await;
+    let r = post(
+        &s,
+        "/v1/completions",
+        &json!({"model": "model", "prompt": "y", "max_tokens": 2}),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.text);
     r.error_message();
     // Abandoning the stream frees the slot; the queued request completes.
@@ -348,20 +520,48 @@ async fn admin_load_unload_and_confinement() {
     std::os::unix::fs::symlink(outside.path().join("evil"), root.path().join("link")).unwrap();
 
     // No admin key: 403.
-    let s = state(tiny(), ServeConfig { adapters_dir: Some(root.path().into()), ..Default::default() });
+    let s = state(
+        tiny(),
+        ServeConfig {
+            adapters_dir: Some(root.path().into()),
+            ..Default::default()
+        },
+    );
     let body = json!({"name": "y", "path": "nested/y"}).to_string();
     let r = call(&s, "POST", "/v1/adapters", Some(&body), Some("anything")).await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
     r.error_message();
-    assert_eq!(call(&s, "DELETE", "/v1/adapters/x", None, Some("anything")).await.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        call(&s, "DELETE", "/v1/adapters/x", None, Some("anything"))
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
     // The symlink escaping the root was not picked up by the scan.
     let names: Vec<String> = s.registry.names();
     assert_eq!(names, ["x"]);
 
-    let s = state(lm, ServeConfig { adapters_dir: Some(root.path().into()), admin_key: Some("adm".into()), ..Default::default() });
+    let s = state(
+        lm,
+        ServeConfig {
+            adapters_dir: Some(root.path().into()),
+            admin_key: Some("adm".into()),
+            ..Default::default()
+        },
+    );
     let admin = Some("adm");
-    assert_eq!(call(&s, "POST", "/v1/adapters", Some(&body), None).await.status, StatusCode::UNAUTHORIZED);
-    assert_eq!(call(&s, "POST", "/v1/adapters", Some(&body), Some("bad")).await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        call(&s, "POST", "/v1/adapters", Some(&body), None)
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        call(&s, "POST", "/v1/adapters", Some(&body), Some("bad"))
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
     let r = call(&s, "POST", "/v1/adapters", Some(&body), admin).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     let g1 = r.json()["generation"].as_u64().unwrap();
@@ -400,8 +600,22 @@ async fn admin_load_unload_and_confinement() {
     let r = call(&s, "DELETE", "/v1/adapters/y", None, admin).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     assert_eq!(r.json()["deleted"], true);
-    assert_eq!(post(&s, "/v1/chat/completions", &chat_body("y", "Hello there", 8)).await.status, StatusCode::NOT_FOUND);
-    assert_eq!(call(&s, "DELETE", "/v1/adapters/y", None, admin).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        post(
+            &s,
+            "/v1/chat/completions",
+            &chat_body("y", "Hello there", 8)
+        )
+        .await
+        .status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        call(&s, "DELETE", "/v1/adapters/y", None, admin)
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
     // Load again: same output, new generation.
     let r = call(&s, "POST", "/v1/adapters", Some(&body), admin).await;
     assert!(r.json()["generation"].as_u64().unwrap() > g1);
@@ -419,7 +633,15 @@ async fn reload_while_streaming_keeps_old_version() {
     let root = TempDir::new("reload");
     random_adapter(&lm.model, &root.path().join("v1"), 0.3);
     random_adapter(&lm.model, &root.path().join("v2"), 0.3);
-    let s = state(lm, ServeConfig { adapters_dir: Some(root.path().into()), admin_key: Some("adm".into()), max_batch: 1, ..Default::default() });
+    let s = state(
+        lm,
+        ServeConfig {
+            adapters_dir: Some(root.path().into()),
+            admin_key: Some("adm".into()),
+            max_batch: 1,
+            ..Default::default()
+        },
+    );
     let reg = |path: &str| json!({"name": "live", "path": path}).to_string();
     let r = call(&s, "POST", "/v1/adapters", Some(&reg("v1")), Some("adm")).await;
     assert_eq!(r.status, StatusCode::OK);
@@ -433,7 +655,15 @@ async fn reload_while_streaming_keeps_old_version() {
         body["stream"] = json!(true);
         let s = s.clone();
         async move {
-            let resp = lowrank_serve::app(s).oneshot(request("POST", "/v1/chat/completions", Some(&body.to_string()), None)).await.unwrap();
+            let resp = lowrank_serve::app(s)
+                .oneshot(request(
+                    "POST",
+                    "/v1/chat/completions",
+                    Some(&body.to_string()),
+                    None,
+                ))
+                .await
+                .unwrap();
             assert_eq!(resp.status(), StatusCode::OK);
             resp.into_body().into_data_stream()
         }
@@ -450,33 +680,64 @@ async fn reload_while_streaming_keeps_old_version() {
     let blocker = open_stream("model", 450).await;
     let m = s.metrics.clone();
     let sc = s.clone();
-    wait_for("the blocker to run", Box::new(move || m.running.load(Relaxed) == 1 && sc.scheduler.queued() == 0)).await;
+    wait_for(
+        "the blocker to run",
+        Box::new(move || m.running.load(Relaxed) == 1 && sc.scheduler.queued() == 0),
+    )
+    .await;
     let mut stream = open_stream("live", n).await;
     let sc = s.clone();
-    wait_for("the request to queue", Box::new(move || sc.scheduler.queued() == 1)).await;
-    let info = s.registry.list().into_iter().find(|a| a.name == "live").unwrap();
-    assert_eq!(info.in_use, 1, "the queued streaming request holds the adapter");
+    wait_for(
+        "the request to queue",
+        Box::new(move || sc.scheduler.queued() == 1),
+    )
+    .await;
+    let info = s
+        .registry
+        .list()
+        .into_iter()
+        .find(|a| a.name == "live")
+        .unwrap();
+    assert_eq!(
+        info.in_use, 1,
+        "the queued streaming request holds the adapter"
+    );
     let r = call(&s, "POST", "/v1/adapters", Some(&reg("v2")), Some("adm")).await;
     assert_eq!(r.status, StatusCode::OK);
     assert!(r.json()["generation"].as_u64().unwrap() > g1);
-    assert!(s.registry.resident_bytes() > r.json()["bytes"].as_u64().unwrap(), "the old version is still resident (retired, in use)");
+    assert!(
+        s.registry.resident_bytes() > r.json()["bytes"].as_u64().unwrap(),
+        "the old version is still resident (retired, in use)"
+    );
     drop(blocker);
     let mut raw = String::new();
     while let Some(b) = stream.next().await {
         raw.push_str(&String::from_utf8(b.unwrap().to_vec()).unwrap());
     }
-    let streamed: String = Resp { status: StatusCode::OK, text: raw }
-        .sse()
-        .iter()
-        .filter(|e| *e != "[DONE]")
-        .map(|e| serde_json::from_str::<serde_json::Value>(e).unwrap()["choices"][0]["delta"]["content"].as_str().unwrap_or("").to_string())
-        .collect();
+    let streamed: String = Resp {
+        status: StatusCode::OK,
+        text: raw,
+    }
+    .sse()
+    .iter()
+    .filter(|e| *e != "[DONE]")
+    .map(|e| {
+        serde_json::from_str::<serde_json::Value>(e).unwrap()["choices"][0]["delta"]["content"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    })
+    .collect();
     assert_eq!(streamed, old);
     let new = chat_text(&s, "live", "Count with me", n).await;
     assert_eq!(new, chat_text(&s, "v2", "Count with me", n).await);
     assert_ne!(new, old);
     // The old version is released once its last request ended.
-    assert_eq!(s.registry.resident_bytes(), 3 * r.json()["bytes"].as_u64().unwrap(), "live (v2), v1 and v2 by name");
+    assert_eq!(
+        s.registry.resident_bytes(),
+        3 * r.json()["bytes"].as_u64().unwrap(),
+        "live (v2), v1 and v2 by name"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -486,59 +747,145 @@ async fn corrupt_and_foreign_adapters_are_refused() {
     // Garbage weights.
     let broken = root.path().join("broken");
     std::fs::create_dir_all(&broken).unwrap();
-    std::fs::copy(root.path().join("a0/adapter_config.json"), broken.join("adapter_config.json")).unwrap();
-    std::fs::write(broken.join("adapter_model.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}").unwrap();
+    std::fs::copy(
+        root.path().join("a0/adapter_config.json"),
+        broken.join("adapter_config.json"),
+    )
+    .unwrap();
+    std::fs::write(
+        broken.join("adapter_model.safetensors"),
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}",
+    )
+    .unwrap();
     // Trained on another base (fingerprint mismatch).
     let mut foreign = random_adapter(&lm.model, &root.path().join("foreign"), 0.3);
     foreign.provenance.base_fingerprint = Some("sha256s:0000".into());
-    lowrank_lora::save_peft(&foreign, &root.path().join("foreign"), candle_core::DType::F32).unwrap();
+    lowrank_lora::save_peft(
+        &foreign,
+        &root.path().join("foreign"),
+        candle_core::DType::F32,
+    )
+    .unwrap();
     // Wrong shapes (an adapter for a bigger model).
     let cfg = std::fs::read_to_string(root.path().join("a0/adapter_config.json")).unwrap();
     let wrong = root.path().join("wrong");
     std::fs::create_dir_all(&wrong).unwrap();
     std::fs::write(wrong.join("adapter_config.json"), cfg).unwrap();
-    let t = candle_core::Tensor::zeros((4, 65), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
-    let tb = candle_core::Tensor::zeros((64, 4), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    let t = candle_core::Tensor::zeros((4, 65), candle_core::DType::F32, &candle_core::Device::Cpu)
+        .unwrap();
+    let tb =
+        candle_core::Tensor::zeros((64, 4), candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap();
     candle_core::safetensors::save(
         &std::collections::HashMap::from([
-            ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight".to_string(), t),
-            ("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight".to_string(), tb),
+            (
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight".to_string(),
+                t,
+            ),
+            (
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight".to_string(),
+                tb,
+            ),
         ]),
         wrong.join("adapter_model.safetensors"),
     )
     .unwrap();
 
-    let s = state(lm, ServeConfig { adapters_dir: Some(root.path().into()), admin_key: Some("adm".into()), preload: true, ..Default::default() });
-    for (name, needle) in [("broken", "safetensors"), ("foreign", "sha256s:0000"), ("wrong", "shape")] {
+    let s = state(
+        lm,
+        ServeConfig {
+            adapters_dir: Some(root.path().into()),
+            admin_key: Some("adm".into()),
+            preload: true,
+            ..Default::default()
+        },
+    );
+    for (name, needle) in [
+        ("broken", "safetensors"),
+        ("foreign", "sha256s:0000"),
+        ("wrong", "shape"),
+    ] {
         let r = post(&s, "/v1/chat/completions", &chat_body(name, "Hi", 4)).await;
-        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{name}: {}", r.text);
+        assert_eq!(
+            r.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{name}: {}",
+            r.text
+        );
         let m = r.error_message();
         assert!(m.contains(name) && m.contains(needle), "{m}");
         // Others keep serving.
-        assert_eq!(post(&s, "/v1/chat/completions", &chat_body("a0", "Hi", 4)).await.status, StatusCode::OK);
-        let r = call(&s, "POST", "/v1/adapters", Some(&json!({"name": "again", "path": name}).to_string()), Some("adm")).await;
+        assert_eq!(
+            post(&s, "/v1/chat/completions", &chat_body("a0", "Hi", 4))
+                .await
+                .status,
+            StatusCode::OK
+        );
+        let r = call(
+            &s,
+            "POST",
+            "/v1/adapters",
+            Some(&json!({"name": "again", "path": name}).to_string()),
+            Some("adm"),
+        )
+        .await;
         assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.text);
     }
-    assert_eq!(post(&s, "/v1/chat/completions", &chat_body("fixture", "Hi", 4)).await.status, StatusCode::OK);
-    assert_eq!(call(&s, "GET", "/health", None, None).await.status, StatusCode::OK);
+    assert_eq!(
+        post(&s, "/v1/chat/completions", &chat_body("fixture", "Hi", 4))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(&s, "GET", "/health", None, None).await.status,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn byte_budget_evicts_idle_lru() {
     let lm = tiny();
     let root = adapters_dir(&lm, 3);
-    let one = lowrank_serve::registry::adapter_bytes(&lowrank_lora::load_peft(&root.path().join("a0"), &lm.model.base_shapes(), &candle_core::Device::Cpu).unwrap());
-    let s = state(lm, ServeConfig { adapters_dir: Some(root.path().into()), max_adapter_bytes: 2 * one + one / 2, ..Default::default() });
+    let one = lowrank_serve::registry::adapter_bytes(
+        &lowrank_lora::load_peft(
+            &root.path().join("a0"),
+            &lm.model.base_shapes(),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap(),
+    );
+    let s = state(
+        lm,
+        ServeConfig {
+            adapters_dir: Some(root.path().into()),
+            max_adapter_bytes: 2 * one + one / 2,
+            ..Default::default()
+        },
+    );
     let first = chat_text(&s, "a0", "Hi", 6).await;
     for name in ["a1", "a2", "a0", "a1"] {
         chat_text(&s, name, "Hi", 6).await;
         assert!(s.registry.resident_bytes() <= 2 * one + one / 2);
     }
-    let loaded: Vec<String> = s.registry.list().into_iter().filter(|a| a.loaded).map(|a| a.name).collect();
+    let loaded: Vec<String> = s
+        .registry
+        .list()
+        .into_iter()
+        .filter(|a| a.loaded)
+        .map(|a| a.name)
+        .collect();
     assert_eq!(loaded, ["a0", "a1"], "a2 was least recently used");
     assert_eq!(chat_text(&s, "a0", "Hi", 6).await, first);
     // An adapter larger than the whole budget is refused clearly.
-    let s = state(tiny(), ServeConfig { adapters_dir: Some(root.path().into()), max_adapter_bytes: one / 2, ..Default::default() });
+    let s = state(
+        tiny(),
+        ServeConfig {
+            adapters_dir: Some(root.path().into()),
+            max_adapter_bytes: one / 2,
+            ..Default::default()
+        },
+    );
     let r = post(&s, "/v1/chat/completions", &chat_body("a0", "Hi", 4)).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(r.error_message().contains("budget"));
@@ -575,7 +922,11 @@ async fn tcp_round_trip_and_graceful_shutdown() {
     b["stream"] = json!(true);
     let inflight = tokio::spawn(send(b.to_string()));
     for _ in 0..400 {
-        if s.metrics.completion_tokens.load(std::sync::atomic::Ordering::Relaxed) > 5 {
+        if s.metrics
+            .completion_tokens
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 5
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -585,7 +936,11 @@ async fn tcp_round_trip_and_graceful_shutdown() {
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
     assert!(r.contains("text/event-stream"));
     assert!(r.contains("data: [DONE]"), "stream was cut: {r}");
-    tokio::time::timeout(Duration::from_secs(30), server).await.expect("server stops").unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(30), server)
+        .await
+        .expect("server stops")
+        .unwrap()
+        .unwrap();
     assert!(!s.scheduler.is_alive());
 }
 
@@ -603,11 +958,22 @@ async fn bench_runs() {
     };
     let rows = lowrank_serve::bench_serve(tiny(), cfg).await.unwrap();
     let names: Vec<&str> = rows.iter().map(|r| r.scenario.as_str()).collect();
-    assert_eq!(names, ["base (no adapter)", "unmerged, 1 adapter(s)", "unmerged, 3 adapter(s)", "merged, 1 adapter"]);
+    assert_eq!(
+        names,
+        [
+            "base (no adapter)",
+            "unmerged, 1 adapter(s)",
+            "unmerged, 3 adapter(s)",
+            "merged, 1 adapter"
+        ]
+    );
     for r in &rows {
         assert_eq!(r.requests, 8, "{r:?}");
         assert_eq!(r.failed, 0, "{r:?}");
-        assert!(r.completion_tokens > 0 && r.tokens_per_s > 0.0 && r.ttft_p50_ms > 0.0, "{r:?}");
+        assert!(
+            r.completion_tokens > 0 && r.tokens_per_s > 0.0 && r.ttft_p50_ms > 0.0,
+            "{r:?}"
+        );
         assert!(r.ttft_p95_ms >= r.ttft_p50_ms);
     }
 }
@@ -618,9 +984,16 @@ async fn bench_runs() {
 #[ignore]
 async fn bench_smollm2() {
     lowrank_model::init_threads(None);
-    let lm = tokio::task::spawn_blocking(|| lowrank_model::LoadedModel::load("smollm2-135m", &candle_core::Device::Cpu).unwrap()).await.unwrap();
+    let lm = tokio::task::spawn_blocking(|| {
+        lowrank_model::LoadedModel::load("smollm2-135m", &candle_core::Device::Cpu).unwrap()
+    })
+    .await
+    .unwrap();
     let cfg = lowrank_serve::BenchConfig {
-        serve: ServeConfig { model_id: Some("smollm2-135m".into()), ..Default::default() },
+        serve: ServeConfig {
+            model_id: Some("smollm2-135m".into()),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let rows = lowrank_serve::bench_serve(lm, cfg).await.unwrap();

@@ -145,7 +145,10 @@ impl TrainConfig {
         if self.weight_decay < 0.0 {
             return bad("weight-decay", "must be ≥ 0");
         }
-        if !matches!(self.init.as_str(), "default" | "true" | "gaussian" | "pissa") {
+        if !matches!(
+            self.init.as_str(),
+            "default" | "true" | "gaussian" | "pissa"
+        ) {
             return bad("init", "must be default, gaussian or pissa");
         }
         if self.targets.is_empty() {

@@ -22,7 +22,12 @@ pub enum DataError {
     #[error("{path}: {msg}")]
     File { path: PathBuf, msg: String },
     #[error("{path}:{line}: {field}: {msg}")]
-    Record { path: PathBuf, line: usize, field: String, msg: String },
+    Record {
+        path: PathBuf,
+        line: usize,
+        field: String,
+        msg: String,
+    },
 }
 
 /// One tokenized example: `ids` and `labels` have equal length; labels[i] is the target
@@ -64,13 +69,28 @@ enum Record {
 }
 
 fn field_err(path: &Path, line: usize, field: &str, msg: impl Into<String>) -> DataError {
-    DataError::Record { path: path.into(), line, field: field.into(), msg: msg.into() }
+    DataError::Record {
+        path: path.into(),
+        line,
+        field: field.into(),
+        msg: msg.into(),
+    }
 }
 
-fn str_field(obj: &serde_json::Map<String, Value>, path: &Path, line: usize, key: &str) -> Result<String, DataError> {
+fn str_field(
+    obj: &serde_json::Map<String, Value>,
+    path: &Path,
+    line: usize,
+    key: &str,
+) -> Result<String, DataError> {
     match obj.get(key) {
         Some(Value::String(s)) => Ok(s.clone()),
-        Some(other) => Err(field_err(path, line, key, format!("expected a string, got {}", type_name(other)))),
+        Some(other) => Err(field_err(
+            path,
+            line,
+            key,
+            format!("expected a string, got {}", type_name(other)),
+        )),
         None => Err(field_err(path, line, key, "missing")),
     }
 }
@@ -87,40 +107,92 @@ fn type_name(v: &Value) -> &'static str {
 }
 
 fn parse_record(v: &Value, path: &Path, line: usize) -> Result<Record, DataError> {
-    let obj = v.as_object().ok_or_else(|| field_err(path, line, "record", format!("expected a JSON object, got {}", type_name(v))))?;
+    let obj = v.as_object().ok_or_else(|| {
+        field_err(
+            path,
+            line,
+            "record",
+            format!("expected a JSON object, got {}", type_name(v)),
+        )
+    })?;
     if obj.contains_key("messages") {
-        let msgs = obj["messages"].as_array().ok_or_else(|| field_err(path, line, "messages", "expected an array"))?;
+        let msgs = obj["messages"]
+            .as_array()
+            .ok_or_else(|| field_err(path, line, "messages", "expected an array"))?;
         if msgs.is_empty() {
             return Err(field_err(path, line, "messages", "empty"));
         }
         let mut out = Vec::with_capacity(msgs.len());
         for (i, m) in msgs.iter().enumerate() {
-            let o = m.as_object().ok_or_else(|| field_err(path, line, &format!("messages[{i}]"), "expected an object"))?;
-            let role = str_field(o, path, line, "role").map_err(|_| field_err(path, line, &format!("messages[{i}].role"), "missing or not a string"))?;
-            let content = str_field(o, path, line, "content").map_err(|_| field_err(path, line, &format!("messages[{i}].content"), "missing or not a string"))?;
+            let o = m.as_object().ok_or_else(|| {
+                field_err(path, line, &format!("messages[{i}]"), "expected an object")
+            })?;
+            let role = str_field(o, path, line, "role").map_err(|_| {
+                field_err(
+                    path,
+                    line,
+                    &format!("messages[{i}].role"),
+                    "missing or not a string",
+                )
+            })?;
+            let content = str_field(o, path, line, "content").map_err(|_| {
+                field_err(
+                    path,
+                    line,
+                    &format!("messages[{i}].content"),
+                    "missing or not a string",
+                )
+            })?;
             if !matches!(role.as_str(), "system" | "user" | "assistant") {
-                return Err(field_err(path, line, &format!("messages[{i}].role"), format!("unknown role `{role}` (system, user or assistant)")));
+                return Err(field_err(
+                    path,
+                    line,
+                    &format!("messages[{i}].role"),
+                    format!("unknown role `{role}` (system, user or assistant)"),
+                ));
             }
             out.push(ChatMessage { role, content });
         }
         if !out.iter().any(|m| m.role == "assistant") {
-            return Err(field_err(path, line, "messages", "no assistant message: nothing to learn"));
+            return Err(field_err(
+                path,
+                line,
+                "messages",
+                "no assistant message: nothing to learn",
+            ));
         }
         return Ok(Record::Chat(out));
     }
     if obj.contains_key("prompt") || obj.contains_key("completion") {
-        return Ok(Record::PromptCompletion(str_field(obj, path, line, "prompt")?, str_field(obj, path, line, "completion")?));
+        return Ok(Record::PromptCompletion(
+            str_field(obj, path, line, "prompt")?,
+            str_field(obj, path, line, "completion")?,
+        ));
     }
     if obj.contains_key("instruction") {
         let ins = str_field(obj, path, line, "instruction")?;
         let input = match obj.get("input") {
             None | Some(Value::Null) => String::new(),
             Some(Value::String(s)) => s.clone(),
-            Some(o) => return Err(field_err(path, line, "input", format!("expected a string, got {}", type_name(o)))),
+            Some(o) => {
+                return Err(field_err(
+                    path,
+                    line,
+                    "input",
+                    format!("expected a string, got {}", type_name(o)),
+                ))
+            }
         };
         let output = str_field(obj, path, line, "output")?;
-        let user = if input.trim().is_empty() { ins } else { format!("{ins}\n\n{input}") };
-        return Ok(Record::Chat(vec![ChatMessage::new("user", &user), ChatMessage::new("assistant", &output)]));
+        let user = if input.trim().is_empty() {
+            ins
+        } else {
+            format!("{ins}\n\n{input}")
+        };
+        return Ok(Record::Chat(vec![
+            ChatMessage::new("user", &user),
+            ChatMessage::new("assistant", &output),
+        ]));
     }
     if obj.contains_key("text") {
         let t = str_field(obj, path, line, "text")?;
@@ -133,7 +205,13 @@ fn parse_record(v: &Value, path: &Path, line: usize) -> Result<Record, DataError
 }
 
 /// Tokenize a chat: prompt segments masked, each assistant turn's content + EOS learned.
-fn tokenize_chat(tok: &Tok, msgs: &[ChatMessage], eos: Option<u32>, path: &Path, line: usize) -> Result<(Vec<u32>, Vec<i64>), DataError> {
+fn tokenize_chat(
+    tok: &Tok,
+    msgs: &[ChatMessage],
+    eos: Option<u32>,
+    path: &Path,
+    line: usize,
+) -> Result<(Vec<u32>, Vec<i64>), DataError> {
     let tok_err = |e: lowrank_model::ModelError| field_err(path, line, "messages", e.to_string());
     let mut ids: Vec<u32> = Vec::new();
     let mut labels: Vec<i64> = Vec::new();
@@ -155,13 +233,24 @@ fn tokenize_chat(tok: &Tok, msgs: &[ChatMessage], eos: Option<u32>, path: &Path,
         }
         labels.extend(c.iter().map(|&x| x as i64));
         ids.extend(c);
-        covered = format!("{prompt_full}{}{}", m.content, eos.and_then(|e| tok.inner.id_to_token(e)).unwrap_or_default());
+        covered = format!(
+            "{prompt_full}{}{}",
+            m.content,
+            eos.and_then(|e| tok.inner.id_to_token(e))
+                .unwrap_or_default()
+        );
     }
     Ok((ids, labels))
 }
 
 /// Tokenize one record.
-fn tokenize(tok: &Tok, rec: &Record, eos: Option<u32>, path: &Path, line: usize) -> Result<(Vec<u32>, Vec<i64>), DataError> {
+fn tokenize(
+    tok: &Tok,
+    rec: &Record,
+    eos: Option<u32>,
+    path: &Path,
+    line: usize,
+) -> Result<(Vec<u32>, Vec<i64>), DataError> {
     let tok_err = |e: lowrank_model::ModelError| field_err(path, line, "text", e.to_string());
     match rec {
         Record::Text(t) => {
@@ -175,7 +264,9 @@ fn tokenize(tok: &Tok, rec: &Record, eos: Option<u32>, path: &Path, line: usize)
             if let Some(e) = eos {
                 c.push(e);
             }
-            let labels = std::iter::repeat_n(IGNORE, p.len()).chain(c.iter().map(|&x| x as i64)).collect();
+            let labels = std::iter::repeat_n(IGNORE, p.len())
+                .chain(c.iter().map(|&x| x as i64))
+                .collect();
             Ok(([p, c].concat(), labels))
         }
         Record::Chat(m) => tokenize_chat(tok, m, eos, path, line),
@@ -183,8 +274,16 @@ fn tokenize(tok: &Tok, rec: &Record, eos: Option<u32>, path: &Path, line: usize)
 }
 
 /// Read and tokenize a JSONL file.
-pub fn load_jsonl(path: &Path, tok: &Tok, eos: Option<u32>, opts: &LoadOptions) -> Result<(Vec<Sample>, LoadStats), DataError> {
-    let text = std::fs::read_to_string(path).map_err(|e| DataError::File { path: path.into(), msg: e.to_string() })?;
+pub fn load_jsonl(
+    path: &Path,
+    tok: &Tok,
+    eos: Option<u32>,
+    opts: &LoadOptions,
+) -> Result<(Vec<Sample>, LoadStats), DataError> {
+    let text = std::fs::read_to_string(path).map_err(|e| DataError::File {
+        path: path.into(),
+        msg: e.to_string(),
+    })?;
     let mut out = Vec::new();
     let mut st = LoadStats::default();
     for (i, l) in text.lines().enumerate() {
@@ -219,7 +318,10 @@ pub fn load_jsonl(path: &Path, tok: &Tok, eos: Option<u32>, opts: &LoadOptions) 
         out.push(s);
     }
     if out.is_empty() {
-        return Err(DataError::File { path: path.into(), msg: "no usable records".into() });
+        return Err(DataError::File {
+            path: path.into(),
+            msg: "no usable records".into(),
+        });
     }
     Ok((out, st))
 }

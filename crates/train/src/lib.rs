@@ -3,9 +3,12 @@
 
 pub mod config;
 pub mod data;
+pub mod evaluate;
+pub mod experiments;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
+pub mod plot;
 pub mod tasks;
 pub mod trainer;
 

@@ -8,8 +8,8 @@
 //! token carries a label are ever projected (prompt tokens are skipped entirely).
 
 use candle_core::{Tensor, D};
-use lowrank_model::{ForwardOpts, Llama, LogitsMode, SeqInput};
 use lowrank_model::model::AdapterSet;
+use lowrank_model::{ForwardOpts, Llama, LogitsMode, SeqInput};
 use rayon::prelude::*;
 
 use crate::data::{Sample, IGNORE};
@@ -57,11 +57,20 @@ pub fn batch_loss(
     let (rows, targets) = target_rows(batch);
     let mut seqs: Vec<SeqInput> = batch
         .iter()
-        .map(|s| SeqInput { tokens: &s.ids, cache: None, adapters: adapters.clone(), logits: LogitsMode::None })
+        .map(|s| SeqInput {
+            tokens: &s.ids,
+            cache: None,
+            adapters: adapters.clone(),
+            logits: LogitsMode::None,
+        })
         .collect();
     let hidden = model.forward_hidden(&mut seqs, opts)?; // [N, H]
     if rows.is_empty() {
-        return Ok(HeadLoss { nll_sum: 0.0, targets: 0, surrogate: None });
+        return Ok(HeadLoss {
+            nll_sum: 0.0,
+            targets: 0,
+            surrogate: None,
+        });
     }
     let idx = Tensor::new(rows.as_slice(), hidden.device())?;
     let h = hidden.index_select(&idx, 0)?; // [M, H]
@@ -69,8 +78,18 @@ pub fn batch_loss(
 }
 
 /// h: [M, H] final hidden states (after the norm); targets: M token ids.
-pub fn head_ce(model: &Llama, h: &Tensor, targets: &[u32], want_grad: bool, grad_scale: f64) -> lowrank_model::Result<HeadLoss> {
-    let w = model.weights.lm_head.as_ref().unwrap_or(&model.weights.embed); // [V, H]
+pub fn head_ce(
+    model: &Llama,
+    h: &Tensor,
+    targets: &[u32],
+    want_grad: bool,
+    grad_scale: f64,
+) -> lowrank_model::Result<HeadLoss> {
+    let w = model
+        .weights
+        .lm_head
+        .as_ref()
+        .unwrap_or(&model.weights.embed); // [V, H]
     let wd = w.detach();
     let hd = h.detach();
     let m = targets.len();
@@ -126,5 +145,9 @@ pub fn head_ce(model: &Llama, h: &Tensor, targets: &[u32], want_grad: bool, grad
     } else {
         None
     };
-    Ok(HeadLoss { nll_sum, targets: m, surrogate })
+    Ok(HeadLoss {
+        nll_sum,
+        targets: m,
+        surrogate,
+    })
 }

@@ -27,16 +27,31 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(lr: f64, weight_decay: f64) -> Self {
-        AdamW { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay, t: 0, state: BTreeMap::new() }
+        AdamW {
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+            t: 0,
+            state: BTreeMap::new(),
+        }
     }
 
     /// One update with gradients `grads[name]` at learning rate `lr`.
-    pub fn step(&mut self, params: &[Param], grads: &BTreeMap<String, Tensor>, lr: f64) -> candle_core::Result<()> {
+    pub fn step(
+        &mut self,
+        params: &[Param],
+        grads: &BTreeMap<String, Tensor>,
+        lr: f64,
+    ) -> candle_core::Result<()> {
         self.t += 1;
         let bc1 = 1.0 - self.beta1.powi(self.t as i32);
         let bc2 = 1.0 - self.beta2.powi(self.t as i32);
         for p in params {
-            let Some(g) = grads.get(&p.name) else { continue };
+            let Some(g) = grads.get(&p.name) else {
+                continue;
+            };
             let lr = lr * p.lr_mult;
             let (m, v) = match self.state.get(&p.name) {
                 Some((m, v)) => (m.clone(), v.clone()),
@@ -46,7 +61,11 @@ impl AdamW {
             let v = ((v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
             let theta = p.var.as_tensor();
             // Decoupled weight decay first, as torch does: θ ← θ·(1 − lr·wd).
-            let decayed = if self.weight_decay > 0.0 { (theta * (1.0 - lr * self.weight_decay))? } else { theta.clone() };
+            let decayed = if self.weight_decay > 0.0 {
+                (theta * (1.0 - lr * self.weight_decay))?
+            } else {
+                theta.clone()
+            };
             let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + self.eps)?)?;
             p.var.set(&(decayed - (update * lr)?)?)?;
             self.state.insert(p.name.clone(), (m, v));
@@ -70,7 +89,9 @@ impl std::str::FromStr for Schedule {
             "cosine" => Ok(Schedule::Cosine),
             "linear" => Ok(Schedule::Linear),
             "constant" => Ok(Schedule::Constant),
-            _ => Err(format!("unknown schedule `{s}` (cosine, linear or constant)")),
+            _ => Err(format!(
+                "unknown schedule `{s}` (cosine, linear or constant)"
+            )),
         }
     }
 }
@@ -91,7 +112,10 @@ pub fn lr_at(base: f64, schedule: Schedule, step: usize, warmup: usize, total: u
 }
 
 /// Global L2 norm of all gradients; scales them to `max_norm` when above it (max_norm > 0).
-pub fn clip_grad_norm(grads: &mut BTreeMap<String, Tensor>, max_norm: f64) -> candle_core::Result<f64> {
+pub fn clip_grad_norm(
+    grads: &mut BTreeMap<String, Tensor>,
+    max_norm: f64,
+) -> candle_core::Result<f64> {
     let mut sq = 0.0f64;
     for g in grads.values() {
         sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
@@ -116,9 +140,16 @@ mod tests {
         // One parameter x=1.0, grad 0.5, lr 0.1, wd 0.01: torch AdamW's first step is
         // x·(1 − lr·wd) − lr·m̂/(√v̂+ε) with m̂ = g, v̂ = g² → 0.999 − 0.1·(0.5/0.5) = 0.899.
         let var = Var::new(&[1.0f32], &Device::Cpu).unwrap();
-        let params = vec![Param { name: "x".into(), var: var.clone(), lr_mult: 1.0 }];
+        let params = vec![Param {
+            name: "x".into(),
+            var: var.clone(),
+            lr_mult: 1.0,
+        }];
         let mut opt = AdamW::new(0.1, 0.01);
-        let grads = BTreeMap::from([("x".to_string(), Tensor::new(&[0.5f32], &Device::Cpu).unwrap())]);
+        let grads = BTreeMap::from([(
+            "x".to_string(),
+            Tensor::new(&[0.5f32], &Device::Cpu).unwrap(),
+        )]);
         opt.step(&params, &grads, 0.1).unwrap();
         let x = var.as_tensor().to_vec1::<f32>().unwrap()[0];
         assert!((x - 0.899).abs() < 1e-6, "{x}");
@@ -142,8 +173,14 @@ mod tests {
     #[test]
     fn clipping_scales_to_max_norm() {
         let mut g = BTreeMap::from([
-            ("a".to_string(), Tensor::new(&[3.0f32], &Device::Cpu).unwrap()),
-            ("b".to_string(), Tensor::new(&[4.0f32], &Device::Cpu).unwrap()),
+            (
+                "a".to_string(),
+                Tensor::new(&[3.0f32], &Device::Cpu).unwrap(),
+            ),
+            (
+                "b".to_string(),
+                Tensor::new(&[4.0f32], &Device::Cpu).unwrap(),
+            ),
         ]);
         let n = clip_grad_norm(&mut g, 1.0).unwrap();
         assert!((n - 5.0).abs() < 1e-9);

@@ -46,7 +46,10 @@ pub enum TrainError {
 type Result<T> = std::result::Result<T, TrainError>;
 
 fn io<E: std::fmt::Display>(path: &Path) -> impl FnOnce(E) -> TrainError + '_ {
-    move |e| TrainError::Io { path: path.into(), msg: e.to_string() }
+    move |e| TrainError::Io {
+        path: path.into(),
+        msg: e.to_string(),
+    }
 }
 
 /// What a run produced, for the summary line, the demo table and the reports.
@@ -110,7 +113,11 @@ pub struct Trainer<'a> {
 /// Micro-batches for epoch `e` (deterministic in seed and epoch).
 fn epoch_order(n: usize, cfg: &TrainConfig, e: usize, train: &[Sample]) -> Vec<Vec<usize>> {
     let mut idx: Vec<usize> = (0..n).collect();
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(e as u64));
+    let mut rng = ChaCha8Rng::seed_from_u64(
+        cfg.seed
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add(e as u64),
+    );
     idx.shuffle(&mut rng);
     if cfg.pack {
         let budget = cfg.batch_size * cfg.max_seq_len;
@@ -138,28 +145,67 @@ fn epoch_order(n: usize, cfg: &TrainConfig, e: usize, train: &[Sample]) -> Vec<V
 impl<'a> Trainer<'a> {
     pub fn new(base: &'a LoadedModel, cfg: TrainConfig) -> Result<Self> {
         cfg.validate().map_err(TrainError::Config)?;
-        let data_path = cfg.data.clone().ok_or_else(|| TrainError::Config("--data: required".into()))?;
-        let out = cfg.out.clone().ok_or_else(|| TrainError::Config("--out: required".into()))?;
+        let data_path = cfg
+            .data
+            .clone()
+            .ok_or_else(|| TrainError::Config("--data: required".into()))?;
+        let out = cfg
+            .out
+            .clone()
+            .ok_or_else(|| TrainError::Config("--out: required".into()))?;
         let eos = base.eos_ids().first().copied();
-        let lo = LoadOptions { max_seq_len: cfg.max_seq_len, skip_bad: cfg.skip_bad };
+        let lo = LoadOptions {
+            max_seq_len: cfg.max_seq_len,
+            skip_bad: cfg.skip_bad,
+        };
         let (train, stats) = data::load_jsonl(&data_path, &base.tok, eos, &lo)?;
         let eval = match &cfg.eval {
-            Some(p) => data::load_jsonl(p, &base.tok, eos, &LoadOptions { max_seq_len: cfg.max_seq_len, skip_bad: cfg.skip_bad })?.0,
+            Some(p) => {
+                data::load_jsonl(
+                    p,
+                    &base.tok,
+                    eos,
+                    &LoadOptions {
+                        max_seq_len: cfg.max_seq_len,
+                        skip_bad: cfg.skip_bad,
+                    },
+                )?
+                .0
+            }
             None => vec![],
         };
         let epoch_batches = epoch_order(train.len(), &cfg, 0, &train).len();
-        let total_steps = cfg.max_steps.unwrap_or(cfg.epochs * epoch_batches.div_ceil(cfg.grad_accum));
+        let total_steps = cfg
+            .max_steps
+            .unwrap_or(cfg.epochs * epoch_batches.div_ceil(cfg.grad_accum));
         let (model, trainable, params) = match cfg.method {
             Method::Lora => Self::init_lora(base, &cfg)?,
             Method::Full => Self::init_full(base)?,
         };
-        Ok(Trainer { cfg, base, model, trainable, params, train, eval, stats, epoch_batches, total_steps, out, show_progress: true })
+        Ok(Trainer {
+            cfg,
+            base,
+            model,
+            trainable,
+            params,
+            train,
+            eval,
+            stats,
+            epoch_batches,
+            total_steps,
+            out,
+            show_progress: true,
+        })
     }
 
     fn lora_config(cfg: &TrainConfig) -> Result<LoraConfig> {
         let targets = cfg.target_names().map_err(TrainError::Config)?;
         let mut lc = LoraConfig::new(cfg.rank, cfg.alpha(), &[]);
-        lc.target_modules = if targets == ["all-linear"] { TargetModules::One("all-linear".into()) } else { TargetModules::List(targets) };
+        lc.target_modules = if targets == ["all-linear"] {
+            TargetModules::One("all-linear".into())
+        } else {
+            TargetModules::List(targets)
+        };
         lc.lora_dropout = cfg.dropout;
         lc.use_rslora = cfg.rslora;
         lc.init_lora_weights = match cfg.init.as_str() {
@@ -186,7 +232,8 @@ impl<'a> Trainer<'a> {
                     continue;
                 }
                 let w = model.weights.layers[layer].linear(t).clone();
-                let (m, residual) = lowrank_lora::init::init_module(&lc, layer, t, o, i, Some(&w), &mut rng, &dev)?;
+                let (m, residual) =
+                    lowrank_lora::init::init_module(&lc, layer, t, o, i, Some(&w), &mut rng, &dev)?;
                 if let Some(r) = residual {
                     // PiSSA: the frozen base becomes W − s·B·A (a private copy).
                     *model.weights.layers[layer].linear_mut(t) = r;
@@ -194,15 +241,34 @@ impl<'a> Trainer<'a> {
                 let key = ModuleKey::new(layer, t);
                 let va = Var::from_tensor(&m.a)?;
                 let vb = Var::from_tensor(&m.b)?;
-                params.push(Param { name: format!("{}.lora_A.weight", key.peft_prefix()), var: va.clone(), lr_mult: 1.0 });
-                params.push(Param { name: format!("{}.lora_B.weight", key.peft_prefix()), var: vb.clone(), lr_mult: cfg.lr_b_ratio });
-                modules.insert(key, LoraModule { a: va.as_tensor().clone(), b: vb.as_tensor().clone(), scale: m.scale });
+                params.push(Param {
+                    name: format!("{}.lora_A.weight", key.peft_prefix()),
+                    var: va.clone(),
+                    lr_mult: 1.0,
+                });
+                params.push(Param {
+                    name: format!("{}.lora_B.weight", key.peft_prefix()),
+                    var: vb.clone(),
+                    lr_mult: cfg.lr_b_ratio,
+                });
+                modules.insert(
+                    key,
+                    LoraModule {
+                        a: va.as_tensor().clone(),
+                        b: vb.as_tensor().clone(),
+                        scale: m.scale,
+                    },
+                );
             }
         }
         if modules.is_empty() {
             return Err(TrainError::Config("no module matches --targets".into()));
         }
-        let adapter = Adapter { config: lc, modules, provenance: Provenance::default() };
+        let adapter = Adapter {
+            config: lc,
+            modules,
+            provenance: Provenance::default(),
+        };
         let set: AdapterSet = Arc::new(vec![(Arc::new(adapter.clone()), 1.0)]);
         Ok((model, Trainable::Lora { adapter, set }, params))
     }
@@ -214,18 +280,32 @@ impl<'a> Trainer<'a> {
             // A fresh copy: the base's own tensors must stay bit-identical.
             let v = Var::from_tensor(&t.copy()?)?;
             *t = v.as_tensor().clone();
-            params.push(Param { name, var: v, lr_mult: 1.0 });
+            params.push(Param {
+                name,
+                var: v,
+                lr_mult: 1.0,
+            });
             Ok(())
         };
         mk("model.embed_tokens.weight".into(), &mut w.embed)?;
         for (i, l) in w.layers.iter_mut().enumerate() {
             let p = format!("model.layers.{i}");
             mk(format!("{p}.input_layernorm.weight"), &mut l.attn_norm)?;
-            mk(format!("{p}.post_attention_layernorm.weight"), &mut l.mlp_norm)?;
+            mk(
+                format!("{p}.post_attention_layernorm.weight"),
+                &mut l.mlp_norm,
+            )?;
             for t in lowrank_lora::Target::ALL {
-                mk(format!("{p}.{}.{}.weight", t.parent(), t.peft_name()), l.linear_mut(t))?;
+                mk(
+                    format!("{p}.{}.{}.weight", t.parent(), t.peft_name()),
+                    l.linear_mut(t),
+                )?;
             }
-            for (n, b) in [("q_proj", &mut l.q_bias), ("k_proj", &mut l.k_bias), ("v_proj", &mut l.v_bias)] {
+            for (n, b) in [
+                ("q_proj", &mut l.q_bias),
+                ("k_proj", &mut l.k_bias),
+                ("v_proj", &mut l.v_bias),
+            ] {
                 if let Some(b) = b {
                     mk(format!("{p}.self_attn.{n}.bias"), b)?;
                 }
@@ -240,7 +320,10 @@ impl<'a> Trainer<'a> {
     }
 
     pub fn trainable_params(&self) -> usize {
-        self.params.iter().map(|p| p.var.as_tensor().elem_count()).sum()
+        self.params
+            .iter()
+            .map(|p| p.var.as_tensor().elem_count())
+            .sum()
     }
 
     pub fn total_steps(&self) -> usize {
@@ -279,7 +362,14 @@ impl<'a> Trainer<'a> {
         let mut n = 0;
         for chunk in samples.chunks(8) {
             let refs: Vec<&Sample> = chunk.iter().collect();
-            let hl = batch_loss(&self.model, &refs, self.adapter_set(), &mut ForwardOpts::infer(), false, 0.0)?;
+            let hl = batch_loss(
+                &self.model,
+                &refs,
+                self.adapter_set(),
+                &mut ForwardOpts::infer(),
+                false,
+                0.0,
+            )?;
             nll += hl.nll_sum;
             n += hl.targets;
         }
@@ -319,10 +409,18 @@ impl<'a> Trainer<'a> {
             indicatif::ProgressBar::hidden()
         };
         bar.set_style(
-            indicatif::ProgressStyle::with_template("{prefix} {bar:25} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template(
+                "{prefix} {bar:25} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
-        bar.set_prefix(format!("train {}", match self.cfg.method { Method::Lora => "lora", Method::Full => "full" }));
+        bar.set_prefix(format!(
+            "train {}",
+            match self.cfg.method {
+                Method::Lora => "lora",
+                Method::Full => "full",
+            }
+        ));
         bar.set_position(start_step as u64);
         let t0 = Instant::now();
         let mut step = start_step;
@@ -333,12 +431,18 @@ impl<'a> Trainer<'a> {
                 interrupted = true;
                 break;
             }
-            if self.cfg.time_budget_s > 0.0 && elapsed0 + t0.elapsed().as_secs_f64() > self.cfg.time_budget_s {
+            if self.cfg.time_budget_s > 0.0
+                && elapsed0 + t0.elapsed().as_secs_f64() > self.cfg.time_budget_s
+            {
                 break;
             }
             let batches = self.step_batches(step);
-            let total_targets: usize =
-                batches.iter().flat_map(|b| b.iter()).map(|&i| self.train[i].num_targets()).sum::<usize>().max(1);
+            let total_targets: usize = batches
+                .iter()
+                .flat_map(|b| b.iter())
+                .map(|&i| self.train[i].num_targets())
+                .sum::<usize>()
+                .max(1);
             let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
             let mut nll = 0.0;
             let mut step_tokens = 0;
@@ -347,9 +451,17 @@ impl<'a> Trainer<'a> {
                 step_tokens += refs.iter().map(|s| s.ids.len()).sum::<usize>();
                 let mut fo = ForwardOpts {
                     train: true,
-                    dropout: (self.cfg.dropout > 0.0).then_some((self.cfg.dropout, &mut dropout_rng)),
+                    dropout: (self.cfg.dropout > 0.0)
+                        .then_some((self.cfg.dropout, &mut dropout_rng)),
                 };
-                let hl = batch_loss(&self.model, &refs, self.adapter_set(), &mut fo, true, 1.0 / total_targets as f64)?;
+                let hl = batch_loss(
+                    &self.model,
+                    &refs,
+                    self.adapter_set(),
+                    &mut fo,
+                    true,
+                    1.0 / total_targets as f64,
+                )?;
                 nll += hl.nll_sum;
                 let Some(s) = hl.surrogate else { continue };
                 let gs = s.backward()?;
@@ -367,13 +479,27 @@ impl<'a> Trainer<'a> {
             }
             let loss = nll / total_targets as f64;
             let grad_norm = clip_grad_norm(&mut grads, self.cfg.grad_clip)?;
-            let lr = lr_at(self.cfg.lr, self.cfg.schedule, step, self.cfg.warmup_steps, self.total_steps);
+            let lr = lr_at(
+                self.cfg.lr,
+                self.cfg.schedule,
+                step,
+                self.cfg.warmup_steps,
+                self.total_steps,
+            );
             opt.step(&self.params, &grads, lr)?;
             step += 1;
             tokens += step_tokens;
             first_loss.get_or_insert(loss);
             last_loss = Some(loss);
             let elapsed = elapsed0 + t0.elapsed().as_secs_f64();
+            // Test hook: behave exactly as if Ctrl-C arrived after this step.
+            if std::env::var("LOWRANK_TEST_INTERRUPT_AT_STEP")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                == Some(step)
+            {
+                stop.store(true, Ordering::SeqCst);
+            }
             append_line(
                 &metrics_path,
                 &json!({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": step_tokens, "elapsed": round3(elapsed)}),
@@ -381,13 +507,15 @@ impl<'a> Trainer<'a> {
             let tps = tokens as f64 / elapsed.max(1e-9);
             bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {tps:.0} tok/s"));
             bar.set_position(step as u64);
-            if self.cfg.eval_every > 0 && step % self.cfg.eval_every == 0 && step < self.total_steps {
+            if self.cfg.eval_every > 0 && step % self.cfg.eval_every == 0 && step < self.total_steps
+            {
                 if let Some(l) = self.eval_loss(&self.eval.clone())? {
                     append_line(&metrics_path, &json!({"step": step, "eval_loss": l}))?;
                     bar.println(format!("step {step}: eval loss {l:.4}"));
                 }
             }
-            if self.cfg.save_every > 0 && step % self.cfg.save_every == 0 && step < self.total_steps {
+            if self.cfg.save_every > 0 && step % self.cfg.save_every == 0 && step < self.total_steps
+            {
                 let st = TrainerState {
                     step,
                     opt_t: opt.t,
@@ -415,15 +543,26 @@ impl<'a> Trainer<'a> {
                 config: self.cfg.clone(),
             };
             let dir = self.save_checkpoint(&st, &opt)?;
-            eprintln!("interrupted at step {step}: checkpoint saved to {} (continue with --resume {})", dir.display(), dir.display());
+            eprintln!(
+                "interrupted at step {step}: checkpoint saved to {} (continue with --resume {})",
+                dir.display(),
+                dir.display()
+            );
         }
-        let eval_after = if interrupted { None } else { self.eval_loss(&self.eval.clone())? };
+        let eval_after = if interrupted {
+            None
+        } else {
+            self.eval_loss(&self.eval.clone())?
+        };
         if let Some(l) = eval_after {
             append_line(&metrics_path, &json!({"step": step, "eval_loss": l}))?;
         }
         let output_bytes = if interrupted { 0 } else { self.save_final()? };
         let summary = TrainSummary {
-            method: match self.cfg.method { Method::Lora => "lora".into(), Method::Full => "full".into() },
+            method: match self.cfg.method {
+                Method::Lora => "lora".into(),
+                Method::Full => "full".into(),
+            },
             steps: step,
             trainable_params: self.trainable_params(),
             wall_s: round3(elapsed),
@@ -447,7 +586,9 @@ impl<'a> Trainer<'a> {
 
     /// The adapter with the current values of the trainable tensors and lowrank provenance.
     pub fn current_adapter(&self) -> Result<Option<Adapter>> {
-        let Trainable::Lora { adapter, .. } = &self.trainable else { return Ok(None) };
+        let Trainable::Lora { adapter, .. } = &self.trainable else {
+            return Ok(None);
+        };
         let mut a = adapter.clone();
         for m in a.modules.values_mut() {
             m.a = m.a.detach().copy()?;
@@ -471,7 +612,10 @@ impl<'a> Trainer<'a> {
                 let tmp = self.out.join(".adapter.tmp");
                 lowrank_lora::peft::save_peft(&a, &tmp, DType::F32)?;
                 let mut bytes = 0;
-                for f in [lowrank_lora::peft::CONFIG_FILE, lowrank_lora::peft::WEIGHTS_FILE] {
+                for f in [
+                    lowrank_lora::peft::CONFIG_FILE,
+                    lowrank_lora::peft::WEIGHTS_FILE,
+                ] {
                     let dst = self.out.join(f);
                     std::fs::rename(tmp.join(f), &dst).map_err(io(&dst))?;
                     bytes += std::fs::metadata(&dst).map(|m| m.len()).unwrap_or(0);
@@ -497,12 +641,16 @@ impl<'a> Trainer<'a> {
             Some(a) => lowrank_lora::peft::save_peft(&a, &tmp, DType::F32)?,
             None => {
                 std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-                let ts: std::collections::HashMap<String, Tensor> =
-                    self.params.iter().map(|p| (p.name.clone(), p.var.as_tensor().clone())).collect();
+                let ts: std::collections::HashMap<String, Tensor> = self
+                    .params
+                    .iter()
+                    .map(|p| (p.name.clone(), p.var.as_tensor().clone()))
+                    .collect();
                 candle_core::safetensors::save(&ts, tmp.join("model.safetensors"))?;
             }
         }
-        let mut ostate: std::collections::HashMap<String, Tensor> = std::collections::HashMap::new();
+        let mut ostate: std::collections::HashMap<String, Tensor> =
+            std::collections::HashMap::new();
         for (k, (m, v)) in &opt.state {
             ostate.insert(format!("m.{k}"), m.clone());
             ostate.insert(format!("v.{k}"), v.clone());
@@ -513,7 +661,8 @@ impl<'a> Trainer<'a> {
         }
         let sp = tmp.join("trainer_state.json");
         let mut f = std::fs::File::create(&sp).map_err(io(&sp))?;
-        f.write_all(serde_json::to_string_pretty(st).expect("json").as_bytes()).map_err(io(&sp))?;
+        f.write_all(serde_json::to_string_pretty(st).expect("json").as_bytes())
+            .map_err(io(&sp))?;
         f.sync_all().map_err(io(&sp))?;
         for p in [&op, &tmp.join("model.safetensors")] {
             if let Ok(f) = std::fs::File::open(p) {
@@ -534,7 +683,13 @@ impl<'a> Trainer<'a> {
         let mut steps: Vec<usize> = std::fs::read_dir(&self.out)
             .map_err(io(&self.out))?
             .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().to_str()?.strip_prefix("checkpoint-")?.parse().ok())
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_prefix("checkpoint-")?
+                    .parse()
+                    .ok()
+            })
             .collect();
         steps.sort_unstable();
         if steps.len() > keep {
@@ -548,8 +703,14 @@ impl<'a> Trainer<'a> {
     fn load_checkpoint(&mut self, dir: &Path, opt: &mut AdamW) -> Result<TrainerState> {
         let sp = dir.join("trainer_state.json");
         let text = std::fs::read_to_string(&sp).map_err(io(&sp))?;
-        let st: TrainerState = serde_json::from_str(&text).map_err(|e| TrainError::Io { path: sp.clone(), msg: format!("invalid: {e}") })?;
-        if st.config.method != self.cfg.method || st.config.rank != self.cfg.rank || st.config.targets != self.cfg.targets {
+        let st: TrainerState = serde_json::from_str(&text).map_err(|e| TrainError::Io {
+            path: sp.clone(),
+            msg: format!("invalid: {e}"),
+        })?;
+        if st.config.method != self.cfg.method
+            || st.config.rank != self.cfg.rank
+            || st.config.targets != self.cfg.targets
+        {
             return Err(TrainError::Config(format!(
                 "{}: the checkpoint was made with different --method/--rank/--targets",
                 sp.display()
@@ -557,7 +718,11 @@ impl<'a> Trainer<'a> {
         }
         let values: BTreeMap<String, Tensor> = match &self.trainable {
             Trainable::Lora { .. } => {
-                let a = lowrank_lora::peft::load_peft(dir, &self.model.base_shapes(), self.model.device())?;
+                let a = lowrank_lora::peft::load_peft(
+                    dir,
+                    &self.model.base_shapes(),
+                    self.model.device(),
+                )?;
                 let mut v = BTreeMap::new();
                 for (k, m) in a.modules {
                     v.insert(format!("{}.lora_A.weight", k.peft_prefix()), m.a);
@@ -565,19 +730,27 @@ impl<'a> Trainer<'a> {
                 }
                 v
             }
-            Trainable::Full => candle_core::safetensors::load(dir.join("model.safetensors"), self.model.device())?
-                .into_iter()
-                .collect(),
+            Trainable::Full => {
+                candle_core::safetensors::load(dir.join("model.safetensors"), self.model.device())?
+                    .into_iter()
+                    .collect()
+            }
         };
         for p in &self.params {
-            let t = values.get(&p.name).ok_or_else(|| TrainError::Io { path: dir.into(), msg: format!("checkpoint lacks `{}`", p.name) })?;
+            let t = values.get(&p.name).ok_or_else(|| TrainError::Io {
+                path: dir.into(),
+                msg: format!("checkpoint lacks `{}`", p.name),
+            })?;
             p.var.set(t)?;
         }
         let op = dir.join("optimizer.safetensors");
         if op.exists() {
             let os = candle_core::safetensors::load(&op, self.model.device())?;
             for p in &self.params {
-                if let (Some(m), Some(v)) = (os.get(&format!("m.{}", p.name)), os.get(&format!("v.{}", p.name))) {
+                if let (Some(m), Some(v)) = (
+                    os.get(&format!("m.{}", p.name)),
+                    os.get(&format!("v.{}", p.name)),
+                ) {
                     opt.state.insert(p.name.clone(), (m.clone(), v.clone()));
                 }
             }
@@ -592,13 +765,19 @@ fn round3(x: f64) -> f64 {
 }
 
 fn append_line(path: &Path, v: &serde_json::Value) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(io(path))?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io(path))?;
     writeln!(f, "{v}").map_err(io(path))
 }
 
 /// Keep only records up to `step` (a resumed run rewrites what follows).
 fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
     let kept: Vec<&str> = text
         .lines()
         .filter(|l| {
@@ -622,7 +801,12 @@ pub fn created_stamp() -> String {
     let secs = std::env::var("SOURCE_DATE_EPOCH")
         .ok()
         .and_then(|s| s.parse::<u64>().ok())
-        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0));
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        });
     let days = secs / 86400;
     let rem = secs % 86400;
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
@@ -636,7 +820,12 @@ pub fn created_stamp() -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = if m <= 2 { y + 1 } else { y };
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, (rem % 3600) / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
 }
 
 /// Peak resident set size of this process (VmHWM), bytes.
@@ -655,6 +844,12 @@ pub fn peak_rss() -> u64 {
 
 pub fn dir_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
-        .map(|rd| rd.flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum())
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
         .unwrap_or(0)
 }

@@ -14,7 +14,10 @@ use lowrank_train::data::Sample;
 use lowrank_train::loss::batch_loss;
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures"))
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/fixtures"
+    ))
 }
 
 /// Replace an adapter's tensors by variables; returns (adapter, name → var).
@@ -33,8 +36,21 @@ fn as_vars(a: &Adapter) -> (Adapter, BTreeMap<String, Var>) {
 }
 
 fn rel_frob(a: &Tensor, b: &Tensor) -> f64 {
-    let d = (a - b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
-    let n = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+    let d = (a - b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    let n = b
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
     (d / n.max(1e-30)).sqrt()
 }
 
@@ -43,26 +59,51 @@ fn loss_and_lora_grads_match_peft() {
     lowrank_model::init_threads(None);
     let p = lowrank_model::fetch::ensure_default(false).unwrap();
     let lm = LoadedModel::load(p.to_str().unwrap(), &Device::Cpu).unwrap();
-    let (adapter, _) =
-        lowrank_model::adapters::load_adapter(&lm.model, &fixtures().join("smollm2-135m/peft_adapter"), false).unwrap();
+    let (adapter, _) = lowrank_model::adapters::load_adapter(
+        &lm.model,
+        &fixtures().join("smollm2-135m/peft_adapter"),
+        false,
+    )
+    .unwrap();
     let (adapter, vars) = as_vars(&adapter);
-    let st = candle_core::safetensors::load(fixtures().join("smollm2-135m/grads.safetensors"), &Device::Cpu).unwrap();
-    let ids: Vec<u32> = st["input_ids"].to_vec1::<i64>().unwrap().iter().map(|&x| x as u32).collect();
+    let st = candle_core::safetensors::load(
+        fixtures().join("smollm2-135m/grads.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let ids: Vec<u32> = st["input_ids"]
+        .to_vec1::<i64>()
+        .unwrap()
+        .iter()
+        .map(|&x| x as u32)
+        .collect();
     let labels: Vec<i64> = st["labels"].to_vec1::<i64>().unwrap();
     let want_loss = st["loss"].to_vec1::<f32>().unwrap()[0] as f64;
-    let s = Sample { ids, labels, line: 1 };
+    let s = Sample {
+        ids,
+        labels,
+        line: 1,
+    };
     let m = s.num_targets();
     let set = Arc::new(vec![(Arc::new(adapter), 1.0)]);
-    let mut fo = ForwardOpts { train: true, dropout: None };
+    let mut fo = ForwardOpts {
+        train: true,
+        dropout: None,
+    };
     let hl = batch_loss(&lm.model, &[&s], Some(set), &mut fo, true, 1.0 / m as f64).unwrap();
     let loss = hl.nll_sum / hl.targets as f64;
-    assert!(((loss - want_loss) / want_loss).abs() <= 1e-4, "loss {loss} vs PEFT {want_loss}");
+    assert!(
+        ((loss - want_loss) / want_loss).abs() <= 1e-4,
+        "loss {loss} vs PEFT {want_loss}"
+    );
     let grads = hl.surrogate.unwrap().backward().unwrap();
     let mut checked = 0;
     let mut worst = 0.0f64;
     for (name, var) in &vars {
         let want = &st[name];
-        let got = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+        let got = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
         let e = rel_frob(got, want);
         worst = worst.max(e);
         assert!(e <= 1e-3, "{name}: relative Frobenius error {e}");
@@ -99,7 +140,9 @@ fn tiny_model() -> Llama {
     let mut r = |shape: &[usize], s: f32| {
         k += 1;
         let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|i| ((((i as u64 + 3) * 2654435761 + k * 40503) % 2000) as f32 / 1000.0 - 1.0) * s).collect();
+        let v: Vec<f32> = (0..n)
+            .map(|i| ((((i as u64 + 3) * 2654435761 + k * 40503) % 2000) as f32 / 1000.0 - 1.0) * s)
+            .collect();
         Tensor::from_vec(v, shape, &dev).unwrap()
     };
     let layers = (0..2)
@@ -118,7 +161,12 @@ fn tiny_model() -> Llama {
             down: r(&[16, 24], 0.4),
         })
         .collect();
-    let w = Weights { embed: r(&[23, 16], 1.0), layers, norm: (r(&[16], 0.1) + 1.0).unwrap(), lm_head: None };
+    let w = Weights {
+        embed: r(&[23, 16], 1.0),
+        layers,
+        norm: (r(&[16], 0.1) + 1.0).unwrap(),
+        lm_head: None,
+    };
     Llama::new(cfg, w, &dev).unwrap()
 }
 
@@ -127,7 +175,18 @@ fn loss_of(model: &Llama, adapter: &Adapter, samples: &[Sample]) -> (f64, Option
     let refs: Vec<&Sample> = samples.iter().collect();
     let m: usize = samples.iter().map(|s| s.num_targets()).sum();
     let set = Arc::new(vec![(Arc::new(adapter.clone()), 1.0)]);
-    let hl = batch_loss(model, &refs, Some(set), &mut ForwardOpts { train: true, dropout: None }, true, 1.0 / m as f64).unwrap();
+    let hl = batch_loss(
+        model,
+        &refs,
+        Some(set),
+        &mut ForwardOpts {
+            train: true,
+            dropout: None,
+        },
+        true,
+        1.0 / m as f64,
+    )
+    .unwrap();
     (hl.nll_sum / hl.targets as f64, hl.surrogate)
 }
 
@@ -139,17 +198,31 @@ fn backward_agrees_with_finite_differences() {
     for l in 0..2 {
         for (t, o, i) in model.lora_shapes() {
             let n = |len: usize, seed: usize| -> Vec<f32> {
-                (0..len).map(|j| ((((j + seed) * 7919) % 1000) as f32 / 1000.0 - 0.5) * 0.3).collect()
+                (0..len)
+                    .map(|j| ((((j + seed) * 7919) % 1000) as f32 / 1000.0 - 0.5) * 0.3)
+                    .collect()
             };
             let a = Tensor::from_vec(n(2 * i, l * 10 + t as usize), (2, i), &dev).unwrap();
             let b = Tensor::from_vec(n(o * 2, l * 10 + t as usize + 5), (o, 2), &dev).unwrap();
             modules.insert(ModuleKey::new(l, t), LoraModule { a, b, scale: 1.5 });
         }
     }
-    let adapter = Adapter { config: LoraConfig::new(2, 3.0, &Target::ALL), modules, provenance: Default::default() };
+    let adapter = Adapter {
+        config: LoraConfig::new(2, 3.0, &Target::ALL),
+        modules,
+        provenance: Default::default(),
+    };
     let samples = vec![
-        Sample { ids: vec![1, 5, 7, 2, 9, 11, 4], labels: vec![-100, -100, -100, 2, 9, 11, 4], line: 1 },
-        Sample { ids: vec![3, 8, 13, 21, 6], labels: vec![3, 8, 13, 21, 6], line: 2 },
+        Sample {
+            ids: vec![1, 5, 7, 2, 9, 11, 4],
+            labels: vec![-100, -100, -100, 2, 9, 11, 4],
+            line: 1,
+        },
+        Sample {
+            ids: vec![3, 8, 13, 21, 6],
+            labels: vec![3, 8, 13, 21, 6],
+            line: 2,
+        },
     ];
     let (adapter_v, vars) = as_vars(&adapter);
     let (_, sur) = loss_of(&model, &adapter_v, &samples);
@@ -157,7 +230,13 @@ fn backward_agrees_with_finite_differences() {
     // Check a few coordinates of several A and B tensors with central differences (f32: h = 1e-2).
     let mut checked = 0;
     for (name, var) in vars.iter().step_by(5) {
-        let g = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         for coord in [0usize, 3] {
             let h = 1e-2f32;
             let mut plus = adapter.clone();
@@ -176,9 +255,13 @@ fn backward_agrees_with_finite_differences() {
                     *t = Tensor::from_vec(v, t.shape(), &dev).unwrap();
                 }
             }
-            let fd = (loss_of(&model, &plus, &samples).0 - loss_of(&model, &minus, &samples).0) / (2.0 * h as f64);
+            let fd = (loss_of(&model, &plus, &samples).0 - loss_of(&model, &minus, &samples).0)
+                / (2.0 * h as f64);
             let an = g[coord] as f64;
-            assert!((fd - an).abs() <= 2e-3 + 2e-2 * an.abs(), "{name}[{coord}]: autograd {an} vs finite difference {fd}");
+            assert!(
+                (fd - an).abs() <= 2e-3 + 2e-2 * an.abs(),
+                "{name}[{coord}]: autograd {an} vs finite difference {fd}"
+            );
             checked += 1;
         }
     }

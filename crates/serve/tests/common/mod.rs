@@ -16,7 +16,10 @@ use serde_json::Value;
 use tower::ServiceExt;
 
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures/tiny-llama-hf"))
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/fixtures/tiny-llama-hf"
+    ))
 }
 
 pub fn tiny() -> LoadedModel {
@@ -61,10 +64,21 @@ pub fn random_adapter(model: &Llama, dir: &Path, amp: f64) -> Adapter {
             let (out, inp) = shapes.dims_of(t).unwrap();
             let a = Tensor::rand(-amp as f32, amp as f32, (r, inp), &Device::Cpu).unwrap();
             let b = Tensor::rand(-amp as f32, amp as f32, (out, r), &Device::Cpu).unwrap();
-            modules.insert(ModuleKey::new(l, t), LoraModule { a, b, scale: config.scale_for(l, t) });
+            modules.insert(
+                ModuleKey::new(l, t),
+                LoraModule {
+                    a,
+                    b,
+                    scale: config.scale_for(l, t),
+                },
+            );
         }
     }
-    let a = Adapter { config, modules, provenance: Provenance::default() };
+    let a = Adapter {
+        config,
+        modules,
+        provenance: Provenance::default(),
+    };
     lowrank_lora::save_peft(&a, dir, DType::F32).unwrap();
     a
 }
@@ -91,7 +105,11 @@ impl Resp {
     }
     /// `data:` payloads of an SSE body.
     pub fn sse(&self) -> Vec<String> {
-        self.text.lines().filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:"))).map(String::from).collect()
+        self.text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
+            .map(String::from)
+            .collect()
     }
     pub fn error_message(&self) -> String {
         let v = self.json();
@@ -112,14 +130,32 @@ pub fn request(method: &str, uri: &str, body: Option<&str>, auth: Option<&str>) 
     if let Some(k) = auth {
         b = b.header("authorization", format!("Bearer {k}"));
     }
-    b.body(body.map(|s| Body::from(s.to_string())).unwrap_or_else(Body::empty)).unwrap()
+    b.body(
+        body.map(|s| Body::from(s.to_string()))
+            .unwrap_or_else(Body::empty),
+    )
+    .unwrap()
 }
 
-pub async fn call(s: &AppState, method: &str, uri: &str, body: Option<&str>, auth: Option<&str>) -> Resp {
-    let resp = lowrank_serve::app(s.clone()).oneshot(request(method, uri, body, auth)).await.unwrap();
+pub async fn call(
+    s: &AppState,
+    method: &str,
+    uri: &str,
+    body: Option<&str>,
+    auth: Option<&str>,
+) -> Resp {
+    let resp = lowrank_serve::app(s.clone())
+        .oneshot(request(method, uri, body, auth))
+        .await
+        .unwrap();
     let status = resp.status();
-    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
-    Resp { status, text: String::from_utf8_lossy(&bytes).to_string() }
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    Resp {
+        status,
+        text: String::from_utf8_lossy(&bytes).to_string(),
+    }
 }
 
 pub async fn post(s: &AppState, uri: &str, body: &Value) -> Resp {
@@ -136,5 +172,8 @@ pub async fn chat_text(s: &AppState, model: &str, prompt: &str, max_tokens: usiz
     )
     .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-    r.json()["choices"][0]["message"]["content"].as_str().unwrap().to_string()
+    r.json()["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }

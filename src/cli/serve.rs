@@ -1,0 +1,305 @@
+//! `lowrank serve` and `lowrank bench (infer | train | serve)`.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use clap::{Args, Subcommand};
+use lowrank_model::{ForwardOpts, KvCache, LogitsMode, SeqInput};
+
+use super::ModelArg;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// Directory whose sub-directories are PEFT adapters, served under their names.
+    #[arg(long)]
+    pub adapters: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Require `Authorization: Bearer KEY` on the API.
+    #[arg(long, env = "LOWRANK_API_KEY")]
+    pub api_key: Option<String>,
+    /// Key for POST/DELETE /v1/adapters (disabled without it).
+    #[arg(long, env = "LOWRANK_ADMIN_KEY")]
+    pub admin_key: Option<String>,
+    #[arg(long, default_value_t = 32)]
+    pub max_batch: usize,
+    /// Byte budget for resident adapters (LRU eviction of idle ones beyond it).
+    #[arg(long, default_value_t = 2 << 30)]
+    pub max_adapter_bytes: u64,
+    #[arg(long, default_value_t = 256)]
+    pub max_queue: usize,
+    /// Load every adapter at start instead of on first use.
+    #[arg(long)]
+    pub preload: bool,
+}
+
+fn model_id(spec: &str) -> Option<String> {
+    (spec == lowrank_model::fetch::DEFAULT_ALIAS).then(|| spec.to_string())
+}
+
+pub fn serve(a: ServeArgs, device: &Device) -> Result<()> {
+    let lm = super::load(&a.model, device)?;
+    let mut cfg = lowrank_serve::ServeConfig {
+        host: a.host.clone(),
+        port: a.port,
+        api_key: a.api_key.clone(),
+        admin_key: a.admin_key.clone(),
+        adapters_dir: a.adapters.clone(),
+        max_batch: a.max_batch.max(1),
+        max_adapter_bytes: a.max_adapter_bytes,
+        max_queue: a.max_queue,
+        preload: a.preload,
+        model_id: model_id(&a.model.model),
+        ..Default::default()
+    };
+    if cfg.max_batch == 0 {
+        cfg.max_batch = 1;
+    }
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+            eprintln!("shutting down: draining in-flight requests");
+        };
+        lowrank_serve::serve(lm, cfg, shutdown).await
+    })?;
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Prefill tok/s (512-token prompt) and single-stream decode tok/s (128 tokens).
+    Infer {
+        #[command(flatten)]
+        model: ModelArg,
+        #[arg(long, default_value_t = 512)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 128)]
+        decode_tokens: usize,
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+    },
+    /// Training step speed: LoRA (r=8 on q,v) on random tokens, batch × seq, like the PEFT peer.
+    Train {
+        #[command(flatten)]
+        model: ModelArg,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        #[arg(long, default_value_t = 6)]
+        steps: usize,
+        #[arg(long, default_value_t = 8)]
+        rank: usize,
+        #[arg(long, default_value = "q_proj,v_proj")]
+        targets: String,
+        /// Full fine-tuning instead of LoRA.
+        #[arg(long)]
+        full: bool,
+    },
+    /// Load generator against a server on loopback: 1 / 10 / 100 adapters, merged vs unmerged.
+    Serve {
+        #[command(flatten)]
+        model: ModelArg,
+        #[arg(long, default_value = "1,10,100", value_delimiter = ',')]
+        adapters: Vec<usize>,
+        #[arg(long, default_value_t = 64)]
+        requests: usize,
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 32)]
+        max_tokens: usize,
+        /// Seconds per scenario (no new request starts after it).
+        #[arg(long, default_value_t = 60)]
+        time_limit: u64,
+    },
+}
+
+pub fn bench(c: BenchCmd, device: &Device) -> Result<()> {
+    match c {
+        BenchCmd::Infer {
+            model,
+            prompt_tokens,
+            decode_tokens,
+            repeats,
+        } => bench_infer(&model, prompt_tokens, decode_tokens, repeats, device),
+        BenchCmd::Train {
+            model,
+            batch,
+            seq,
+            steps,
+            rank,
+            targets,
+            full,
+        } => bench_train(&model, batch, seq, steps, rank, &targets, full, device),
+        BenchCmd::Serve {
+            model,
+            adapters,
+            requests,
+            concurrency,
+            max_tokens,
+            time_limit,
+        } => {
+            let lm = super::load(&model, device)?;
+            let cfg = lowrank_serve::BenchConfig {
+                adapter_counts: adapters,
+                requests,
+                concurrency,
+                max_tokens,
+                time_limit: Duration::from_secs(time_limit),
+                serve: lowrank_serve::ServeConfig {
+                    model_id: model_id(&model.model),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(lowrank_serve::bench_serve(lm, cfg))?;
+            Ok(())
+        }
+    }
+}
+
+fn bench_infer(
+    m: &ModelArg,
+    prompt_tokens: usize,
+    decode_tokens: usize,
+    repeats: usize,
+    device: &Device,
+) -> Result<()> {
+    let lm = super::load(m, device)?;
+    let text = "The history of low-rank adaptation begins with the observation that fine-tuning updates have low intrinsic rank. ".repeat(64);
+    let mut ids = lm.tok.encode(&text)?;
+    ids.truncate(prompt_tokens);
+    if ids.len() < prompt_tokens {
+        anyhow::bail!("could not build a {prompt_tokens}-token prompt");
+    }
+    let mut prefill = vec![];
+    let mut decode = vec![];
+    for _ in 0..repeats.max(1) {
+        let mut cache = KvCache::new(lm.model.cfg.num_layers);
+        let t = Instant::now();
+        let mut logits = {
+            let mut s = [SeqInput {
+                tokens: &ids,
+                cache: Some(&mut cache),
+                adapters: None,
+                logits: LogitsMode::Last,
+            }];
+            lm.model
+                .forward(&mut s, &mut ForwardOpts::infer())?
+                .pop()
+                .flatten()
+                .context("logits")?
+        };
+        prefill.push(ids.len() as f64 / t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        for _ in 0..decode_tokens {
+            let id = lowrank_model::model::argmax_rows(&logits)?[0];
+            let mut s = [SeqInput {
+                tokens: &[id],
+                cache: Some(&mut cache),
+                adapters: None,
+                logits: LogitsMode::Last,
+            }];
+            logits = lm
+                .model
+                .forward(&mut s, &mut ForwardOpts::infer())?
+                .pop()
+                .flatten()
+                .context("logits")?;
+        }
+        decode.push(decode_tokens as f64 / t.elapsed().as_secs_f64());
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    println!(
+        "{}",
+        serde_json::json!({
+            "prefill_tokens": prompt_tokens, "prefill_tok_s": (med(&mut prefill) * 10.0).round() / 10.0,
+            "decode_tokens": decode_tokens, "decode_tok_s": (med(&mut decode) * 10.0).round() / 10.0,
+            "threads": std::env::var("RAYON_NUM_THREADS").ok(), "weights": "f32 (dequantized)",
+        })
+    );
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench_train(
+    m: &ModelArg,
+    batch: usize,
+    seq: usize,
+    steps: usize,
+    rank: usize,
+    targets: &str,
+    full: bool,
+    device: &Device,
+) -> Result<()> {
+    use rand::{Rng, SeedableRng};
+    let lm = super::load(m, device)?;
+    let dir = std::env::temp_dir().join(format!("lowrank-bench-train-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    // Random tokens, every position a target (the PEFT peer's labels = input_ids).
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let data = dir.join("data.jsonl");
+    let mut lines = String::new();
+    let vocab = lm.model.cfg.vocab_size as u32;
+    for _ in 0..batch * (steps + 1) {
+        let ids: Vec<u32> = (0..seq).map(|_| rng.random_range(3..vocab)).collect();
+        let text = lm.tok.decode(&ids)?;
+        lines.push_str(&serde_json::json!({"text": text}).to_string());
+        lines.push('\n');
+    }
+    std::fs::write(&data, lines)?;
+    let cfg = lowrank_train::TrainConfig {
+        data: Some(data),
+        out: Some(dir.join("out")),
+        targets: targets.split(',').map(String::from).collect(),
+        rank,
+        max_steps: Some(steps + 1),
+        batch_size: batch,
+        max_seq_len: seq,
+        method: if full {
+            lowrank_train::Method::Full
+        } else {
+            lowrank_train::Method::Lora
+        },
+        lr: 1e-4,
+        ..Default::default()
+    };
+    let mut t = lowrank_train::Trainer::new(&lm, cfg)?;
+    t.show_progress = false;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let s = t.run(None, &stop)?;
+    // Steady-state: drop the first step (allocation warm-up), as the peer does.
+    let metrics = std::fs::read_to_string(dir.join("out/metrics.jsonl"))?;
+    let mut rows: Vec<(f64, f64)> = vec![];
+    let mut prev = 0.0;
+    for l in metrics.lines() {
+        let v: serde_json::Value = serde_json::from_str(l)?;
+        if let (Some(e), Some(tk)) = (v["elapsed"].as_f64(), v["tokens"].as_f64()) {
+            rows.push((e - prev, tk));
+            prev = e;
+        }
+    }
+    let mut steady: Vec<f64> = rows.iter().skip(1).map(|(dt, tk)| tk / dt).collect();
+    steady.sort_by(|a, b| a.total_cmp(b));
+    let _ = std::fs::remove_dir_all(&dir);
+    println!(
+        "{}",
+        serde_json::json!({
+            "mode": if full { "full" } else { "lora" }, "trainable": s.trainable_params,
+            "batch": batch, "seq": seq, "tokens_per_s": (steady.get(steady.len() / 2).copied().unwrap_or(s.tok_per_s) * 10.0).round() / 10.0,
+            "peak_rss_mb": s.peak_rss_bytes / (1 << 20),
+        })
+    );
+    Ok(())
+}
