@@ -290,3 +290,179 @@ fn toml_config_with_flag_override() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("rnak"));
     let _ = std::fs::remove_dir_all(&d);
 }
+
+fn shared() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures"))
+}
+
+fn default_model() -> String {
+    let out = lowrank().arg("fetch").output().unwrap();
+    ok(&out);
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[test]
+fn eval_loss_mode_matches_peft_loss() {
+    // The grads fixture's example as a chat record: masking and loss must equal PEFT's.
+    let d = tmpdir("evalloss");
+    let data = d.join("conv.jsonl");
+    std::fs::write(
+        &data,
+        serde_json::json!({"messages": [{"role": "user", "content": "What is two plus two?"},
+                                         {"role": "assistant", "content": "Two plus two is four."}]})
+        .to_string(),
+    )
+    .unwrap();
+    let model = default_model();
+    let ad = shared().join("smollm2-135m/peft_adapter");
+    let o = lowrank()
+        .args([
+            "eval",
+            "--model",
+            &model,
+            "--adapter",
+            ad.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    ok(&o);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let st = candle_core::safetensors::load(
+        shared().join("smollm2-135m/grads.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let want = st["loss"].to_vec1::<f32>().unwrap()[0] as f64;
+    let got = v["loss"].as_f64().unwrap();
+    assert!(
+        ((got - want) / want).abs() < 1e-4,
+        "loss {got} vs PEFT {want}"
+    );
+    assert_eq!(v["tokens"], 7);
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn lora_on_a_fixed_task_lowers_eval_loss_and_merge_runs() {
+    let d = tmpdir("realtask");
+    let model = default_model();
+    ok(&lowrank()
+        .args([
+            "tasks",
+            "make",
+            "sql",
+            "--out",
+            d.to_str().unwrap(),
+            "--train",
+            "48",
+            "--eval",
+            "16",
+        ])
+        .output()
+        .unwrap());
+    let out = d.join("ad");
+    let o = lowrank()
+        .args([
+            "train",
+            "--model",
+            &model,
+            "--data",
+            d.join("train.jsonl").to_str().unwrap(),
+            "--eval",
+            d.join("eval.jsonl").to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--max-steps",
+            "6",
+            "--batch-size",
+            "8",
+            "--lr",
+            "2e-3",
+            "--quiet",
+        ])
+        .output()
+        .unwrap();
+    ok(&o);
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let (b, a) = (
+        s["eval_loss_before"].as_f64().unwrap(),
+        s["eval_loss_after"].as_f64().unwrap(),
+    );
+    assert!(a < 0.6 * b, "eval loss {b} → {a}");
+    assert_eq!(s["trainable_params"], 460_800);
+    // Merge into a HF directory and generate from it; the adapter itself inspects with --svd.
+    let merged = d.join("merged");
+    ok(&lowrank()
+        .args([
+            "merge",
+            "--model",
+            &model,
+            "--adapter",
+            out.to_str().unwrap(),
+            "--out",
+            merged.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap());
+    let g1 = lowrank()
+        .args([
+            "generate",
+            "--model",
+            merged.to_str().unwrap(),
+            "--chat",
+            "Count the employees in Paris.",
+            "--max-tokens",
+            "12",
+        ])
+        .output()
+        .unwrap();
+    ok(&g1);
+    let g2 = lowrank()
+        .args([
+            "generate",
+            "--model",
+            &model,
+            "--adapter",
+            out.to_str().unwrap(),
+            "--chat",
+            "Count the employees in Paris.",
+            "--max-tokens",
+            "12",
+        ])
+        .output()
+        .unwrap();
+    ok(&g2);
+    assert_eq!(
+        g1.stdout, g2.stdout,
+        "merged and unmerged greedy outputs differ"
+    );
+    let o = lowrank()
+        .args(["inspect", out.to_str().unwrap(), "--model", &model, "--svd"])
+        .output()
+        .unwrap();
+    ok(&o);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["trainable_parameters"], 460_800);
+    assert_eq!(v["svd"].as_array().unwrap().len(), 60);
+    assert!(v["hundred_tasks"]
+        .as_str()
+        .unwrap()
+        .starts_with("100 tasks: base + 100 × adapter"));
+    // Applying it to a different base is refused unless --force.
+    let o = lowrank()
+        .args([
+            "generate",
+            "--model",
+            &tiny(),
+            "--adapter",
+            out.to_str().unwrap(),
+            "--prompt",
+            "x",
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let _ = std::fs::remove_dir_all(&d);
+}

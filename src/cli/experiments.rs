@@ -63,9 +63,9 @@ pub struct RunArgs {
     pub max_seq_len: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Generation batch for scoring.
-    #[arg(long, default_value_t = 20)]
-    pub eval_batch: usize,
+    /// Generation batch for scoring (default 32; --quick: 40).
+    #[arg(long)]
+    pub eval_batch: Option<usize>,
     /// A tiny budget (a few steps, ~40 held-out examples): a smoke run for CI.
     #[arg(long)]
     pub quick: bool,
@@ -104,7 +104,7 @@ impl RunArgs {
             anyhow::bail!("--budget-s must be ≥ 0");
         }
         cfg.validate().map_err(anyhow::Error::msg)?;
-        if self.eval_batch == 0 {
+        if self.eval_batch == Some(0) {
             anyhow::bail!("--eval-batch must be ≥ 1");
         }
         let spec = DataSpec {
@@ -126,9 +126,13 @@ impl RunArgs {
     fn settings(&self, base: TrainConfig) -> RunSettings {
         RunSettings {
             base,
-            eval_batch: self.eval_batch,
+            eval_batch: self.eval_batch(),
             show_progress: !self.quiet,
         }
+    }
+
+    fn eval_batch(&self) -> usize {
+        self.eval_batch.unwrap_or(if self.quick { 40 } else { 32 })
     }
 }
 
@@ -415,7 +419,7 @@ pub fn run_compare(a: CompareArgs, device: &Device) -> Result<()> {
         batch_size: cfg.batch_size,
         max_seq_len: cfg.max_seq_len,
         seed: cfg.seed,
-        eval_batch: a.run.eval_batch,
+        eval_batch: a.run.eval_batch(),
         show_progress: !a.run.quiet,
     };
     let rep = compare(&mut lm, &p, &o, &a.run.out).context("compare")?;

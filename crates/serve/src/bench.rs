@@ -403,16 +403,14 @@ pub async fn bench_serve(lm: LoadedModel, cfg: BenchConfig) -> Result<Vec<BenchR
         .max()
         .unwrap_or(0)
         .max(if cfg.merged { 1 } else { 0 });
-    let dir = TempDir(
-        std::env::temp_dir().join(format!(
+    let dir = TempDir(std::env::temp_dir().join(format!(
             "lowrank-bench-{}-{}",
             std::process::id(),
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_nanos())
                 .unwrap_or(0)
-        )),
-    );
+        )));
     let _ = std::fs::remove_dir_all(&dir.0);
     let names: Vec<String> = (0..max_n).map(|i| format!("bench-{i:03}")).collect();
     eprintln!(

@@ -86,6 +86,8 @@ pub fn line_chart(
         .map_err(e(path))?;
     chart
         .configure_mesh()
+        .label_style(("sans-serif", 12))
+        .axis_desc_style(("sans-serif", 14))
         .x_desc(x_label)
         .y_desc(y_label)
         .draw()
@@ -155,6 +157,8 @@ pub fn heatmap(
         .map_err(e(path))?;
     chart
         .configure_mesh()
+        .label_style(("sans-serif", 12))
+        .axis_desc_style(("sans-serif", 14))
         .disable_mesh()
         .x_desc(col_label)
         .y_desc(row_label)
@@ -181,6 +185,8 @@ pub fn heatmap(
         .build_cartesian_2d(0f64..1f64, 0f64..1f64)
         .map_err(e(path))?;
     cb.configure_mesh()
+        .label_style(("sans-serif", 12))
+        .axis_desc_style(("sans-serif", 14))
         .disable_mesh()
         .disable_x_axis()
         .y_labels(6)
@@ -236,6 +242,8 @@ pub fn bar_panels(
             .map_err(e(path))?;
         chart
             .configure_mesh()
+            .label_style(("sans-serif", 12))
+            .axis_desc_style(("sans-serif", 14))
             .disable_x_mesh()
             .x_labels(n as usize + 1)
             .x_label_formatter(&fmt)
