@@ -67,9 +67,13 @@ struct Group {
 struct SeqCtx {
     offset: usize,
     len: usize,
+    mask: Option<Tensor>,
+}
+
+/// Rotary tables for every token of the batch at its own position: [N, hd/2].
+struct Rope {
     cos: Tensor,
     sin: Tensor,
-    mask: Option<Tensor>,
 }
 
 #[derive(Debug, Clone)]
@@ -173,6 +177,7 @@ impl Llama {
             return Err(ModelError::Invalid("empty batch".into()));
         }
         let mut ids = Vec::new();
+        let mut positions: Vec<u32> = Vec::new();
         let mut ctxs = Vec::with_capacity(seqs.len());
         for s in seqs.iter() {
             if s.tokens.is_empty() {
@@ -201,17 +206,21 @@ impl Llama {
             ctxs.push(SeqCtx {
                 offset: ids.len(),
                 len: t,
-                cos: self.cos.narrow(0, start, t)?,
-                sin: self.sin.narrow(0, start, t)?,
                 mask: causal_mask(t, start, &self.device)?,
             });
+            positions.extend(start as u32..(start + t) as u32);
             ids.extend_from_slice(s.tokens);
         }
+        let pos = Tensor::new(positions.as_slice(), &self.device)?;
+        let rope = Rope {
+            cos: self.cos.index_select(&pos, 0)?,
+            sin: self.sin.index_select(&pos, 0)?,
+        };
         let groups = self.groups(seqs, &ctxs)?;
         let ids = Tensor::new(ids.as_slice(), &self.device)?;
         let mut x = self.weights.embed.index_select(&ids, 0)?; // [N, H]
         for l in 0..self.cfg.num_layers {
-            x = self.block(l, &x, seqs, &ctxs, &groups, opts)?;
+            x = self.block(l, &x, seqs, &ctxs, &rope, &groups, opts)?;
         }
         for s in seqs.iter_mut() {
             if let Some(c) = s.cache.as_deref_mut() {
@@ -314,6 +323,7 @@ impl Llama {
         x: &Tensor,
         seqs: &mut [SeqInput<'_>],
         ctxs: &[SeqCtx],
+        rope: &Rope,
         groups: &[Group],
         opts: &mut ForwardOpts<'_>,
     ) -> Result<Tensor> {
@@ -324,18 +334,32 @@ impl Llama {
         let q = self.proj(&h, key(Target::Q), lw.q_bias.as_ref(), groups, opts)?; // [N, nh·hd]
         let k = self.proj(&h, key(Target::K), lw.k_bias.as_ref(), groups, opts)?; // [N, nkv·hd]
         let v = self.proj(&h, key(Target::V), lw.v_bias.as_ref(), groups, opts)?; // [N, nkv·hd]
+                                                                                  // Heads first, rotary embedding once for the whole batch (each token at its own position).
+        let n = h.dim(0)?;
+        let heads = |t: &Tensor, nh: usize| -> Result<Tensor> {
+            Ok(t.reshape((n, nh, c.head_dim))?
+                .transpose(0, 1)?
+                .contiguous()?) // [nh, N, hd]
+        };
+        let q = ops::rope(&heads(&q, c.num_heads)?, &rope.cos, &rope.sin, opts.train)?; // [nh, N, hd]
+        let k = ops::rope(
+            &heads(&k, c.num_kv_heads)?,
+            &rope.cos,
+            &rope.sin,
+            opts.train,
+        )?; // [nkv, N, hd]
+        let v = heads(&v, c.num_kv_heads)?; // [nkv, N, hd]
+        let single = ctxs.len() == 1;
         let mut outs = Vec::with_capacity(ctxs.len());
         for (s, cx) in seqs.iter_mut().zip(ctxs) {
-            let heads = |t: &Tensor, n: usize| -> Result<Tensor> {
-                // [t, n·hd] → [n, t, hd]
-                Ok(t.narrow(0, cx.offset, cx.len)?
-                    .reshape((cx.len, n, c.head_dim))?
-                    .transpose(0, 1)?
-                    .contiguous()?)
+            let part = |t: &Tensor| -> Result<Tensor> {
+                Ok(if single {
+                    t.clone()
+                } else {
+                    t.narrow(1, cx.offset, cx.len)?.contiguous()?
+                })
             };
-            let qs = ops::rope(&heads(&q, c.num_heads)?, &cx.cos, &cx.sin, opts.train)?;
-            let ks = ops::rope(&heads(&k, c.num_kv_heads)?, &cx.cos, &cx.sin, opts.train)?;
-            let vs = heads(&v, c.num_kv_heads)?;
+            let (qs, ks, vs) = (part(&q)?, part(&k)?, part(&v)?);
             let (ks, vs) = match s.cache.as_deref_mut() {
                 Some(cache) => cache.append(l, &ks, &vs)?,
                 None => (ks, vs),
