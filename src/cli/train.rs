@@ -88,6 +88,9 @@ pub struct TrainArgs {
     /// Stop after this many seconds.
     #[arg(long)]
     pub time_budget: Option<f64>,
+    /// dtype of the saved adapter: f32 (default), f16 or bf16.
+    #[arg(long)]
+    pub save_dtype: Option<String>,
     /// Continue from a checkpoint directory (DIR/checkpoint-N).
     #[arg(long)]
     pub resume: Option<PathBuf>,
@@ -109,7 +112,7 @@ impl TrainArgs {
              weight_decay => weight_decay, warmup_steps => warmup_steps, schedule => schedule, epochs => epochs,
              batch_size => batch_size, grad_accum => grad_accum, max_seq_len => max_seq_len, seed => seed,
              eval_every => eval_every, save_every => save_every, keep_checkpoints => keep_checkpoints,
-             grad_clip => grad_clip, method => method, time_budget => time_budget_s);
+             grad_clip => grad_clip, method => method, time_budget => time_budget_s, save_dtype => save_dtype);
         if self.data.is_some() {
             c.data = self.data.clone();
         }

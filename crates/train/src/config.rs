@@ -65,6 +65,8 @@ pub struct TrainConfig {
     pub skip_bad: bool,
     /// Stop after this many seconds of training (a time box; 0: none).
     pub time_budget_s: f64,
+    /// dtype of the saved adapter tensors: f32 (default), f16 or bf16.
+    pub save_dtype: String,
 }
 
 impl Default for TrainConfig {
@@ -98,6 +100,7 @@ impl Default for TrainConfig {
             method: Method::Lora,
             skip_bad: false,
             time_budget_s: 0.0,
+            save_dtype: "f32".into(),
         }
     }
 }
@@ -150,6 +153,9 @@ impl TrainConfig {
             "default" | "true" | "gaussian" | "pissa"
         ) {
             return bad("init", "must be default, gaussian or pissa");
+        }
+        if !matches!(self.save_dtype.as_str(), "f32" | "f16" | "bf16") {
+            return bad("save-dtype", "must be f32, f16 or bf16");
         }
         if self.targets.is_empty() {
             return bad("targets", "give at least one module");

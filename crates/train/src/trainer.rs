@@ -610,7 +610,12 @@ impl<'a> Trainer<'a> {
                 // save_peft replaces its directory as a whole: write to a sibling, then move
                 // the two files in (each rename is atomic).
                 let tmp = self.out.join(".adapter.tmp");
-                lowrank_lora::peft::save_peft(&a, &tmp, DType::F32)?;
+                let dtype = match self.cfg.save_dtype.as_str() {
+                    "f16" => DType::F16,
+                    "bf16" => DType::BF16,
+                    _ => DType::F32,
+                };
+                lowrank_lora::peft::save_peft(&a, &tmp, dtype)?;
                 let mut bytes = 0;
                 for f in [
                     lowrank_lora::peft::CONFIG_FILE,

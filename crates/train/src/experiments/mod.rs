@@ -295,6 +295,7 @@ pub fn score_adapter(
 }
 
 /// Train one LoRA configuration into `root/dir`, then score it on the held-out examples.
+#[allow(clippy::too_many_arguments)]
 pub fn train_and_score(
     lm: &mut LoadedModel,
     p: &Prepared,
