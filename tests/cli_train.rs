@@ -282,8 +282,14 @@ fn toml_config_with_flag_override() {
     let st = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
     let n = u64::from_le_bytes(st[..8].try_into().unwrap()) as usize;
     let header = String::from_utf8_lossy(&st[8..8 + n]);
-    assert!(header.contains("\"BF16\"") && !header.contains("\"F32\""), "{header}");
-    ok(&lowrank().args(["inspect", out.to_str().unwrap(), "--model", &tiny()]).output().unwrap());
+    assert!(
+        header.contains("\"BF16\"") && !header.contains("\"F32\""),
+        "{header}"
+    );
+    ok(&lowrank()
+        .args(["inspect", out.to_str().unwrap(), "--model", &tiny()])
+        .output()
+        .unwrap());
     std::fs::write(&cfg, "rnak = 2\n").unwrap();
     let o = lowrank()
         .args([

@@ -36,7 +36,7 @@ pub struct DemoArgs {
     /// Safety time box for training, seconds per task (default 100; 0 = none).
     #[arg(long)]
     pub train_seconds: Option<f64>,
-    /// Held-out examples per task (default 40, quick 24).
+    /// Held-out examples per task (default 40, quick 20).
     #[arg(long)]
     pub eval_n: Option<usize>,
     #[arg(long, default_value_t = 0)]
@@ -76,7 +76,7 @@ pub fn run(a: DemoArgs, device: &Device) -> Result<bool> {
     if steps == 0 {
         anyhow::bail!("--steps must be ≥ 1");
     }
-    let eval_n = a.eval_n.unwrap_or(if a.quick { 24 } else { 40 });
+    let eval_n = a.eval_n.unwrap_or(if a.quick { 20 } else { 40 });
     let n_train = if a.quick { 200 } else { 400 };
     let tasks = match &a.tasks {
         Some(names) => names
