@@ -293,11 +293,17 @@ fn bench_train(
     let mut steady: Vec<f64> = rows.iter().skip(1).map(|(dt, tk)| tk / dt).collect();
     steady.sort_by(|a, b| a.total_cmp(b));
     let _ = std::fs::remove_dir_all(&dir);
+    let tps = steady.get(steady.len() / 2).copied().unwrap_or(s.tok_per_s);
+    // Matmul FLOPs per token: forward 2N + input gradients 2N (+ weight gradients 2N when full),
+    // N ≈ every weight (the tied embedding counts once, as the LM head).
+    let n = lm.model.weights.num_params() as f64;
+    let flops_per_token = if full { 6.0 * n } else { 4.0 * n };
     println!(
         "{}",
         serde_json::json!({
             "mode": if full { "full" } else { "lora" }, "trainable": s.trainable_params,
-            "batch": batch, "seq": seq, "tokens_per_s": (steady.get(steady.len() / 2).copied().unwrap_or(s.tok_per_s) * 10.0).round() / 10.0,
+            "batch": batch, "seq": seq, "tokens_per_s": (tps * 10.0).round() / 10.0,
+            "achieved_gflops": (tps * flops_per_token / 1e8).round() / 10.0,
             "peak_rss_mb": s.peak_rss_bytes / (1 << 20),
         })
     );
