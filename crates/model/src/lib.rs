@@ -6,6 +6,7 @@
 //! (forward) → `generate`.
 
 pub mod adapters;
+pub mod backward;
 pub mod cache;
 pub mod chat;
 pub mod config;

@@ -81,8 +81,8 @@ pub struct Llama {
     pub cfg: ModelConfig,
     pub weights: Weights,
     /// [max_pos, head_dim/2]
-    cos: Tensor,
-    sin: Tensor,
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
     device: Device,
 }
 
@@ -432,7 +432,7 @@ fn rope_tables(cfg: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
 }
 
 /// Additive causal mask [t, start+t]: query i (position start+i) sees keys 0..=start+i.
-fn causal_mask(t: usize, start: usize, device: &Device) -> Result<Option<Tensor>> {
+pub(crate) fn causal_mask(t: usize, start: usize, device: &Device) -> Result<Option<Tensor>> {
     if t == 1 {
         return Ok(None);
     }
@@ -453,6 +453,16 @@ fn causal_mask(t: usize, start: usize, device: &Device) -> Result<Option<Tensor>
 
 /// Inverted dropout: zero each element with probability p, scale the rest by 1/(1−p).
 fn dropout(x: &Tensor, p: f64, rng: &mut rand_chacha::ChaCha8Rng) -> Result<Tensor> {
+    let mask = dropout_mask(x, p, rng)?;
+    Ok((x * mask)?)
+}
+
+/// The inverted-dropout multiplier for `x`'s shape: 0 with probability p, else 1/(1−p).
+pub(crate) fn dropout_mask(
+    x: &Tensor,
+    p: f64,
+    rng: &mut rand_chacha::ChaCha8Rng,
+) -> Result<Tensor> {
     let keep = 1.0 / (1.0 - p);
     let n = x.elem_count();
     let mask: Vec<f32> = (0..n)
@@ -464,8 +474,7 @@ fn dropout(x: &Tensor, p: f64, rng: &mut rand_chacha::ChaCha8Rng) -> Result<Tens
             }
         })
         .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
-    Ok((x * mask)?)
+    Ok(Tensor::from_vec(mask, x.shape(), x.device())?)
 }
 
 /// Index of the largest value in each row of [n, vocab] logits.

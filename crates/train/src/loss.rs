@@ -7,7 +7,10 @@
 //! and hand autograd a surrogate `Σ h ⊙ G` whose gradient is exactly G. Only rows whose next
 //! token carries a label are ever projected (prompt tokens are skipped entirely).
 
+use std::collections::BTreeMap;
+
 use candle_core::{Tensor, D};
+use lowrank_lora::Adapter;
 use lowrank_model::model::AdapterSet;
 use lowrank_model::{ForwardOpts, Llama, LogitsMode, SeqInput};
 use rayon::prelude::*;
@@ -85,13 +88,59 @@ pub fn head_ce(
     want_grad: bool,
     grad_scale: f64,
 ) -> lowrank_model::Result<HeadLoss> {
-    let w = model
+    let w = head_weight(model);
+    let hc = head_chunks(
+        model,
+        &h.detach(),
+        targets,
+        want_grad,
+        grad_scale,
+        w.is_variable(),
+    )?;
+    let surrogate = match hc.dh {
+        Some(g) => {
+            let mut s = (h * g)?.sum_all()?;
+            if let Some(dw) = hc.dw {
+                s = (s + (w * dw)?.sum_all()?)?;
+            }
+            Some(s)
+        }
+        None => None,
+    };
+    Ok(HeadLoss {
+        nll_sum: hc.nll_sum,
+        targets: targets.len(),
+        surrogate,
+    })
+}
+
+fn head_weight(model: &Llama) -> &Tensor {
+    model
         .weights
         .lm_head
         .as_ref()
-        .unwrap_or(&model.weights.embed); // [V, H]
-    let wd = w.detach();
-    let hd = h.detach();
+        .unwrap_or(&model.weights.embed) // [V, H]
+}
+
+struct HeadChunks {
+    nll_sum: f64,
+    /// dL/dh [M, H] (scaled by grad_scale)
+    dh: Option<Tensor>,
+    /// dL/dW of the head [V, H] (full fine-tuning only)
+    dw: Option<Tensor>,
+}
+
+/// Loss and, with `want_grad`, its gradient w.r.t. h (and the head weight when `want_dw`),
+/// chunk by chunk, without ever holding all logits.
+fn head_chunks(
+    model: &Llama,
+    hd: &Tensor,
+    targets: &[u32],
+    want_grad: bool,
+    grad_scale: f64,
+    want_dw: bool,
+) -> lowrank_model::Result<HeadChunks> {
+    let wd = head_weight(model).detach();
     let m = targets.len();
     let mut nll_sum = 0.0f64;
     let mut grads = Vec::new();
@@ -123,9 +172,9 @@ pub fn head_ce(
             .sum();
         nll_sum += nll;
         if want_grad {
-            let p = Tensor::from_vec(data, (n, v), h.device())?; // dL/dlogits [n, V]
+            let p = Tensor::from_vec(data, (n, v), hd.device())?; // dL/dlogits [n, V]
             grads.push(p.matmul(&wd)?); // dL/dh [n, H]
-            if w.is_variable() {
+            if want_dw {
                 // Full fine-tuning: the head weight's own gradient, Pᵀ·h.
                 let g = p.t()?.matmul(&hc)?; // [V, H]
                 dw = Some(match dw {
@@ -135,19 +184,42 @@ pub fn head_ce(
             }
         }
     }
-    let surrogate = if want_grad {
-        let g = Tensor::cat(&grads, 0)?; // [M, H]
-        let mut s = (h * g)?.sum_all()?;
-        if let Some(dw) = dw {
-            s = (s + (w * dw)?.sum_all()?)?;
-        }
-        Some(s)
+    let dh = if want_grad && !grads.is_empty() {
+        Some(Tensor::cat(&grads, 0)?)
     } else {
         None
     };
-    Ok(HeadLoss {
-        nll_sum,
-        targets: m,
-        surrogate,
-    })
+    Ok(HeadChunks { nll_sum, dh, dw })
+}
+
+/// One LoRA micro-batch through the hand-written backward (`lowrank_model::backward`):
+/// the summed NLL of its targets and the gradients (scaled by `grad_scale`) of every module
+/// of `adapter`, keyed by PEFT parameter name.
+pub fn lora_batch_grads(
+    model: &Llama,
+    batch: &[&Sample],
+    adapter: &Adapter,
+    dropout: Option<(f64, &mut rand_chacha::ChaCha8Rng)>,
+    grad_scale: f64,
+) -> lowrank_model::Result<(f64, usize, BTreeMap<String, Tensor>)> {
+    let (rows, targets) = target_rows(batch);
+    let seqs: Vec<&[u32]> = batch.iter().map(|s| s.ids.as_slice()).collect();
+    let (hidden, tape) = model.forward_tape(&seqs, adapter, dropout)?; // [N, H]
+    let mut out = BTreeMap::new();
+    if rows.is_empty() {
+        return Ok((0.0, 0, out));
+    }
+    let idx = Tensor::new(rows.as_slice(), hidden.device())?;
+    let h = hidden.index_select(&idx, 0)?; // [M, H]
+    let hc = head_chunks(model, &h, &targets, true, grad_scale, false)?;
+    drop(h);
+    let dh = hc.dh.expect("gradient requested");
+    let dhidden = hidden.zeros_like()?.index_add(&idx, &dh, 0)?; // [N, H]
+    drop(hidden);
+    for (key, g) in tape.backward(model, adapter, &dhidden)? {
+        let p = key.peft_prefix();
+        out.insert(format!("{p}.lora_A.weight"), g.a);
+        out.insert(format!("{p}.lora_B.weight"), g.b);
+    }
+    Ok((hc.nll_sum, targets.len(), out))
 }

@@ -24,7 +24,7 @@ use serde_json::json;
 
 use crate::config::{Method, TrainConfig};
 use crate::data::{self, LoadOptions, LoadStats, Sample};
-use crate::loss::batch_loss;
+use crate::loss::{batch_loss, lora_batch_grads};
 use crate::optim::{clip_grad_norm, lr_at, AdamW, Param};
 
 #[derive(Debug, thiserror::Error)]
@@ -449,30 +449,42 @@ impl<'a> Trainer<'a> {
             for b in &batches {
                 let refs: Vec<&Sample> = b.iter().map(|&i| &self.train[i]).collect();
                 step_tokens += refs.iter().map(|s| s.ids.len()).sum::<usize>();
-                let mut fo = ForwardOpts {
-                    train: true,
-                    dropout: (self.cfg.dropout > 0.0)
-                        .then_some((self.cfg.dropout, &mut dropout_rng)),
+                let dropout =
+                    (self.cfg.dropout > 0.0).then_some((self.cfg.dropout, &mut dropout_rng));
+                let scale = 1.0 / total_targets as f64;
+                let gs: BTreeMap<String, Tensor> = match &self.trainable {
+                    // LoRA: the hand-written backward (dX only through the frozen base).
+                    Trainable::Lora { adapter, .. } => {
+                        let (n, _, gs) =
+                            lora_batch_grads(&self.model, &refs, adapter, dropout, scale)?;
+                        nll += n;
+                        gs
+                    }
+                    // Full fine-tuning: every weight is a variable; candle's autograd.
+                    Trainable::Full => {
+                        let mut fo = ForwardOpts {
+                            train: true,
+                            dropout,
+                        };
+                        let hl = batch_loss(&self.model, &refs, None, &mut fo, true, scale)?;
+                        nll += hl.nll_sum;
+                        let Some(s) = hl.surrogate else { continue };
+                        let store = s.backward()?;
+                        self.params
+                            .iter()
+                            .filter_map(|p| {
+                                store
+                                    .get(p.var.as_tensor())
+                                    .map(|g| (p.name.clone(), g.detach()))
+                            })
+                            .collect()
+                    }
                 };
-                let hl = batch_loss(
-                    &self.model,
-                    &refs,
-                    self.adapter_set(),
-                    &mut fo,
-                    true,
-                    1.0 / total_targets as f64,
-                )?;
-                nll += hl.nll_sum;
-                let Some(s) = hl.surrogate else { continue };
-                let gs = s.backward()?;
-                for p in &self.params {
-                    if let Some(g) = gs.get(p.var.as_tensor()) {
-                        let g = g.detach();
-                        match grads.get_mut(&p.name) {
-                            Some(acc) => *acc = (&*acc + g)?,
-                            None => {
-                                grads.insert(p.name.clone(), g);
-                            }
+                for (name, g) in gs {
+                    match grads.get_mut(&name) {
+                        Some(acc) => *acc = (&*acc + g)?,
+                        None => {
+                            grads.insert(name, g);
                         }
                     }
                 }

@@ -1,0 +1,398 @@
+//! LoRA training without autograd: a forward that records exactly what the backward needs
+//! (a [`Tape`]), and the decoder's backward written out by hand.
+//!
+//! Why not candle's autograd: it keeps every intermediate tensor *and* every intermediate
+//! gradient alive until the whole backward ends, materialises a gradient per elementary op,
+//! and would compute dW for the frozen base (see `ops.rs`). Written out, a block's backward
+//! is one dX matmul per projection, the attention matmuls, a few elementwise passes, and two
+//! tiny matmuls per LoRA module; each layer's tape is dropped as soon as its backward ran.
+//! The same equations as `model.rs`'s forward, so inference and training agree; checked
+//! against autograd, finite differences and PEFT's gradients (train crate, tests/grads.rs).
+//!
+//! Notation: N tokens of the ragged batch, H hidden, I intermediate, nh/nkv heads, hd head dim,
+//! g = nh/nkv query heads per KV head, r the LoRA rank, s its scale.
+
+use std::collections::BTreeMap;
+
+use candle_core::{Tensor, D};
+use lowrank_lora::{Adapter, LoraModule, ModuleKey, Target};
+
+use crate::error::{ModelError, Result};
+use crate::model::{causal_mask, dropout_mask, Llama};
+use crate::ops;
+
+/// Gradients of one LoRA module: dA [r, in], dB [out, r].
+pub struct LoraGrads {
+    pub a: Tensor,
+    pub b: Tensor,
+}
+
+/// What one LoRA module's backward needs.
+struct LoraTape {
+    /// [N, r] = drop(x)·Aᵀ
+    u: Tensor,
+    /// The inverted-dropout multiplier that was applied to x ([N, in]), if any.
+    mask: Option<Tensor>,
+}
+
+/// What one block's backward needs (the normalised inputs h1/h2 and the MLP product are
+/// recomputed: an elementwise pass is cheaper than keeping them).
+struct LayerTape {
+    /// [N, H] the block's input
+    x: Tensor,
+    /// [N, 1] 1/rms of x
+    rstd1: Tensor,
+    /// [nh, N, hd] queries after the rotary embedding
+    q: Tensor,
+    /// [nkv, N, hd] keys after the rotary embedding
+    k: Tensor,
+    /// [nkv, N, hd]
+    v: Tensor,
+    /// per sequence: attention probabilities [nkv, g·t, t]
+    probs: Vec<Tensor>,
+    /// [N, nh·hd] attention output (input of o_proj)
+    attn: Tensor,
+    /// [N, H] residual stream after attention
+    x2: Tensor,
+    /// [N, 1]
+    rstd2: Tensor,
+    /// [N, I] gate and up projections (before the activation)
+    gate: Tensor,
+    up: Tensor,
+    lora: BTreeMap<Target, LoraTape>,
+}
+
+/// A recorded training forward; consumed by [`Tape::backward`].
+pub struct Tape {
+    /// (offset, length) of each sequence in the flat token matrix
+    seqs: Vec<(usize, usize)>,
+    /// [N, hd/2] rotary tables at each token's position
+    cos: Tensor,
+    sin: Tensor,
+    layers: Vec<LayerTape>,
+    /// [N, H] input of the final norm, and its 1/rms
+    x_last: Tensor,
+    rstd_last: Tensor,
+}
+
+/// RMSNorm forward keeping 1/rms.   x: [N, H] → ([N, H], [N, 1])
+fn rms_fwd(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    let rstd = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?; // [N, 1]
+    let y = x.broadcast_mul(&rstd)?.broadcast_mul(w)?;
+    Ok((y, rstd))
+}
+
+/// RMSNorm backward: y = x·r·w, r = (mean(x²)+ε)^(−½)  ⇒  dx = r·g − x·r³·mean(g⊙x), g = dy⊙w.
+fn rms_bwd(dy: &Tensor, x: &Tensor, rstd: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let g = dy.broadcast_mul(w)?; // [N, H]
+    let dot = (&g * x)?.mean_keepdim(D::Minus1)?; // [N, 1]
+    let coef = (dot * rstd.powf(3.0)?)?; // [N, 1]
+    Ok((g.broadcast_mul(rstd)? - x.broadcast_mul(&coef)?)?)
+}
+
+/// [N, n·hd] → [n, N, hd]
+fn heads(t: &Tensor, n: usize, hd: usize) -> Result<Tensor> {
+    let rows = t.dim(0)?;
+    Ok(t.reshape((rows, n, hd))?.transpose(0, 1)?.contiguous()?)
+}
+
+/// [n, N, hd] → [N, n·hd]
+fn unheads(t: &Tensor) -> Result<Tensor> {
+    let (n, rows, hd) = t.dims3()?;
+    Ok(t.transpose(0, 1)?.reshape((rows, n * hd))?)
+}
+
+fn cat_or_single(mut parts: Vec<Tensor>, dim: usize) -> Result<Tensor> {
+    Ok(if parts.len() == 1 {
+        parts.pop().expect("one part")
+    } else {
+        Tensor::cat(&parts, dim)?
+    })
+}
+
+impl Llama {
+    /// Training forward with one adapter (its tensors are read, never tracked by autograd):
+    /// returns the final hidden states [N, H] (after the final norm) of the concatenated
+    /// sequences, and the tape for [`Tape::backward`]. Draws LoRA dropout masks from `dropout`
+    /// in the same order as [`Llama::forward`] does.
+    pub fn forward_tape(
+        &self,
+        seqs: &[&[u32]],
+        adapter: &Adapter,
+        mut dropout: Option<(f64, &mut rand_chacha::ChaCha8Rng)>,
+    ) -> Result<(Tensor, Tape)> {
+        let c = &self.cfg;
+        let dev = self.device();
+        if seqs.is_empty() {
+            return Err(ModelError::Invalid("empty batch".into()));
+        }
+        let mut ids = Vec::new();
+        let mut pos: Vec<u32> = Vec::new();
+        let mut spans = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            if s.is_empty() {
+                return Err(ModelError::Invalid(
+                    "a sequence in the batch has no tokens".into(),
+                ));
+            }
+            if s.len() > c.max_position_embeddings {
+                return Err(ModelError::ContextOverflow {
+                    len: s.len(),
+                    max: c.max_position_embeddings,
+                });
+            }
+            if let Some(&bad) = s.iter().find(|&&id| id as usize >= c.vocab_size) {
+                return Err(ModelError::Invalid(format!(
+                    "token id {bad} is outside the vocabulary of {}",
+                    c.vocab_size
+                )));
+            }
+            spans.push((ids.len(), s.len()));
+            pos.extend(0..s.len() as u32);
+            ids.extend_from_slice(s);
+        }
+        let pos = Tensor::new(pos.as_slice(), dev)?;
+        let cos = self.cos.index_select(&pos, 0)?; // [N, hd/2]
+        let sin = self.sin.index_select(&pos, 0)?;
+        let masks = spans
+            .iter()
+            .map(|&(_, t)| causal_mask(t, 0, dev))
+            .collect::<Result<Vec<_>>>()?;
+        let ids = Tensor::new(ids.as_slice(), dev)?;
+        let mut x = self.weights.embed.index_select(&ids, 0)?; // [N, H]
+        let mut layers = Vec::with_capacity(c.num_layers);
+        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let g = nh / nkv;
+        let scale = 1.0 / (hd as f64).sqrt();
+        for l in 0..c.num_layers {
+            let lw = &self.weights.layers[l];
+            let mut lora = BTreeMap::new();
+            let mut proj = |x: &Tensor, t: Target, bias: Option<&Tensor>| -> Result<Tensor> {
+                let mut y = ops::linear(x, lw.linear(t))?; // [N, out]
+                if let Some(b) = bias {
+                    y = y.broadcast_add(b)?;
+                }
+                if let Some(m) = adapter.get(&ModuleKey::new(l, t)) {
+                    let (delta, tape) = lora_fwd(x, m, dropout.as_mut())?;
+                    y = (y + delta)?;
+                    lora.insert(t, tape);
+                }
+                Ok(y)
+            };
+            // Attention: x + o(attn(rope(q), rope(k), v)) over norm(x).
+            let (h1, rstd1) = rms_fwd(&x, &lw.attn_norm, c.rms_norm_eps)?; // [N, H]
+            let q = proj(&h1, Target::Q, lw.q_bias.as_ref())?; // [N, nh·hd]
+            let k = proj(&h1, Target::K, lw.k_bias.as_ref())?; // [N, nkv·hd]
+            let v = proj(&h1, Target::V, lw.v_bias.as_ref())?; // [N, nkv·hd]
+            let q = ops::rope(&heads(&q, nh, hd)?, &cos, &sin, false)?; // [nh, N, hd]
+            let k = ops::rope(&heads(&k, nkv, hd)?, &cos, &sin, false)?; // [nkv, N, hd]
+            let v = heads(&v, nkv, hd)?; // [nkv, N, hd]
+            let mut probs = Vec::with_capacity(spans.len());
+            let mut outs = Vec::with_capacity(spans.len());
+            for (&(off, t), mask) in spans.iter().zip(&masks) {
+                let part =
+                    |x: &Tensor| -> Result<Tensor> { Ok(x.narrow(1, off, t)?.contiguous()?) };
+                let qs = part(&q)?.reshape((nkv, g * t, hd))?; // query heads grouped by KV head
+                let (ks, vs) = (part(&k)?, part(&v)?); // [nkv, t, hd]
+                let mut sc = (qs.matmul(&ks.t()?)? * scale)?; // [nkv, g·t, t]
+                if let Some(m) = mask {
+                    sc = sc
+                        .reshape((nkv, g, t, t))?
+                        .broadcast_add(m)?
+                        .reshape((nkv, g * t, t))?;
+                }
+                let p = candle_nn::ops::softmax_last_dim(&sc)?;
+                let o = p.matmul(&vs)?; // [nkv, g·t, hd]
+                outs.push(o.reshape((nh, t, hd))?);
+                probs.push(p);
+            }
+            let attn = unheads(&cat_or_single(outs, 1)?)?; // [N, nh·hd]
+            let o = proj(&attn, Target::O, None)?; // [N, H]
+            let x2 = (&x + o)?;
+            // MLP: x2 + down(silu(gate)·up) over norm(x2).
+            let (h2, rstd2) = rms_fwd(&x2, &lw.mlp_norm, c.rms_norm_eps)?;
+            let gate = proj(&h2, Target::Gate, None)?; // [N, I]
+            let up = proj(&h2, Target::Up, None)?; // [N, I]
+            let m = (gate.silu()? * &up)?;
+            let down = proj(&m, Target::Down, None)?; // [N, H]
+            let x3 = (&x2 + down)?;
+            layers.push(LayerTape {
+                x,
+                rstd1,
+                q,
+                k,
+                v,
+                probs,
+                attn,
+                x2,
+                rstd2,
+                gate,
+                up,
+                lora,
+            });
+            x = x3;
+        }
+        let (hidden, rstd_last) = rms_fwd(&x, &self.weights.norm, c.rms_norm_eps)?;
+        Ok((
+            hidden,
+            Tape {
+                seqs: spans,
+                cos,
+                sin,
+                layers,
+                x_last: x,
+                rstd_last,
+            },
+        ))
+    }
+}
+
+/// LoRA forward: (s·(drop(x)·Aᵀ)·Bᵀ, tape).   x: [N, in] → [N, out]
+fn lora_fwd(
+    x: &Tensor,
+    m: &LoraModule,
+    dropout: Option<&mut (f64, &mut rand_chacha::ChaCha8Rng)>,
+) -> Result<(Tensor, LoraTape)> {
+    let (a, b) = (m.a.detach(), m.b.detach());
+    let (u, mask) = match dropout {
+        Some((p, rng)) if *p > 0.0 => {
+            let mask = dropout_mask(x, *p, rng)?;
+            ((x * &mask)?.matmul(&a.t()?)?, Some(mask))
+        }
+        _ => (x.matmul(&a.t()?)?, None),
+    }; // [N, r]
+    let y = u.matmul(&b.t()?)?.affine(m.scale, 0.0)?; // [N, out]
+    Ok((y, LoraTape { u, mask }))
+}
+
+/// LoRA backward for dY [N, out] and the module's input x [N, in]:
+/// dB = s·dYᵀ·u, du = s·dY·B, dA = duᵀ·drop(x), and the input gradient du·A (masked).
+fn lora_bwd(
+    m: &LoraModule,
+    tape: &LoraTape,
+    x: &Tensor,
+    dy: &Tensor,
+) -> Result<(LoraGrads, Tensor)> {
+    let (a, b) = (m.a.detach(), m.b.detach());
+    let db = dy.t()?.matmul(&tape.u)?.affine(m.scale, 0.0)?; // [out, r]
+    let du = dy.matmul(&b)?.affine(m.scale, 0.0)?; // [N, r]
+    let (da, dx) = match &tape.mask {
+        Some(mask) => (du.t()?.matmul(&(x * mask)?)?, (du.matmul(&a)? * mask)?),
+        None => (du.t()?.matmul(x)?, du.matmul(&a)?),
+    }; // [r, in], [N, in]
+    Ok((LoraGrads { a: da, b: db }, dx))
+}
+
+impl Tape {
+    /// Backpropagate dL/d(final hidden) [N, H] through the decoder; returns the gradient of
+    /// every LoRA module of `adapter` (the base receives none and costs only dX matmuls).
+    pub fn backward(
+        self,
+        model: &Llama,
+        adapter: &Adapter,
+        dhidden: &Tensor,
+    ) -> Result<BTreeMap<ModuleKey, LoraGrads>> {
+        let c = &model.cfg;
+        let w = &model.weights;
+        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let g = nh / nkv;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let neg_sin = self.sin.neg()?; // the rotation's transpose is the rotation by −θ
+        let mut grads = BTreeMap::new();
+        let mut dx = rms_bwd(dhidden, &self.x_last, &self.rstd_last, &w.norm)?; // [N, H]
+        let mut layers = self.layers;
+        while let Some(lt) = layers.pop() {
+            let l = layers.len();
+            let lw = &w.layers[l];
+            // Input gradient of one projection (dY·W₀, plus the LoRA path), recording dA/dB.
+            // Below layer 0 sits the frozen embedding: its q/k/v input gradient is never used.
+            let mut proj_bwd = |t: Target,
+                                x: &dyn Fn() -> Result<Tensor>,
+                                dy: &Tensor|
+             -> Result<Option<Tensor>> {
+                let needed = l > 0 || !matches!(t, Target::Q | Target::K | Target::V);
+                let mut dxp = if needed {
+                    Some(dy.matmul(lw.linear(t))?)
+                } else {
+                    None
+                }; // [N, in]
+                if let Some(tape) = lt.lora.get(&t) {
+                    let key = ModuleKey::new(l, t);
+                    let m = adapter.get(&key).ok_or_else(|| {
+                        ModelError::Invalid(format!("adapter lost module {}", key.peft_prefix()))
+                    })?;
+                    let (gr, dxl) = lora_bwd(m, tape, &x()?, dy)?;
+                    if let Some(d) = dxp.as_mut() {
+                        *d = (&*d + dxl)?;
+                    }
+                    grads.insert(key, gr);
+                }
+                Ok(dxp)
+            };
+            // MLP: y = x2 + down(silu(gate)·up).
+            let dy = dx; // [N, H]
+            let some =
+                |d: Option<Tensor>| d.ok_or_else(|| ModelError::Invalid("missing gradient".into()));
+            let dm = some(proj_bwd(
+                Target::Down,
+                &|| Ok((lt.gate.silu()? * &lt.up)?),
+                &dy,
+            )?)?; // [N, I]
+            let sig = candle_nn::ops::sigmoid(&lt.gate)?;
+            let silu = (&lt.gate * &sig)?;
+            // silu'(z) = σ(z)·(1 + z·(1 − σ(z)))
+            let dsilu = (&sig * ((&lt.gate * sig.affine(-1.0, 1.0)?)? + 1.0)?)?;
+            let dgate = ((&dm * &lt.up)? * dsilu)?; // [N, I]
+            let dup = (&dm * silu)?; // [N, I]
+            drop(dm);
+            let h2 = || -> Result<Tensor> {
+                Ok(lt
+                    .x2
+                    .broadcast_mul(&lt.rstd2)?
+                    .broadcast_mul(&lw.mlp_norm)?)
+            };
+            let dh2 = (some(proj_bwd(Target::Gate, &h2, &dgate)?)?
+                + some(proj_bwd(Target::Up, &h2, &dup)?)?)?;
+            let dx2 = (&dy + rms_bwd(&dh2, &lt.x2, &lt.rstd2, &lw.mlp_norm)?)?; // [N, H]
+                                                                                // Attention: x2 = x + o(attn).
+            let da = some(proj_bwd(Target::O, &|| Ok(lt.attn.clone()), &dx2)?)?; // [N, nh·hd]
+            let da = heads(&da, nh, hd)?; // [nh, N, hd]
+            let (mut dqs, mut dks, mut dvs) = (vec![], vec![], vec![]);
+            for (&(off, t), p) in self.seqs.iter().zip(&lt.probs) {
+                let part =
+                    |x: &Tensor| -> Result<Tensor> { Ok(x.narrow(1, off, t)?.contiguous()?) };
+                let d_o = part(&da)?.reshape((nkv, g * t, hd))?; // [nkv, g·t, hd]
+                let qs = part(&lt.q)?.reshape((nkv, g * t, hd))?;
+                let (ks, vs) = (part(&lt.k)?, part(&lt.v)?); // [nkv, t, hd]
+                let dv = p.t()?.matmul(&d_o)?; // [nkv, t, hd]
+                let dp = d_o.matmul(&vs.t()?)?; // [nkv, g·t, t]
+                                                // Softmax backward: dS = P ⊙ (dP − Σ_j dP⊙P), then the 1/√hd of the scores.
+                let rs = (&dp * p)?.sum_keepdim(D::Minus1)?;
+                let ds = ((p * dp.broadcast_sub(&rs)?)? * scale)?; // [nkv, g·t, t]
+                dqs.push(ds.matmul(&ks)?.reshape((nh, t, hd))?); // [nh, t, hd]
+                dks.push(ds.t()?.matmul(&qs)?); // [nkv, t, hd]
+                dvs.push(dv);
+            }
+            let dq = ops::rope(&cat_or_single(dqs, 1)?, &self.cos, &neg_sin, false)?; // [nh, N, hd]
+            let dk = ops::rope(&cat_or_single(dks, 1)?, &self.cos, &neg_sin, false)?; // [nkv, N, hd]
+            let dv = cat_or_single(dvs, 1)?;
+            let h1 = || -> Result<Tensor> {
+                Ok(lt
+                    .x
+                    .broadcast_mul(&lt.rstd1)?
+                    .broadcast_mul(&lw.attn_norm)?)
+            };
+            let dq = proj_bwd(Target::Q, &h1, &unheads(&dq)?)?;
+            let dk = proj_bwd(Target::K, &h1, &unheads(&dk)?)?;
+            let dv = proj_bwd(Target::V, &h1, &unheads(&dv)?)?;
+            dx = match (dq, dk, dv) {
+                (Some(dq), Some(dk), Some(dv)) => {
+                    let dh1 = ((dq + dk)? + dv)?; // [N, H]
+                    (dx2 + rms_bwd(&dh1, &lt.x, &lt.rstd1, &lw.attn_norm)?)?
+                }
+                _ => dx2, // layer 0: nothing below needs it
+            };
+        }
+        Ok(grads)
+    }
+}
