@@ -213,7 +213,7 @@ impl Llama {
             let (h2, rstd2) = rms_fwd(&x2, &lw.mlp_norm, c.rms_norm_eps)?;
             let gate = proj(&h2, Target::Gate, None)?; // [N, I]
             let up = proj(&h2, Target::Up, None)?; // [N, I]
-            let m = (gate.silu()? * &up)?;
+            let m = ops::silu_mul(&gate, &up)?;
             let down = proj(&m, Target::Down, None)?; // [N, H]
             let x3 = (&x2 + down)?;
             layers.push(LayerTape {
@@ -335,15 +335,10 @@ impl Tape {
                 |d: Option<Tensor>| d.ok_or_else(|| ModelError::Invalid("missing gradient".into()));
             let dm = some(proj_bwd(
                 Target::Down,
-                &|| Ok((lt.gate.silu()? * &lt.up)?),
+                &|| ops::silu_mul(&lt.gate, &lt.up),
                 &dy,
             )?)?; // [N, I]
-            let sig = candle_nn::ops::sigmoid(&lt.gate)?;
-            let silu = (&lt.gate * &sig)?;
-            // silu'(z) = σ(z)·(1 + z·(1 − σ(z)))
-            let dsilu = (&sig * ((&lt.gate * sig.affine(-1.0, 1.0)?)? + 1.0)?)?;
-            let dgate = ((&dm * &lt.up)? * dsilu)?; // [N, I]
-            let dup = (&dm * silu)?; // [N, I]
+            let (dgate, dup) = ops::silu_mul_bwd(&lt.gate, &lt.up, &dm)?; // [N, I] each
             drop(dm);
             let h2 = || -> Result<Tensor> {
                 Ok(lt

@@ -157,17 +157,24 @@ fn head_chunks(
             .par_chunks_mut(v)
             .zip(tg.par_iter())
             .map(|(row, &t)| {
+                // f32 exp (one per logit), f64 sums: the log-sum-exp stays accurate to ~1e-7.
                 let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
+                let target = row[t as usize];
+                let mut sum = 0f64;
+                for x in row.iter_mut() {
+                    let e = (*x - max).exp();
+                    *x = e;
+                    sum += e as f64;
+                }
                 let lse = max as f64 + sum.ln();
-                let nll = lse - row[t as usize] as f64;
                 if want_grad {
+                    let k = (grad_scale / sum) as f32;
                     for x in row.iter_mut() {
-                        *x = (((*x as f64) - lse).exp() * grad_scale) as f32;
+                        *x *= k;
                     }
                     row[t as usize] -= grad_scale as f32;
                 }
-                nll
+                lse - target as f64
             })
             .sum();
         nll_sum += nll;
