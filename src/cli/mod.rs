@@ -154,7 +154,14 @@ pub struct GenerateArgs {
 
 pub fn run() -> Result<ExitCode> {
     let cli = Cli::parse();
-    lowrank_model::init_threads(cli.threads);
+    let work = match &cli.cmd {
+        Cmd::Train(_) | Cmd::Demo(_) | Cmd::Sweep(_) | Cmd::Budget(_) | Cmd::Compare(_) => {
+            lowrank_model::Workload::Training
+        }
+        Cmd::Bench(c) if c.is_training() => lowrank_model::Workload::Training,
+        _ => lowrank_model::Workload::Inference,
+    };
+    lowrank_model::init_threads_for(cli.threads, work);
     let device = Device::Cpu;
     match cli.cmd {
         Cmd::Fetch => {

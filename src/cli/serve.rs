@@ -121,6 +121,12 @@ pub enum BenchCmd {
     },
 }
 
+impl BenchCmd {
+    pub fn is_training(&self) -> bool {
+        matches!(self, BenchCmd::Train { .. })
+    }
+}
+
 pub fn bench(c: BenchCmd, device: &Device) -> Result<()> {
     match c {
         BenchCmd::Infer {

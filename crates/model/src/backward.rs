@@ -18,7 +18,7 @@ use candle_core::{Tensor, D};
 use lowrank_lora::{Adapter, LoraModule, ModuleKey, Target};
 
 use crate::error::{ModelError, Result};
-use crate::model::{causal_mask, dropout_mask, Llama};
+use crate::model::{dropout_mask, Llama};
 use crate::ops;
 
 /// Gradients of one LoRA module: dA [r, in], dB [out, r].
@@ -154,10 +154,6 @@ impl Llama {
         let pos = Tensor::new(pos.as_slice(), dev)?;
         let cos = self.cos.index_select(&pos, 0)?; // [N, hd/2]
         let sin = self.sin.index_select(&pos, 0)?;
-        let masks = spans
-            .iter()
-            .map(|&(_, t)| causal_mask(t, 0, dev))
-            .collect::<Result<Vec<_>>>()?;
         let ids = Tensor::new(ids.as_slice(), dev)?;
         let mut x = self.weights.embed.index_select(&ids, 0)?; // [N, H]
         let mut layers = Vec::with_capacity(c.num_layers);
@@ -189,19 +185,13 @@ impl Llama {
             let v = heads(&v, nkv, hd)?; // [nkv, N, hd]
             let mut probs = Vec::with_capacity(spans.len());
             let mut outs = Vec::with_capacity(spans.len());
-            for (&(off, t), mask) in spans.iter().zip(&masks) {
+            for &(off, t) in &spans {
                 let part =
                     |x: &Tensor| -> Result<Tensor> { Ok(x.narrow(1, off, t)?.contiguous()?) };
                 let qs = part(&q)?.reshape((nkv, g * t, hd))?; // query heads grouped by KV head
                 let (ks, vs) = (part(&k)?, part(&v)?); // [nkv, t, hd]
-                let mut sc = (qs.matmul(&ks.t()?)? * scale)?; // [nkv, g·t, t]
-                if let Some(m) = mask {
-                    sc = sc
-                        .reshape((nkv, g, t, t))?
-                        .broadcast_add(m)?
-                        .reshape((nkv, g * t, t))?;
-                }
-                let p = candle_nn::ops::softmax_last_dim(&sc)?;
+                let sc = qs.matmul(&ks.t()?)?; // [nkv, g·t, t]
+                let p = ops::causal_softmax(&sc, t, scale)?;
                 let o = p.matmul(&vs)?; // [nkv, g·t, hd]
                 outs.push(o.reshape((nh, t, hd))?);
                 probs.push(p);
@@ -361,9 +351,7 @@ impl Tape {
                 let (ks, vs) = (part(&lt.k)?, part(&lt.v)?); // [nkv, t, hd]
                 let dv = p.t()?.matmul(&d_o)?; // [nkv, t, hd]
                 let dp = d_o.matmul(&vs.t()?)?; // [nkv, g·t, t]
-                                                // Softmax backward: dS = P ⊙ (dP − Σ_j dP⊙P), then the 1/√hd of the scores.
-                let rs = (&dp * p)?.sum_keepdim(D::Minus1)?;
-                let ds = ((p * dp.broadcast_sub(&rs)?)? * scale)?; // [nkv, g·t, t]
+                let ds = ops::softmax_bwd(p, &dp, scale)?; // [nkv, g·t, t]
                 dqs.push(ds.matmul(&ks)?.reshape((nh, t, hd))?); // [nh, t, hd]
                 dks.push(ds.t()?.matmul(&qs)?); // [nkv, t, hd]
                 dvs.push(dv);

@@ -273,6 +273,104 @@ pub fn silu_mul_bwd(g: &Tensor, u: &Tensor, dm: &Tensor) -> Result<(Tensor, Tens
     Ok((both.get(0)?, both.get(1)?))
 }
 
+/// Causal softmax of attention scores over the last dim, scores scaled by `scale` first.
+/// Rows are query positions modulo `t` (query heads stacked: [nkv, g·t, t]); row i sees keys
+/// 0..=i. One parallel pass instead of scale, mask add and softmax as separate ops.
+struct CausalSoftmax {
+    t: usize,
+    scale: f32,
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, self.name())?;
+        let t = self.t;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(t)
+            .zip(x.par_chunks(t))
+            .enumerate()
+            .for_each(|(r, (o, x))| {
+                let n = r % t + 1; // visible keys
+                let max = x[..n].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for (o, &x) in o[..n].iter_mut().zip(&x[..n]) {
+                    *o = ((x - max) * self.scale).exp();
+                    sum += *o;
+                }
+                let k = 1.0 / sum;
+                o[..n].iter_mut().for_each(|o| *o *= k);
+            });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+}
+
+/// softmax(scale·scores + causal mask).   scores: [b, g·t, t] (no KV cache) → same shape
+pub fn causal_softmax(scores: &Tensor, t: usize, scale: f64) -> Result<Tensor> {
+    if !fits(&[scores]) || scores.dim(D::Minus1)? != t || scores.dim(1)? % t != 0 {
+        let (b, rows, s) = scores.dims3()?;
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, t), scores.device())?;
+        let sc = (scores * scale)?
+            .reshape((b, rows / t, t, s))?
+            .broadcast_add(&mask)?
+            .reshape((b, rows, s))?;
+        return Ok(candle_nn::ops::softmax_last_dim(&sc)?);
+    }
+    Ok(scores.apply_op1_no_bwd(&CausalSoftmax {
+        t,
+        scale: scale as f32,
+    })?)
+}
+
+struct SoftmaxBwd {
+    scale: f32,
+}
+
+impl candle_core::CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "softmax-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        ps: &CpuStorage,
+        pl: &Layout,
+        ds: &CpuStorage,
+        dl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (p, dp) = (slice(ps, pl, self.name())?, slice(ds, dl, self.name())?);
+        let n = *pl.dims().last().unwrap_or(&1);
+        let mut out = vec![0f32; p.len()];
+        out.par_chunks_mut(n)
+            .zip(p.par_chunks(n).zip(dp.par_chunks(n)))
+            .for_each(|(o, (p, d))| {
+                let dot: f32 = p.iter().zip(d).map(|(p, d)| p * d).sum();
+                for ((o, &p), &d) in o.iter_mut().zip(p).zip(d) {
+                    *o = p * (d - dot) * self.scale;
+                }
+            });
+        Ok((CpuStorage::F32(out), pl.shape().clone()))
+    }
+}
+
+/// Gradient of the scores of `p = softmax(scale·scores)`: scale·P ⊙ (dP − Σ_j dP⊙P).
+pub fn softmax_bwd(p: &Tensor, dp: &Tensor, scale: f64) -> Result<Tensor> {
+    if !fits(&[p, dp]) {
+        let rs = (dp * p)?.sum_keepdim(D::Minus1)?;
+        return Ok(((p * dp.broadcast_sub(&rs)?)? * scale)?);
+    }
+    Ok(p.apply_op2_no_bwd(
+        dp,
+        &SoftmaxBwd {
+            scale: scale as f32,
+        },
+    )?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -315,5 +413,31 @@ mod tests {
             / (2.0 * h))
             .unwrap();
         assert!(max_diff(&(fd * &dm).unwrap(), &fg) < 2e-2);
+    }
+
+    #[test]
+    fn fused_attention_softmax_equals_composed_ops() {
+        let d = Device::Cpu;
+        let (b, g, t) = (2, 3, 5);
+        let sc = Tensor::randn(0f32, 2.0, (b, g * t, t), &d).unwrap();
+        let nc = |t: &Tensor| {
+            t.transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+        };
+        let fused = causal_softmax(&sc, t, 0.3).unwrap();
+        let want = causal_softmax(&nc(&sc), t, 0.3).unwrap();
+        assert!(max_diff(&fused, &want) < 1e-6);
+        // row i of each block sees keys 0..=i only
+        let v = fused.to_vec3::<f32>().unwrap();
+        assert_eq!(v[1][t + 1][2], 0.0);
+        assert!((v[1][t + 1][..2].iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        let dp = Tensor::randn(0f32, 1.0, (b, g * t, t), &d).unwrap();
+        let a = softmax_bwd(&fused, &dp, 0.3).unwrap();
+        let w = softmax_bwd(&nc(&fused), &nc(&dp), 0.3).unwrap();
+        assert!(max_diff(&a, &w) < 1e-6);
     }
 }

@@ -61,7 +61,7 @@ fn rel_frob(a: &Tensor, b: &Tensor) -> f64 {
 
 #[test]
 fn loss_and_lora_grads_match_peft() {
-    lowrank_model::init_threads(None);
+    lowrank_model::init_threads_for(None, lowrank_model::Workload::Training);
     let p = lowrank_model::fetch::ensure_default(false).unwrap();
     let lm = LoadedModel::load(p.to_str().unwrap(), &Device::Cpu).unwrap();
     let (adapter, _) = lowrank_model::adapters::load_adapter(
