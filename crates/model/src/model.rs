@@ -145,19 +145,42 @@ impl Llama {
         opts: &mut ForwardOpts<'_>,
     ) -> Result<Vec<Option<Tensor>>> {
         let hidden = self.forward_hidden(seqs, opts)?; // [N, H]
-        let mut out = Vec::with_capacity(seqs.len());
+                                                       // Every row any sequence wants goes through the head in one matmul: per-sequence head
+                                                       // calls would each stream the whole [vocab, H] matrix (the decode bottleneck).
+        let mut rows: Vec<u32> = Vec::new();
+        let mut spans = Vec::with_capacity(seqs.len());
         let mut off = 0;
         for s in seqs.iter() {
             let t = s.tokens.len();
-            let logits = match s.logits {
-                LogitsMode::None => None,
-                LogitsMode::Last => Some(self.lm_head(&hidden.narrow(0, off + t - 1, 1)?)?),
-                LogitsMode::All => Some(self.lm_head(&hidden.narrow(0, off, t)?)?),
+            let (from, n) = match s.logits {
+                LogitsMode::None => (off + t, 0),
+                LogitsMode::Last => (off + t - 1, 1),
+                LogitsMode::All => (off, t),
             };
-            out.push(logits);
+            spans.push((rows.len(), n));
+            rows.extend((from..from + n).map(|r| r as u32));
             off += t;
         }
-        Ok(out)
+        if rows.is_empty() {
+            return Ok(seqs.iter().map(|_| None).collect());
+        }
+        let picked = if rows.len() == off {
+            hidden
+        } else {
+            hidden.index_select(&Tensor::new(rows.as_slice(), hidden.device())?, 0)?
+        };
+        let logits = self.lm_head(&picked)?; // [rows, vocab]
+        let single = spans.len() == 1;
+        spans
+            .into_iter()
+            .map(|(start, n)| {
+                Ok(match n {
+                    0 => None,
+                    _ if single => Some(logits.clone()),
+                    _ => Some(logits.narrow(0, start, n)?),
+                })
+            })
+            .collect()
     }
 
     /// [n, H] final hidden states → [n, vocab] logits.
@@ -350,7 +373,9 @@ impl Llama {
         )?; // [nkv, N, hd]
         let v = heads(&v, c.num_kv_heads)?; // [nkv, N, hd]
         let single = ctxs.len() == 1;
-        let mut outs = Vec::with_capacity(ctxs.len());
+        let mut outs: Vec<Option<Tensor>> = Vec::with_capacity(ctxs.len());
+        // Decode rows (one new token after a cache) are gathered for one fused pass.
+        let mut decode: Vec<(usize, ops::DecodeItem)> = Vec::new();
         for (s, cx) in seqs.iter_mut().zip(ctxs) {
             let part = |t: &Tensor| -> Result<Tensor> {
                 Ok(if single {
@@ -360,12 +385,45 @@ impl Llama {
                 })
             };
             let (qs, ks, vs) = (part(&q)?, part(&k)?, part(&v)?);
+            let cached = s.cache.is_some();
             let (ks, vs) = match s.cache.as_deref_mut() {
                 Some(cache) => cache.append(l, &ks, &vs)?,
                 None => (ks, vs),
             };
-            outs.push(self.attend(&qs, &ks, &vs, cx.mask.as_ref(), opts.train)?);
+            if cached && cx.len == 1 && !opts.train {
+                decode.push((outs.len(), (cx.offset, ks, vs)));
+                outs.push(None);
+            } else {
+                outs.push(Some(self.attend(
+                    &qs,
+                    &ks,
+                    &vs,
+                    cx.mask.as_ref(),
+                    opts.train,
+                )?));
+            }
         }
+        if !decode.is_empty() {
+            let items: Vec<ops::DecodeItem> = decode.iter().map(|(_, it)| it.clone()).collect();
+            let scale = 1.0 / (c.head_dim as f64).sqrt();
+            match ops::decode_attention(&q, &items, c.num_kv_heads, scale)? {
+                Some(all) => {
+                    for (j, (i, _)) in decode.iter().enumerate() {
+                        outs[*i] = Some(all.narrow(0, j, 1)?);
+                    }
+                }
+                None => {
+                    for (i, (row, ks, vs)) in decode {
+                        let qs = q.narrow(1, row, 1)?.contiguous()?;
+                        outs[i] = Some(self.attend(&qs, &ks, &vs, None, false)?);
+                    }
+                }
+            }
+        }
+        let mut outs: Vec<Tensor> = outs
+            .into_iter()
+            .map(|o| o.expect("every sequence attended"))
+            .collect();
         let attn = if outs.len() == 1 {
             outs.pop().unwrap()
         } else {

@@ -109,12 +109,24 @@ impl AsStrided for Tensor {
     }
 }
 
+/// Row counts up to which [`plain_linear`] puts the weight on the left of the gemm.
+const SMALL_BATCH: usize = 64;
+
 /// x·Wᵀ for x [.., in], W [out, in] (plain autograd semantics).
 pub fn plain_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let dims = x.dims().to_vec();
     let inp = dims[dims.len() - 1];
     let rows = x.elem_count() / inp;
-    let y = x.reshape((rows, inp))?.matmul(&w.t()?)?;
+    let x2 = x.reshape((rows, inp))?;
+    let y = if rows == 1 || rows > SMALL_BATCH {
+        x2.matmul(&w.t()?)?
+    } else {
+        // (W·xᵀ)ᵀ rather than x·Wᵀ for a few rows (batched decode): the gemm crate repacks its
+        // right operand on every call, and the weight is by far the larger one. Measured on 2
+        // cores with 30 cache-cold [1536, 576] weights: 1.7× faster at 32 rows. For large
+        // batches the strided copy of the transposed result costs more than it saves.
+        w.matmul(&x2.t()?.contiguous()?)?.t()?.contiguous()?
+    };
     let mut out_dims = dims;
     let last = out_dims.len() - 1;
     out_dims[last] = w.dim(0)?;
@@ -369,6 +381,116 @@ pub fn softmax_bwd(p: &Tensor, dp: &Tensor, scale: f64) -> Result<Tensor> {
             scale: scale as f32,
         },
     )?)
+}
+
+fn f32s(s: &candle_core::Storage) -> Option<&[f32]> {
+    match s {
+        candle_core::Storage::Cpu(CpuStorage::F32(v)) => Some(v.as_slice()),
+        _ => None,
+    }
+}
+
+/// One query row's attention against its own sequence's cache: (row of `q`, K, V), with
+/// K, V views [nkv, S, hd] of the cache buffers.
+pub type DecodeItem = (usize, Tensor, Tensor);
+
+/// Single-token attention for many sequences at once (batched decode): each item's query row
+/// of q [nh, N, hd] attends over all of its cached keys (no mask needed: every cached key
+/// precedes the new token). Returns [items, nh·hd], or `None` off the CPU/f32 path (the
+/// caller then runs its per-sequence ops). Candle needs ~12 small ops per sequence and layer
+/// for this; one parallel pass over (sequence, head) replaces them.
+pub fn decode_attention(
+    q: &Tensor,
+    items: &[DecodeItem],
+    num_kv_heads: usize,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    let (nh, n, hd) = q.dims3()?;
+    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if items.is_empty()
+        || !cpu_f32(q)
+        || !q.is_contiguous()
+        || nh % num_kv_heads != 0
+        || items.iter().any(|(_, k, v)| {
+            !cpu_f32(k)
+                || !cpu_f32(v)
+                || k.stride()[2] != 1
+                || v.stride()[2] != 1
+                || k.dims() != v.dims()
+                || k.dim(0).ok() != Some(num_kv_heads)
+                || k.dim(2).ok() != Some(hd)
+        })
+    {
+        return Ok(None);
+    }
+    let g = nh / num_kv_heads;
+    // Hold every storage read guard while the kernel runs; the slices borrow from them.
+    let (qs, ql) = q.storage_and_layout();
+    let guards: Vec<_> = items
+        .iter()
+        .map(|(_, k, v)| (k.storage_and_layout(), v.storage_and_layout()))
+        .collect();
+    let Some(qv) = f32s(&qs) else { return Ok(None) };
+    let qv = &qv[ql.start_offset()..];
+    struct Kv<'a> {
+        k: &'a [f32],
+        v: &'a [f32],
+        /// start offset, head stride, position stride (K then V)
+        ks: (usize, usize, usize),
+        vs: (usize, usize, usize),
+        len: usize,
+        row: usize,
+    }
+    let mut kvs = Vec::with_capacity(items.len());
+    for ((row, k, _), ((kst, kl), (vst, vl))) in items.iter().zip(&guards) {
+        let (Some(kd), Some(vd)) = (f32s(kst), f32s(vst)) else {
+            return Ok(None);
+        };
+        kvs.push(Kv {
+            k: kd,
+            v: vd,
+            ks: (kl.start_offset(), kl.stride()[0], kl.stride()[1]),
+            vs: (vl.start_offset(), vl.stride()[0], vl.stride()[1]),
+            len: k.dim(1)?,
+            row: *row,
+        });
+    }
+    let scale = scale as f32;
+    let mut out = vec![0f32; items.len() * nh * hd];
+    out.par_chunks_mut(hd).enumerate().for_each(|(idx, o)| {
+        let (it, h) = (idx / nh, idx % nh);
+        let kv = &kvs[it];
+        let kvh = h / g;
+        let qrow = &qv[(h * n + kv.row) * hd..(h * n + kv.row + 1) * hd];
+        let mut sc: Vec<f32> = (0..kv.len)
+            .map(|j| {
+                let off = kv.ks.0 + kvh * kv.ks.1 + j * kv.ks.2;
+                let krow = &kv.k[off..off + hd];
+                qrow.iter().zip(krow).map(|(a, b)| a * b).sum::<f32>() * scale
+            })
+            .collect();
+        let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for x in sc.iter_mut() {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        for (j, p) in sc.iter().enumerate() {
+            let off = kv.vs.0 + kvh * kv.vs.1 + j * kv.vs.2;
+            let w = p * inv;
+            for (o, &v) in o.iter_mut().zip(&kv.v[off..off + hd]) {
+                *o += w * v;
+            }
+        }
+    });
+    drop(guards);
+    drop(qs);
+    Ok(Some(Tensor::from_vec(
+        out,
+        (items.len(), nh * hd),
+        q.device(),
+    )?))
 }
 
 #[cfg(test)]

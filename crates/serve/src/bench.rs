@@ -457,6 +457,39 @@ pub async fn bench_serve(lm: LoadedModel, cfg: BenchConfig) -> Result<Vec<BenchR
         let st = make_state(model.clone(), false).await?;
         rows.push(scenario("base (no adapter)", st, vec![base_id.clone()], 0, &cfg).await?);
     }
+    if max_n > 0 {
+        // Hot-load: registering an adapter from disk into a running registry (read, validate,
+        // fingerprint check, install), timed per adapter after one warm-up load.
+        let st = make_state(model.clone(), true).await?;
+        let names = names.clone();
+        let times = tokio::task::spawn_blocking(move || -> Result<Vec<f64>> {
+            let mut times = Vec::new();
+            for (i, n) in names.iter().enumerate().take(21) {
+                let t = std::time::Instant::now();
+                st.registry
+                    .register(&format!("hot-{i}"), n)
+                    .map_err(|e| ServeError::Invalid(format!("hot-load {n}: {e}")))?;
+                if i > 0 {
+                    times.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            Ok(times)
+        })
+        .await
+        .map_err(|e| ServeError::Invalid(e.to_string()))??;
+        if !times.is_empty() {
+            let mut t = times.clone();
+            t.sort_by(|a, b| a.total_cmp(b));
+            println!(
+                "hot-load (r = {}, {:?}): median {:.2} ms, max {:.2} ms over {} loads",
+                cfg.rank,
+                cfg.targets,
+                percentile(&t, 0.5),
+                t[t.len() - 1],
+                t.len()
+            );
+        }
+    }
     for &n in &cfg.adapter_counts {
         if n == 0 {
             continue;
