@@ -59,6 +59,8 @@ impl ForwardOpts<'_> {
 /// Rows of the flat token matrix that share one adapter mixture.
 struct Group {
     set: AdapterSet,
+    /// The rows of the flat token matrix in this group.
+    rows: Vec<u32>,
     /// `None` when the group covers every token (no gather/scatter needed).
     index: Option<Tensor>,
 }
@@ -285,7 +287,11 @@ impl Llama {
                 } else {
                     Some(Tensor::new(idx.as_slice(), &self.device)?)
                 };
-                Ok(Group { set, index })
+                Ok(Group {
+                    set,
+                    rows: idx,
+                    index,
+                })
             })
             .collect()
     }
@@ -303,6 +309,28 @@ impl Llama {
         let mut y = ops::linear(x, w)?; // [N, out]
         if let Some(b) = bias {
             y = y.broadcast_add(b)?;
+        }
+        if !opts.train && !groups.is_empty() {
+            // Inference: one gathered pass for all groups. Each row's delta is computed alone,
+            // so a sequence's result never depends on what else is in the batch.
+            let rows: Vec<ops::LoraRows> = groups
+                .iter()
+                .map(|g| ops::LoraRows {
+                    rows: &g.rows,
+                    mods: g
+                        .set
+                        .iter()
+                        .filter_map(|(a, wt)| a.get(&key).map(|m| (&m.a, &m.b, m.scale * wt)))
+                        .collect(),
+                })
+                .filter(|r| !r.mods.is_empty())
+                .collect();
+            if rows.is_empty() {
+                return Ok(y);
+            }
+            if let Some(delta) = ops::lora_gathered(x, y.dim(1)?, &rows)? {
+                return Ok((y + delta)?);
+            }
         }
         for g in groups {
             let mods: Vec<(&LoraModule, f64)> = g
