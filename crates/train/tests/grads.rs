@@ -202,6 +202,29 @@ fn tiny_model() -> Llama {
     Llama::new(cfg, w, &dev).unwrap()
 }
 
+/// A deterministic adapter on every projection of the tiny model: rank r, α = r·scale.
+fn tiny_adapter(model: &Llama, r: usize, scale: f64) -> Adapter {
+    let dev = Device::Cpu;
+    let mut modules = BTreeMap::new();
+    for l in 0..2 {
+        for (t, o, i) in model.lora_shapes() {
+            let n = |len: usize, seed: usize| -> Vec<f32> {
+                (0..len)
+                    .map(|j| ((((j + seed) * 7919) % 1000) as f32 / 1000.0 - 0.5) * 0.3)
+                    .collect()
+            };
+            let a = Tensor::from_vec(n(r * i, l * 10 + t as usize), (r, i), &dev).unwrap();
+            let b = Tensor::from_vec(n(o * r, l * 10 + t as usize + 5), (o, r), &dev).unwrap();
+            modules.insert(ModuleKey::new(l, t), LoraModule { a, b, scale });
+        }
+    }
+    Adapter {
+        config: LoraConfig::new(r, r as f64 * scale, &Target::ALL),
+        modules,
+        provenance: Default::default(),
+    }
+}
+
 /// Mean loss of two sequences (one with masked prompt) under `adapter`.
 fn loss_of(model: &Llama, adapter: &Adapter, samples: &[Sample]) -> (f64, Option<Tensor>) {
     let refs: Vec<&Sample> = samples.iter().collect();
@@ -226,24 +249,7 @@ fn loss_of(model: &Llama, adapter: &Adapter, samples: &[Sample]) -> (f64, Option
 fn backward_agrees_with_finite_differences() {
     let model = tiny_model();
     let dev = Device::Cpu;
-    let mut modules = BTreeMap::new();
-    for l in 0..2 {
-        for (t, o, i) in model.lora_shapes() {
-            let n = |len: usize, seed: usize| -> Vec<f32> {
-                (0..len)
-                    .map(|j| ((((j + seed) * 7919) % 1000) as f32 / 1000.0 - 0.5) * 0.3)
-                    .collect()
-            };
-            let a = Tensor::from_vec(n(2 * i, l * 10 + t as usize), (2, i), &dev).unwrap();
-            let b = Tensor::from_vec(n(o * 2, l * 10 + t as usize + 5), (o, 2), &dev).unwrap();
-            modules.insert(ModuleKey::new(l, t), LoraModule { a, b, scale: 1.5 });
-        }
-    }
-    let adapter = Adapter {
-        config: LoraConfig::new(2, 3.0, &Target::ALL),
-        modules,
-        provenance: Default::default(),
-    };
+    let adapter = tiny_adapter(&model, 2, 1.5);
     let samples = vec![
         Sample {
             ids: vec![1, 5, 7, 2, 9, 11, 4],
@@ -305,25 +311,7 @@ fn backward_agrees_with_finite_differences() {
 #[test]
 fn hand_written_backward_equals_autograd() {
     let model = tiny_model();
-    let dev = Device::Cpu;
-    let mut modules = BTreeMap::new();
-    for l in 0..2 {
-        for (t, o, i) in model.lora_shapes() {
-            let n = |len: usize, seed: usize| -> Vec<f32> {
-                (0..len)
-                    .map(|j| ((((j + seed) * 7919) % 1000) as f32 / 1000.0 - 0.5) * 0.3)
-                    .collect()
-            };
-            let a = Tensor::from_vec(n(3 * i, l * 10 + t as usize), (3, i), &dev).unwrap();
-            let b = Tensor::from_vec(n(o * 3, l * 10 + t as usize + 5), (o, 3), &dev).unwrap();
-            modules.insert(ModuleKey::new(l, t), LoraModule { a, b, scale: 0.7 });
-        }
-    }
-    let adapter = Adapter {
-        config: LoraConfig::new(3, 2.1, &Target::ALL),
-        modules,
-        provenance: Default::default(),
-    };
+    let adapter = tiny_adapter(&model, 3, 0.7);
     let samples = [
         Sample {
             ids: vec![1, 5, 7, 2, 9, 11, 4],
