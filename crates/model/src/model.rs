@@ -462,7 +462,11 @@ impl Llama {
         let h = ops::rms_norm(&x, &lw.mlp_norm, c.rms_norm_eps, opts.train)?;
         let gate = self.proj(&h, key(Target::Gate), None, groups, opts)?; // [N, I]
         let up = self.proj(&h, key(Target::Up), None, groups, opts)?; // [N, I]
-        let m = (gate.silu()? * up)?;
+        let m = if opts.train {
+            (gate.silu()? * up)? // differentiable ops for autograd (full fine-tuning)
+        } else {
+            ops::silu_mul(&gate, &up)?
+        };
         let down = self.proj(&m, key(Target::Down), None, groups, opts)?; // [N, H]
         Ok((x + down)?)
     }
