@@ -537,8 +537,9 @@ pub fn lora_gathered(
                 .collect()
         })
         .collect();
-    // Per group: (A, B, rank, scale) slices.
-    let mut mods: Vec<Vec<(&[f32], &[f32], usize, f32)>> = Vec::with_capacity(groups.len());
+    /// One module's (A, B, rank, scale·weight) as slices.
+    type ModSlices<'a> = (&'a [f32], &'a [f32], usize, f32);
+    let mut mods: Vec<Vec<ModSlices>> = Vec::with_capacity(groups.len());
     for (g, gg) in groups.iter().zip(&guards) {
         let mut v = Vec::with_capacity(g.mods.len());
         for ((a, _, sc), ((ast, al), (bst, bl))) in g.mods.iter().zip(gg) {
