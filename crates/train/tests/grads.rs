@@ -225,6 +225,22 @@ fn tiny_adapter(model: &Llama, r: usize, scale: f64) -> Adapter {
     }
 }
 
+/// Two training sequences for the tiny model, one with a masked prompt.
+fn tiny_samples() -> Vec<Sample> {
+    vec![
+        Sample {
+            ids: vec![1, 5, 7, 2, 9, 11, 4],
+            labels: vec![-100, -100, -100, 2, 9, 11, 4],
+            line: 1,
+        },
+        Sample {
+            ids: vec![3, 8, 13, 21, 6],
+            labels: vec![3, 8, 13, 21, 6],
+            line: 2,
+        },
+    ]
+}
+
 /// Mean loss of two sequences (one with masked prompt) under `adapter`.
 fn loss_of(model: &Llama, adapter: &Adapter, samples: &[Sample]) -> (f64, Option<Tensor>) {
     let refs: Vec<&Sample> = samples.iter().collect();
@@ -250,18 +266,7 @@ fn backward_agrees_with_finite_differences() {
     let model = tiny_model();
     let dev = Device::Cpu;
     let adapter = tiny_adapter(&model, 2, 1.5);
-    let samples = vec![
-        Sample {
-            ids: vec![1, 5, 7, 2, 9, 11, 4],
-            labels: vec![-100, -100, -100, 2, 9, 11, 4],
-            line: 1,
-        },
-        Sample {
-            ids: vec![3, 8, 13, 21, 6],
-            labels: vec![3, 8, 13, 21, 6],
-            line: 2,
-        },
-    ];
+    let samples = tiny_samples();
     let (adapter_v, vars) = as_vars(&adapter);
     let (_, sur) = loss_of(&model, &adapter_v, &samples);
     let grads = sur.unwrap().backward().unwrap();
@@ -312,23 +317,12 @@ fn backward_agrees_with_finite_differences() {
 fn hand_written_backward_equals_autograd() {
     let model = tiny_model();
     let adapter = tiny_adapter(&model, 3, 0.7);
-    let samples = [
-        Sample {
-            ids: vec![1, 5, 7, 2, 9, 11, 4],
-            labels: vec![-100, -100, -100, 2, 9, 11, 4],
-            line: 1,
-        },
-        Sample {
-            ids: vec![3, 8, 13, 21, 6],
-            labels: vec![3, 8, 13, 21, 6],
-            line: 2,
-        },
-        Sample {
-            ids: vec![17],
-            labels: vec![17],
-            line: 3,
-        },
-    ];
+    let mut samples = tiny_samples();
+    samples.push(Sample {
+        ids: vec![17],
+        labels: vec![17],
+        line: 3,
+    });
     let refs: Vec<&Sample> = samples.iter().collect();
     let m: usize = samples.iter().map(|s| s.num_targets()).sum();
     for p in [0.0, 0.25] {
