@@ -37,6 +37,49 @@ pub struct ModelArg {
     pub model: String,
 }
 
+/// Inference arithmetic for the frozen weights.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ComputeKind {
+    /// f32 weights and activations: matches the HF reference.
+    #[default]
+    F32,
+    /// 8-bit block weights × 8-bit block activations (llama.cpp's arithmetic for Q4/Q8
+    /// GGUFs; weights from ≤ 8-bit GGUF blocks are kept exactly). CPU only; several times
+    /// faster for batched decoding.
+    Int8,
+}
+
+#[derive(Args, Clone, Debug, Default)]
+pub struct ComputeArg {
+    /// How inference multiplies the frozen weights.
+    #[arg(long, value_enum, default_value_t = ComputeKind::F32)]
+    pub compute: ComputeKind,
+}
+
+impl ComputeArg {
+    /// Switch `lm` to this arithmetic (packs the weights for int8).
+    pub fn apply(&self, lm: &mut LoadedModel) -> Result<()> {
+        if self.compute == ComputeKind::Int8 {
+            let t = std::time::Instant::now();
+            lm.model
+                .set_compute(lowrank_model::quant::Compute::Int8)
+                .context("packing the weights for int8 compute")?;
+            if let Some(q) = lm.model.int8() {
+                let (rounded, all) = q.rounded();
+                eprintln!(
+                    "int8 compute: packed {:.0} MB in {:.1} s; {} of {} weight blocks rounded \
+                     to 8 bits (the rest kept exactly)",
+                    q.bytes() as f64 / 1e6,
+                    t.elapsed().as_secs_f64(),
+                    rounded,
+                    all
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Fetch the default model (SmolLM2-135M-Instruct, GGUF Q4_1) into $LOWRANK_HOME.
@@ -125,6 +168,8 @@ impl AdapterArgs {
 pub struct GenerateArgs {
     #[command(flatten)]
     model: ModelArg,
+    #[command(flatten)]
+    compute: ComputeArg,
     #[command(flatten)]
     adapters: AdapterArgs,
     /// Raw prompt text (no template).
@@ -237,6 +282,7 @@ fn info(m: &ModelArg, device: &Device) -> Result<()> {
 
 fn generate_cmd(a: GenerateArgs, device: &Device) -> Result<()> {
     let mut lm = load(&a.model, device)?;
+    a.compute.apply(&mut lm)?;
     let set = a.adapters.apply(&mut lm)?;
     let prompt_text = match (&a.prompt, &a.chat) {
         (Some(p), _) => p.clone(),

@@ -8,12 +8,14 @@ use candle_core::Device;
 use clap::{Args, Subcommand};
 use lowrank_model::{ForwardOpts, KvCache, LogitsMode, SeqInput};
 
-use super::ModelArg;
+use super::{ComputeArg, ModelArg};
 
 #[derive(Args)]
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArg,
+    #[command(flatten)]
+    pub compute: ComputeArg,
     /// Directory whose sub-directories are PEFT adapters, served under their names.
     #[arg(long)]
     pub adapters: Option<PathBuf>,
@@ -44,7 +46,8 @@ fn model_id(spec: &str) -> Option<String> {
 }
 
 pub fn serve(a: ServeArgs, device: &Device) -> Result<()> {
-    let lm = super::load(&a.model, device)?;
+    let mut lm = super::load(&a.model, device)?;
+    a.compute.apply(&mut lm)?;
     let mut cfg = lowrank_serve::ServeConfig {
         host: a.host.clone(),
         port: a.port,
@@ -78,6 +81,8 @@ pub enum BenchCmd {
     Infer {
         #[command(flatten)]
         model: ModelArg,
+        #[command(flatten)]
+        compute: ComputeArg,
         #[arg(long, default_value_t = 512)]
         prompt_tokens: usize,
         #[arg(long, default_value_t = 128)]
@@ -107,6 +112,8 @@ pub enum BenchCmd {
     Serve {
         #[command(flatten)]
         model: ModelArg,
+        #[command(flatten)]
+        compute: ComputeArg,
         #[arg(long, default_value = "1,10,100", value_delimiter = ',')]
         adapters: Vec<usize>,
         #[arg(long, default_value_t = 64)]
@@ -131,10 +138,18 @@ pub fn bench(c: BenchCmd, device: &Device) -> Result<()> {
     match c {
         BenchCmd::Infer {
             model,
+            compute,
             prompt_tokens,
             decode_tokens,
             repeats,
-        } => bench_infer(&model, prompt_tokens, decode_tokens, repeats, device),
+        } => bench_infer(
+            &model,
+            &compute,
+            prompt_tokens,
+            decode_tokens,
+            repeats,
+            device,
+        ),
         BenchCmd::Train {
             model,
             batch,
@@ -146,13 +161,15 @@ pub fn bench(c: BenchCmd, device: &Device) -> Result<()> {
         } => bench_train(&model, batch, seq, steps, rank, &targets, full, device),
         BenchCmd::Serve {
             model,
+            compute,
             adapters,
             requests,
             concurrency,
             max_tokens,
             time_limit,
         } => {
-            let lm = super::load(&model, device)?;
+            let mut lm = super::load(&model, device)?;
+            compute.apply(&mut lm)?;
             let cfg = lowrank_serve::BenchConfig {
                 adapter_counts: adapters,
                 requests,
@@ -174,12 +191,14 @@ pub fn bench(c: BenchCmd, device: &Device) -> Result<()> {
 
 fn bench_infer(
     m: &ModelArg,
+    compute: &ComputeArg,
     prompt_tokens: usize,
     decode_tokens: usize,
     repeats: usize,
     device: &Device,
 ) -> Result<()> {
-    let lm = super::load(m, device)?;
+    let mut lm = super::load(m, device)?;
+    compute.apply(&mut lm)?;
     let text = "The history of low-rank adaptation begins with the observation that fine-tuning updates have low intrinsic rank. ".repeat(64);
     let mut ids = lm.tok.encode(&text)?;
     ids.truncate(prompt_tokens);
@@ -232,7 +251,7 @@ fn bench_infer(
         serde_json::json!({
             "prefill_tokens": prompt_tokens, "prefill_tok_s": (med(&mut prefill) * 10.0).round() / 10.0,
             "decode_tokens": decode_tokens, "decode_tok_s": (med(&mut decode) * 10.0).round() / 10.0,
-            "threads": std::env::var("RAYON_NUM_THREADS").ok(), "weights": "f32 (dequantized)",
+            "threads": std::env::var("RAYON_NUM_THREADS").ok(), "compute": format!("{:?}", compute.compute).to_lowercase(),
         })
     );
     Ok(())

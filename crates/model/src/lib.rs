@@ -17,6 +17,7 @@ pub mod generate;
 pub mod gguf;
 pub mod model;
 pub mod ops;
+pub mod quant;
 pub mod source;
 pub mod tokenizer;
 pub mod weights;

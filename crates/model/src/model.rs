@@ -17,6 +17,7 @@ use crate::cache::KvCache;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::ops;
+use crate::quant::{self, Compute, QuantModel};
 use crate::weights::Weights;
 
 /// A weighted mixture of adapters applied to one sequence (empty: the base model).
@@ -86,6 +87,8 @@ pub struct Llama {
     pub(crate) cos: Tensor,
     pub(crate) sin: Tensor,
     device: Device,
+    /// Packed weights for int8 inference ([`Compute::Int8`]); `None`: f32.
+    int8: Option<Arc<QuantModel>>,
 }
 
 impl Llama {
@@ -97,7 +100,35 @@ impl Llama {
             cos,
             sin,
             device: device.clone(),
+            int8: None,
         })
+    }
+
+    /// Choose how inference multiplies the frozen weights. Int8 packs every projection and the
+    /// head once (CPU only); training always runs f32.
+    pub fn set_compute(&mut self, c: Compute) -> Result<()> {
+        self.int8 = match c {
+            Compute::F32 => None,
+            Compute::Int8 if !self.device.is_cpu() => {
+                return Err(ModelError::Invalid(
+                    "int8 compute is implemented for the CPU only".into(),
+                ))
+            }
+            Compute::Int8 => Some(Arc::new(QuantModel::build(&self.weights)?)),
+        };
+        Ok(())
+    }
+
+    pub fn compute(&self) -> Compute {
+        match self.int8 {
+            Some(_) => Compute::Int8,
+            None => Compute::F32,
+        }
+    }
+
+    /// The packed weights when inference runs int8.
+    pub fn int8(&self) -> Option<&QuantModel> {
+        self.int8.as_deref()
     }
 
     pub fn device(&self) -> &Device {
@@ -135,6 +166,16 @@ impl Llama {
                 let delta = m.delta()?.affine(*weight, 0.0)?;
                 *w = (&*w + delta)?;
             }
+        }
+        if let Some(q) = &self.int8 {
+            // Repack only the merged projections; the rest stay shared.
+            let mut q = (**q).clone();
+            for (adapter, _) in set {
+                for key in adapter.modules.keys() {
+                    q.replace(*key, out.weights.layers[key.layer].linear(key.target))?;
+                }
+            }
+            out.int8 = Some(Arc::new(q));
         }
         Ok(out)
     }
@@ -187,6 +228,11 @@ impl Llama {
 
     /// [n, H] final hidden states → [n, vocab] logits.
     pub fn lm_head(&self, h: &Tensor) -> Result<Tensor> {
+        if let Some(q) = &self.int8 {
+            if !h.track_op() {
+                return quant::qlinear(h, q.head());
+            }
+        }
         let w = self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed);
         ops::linear(h, w)
     }
@@ -306,7 +352,14 @@ impl Llama {
         opts: &mut ForwardOpts<'_>,
     ) -> Result<Tensor> {
         let w = self.weights.layers[key.layer].linear(key.target);
-        let mut y = ops::linear(x, w)?; // [N, out]
+        let packed = match &self.int8 {
+            Some(q) if !opts.train && !x.track_op() => q.get(key),
+            _ => None,
+        };
+        let mut y = match packed {
+            Some(q) => quant::qlinear(x, q)?, // [N, out]
+            None => ops::linear(x, w)?,       // [N, out]
+        };
         if let Some(b) = bias {
             y = y.broadcast_add(b)?;
         }

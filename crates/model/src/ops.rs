@@ -390,6 +390,28 @@ fn f32s(s: &candle_core::Storage) -> Option<&[f32]> {
     }
 }
 
+/// Σ a·b in a fixed order with 8 independent partial sums (a plain `.sum()` is one serial
+/// chain the compiler may not vectorize: 9 % of a 32-stream serving profile). The order
+/// depends only on the length, so a row's result never depends on the batch.
+#[inline]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
 /// One query row's attention against its own sequence's cache: (row of `q`, K, V), with
 /// K, V views [nkv, S, hd] of the cache buffers.
 pub type DecodeItem = (usize, Tensor, Tensor);
@@ -466,7 +488,7 @@ pub fn decode_attention(
             .map(|j| {
                 let off = kv.ks.0 + kvh * kv.ks.1 + j * kv.ks.2;
                 let krow = &kv.k[off..off + hd];
-                qrow.iter().zip(krow).map(|(a, b)| a * b).sum::<f32>() * scale
+                dot(qrow, krow) * scale
             })
             .collect();
         let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -575,12 +597,9 @@ pub fn lora_gathered(
             for &(a, b, r, sc) in &mods[gi] {
                 // shrink: u = A·x [r]; expand: o += sc·B·u
                 u.clear();
-                u.extend(
-                    a.chunks_exact(inp)
-                        .map(|ak| ak.iter().zip(xr).map(|(p, q)| p * q).sum::<f32>() * sc),
-                );
+                u.extend(a.chunks_exact(inp).map(|ak| dot(ak, xr) * sc));
                 for (o, br) in o.iter_mut().zip(b.chunks_exact(r)) {
-                    *o += br.iter().zip(&u).map(|(p, q)| p * q).sum::<f32>();
+                    *o += dot(br, &u);
                 }
             }
         });
