@@ -479,30 +479,45 @@ pub fn decode_attention(
     }
     let scale = scale as f32;
     let mut out = vec![0f32; items.len() * nh * hd];
-    out.par_chunks_mut(hd).enumerate().for_each(|(idx, o)| {
-        let (it, h) = (idx / nh, idx % nh);
+    // One task per (sequence, KV head): the g query heads sharing a KV head read each cached
+    // key and value row once (the caches, not the FLOPs, are what costs: at 32 sequences × 150
+    // positions they are ~7 MB per layer). Query head h uses KV head h / g (HF's repeat_kv),
+    // so a task's g heads are adjacent in the output row.
+    out.par_chunks_mut(g * hd).enumerate().for_each(|(idx, o)| {
+        let (it, kvh) = (idx / num_kv_heads, idx % num_kv_heads);
         let kv = &kvs[it];
-        let kvh = h / g;
-        let qrow = &qv[(h * n + kv.row) * hd..(h * n + kv.row + 1) * hd];
-        let mut sc: Vec<f32> = (0..kv.len)
-            .map(|j| {
-                let off = kv.ks.0 + kvh * kv.ks.1 + j * kv.ks.2;
-                let krow = &kv.k[off..off + hd];
-                dot(qrow, krow) * scale
-            })
-            .collect();
-        let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for x in sc.iter_mut() {
-            *x = (*x - max).exp();
-            sum += *x;
+        let qrow = |i: usize| {
+            let h = kvh * g + i;
+            &qv[(h * n + kv.row) * hd..(h * n + kv.row + 1) * hd]
+        };
+        let mut sc = vec![0f32; g * kv.len]; // [g, len]
+        for j in 0..kv.len {
+            let off = kv.ks.0 + kvh * kv.ks.1 + j * kv.ks.2;
+            let krow = &kv.k[off..off + hd];
+            for i in 0..g {
+                sc[i * kv.len + j] = dot(qrow(i), krow) * scale;
+            }
         }
-        let inv = 1.0 / sum;
-        for (j, p) in sc.iter().enumerate() {
+        for p in sc.chunks_exact_mut(kv.len) {
+            let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for x in p.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            for x in p.iter_mut() {
+                *x *= inv;
+            }
+        }
+        for j in 0..kv.len {
             let off = kv.vs.0 + kvh * kv.vs.1 + j * kv.vs.2;
-            let w = p * inv;
-            for (o, &v) in o.iter_mut().zip(&kv.v[off..off + hd]) {
-                *o += w * v;
+            let vrow = &kv.v[off..off + hd];
+            for (i, oi) in o.chunks_exact_mut(hd).enumerate() {
+                let w = sc[i * kv.len + j];
+                for (o, &v) in oi.iter_mut().zip(vrow) {
+                    *o += w * v;
+                }
             }
         }
     });

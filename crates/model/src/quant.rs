@@ -210,34 +210,45 @@ fn quantize_block(vals: &[f32], q: &mut [u8; QK]) -> (f32, f32, bool) {
         return (0.0, if lo.is_finite() { lo } else { 0.0 }, lo.is_finite());
     }
     let range = hi - lo;
-    // Grid step: the smallest gap between distinct values (or a divisor of it).
-    let mut sorted = [0f32; QK];
-    sorted[..vals.len()].copy_from_slice(vals);
-    let sorted = &mut sorted[..vals.len()];
-    sorted.sort_by(f32::total_cmp);
     let tiny = range * 1e-5;
-    let step = sorted
-        .windows(2)
-        .map(|p| p[1] - p[0])
+    let on_grid = |step: f32| {
+        step.is_finite()
+            && (range / step).round() <= 255.0
+            && vals.iter().all(|&v| {
+                let k = (v - lo) / step;
+                (k - k.round()).abs() < 1e-3
+            })
+    };
+    // The grid step divides the smallest nonzero offset from the minimum (cheap; enough for
+    // 4/5-bit blocks) and the smallest gap between sorted values (dense 8-bit blocks).
+    let offset = vals
+        .iter()
+        .map(|&v| v - lo)
         .filter(|&g| g > tiny)
         .fold(f32::INFINITY, f32::min);
-    // The smallest gap may span several grid steps (a short or sparse block): try its
-    // divisors too.
-    for div in 1..=16 {
-        let step = step / div as f32;
-        if !step.is_finite() || (range / step).round() > 255.0 {
-            break;
-        }
-        let on_grid = vals.iter().all(|&v| {
-            let k = (v - lo) / step;
-            (k - k.round()).abs() < 1e-3
+    let min_gap = || {
+        let mut sorted = [0f32; QK];
+        sorted[..vals.len()].copy_from_slice(vals);
+        let sorted = &mut sorted[..vals.len()];
+        sorted.sort_unstable_by(f32::total_cmp);
+        sorted
+            .windows(2)
+            .map(|p| p[1] - p[0])
+            .filter(|&g| g > tiny)
+            .fold(f32::INFINITY, f32::min)
+    };
+    let step = (1..=16)
+        .map(|div| offset / div as f32)
+        .find(|&s| on_grid(s))
+        .or_else(|| {
+            let g = min_gap();
+            (1..=4).map(|div| g / div as f32).find(|&s| on_grid(s))
         });
-        if on_grid {
-            for (qi, &v) in q.iter_mut().zip(vals) {
-                *qi = ((v - lo) / step).round() as u8;
-            }
-            return (step, lo, true);
+    if let Some(step) = step {
+        for (qi, &v) in q.iter_mut().zip(vals) {
+            *qi = ((v - lo) / step).round() as u8;
         }
+        return (step, lo, true);
     }
     let d = range / 255.0;
     for (qi, &v) in q.iter_mut().zip(vals) {

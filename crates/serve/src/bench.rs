@@ -71,7 +71,10 @@ pub struct BenchRow {
     pub failed: usize,
     pub completion_tokens: usize,
     pub seconds: f64,
+    /// Completion tokens over the whole run (prompt processing included).
     pub tokens_per_s: f64,
+    /// Aggregate decode rate: tokens / time of the steps in which every row was decoding.
+    pub decode_tokens_per_s: f64,
     pub requests_per_s: f64,
     pub ttft_p50_ms: f64,
     pub ttft_p95_ms: f64,
@@ -290,6 +293,8 @@ async fn scenario(
     // Warm-up (also loads caches and rayon pools).
     let _ = one_request(addr, body_for(&models[0])).await;
     let (sum0, n0) = state.metrics.batch_rows.sum_count();
+    let (dsecs0, _) = state.metrics.decode_steps.sum_count();
+    let dtok0 = state.metrics.decode_step_tokens.load(Ordering::Relaxed);
     let next = Arc::new(AtomicUsize::new(0));
     let t0 = Instant::now();
     let deadline = t0 + cfg.time_limit;
@@ -321,6 +326,14 @@ async fn scenario(
     let _ = stop_tx.send(());
     let _ = server.await;
     let (sum1, n1) = state.metrics.batch_rows.sum_count();
+    let (dsecs1, _) = state.metrics.decode_steps.sum_count();
+    let dtok1 = state.metrics.decode_step_tokens.load(Ordering::Relaxed);
+    // Aggregate decode rate: tokens of the steps where every row was decoding, over their time.
+    let decode_tokens_per_s = if dsecs1 > dsecs0 {
+        (dtok1 - dtok0) as f64 / (dsecs1 - dsecs0)
+    } else {
+        0.0
+    };
     let ok: Vec<&Outcome> = outcomes.iter().filter(|o| o.ok).collect();
     let tokens: usize = ok.iter().map(|o| o.completion_tokens).sum();
     let mut ttft: Vec<f64> = ok
@@ -343,6 +356,7 @@ async fn scenario(
         completion_tokens: tokens,
         seconds: secs,
         tokens_per_s: tokens as f64 / secs,
+        decode_tokens_per_s,
         requests_per_s: ok.len() as f64 / secs,
         ttft_p50_ms: percentile(&ttft, 0.5),
         ttft_p95_ms: percentile(&ttft, 0.95),
@@ -353,7 +367,7 @@ async fn scenario(
 /// The results as a text table.
 pub fn format_table(rows: &[BenchRow]) -> String {
     let mut s = format!(
-        "{:<24} {:>8} {:>6} {:>6} {:>8} {:>8} {:>9} {:>7} {:>10} {:>10} {:>7}\n",
+        "{:<24} {:>8} {:>6} {:>6} {:>8} {:>8} {:>9} {:>10} {:>7} {:>10} {:>10} {:>7}\n",
         "scenario",
         "adapters",
         "reqs",
@@ -361,6 +375,7 @@ pub fn format_table(rows: &[BenchRow]) -> String {
         "tokens",
         "secs",
         "tok/s",
+        "decode t/s",
         "req/s",
         "ttft p50",
         "ttft p95",
@@ -368,7 +383,7 @@ pub fn format_table(rows: &[BenchRow]) -> String {
     );
     for r in rows {
         s.push_str(&format!(
-            "{:<24} {:>8} {:>6} {:>6} {:>8} {:>8.2} {:>9.1} {:>7.2} {:>8.1}ms {:>8.1}ms {:>7.1}\n",
+            "{:<24} {:>8} {:>6} {:>6} {:>8} {:>8.2} {:>9.1} {:>10.1} {:>7.2} {:>8.1}ms {:>8.1}ms {:>7.1}\n",
             r.scenario,
             r.adapters,
             r.requests,
@@ -376,6 +391,7 @@ pub fn format_table(rows: &[BenchRow]) -> String {
             r.completion_tokens,
             r.seconds,
             r.tokens_per_s,
+            r.decode_tokens_per_s,
             r.requests_per_s,
             r.ttft_p50_ms,
             r.ttft_p95_ms,

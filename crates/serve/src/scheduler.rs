@@ -354,6 +354,7 @@ impl<'a> Loop<'a> {
     }
 
     fn step(&self, rows: &mut [Row<'a>]) {
+        let started = Instant::now();
         let mut budget = self.cfg.prefill_tokens_per_step.max(1);
         let mut which: Vec<(usize, usize)> = Vec::with_capacity(rows.len());
         let result = {
@@ -390,8 +391,11 @@ impl<'a> Loop<'a> {
             self.metrics
                 .batch_tokens
                 .observe(which.iter().map(|(_, t)| *t).sum::<usize>() as f64);
+            // The whole forward runs on a rayon worker (a scope entered from outside the pool
+            // runs its body there): the kernels' parallel loops then start from inside the
+            // pool instead of waking this thread after each of the ~400 ops of a step.
             catch_unwind(AssertUnwindSafe(|| {
-                self.model.forward(&mut seqs, &mut ForwardOpts::infer())
+                rayon::scope(|_| self.model.forward(&mut seqs, &mut ForwardOpts::infer()))
             }))
         };
         let logits = match result {
@@ -413,6 +417,7 @@ impl<'a> Loop<'a> {
             }
         };
         let now = Instant::now();
+        let decode_only = which.iter().all(|&(i, _)| rows[i].generated > 0);
         for (k, &(i, take)) in which.iter().enumerate() {
             let r = &mut rows[i];
             r.fed += take;
@@ -428,6 +433,14 @@ impl<'a> Loop<'a> {
                     format!("sampling failed: {}", panic_msg(&*p)),
                 )),
             }
+        }
+        if decode_only {
+            self.metrics
+                .decode_steps
+                .observe(started.elapsed().as_secs_f64());
+            self.metrics
+                .decode_step_tokens
+                .fetch_add(which.len() as u64, Ordering::Relaxed);
         }
     }
 
