@@ -70,6 +70,7 @@ struct Group {
 struct SeqCtx {
     offset: usize,
     len: usize,
+    /// Causal mask for candle's attention (training only; inference uses ops::attention_rows).
     mask: Option<Tensor>,
 }
 
@@ -277,7 +278,11 @@ impl Llama {
             ctxs.push(SeqCtx {
                 offset: ids.len(),
                 len: t,
-                mask: causal_mask(t, start, &self.device)?,
+                // Inference builds masks only if it falls back to candle's attention.
+                mask: match opts.train {
+                    true => causal_mask(t, start, &self.device)?,
+                    false => None,
+                },
             });
             positions.extend(start as u32..(start + t) as u32);
             ids.extend_from_slice(s.tokens);
@@ -454,9 +459,10 @@ impl Llama {
         )?; // [nkv, N, hd]
         let v = heads(&v, c.num_kv_heads)?; // [nkv, N, hd]
         let single = ctxs.len() == 1;
-        let mut outs: Vec<Option<Tensor>> = Vec::with_capacity(ctxs.len());
-        // Decode rows (one new token after a cache) are gathered for one fused pass.
-        let mut decode: Vec<(usize, ops::DecodeItem)> = Vec::new();
+        // Inference: every sequence's rows go through one fused pass (see attention_rows);
+        // training and non-CPU devices run candle's differentiable per-sequence ops.
+        let mut items: Vec<ops::AttnItem> = Vec::with_capacity(ctxs.len());
+        let mut outs: Vec<Tensor> = Vec::with_capacity(ctxs.len());
         for (s, cx) in seqs.iter_mut().zip(ctxs) {
             let part = |t: &Tensor| -> Result<Tensor> {
                 Ok(if single {
@@ -465,51 +471,38 @@ impl Llama {
                     t.narrow(1, cx.offset, cx.len)?.contiguous()?
                 })
             };
-            let (qs, ks, vs) = (part(&q)?, part(&k)?, part(&v)?);
-            let cached = s.cache.is_some();
+            let (ks, vs) = (part(&k)?, part(&v)?);
             let (ks, vs) = match s.cache.as_deref_mut() {
                 Some(cache) => cache.append(l, &ks, &vs)?,
                 None => (ks, vs),
             };
-            if cached && cx.len == 1 && !opts.train {
-                decode.push((outs.len(), (cx.offset, ks, vs)));
-                outs.push(None);
+            if opts.train {
+                let qs = part(&q)?;
+                outs.push(self.attend(&qs, &ks, &vs, cx.mask.as_ref(), true)?);
             } else {
-                outs.push(Some(self.attend(
-                    &qs,
-                    &ks,
-                    &vs,
-                    cx.mask.as_ref(),
-                    opts.train,
-                )?));
+                items.push((cx.offset, cx.len, ks, vs));
             }
         }
-        if !decode.is_empty() {
-            let items: Vec<ops::DecodeItem> = decode.iter().map(|(_, it)| it.clone()).collect();
-            let scale = 1.0 / (c.head_dim as f64).sqrt();
-            match ops::decode_attention(&q, &items, c.num_kv_heads, scale)? {
-                Some(all) => {
-                    for (j, (i, _)) in decode.iter().enumerate() {
-                        outs[*i] = Some(all.narrow(0, j, 1)?);
-                    }
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let attn = match items.is_empty() {
+            true => None,
+            false => ops::attention_rows(&q, &items, c.num_kv_heads, scale)?,
+        };
+        let attn = match attn {
+            Some(a) => a, // [N, nh·hd]
+            None => {
+                for (row, rows, ks, vs) in items {
+                    let qs = q.narrow(1, row, rows)?.contiguous()?;
+                    let mask = causal_mask(rows, ks.dim(1)? - rows, &self.device)?;
+                    outs.push(self.attend(&qs, &ks, &vs, mask.as_ref(), false)?);
                 }
-                None => {
-                    for (i, (row, ks, vs)) in decode {
-                        let qs = q.narrow(1, row, 1)?.contiguous()?;
-                        outs[i] = Some(self.attend(&qs, &ks, &vs, None, false)?);
-                    }
+                if outs.len() == 1 {
+                    outs.pop().expect("one sequence")
+                } else {
+                    Tensor::cat(&outs, 0)? // [N, nh·hd]
                 }
             }
-        }
-        let mut outs: Vec<Tensor> = outs
-            .into_iter()
-            .map(|o| o.expect("every sequence attended"))
-            .collect();
-        let attn = if outs.len() == 1 {
-            outs.pop().unwrap()
-        } else {
-            Tensor::cat(&outs, 0)?
-        }; // [N, nh·hd]
+        };
         let o = self.proj(&attn, key(Target::O), None, groups, opts)?; // [N, H]
         let x = (x + o)?;
         let h = ops::rms_norm(&x, &lw.mlp_norm, c.rms_norm_eps, opts.train)?;

@@ -412,18 +412,24 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// One query row's attention against its own sequence's cache: (row of `q`, K, V), with
-/// K, V views [nkv, S, hd] of the cache buffers.
-pub type DecodeItem = (usize, Tensor, Tensor);
+/// One sequence's rows for [`attention_rows`]: (first row in q, rows, K, V) with K, V views
+/// [nkv, S, hd] holding the sequence's keys and values through its last new token; the
+/// sequence's rows are its last `rows` positions (S − rows .. S).
+pub type AttnItem = (usize, usize, Tensor, Tensor);
 
-/// Single-token attention for many sequences at once (batched decode): each item's query row
-/// of q [nh, N, hd] attends over all of its cached keys (no mask needed: every cached key
-/// precedes the new token). Returns [items, nh·hd], or `None` off the CPU/f32 path (the
-/// caller then runs its per-sequence ops). Candle needs ~12 small ops per sequence and layer
-/// for this; one parallel pass over (sequence, head) replaces them.
-pub fn decode_attention(
+/// Causal attention for every new token of a ragged batch in one parallel pass over query
+/// rows: row i of a sequence (at position p) attends over keys 0..=p of its own cache, one
+/// query head group per cached row read. Returns [Σ rows, nh·hd] in item order, or `None` off
+/// the CPU/f32 path (the caller then runs candle's per-sequence ops).
+///
+/// Every row is computed the same way whether it is a prompt token or a decode step, alone
+/// or in a batch, in one chunk or several: a sequence's results do not depend on the batch
+/// or on how its prompt was split, bit for bit. (With int8 activations a one-ulp difference
+/// can flip a rounding and move a logit by ~0.5, so this matters.) Candle needs ~12 small
+/// ops per sequence and layer for this.
+pub fn attention_rows(
     q: &Tensor,
-    items: &[DecodeItem],
+    items: &[AttnItem],
     num_kv_heads: usize,
     scale: f64,
 ) -> Result<Option<Tensor>> {
@@ -433,7 +439,7 @@ pub fn decode_attention(
         || !cpu_f32(q)
         || !q.is_contiguous()
         || nh % num_kv_heads != 0
-        || items.iter().any(|(_, k, v)| {
+        || items.iter().any(|(row, rows, k, v)| {
             !cpu_f32(k)
                 || !cpu_f32(v)
                 || k.stride()[2] != 1
@@ -441,6 +447,8 @@ pub fn decode_attention(
                 || k.dims() != v.dims()
                 || k.dim(0).ok() != Some(num_kv_heads)
                 || k.dim(2).ok() != Some(hd)
+                || k.dim(1).map_or(true, |s| s < *rows)
+                || row + rows > n
         })
     {
         return Ok(None);
@@ -450,55 +458,108 @@ pub fn decode_attention(
     let (qs, ql) = q.storage_and_layout();
     let guards: Vec<_> = items
         .iter()
-        .map(|(_, k, v)| (k.storage_and_layout(), v.storage_and_layout()))
+        .map(|(_, _, k, v)| (k.storage_and_layout(), v.storage_and_layout()))
         .collect();
     let Some(qv) = f32s(&qs) else { return Ok(None) };
     let qv = &qv[ql.start_offset()..];
-    struct Kv<'a> {
-        k: &'a [f32],
-        v: &'a [f32],
-        /// start offset, head stride, position stride (K then V)
-        ks: (usize, usize, usize),
-        vs: (usize, usize, usize),
-        len: usize,
-        row: usize,
-    }
     let mut kvs = Vec::with_capacity(items.len());
-    for ((row, k, _), ((kst, kl), (vst, vl))) in items.iter().zip(&guards) {
+    let mut row_of = Vec::new(); // output row → (item, row within item)
+    for (it, ((row, rows, k, _), ((kst, kl), (vst, vl)))) in items.iter().zip(&guards).enumerate() {
         let (Some(kd), Some(vd)) = (f32s(kst), f32s(vst)) else {
             return Ok(None);
         };
-        kvs.push(Kv {
+        kvs.push(AttnKv {
             k: kd,
             v: vd,
             ks: (kl.start_offset(), kl.stride()[0], kl.stride()[1]),
             vs: (vl.start_offset(), vl.stride()[0], vl.stride()[1]),
             len: k.dim(1)?,
+            rows: *rows,
             row: *row,
         });
+        row_of.extend((0..*rows).map(|i| (it, i)));
     }
-    let scale = scale as f32;
-    let mut out = vec![0f32; items.len() * nh * hd];
-    // One task per (sequence, KV head): the g query heads sharing a KV head read each cached
-    // key and value row once (the caches, not the FLOPs, are what costs: at 32 sequences × 150
-    // positions they are ~7 MB per layer). Query head h uses KV head h / g (HF's repeat_kv),
-    // so a task's g heads are adjacent in the output row.
-    out.par_chunks_mut(g * hd).enumerate().for_each(|(idx, o)| {
-        let (it, kvh) = (idx / num_kv_heads, idx % num_kv_heads);
-        let kv = &kvs[it];
-        let qrow = |i: usize| {
-            let h = kvh * g + i;
-            &qv[(h * n + kv.row) * hd..(h * n + kv.row + 1) * hd]
-        };
-        let mut sc = vec![0f32; g * kv.len]; // [g, len]
-        for j in 0..kv.len {
+    let shape = AttnShape {
+        n,
+        nkv: num_kv_heads,
+        g,
+        hd,
+        scale: scale as f32,
+    };
+    let mut out = vec![0f32; row_of.len() * nh * hd];
+    #[cfg(target_arch = "x86_64")]
+    let wide = is_x86_feature_detected!("avx512f");
+    out.par_chunks_mut(nh * hd)
+        .zip(&row_of)
+        .for_each(|(o, &(it, i))| {
+            #[cfg(target_arch = "x86_64")]
+            if wide {
+                // SAFETY: AVX-512F is present (detected above).
+                unsafe { attend_row_avx512(qv, &kvs[it], i, &shape, o) };
+                return;
+            }
+            attend_row(qv, &kvs[it], i, &shape, o)
+        });
+    drop(guards);
+    drop(qs);
+    Ok(Some(Tensor::from_vec(
+        out,
+        (row_of.len(), nh * hd),
+        q.device(),
+    )?))
+}
+
+/// One sequence's cache as slices for [`attention_rows`].
+struct AttnKv<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    /// start offset, head stride, position stride (K then V)
+    ks: (usize, usize, usize),
+    vs: (usize, usize, usize),
+    len: usize,
+    rows: usize,
+    row: usize,
+}
+
+struct AttnShape {
+    /// Rows of q ([nh, n, hd]).
+    n: usize,
+    nkv: usize,
+    /// Query heads per KV head.
+    g: usize,
+    hd: usize,
+    scale: f32,
+}
+
+/// The same code compiled for AVX-512: Rust never reassociates or fuses float operations, so
+/// the results are bitwise those of [`attend_row`]; only the vector width differs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn attend_row_avx512(qv: &[f32], kv: &AttnKv, i: usize, s: &AttnShape, o: &mut [f32]) {
+    attend_row(qv, kv, i, s, o)
+}
+
+/// Row i of a sequence: every head's softmax(q·Kᵀ·scale)·V over keys 0..=p. o: [nh·hd].
+#[inline(always)]
+fn attend_row(qv: &[f32], kv: &AttnKv, i: usize, s: &AttnShape, o: &mut [f32]) {
+    let (g, hd) = (s.g, s.hd);
+    let len = kv.len - kv.rows + i + 1; // keys this row sees
+    let qrow = |h: usize| {
+        let r = h * s.n + kv.row + i;
+        &qv[r * hd..(r + 1) * hd]
+    };
+    let mut sc = vec![0f32; g * len]; // [g, len]
+                                      // Query head h uses KV head h / g (HF's repeat_kv): the g heads of a KV head are
+                                      // adjacent, and each cached row is read once for all of them.
+    for kvh in 0..s.nkv {
+        for j in 0..len {
             let off = kv.ks.0 + kvh * kv.ks.1 + j * kv.ks.2;
             let krow = &kv.k[off..off + hd];
-            for i in 0..g {
-                sc[i * kv.len + j] = dot(qrow(i), krow) * scale;
+            for gi in 0..g {
+                sc[gi * len + j] = dot(qrow(kvh * g + gi), krow) * s.scale;
             }
         }
-        for p in sc.chunks_exact_mut(kv.len) {
+        for p in sc.chunks_exact_mut(len) {
             let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
             for x in p.iter_mut() {
@@ -510,24 +571,18 @@ pub fn decode_attention(
                 *x *= inv;
             }
         }
-        for j in 0..kv.len {
+        let oh = &mut o[kvh * g * hd..(kvh + 1) * g * hd];
+        for j in 0..len {
             let off = kv.vs.0 + kvh * kv.vs.1 + j * kv.vs.2;
             let vrow = &kv.v[off..off + hd];
-            for (i, oi) in o.chunks_exact_mut(hd).enumerate() {
-                let w = sc[i * kv.len + j];
+            for (gi, oi) in oh.chunks_exact_mut(hd).enumerate() {
+                let w = sc[gi * len + j];
                 for (o, &v) in oi.iter_mut().zip(vrow) {
                     *o += w * v;
                 }
             }
         }
-    });
-    drop(guards);
-    drop(qs);
-    Ok(Some(Tensor::from_vec(
-        out,
-        (items.len(), nh * hd),
-        q.device(),
-    )?))
+    }
 }
 
 /// One group of rows of a batch sharing an adapter mixture, for [`lora_gathered`]:
