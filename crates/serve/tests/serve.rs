@@ -365,7 +365,19 @@ async fn context_overflow_and_timeout() {
 /// lengths and max_tokens, so prefills and decodes share forwards) equal each request alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 8)]
 async fn batched_equals_alone() {
-    let lm = tiny();
+    batched_equals_alone_with(lowrank_model::quant::Compute::F32).await;
+}
+
+/// The same with int8 compute, where a one-ulp difference anywhere could flip an activation's
+/// rounding: rows must be computed identically whatever shares their batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn batched_equals_alone_int8() {
+    batched_equals_alone_with(lowrank_model::quant::Compute::Int8).await;
+}
+
+async fn batched_equals_alone_with(compute: lowrank_model::quant::Compute) {
+    let mut lm = tiny();
+    lm.model.set_compute(compute).unwrap();
     let dir = adapters_dir(&lm, 3);
     let s = state(
         lm,
