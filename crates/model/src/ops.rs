@@ -818,3 +818,97 @@ mod gathered_tests {
         }
     }
 }
+
+#[cfg(test)]
+mod attention_tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// softmax(q·kᵀ/√d)·v over keys 0..=pos, in f64, for one query row of head h.
+    fn naive(q: &[f32], k: &[Vec<f32>], v: &[Vec<f32>], pos: usize) -> Vec<f64> {
+        let hd = q.len();
+        let s: Vec<f64> = (0..=pos)
+            .map(|j| {
+                (0..hd).map(|d| q[d] as f64 * k[j][d] as f64).sum::<f64>() / (hd as f64).sqrt()
+            })
+            .collect();
+        let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+        (0..hd)
+            .map(|d| {
+                (0..=pos)
+                    .map(|j| (s[j] - m).exp() / z * v[j][d] as f64)
+                    .sum()
+            })
+            .collect()
+    }
+
+    /// A prompt chunk after a cached prefix, a decode step and a fresh prompt in one call:
+    /// every row equals the naive causal attention over its own sequence's keys, and each
+    /// sequence's rows are bitwise the same when it runs alone.
+    #[test]
+    fn attention_rows_equal_naive_causal_attention() {
+        let d = Device::Cpu;
+        let (nh, nkv, hd) = (6, 2, 8);
+        let g = nh / nkv;
+        // (cached, new) tokens per sequence.
+        let seqs = [(5usize, 3usize), (9, 1), (0, 4)];
+        let n: usize = seqs.iter().map(|s| s.1).sum();
+        let q = Tensor::randn(0f32, 1.0, (nh, n, hd), &d).unwrap();
+        let kvs: Vec<(Tensor, Tensor)> = seqs
+            .iter()
+            .map(|&(c, t)| {
+                // A cache buffer with spare capacity, viewed up to its length (as KvCache does).
+                let k = Tensor::randn(0f32, 1.0, (nkv, c + t + 4, hd), &d).unwrap();
+                let v = Tensor::randn(0f32, 1.0, (nkv, c + t + 4, hd), &d).unwrap();
+                (
+                    k.narrow(1, 0, c + t).unwrap(),
+                    v.narrow(1, 0, c + t).unwrap(),
+                )
+            })
+            .collect();
+        let mut items = Vec::new();
+        let mut row = 0;
+        for (&(_, t), (k, v)) in seqs.iter().zip(&kvs) {
+            items.push((row, t, k.clone(), v.clone()));
+            row += t;
+        }
+        let scale = 1.0 / (hd as f64).sqrt();
+        let got = attention_rows(&q, &items, nkv, scale)
+            .unwrap()
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let qv = q.to_vec3::<f32>().unwrap();
+        let mut r = 0;
+        for (si, (&(c, t), (k, v))) in seqs.iter().zip(&kvs).enumerate() {
+            let (k, v) = (k.to_vec3::<f32>().unwrap(), v.to_vec3::<f32>().unwrap());
+            for i in 0..t {
+                for h in 0..nh {
+                    let want = naive(&qv[h][r + i], &k[h / g], &v[h / g], c + i);
+                    for (dd, w) in want.iter().enumerate() {
+                        let x = got[r + i][h * hd + dd] as f64;
+                        assert!(
+                            (x - w).abs() < 1e-5,
+                            "seq {si} row {i} head {h}: {x} vs {w}"
+                        );
+                    }
+                }
+            }
+            // The same sequence alone (its q rows only): the same bits.
+            let qs = q.narrow(1, r, t).unwrap().contiguous().unwrap();
+            let alone = attention_rows(
+                &qs,
+                &[(0, t, items[si].2.clone(), items[si].3.clone())],
+                nkv,
+                scale,
+            )
+            .unwrap()
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+            assert_eq!(alone, got[r..r + t].to_vec(), "seq {si} alone");
+            r += t;
+        }
+    }
+}
