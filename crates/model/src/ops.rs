@@ -487,15 +487,18 @@ pub fn attention_rows(
         scale: scale as f32,
     };
     let mut out = vec![0f32; row_of.len() * nh * hd];
+    // One kernel for every row of the process (chosen by CPU and head shape only), so a row's
+    // bits never depend on the batch.
     #[cfg(target_arch = "x86_64")]
-    let wide = is_x86_feature_detected!("avx512f");
+    let kernel: Option<RowKernel> =
+        is_x86_feature_detected!("avx512f").then(|| attn512::pick(g, hd));
     out.par_chunks_mut(nh * hd)
         .zip(&row_of)
         .for_each(|(o, &(it, i))| {
             #[cfg(target_arch = "x86_64")]
-            if wide {
-                // SAFETY: AVX-512F is present (detected above).
-                unsafe { attend_row_avx512(qv, &kvs[it], i, &shape, o) };
+            if let Some(k) = kernel {
+                // SAFETY: AVX-512F is present (detected above); shapes were checked.
+                unsafe { k(qv, &kvs[it], i, &shape, o) };
                 return;
             }
             attend_row(qv, &kvs[it], i, &shape, o)
@@ -531,12 +534,109 @@ struct AttnShape {
     scale: f32,
 }
 
-/// The same code compiled for AVX-512: Rust never reassociates or fuses float operations, so
-/// the results are bitwise those of [`attend_row`]; only the vector width differs.
+/// A row kernel of [`attention_rows`].
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn attend_row_avx512(qv: &[f32], kv: &AttnKv, i: usize, s: &AttnShape, o: &mut [f32]) {
-    attend_row(qv, kv, i, s, o)
+type RowKernel = unsafe fn(&[f32], &AttnKv, usize, &AttnShape, &mut [f32]);
+
+#[cfg(target_arch = "x86_64")]
+mod attn512 {
+    use super::{attend_row, AttnKv, AttnShape, RowKernel};
+    use std::arch::x86_64::*;
+
+    /// The kernel for g query heads per KV head and head_dim hd: register-blocked AVX-512
+    /// for the common shapes (hd = 64 or 128, g ≤ 4: 4× fewer instructions than the generic
+    /// code, which measured at 8 GMAC/s), else the generic code compiled for AVX-512.
+    pub(super) fn pick(g: usize, hd: usize) -> RowKernel {
+        match (g, hd) {
+            (1, 64) => row::<1, 4>,
+            (2, 64) => row::<2, 4>,
+            (3, 64) => row::<3, 4>,
+            (4, 64) => row::<4, 4>,
+            (1, 128) => row::<1, 8>,
+            (2, 128) => row::<2, 8>,
+            (3, 128) => row::<3, 8>,
+            (4, 128) => row::<4, 8>,
+            _ => generic,
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn generic(qv: &[f32], kv: &AttnKv, i: usize, s: &AttnShape, o: &mut [f32]) {
+        attend_row(qv, kv, i, s, o)
+    }
+
+    /// [`attend_row`] with the g query rows and the output accumulators in registers; each
+    /// cached K and V row is loaded once for the g heads. G heads per KV head, C = hd / 16.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn row<const G: usize, const C: usize>(
+        qv: &[f32],
+        kv: &AttnKv,
+        i: usize,
+        s: &AttnShape,
+        o: &mut [f32],
+    ) {
+        let hd = C * 16;
+        let len = kv.len - kv.rows + i + 1; // keys this row sees
+        let mut sc = vec![0f32; G * len]; // [G, len]
+        for kvh in 0..s.nkv {
+            let mut q = [[_mm512_setzero_ps(); C]; G];
+            for (gi, qg) in q.iter_mut().enumerate() {
+                let r = (kvh * G + gi) * s.n + kv.row + i;
+                let qrow = &qv[r * hd..(r + 1) * hd];
+                for (c, qc) in qg.iter_mut().enumerate() {
+                    *qc = _mm512_loadu_ps(qrow.as_ptr().add(c * 16));
+                }
+            }
+            for j in 0..len {
+                let off = kv.ks.0 + kvh * kv.ks.1 + j * kv.ks.2;
+                let krow = &kv.k[off..off + hd];
+                let mut k = [_mm512_setzero_ps(); C];
+                for (c, kc) in k.iter_mut().enumerate() {
+                    *kc = _mm512_loadu_ps(krow.as_ptr().add(c * 16));
+                }
+                for (gi, qg) in q.iter().enumerate() {
+                    let mut acc = _mm512_mul_ps(qg[0], k[0]);
+                    for c in 1..C {
+                        acc = _mm512_fmadd_ps(qg[c], k[c], acc);
+                    }
+                    sc[gi * len + j] = _mm512_reduce_add_ps(acc) * s.scale;
+                }
+            }
+            for p in sc.chunks_exact_mut(len) {
+                let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for x in p.iter_mut() {
+                    *x = (*x - max).exp();
+                    sum += *x;
+                }
+                let inv = 1.0 / sum;
+                for x in p.iter_mut() {
+                    *x *= inv;
+                }
+            }
+            let mut acc = [[_mm512_setzero_ps(); C]; G];
+            for j in 0..len {
+                let off = kv.vs.0 + kvh * kv.vs.1 + j * kv.vs.2;
+                let vrow = &kv.v[off..off + hd];
+                let mut v = [_mm512_setzero_ps(); C];
+                for (c, vc) in v.iter_mut().enumerate() {
+                    *vc = _mm512_loadu_ps(vrow.as_ptr().add(c * 16));
+                }
+                for (gi, ag) in acc.iter_mut().enumerate() {
+                    let w = _mm512_set1_ps(sc[gi * len + j]);
+                    for c in 0..C {
+                        ag[c] = _mm512_fmadd_ps(w, v[c], ag[c]);
+                    }
+                }
+            }
+            for (gi, ag) in acc.iter().enumerate() {
+                let oh = &mut o[(kvh * G + gi) * hd..(kvh * G + gi + 1) * hd];
+                for (c, ac) in ag.iter().enumerate() {
+                    _mm512_storeu_ps(oh.as_mut_ptr().add(c * 16), *ac);
+                }
+            }
+        }
+    }
 }
 
 /// Row i of a sequence: every head's softmax(q·Kᵀ·scale)·V over keys 0..=p. o: [nh·hd].
@@ -848,8 +948,14 @@ mod attention_tests {
     /// sequence's rows are bitwise the same when it runs alone.
     #[test]
     fn attention_rows_equal_naive_causal_attention() {
+        // The generic kernel (hd = 8) and the register-blocked ones (hd = 64, 128).
+        for (nh, nkv, hd) in [(6, 2, 8), (9, 3, 64), (4, 4, 128), (8, 2, 64)] {
+            attention_case(nh, nkv, hd);
+        }
+    }
+
+    fn attention_case(nh: usize, nkv: usize, hd: usize) {
         let d = Device::Cpu;
-        let (nh, nkv, hd) = (6, 2, 8);
         let g = nh / nkv;
         // (cached, new) tokens per sequence.
         let seqs = [(5usize, 3usize), (9, 1), (0, 4)];
