@@ -79,10 +79,27 @@ fn mean_kl(reference: &Tensor, got: &Tensor) -> f64 {
     kl / a.len() as f64
 }
 
-fn top1_agreement(a: &Tensor, b: &Tensor) -> f64 {
-    let x = a.argmax(1).unwrap().to_vec1::<u32>().unwrap();
-    let y = b.argmax(1).unwrap().to_vec1::<u32>().unwrap();
-    x.iter().zip(&y).filter(|(p, q)| p == q).count() as f64 / x.len() as f64
+/// Positions where the reference's top-1 leads its runner-up by more than `margin` logits
+/// (rounding noise can only flip near-ties), and how many of them `got` also ranks first.
+fn confident_top1(reference: &Tensor, got: &Tensor, margin: f32) -> (usize, usize) {
+    let r = reference.to_vec2::<f32>().unwrap();
+    let g = got.argmax(1).unwrap().to_vec1::<u32>().unwrap();
+    let mut n = 0;
+    let mut same = 0;
+    for (row, &gi) in r.iter().zip(&g) {
+        let best = (0..row.len())
+            .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+            .unwrap();
+        let second = (0..row.len())
+            .filter(|&i| i != best)
+            .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+            .unwrap();
+        if row[best] - row[second] > margin {
+            n += 1;
+            same += usize::from(best == gi as usize);
+        }
+    }
+    (n, same)
 }
 
 #[test]
@@ -99,10 +116,11 @@ fn int8_logits_track_the_hf_reference() {
         let got = logits(int8_model(), &ids, set);
         let want = &st[name];
         let (nll_q, nll_ref) = (mean_nll(&got, &ids), mean_nll(want, &ids));
-        let agree = top1_agreement(&got, want);
+        let (n, same) = confident_top1(want, &got, 0.5);
         let kl = mean_kl(want, &got);
         eprintln!(
-            "{name}: nll int8 {nll_q:.4} vs f32 {nll_ref:.4}; KL {kl:.5}; top-1 agreement {agree:.3}"
+            "{name}: nll int8 {nll_q:.4} vs f32 {nll_ref:.4}; KL {kl:.5}; top-1 {same}/{n} where \
+             the reference leads by > 0.5"
         );
         // Activation rounding costs < 2 % of the NLL and a KL of ~0.007 nats here (the
         // range of llama.cpp's Q8 activations); a broken kernel is off by orders of magnitude.
@@ -111,7 +129,7 @@ fn int8_logits_track_the_hf_reference() {
             (nll_q - nll_ref).abs() < 0.02 * nll_ref,
             "{name}: nll {nll_q} vs {nll_ref}"
         );
-        assert!(agree >= 0.9, "{name}: top-1 agreement {agree}");
+        assert!(n >= 5 && same == n, "{name}: top-1 {same}/{n}");
     }
 }
 
@@ -187,8 +205,8 @@ fn int8_merged_copy_repacks_the_merged_weights() {
         "nll {nll} vs {nll_ref}"
     );
     // Merged weights are off the 4-bit grid, so they are rounded to 8 bits as well.
-    let agree = top1_agreement(&got, &st["merged"]);
-    assert!(agree >= 0.8, "top-1 agreement {agree}");
+    let (n, same) = confident_top1(&st["merged"], &got, 0.5);
+    assert!(n >= 5 && same == n, "top-1 {same}/{n}");
     // The base stays as it was (only the merged copy's matrices were repacked).
     let base = logits(int8_model(), &ids, None);
     assert!(mean_kl(&st["base"], &base) < 0.02);
