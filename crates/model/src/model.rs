@@ -169,12 +169,14 @@ impl Llama {
             }
         }
         if let Some(q) = &self.int8 {
-            // Repack only the merged projections; the rest stay shared.
+            // Repack only the groups holding merged projections; the rest stay shared.
             let mut q = (**q).clone();
-            for (adapter, _) in set {
-                for key in adapter.modules.keys() {
-                    q.replace(*key, out.weights.layers[key.layer].linear(key.target))?;
-                }
+            let keys: std::collections::BTreeSet<ModuleKey> = set
+                .iter()
+                .flat_map(|(a, _)| a.modules.keys().copied())
+                .collect();
+            for key in keys {
+                q.replace(key.layer, &out.weights.layers[key.layer], key.target)?;
             }
             out.int8 = Some(Arc::new(q));
         }
@@ -357,14 +359,66 @@ impl Llama {
         opts: &mut ForwardOpts<'_>,
     ) -> Result<Tensor> {
         let w = self.weights.layers[key.layer].linear(key.target);
-        let packed = match &self.int8 {
-            Some(q) if !opts.train && !x.track_op() => q.get(key),
-            _ => None,
-        };
-        let mut y = match packed {
+        let y = match self.packed(key.layer, &[key.target], x, opts) {
             Some(q) => quant::qlinear(x, q)?, // [N, out]
             None => ops::linear(x, w)?,       // [N, out]
         };
+        self.proj_finish(x, y, key, bias, groups, opts)
+    }
+
+    /// The int8 packed matrix for `targets` of `layer`, when inference runs int8.
+    fn packed(
+        &self,
+        layer: usize,
+        targets: &[Target],
+        x: &Tensor,
+        opts: &ForwardOpts<'_>,
+    ) -> Option<&quant::QMatrix> {
+        match &self.int8 {
+            Some(q) if !opts.train && !x.track_op() => q.pack(layer, targets),
+            _ => None,
+        }
+    }
+
+    /// Several projections of the same input ([`quant::PACKS`] order: q, k, v or gate, up).
+    /// With int8 compute they are one matmul whose output columns are split per target.
+    fn projs(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        targets: &[(Target, Option<&Tensor>)],
+        groups: &[Group],
+        opts: &mut ForwardOpts<'_>,
+    ) -> Result<Vec<Tensor>> {
+        let ts: Vec<Target> = targets.iter().map(|(t, _)| *t).collect();
+        let Some(q) = self.packed(layer, &ts, x, opts) else {
+            return targets
+                .iter()
+                .map(|&(t, b)| self.proj(x, ModuleKey::new(layer, t), b, groups, opts))
+                .collect();
+        };
+        let y = quant::qlinear(x, q)?; // [N, Σ out]
+        let mut off = 0;
+        let mut outs = Vec::with_capacity(targets.len());
+        for &(t, b) in targets {
+            let n = self.weights.layers[layer].linear(t).dim(0)?;
+            let part = y.narrow(1, off, n)?.contiguous()?; // [N, out]
+            off += n;
+            outs.push(self.proj_finish(x, part, ModuleKey::new(layer, t), b, groups, opts)?);
+        }
+        Ok(outs)
+    }
+
+    /// Add the bias and every group's LoRA delta to a projection's base output y [N, out].
+    fn proj_finish(
+        &self,
+        x: &Tensor,
+        mut y: Tensor,
+        key: ModuleKey,
+        bias: Option<&Tensor>,
+        groups: &[Group],
+        opts: &mut ForwardOpts<'_>,
+    ) -> Result<Tensor> {
         if let Some(b) = bias {
             y = y.broadcast_add(b)?;
         }
@@ -440,10 +494,16 @@ impl Llama {
         let lw = &self.weights.layers[l];
         let key = |t| ModuleKey::new(l, t);
         let h = ops::rms_norm(x, &lw.attn_norm, c.rms_norm_eps, opts.train)?; // [N, H]
-        let q = self.proj(&h, key(Target::Q), lw.q_bias.as_ref(), groups, opts)?; // [N, nh·hd]
-        let k = self.proj(&h, key(Target::K), lw.k_bias.as_ref(), groups, opts)?; // [N, nkv·hd]
-        let v = self.proj(&h, key(Target::V), lw.v_bias.as_ref(), groups, opts)?; // [N, nkv·hd]
-                                                                                  // Heads first, rotary embedding once for the whole batch (each token at its own position).
+        let qkv = [
+            (Target::Q, lw.q_bias.as_ref()),
+            (Target::K, lw.k_bias.as_ref()),
+            (Target::V, lw.v_bias.as_ref()),
+        ];
+        let [q, k, v]: [Tensor; 3] = self
+            .projs(&h, l, &qkv, groups, opts)?
+            .try_into()
+            .expect("three projections"); // [N, nh·hd], [N, nkv·hd], [N, nkv·hd]
+                                          // Heads first, rotary embedding once for the whole batch (each token at its own position).
         let n = h.dim(0)?;
         let heads = |t: &Tensor, nh: usize| -> Result<Tensor> {
             Ok(t.reshape((n, nh, c.head_dim))?
@@ -506,8 +566,16 @@ impl Llama {
         let o = self.proj(&attn, key(Target::O), None, groups, opts)?; // [N, H]
         let x = (x + o)?;
         let h = ops::rms_norm(&x, &lw.mlp_norm, c.rms_norm_eps, opts.train)?;
-        let gate = self.proj(&h, key(Target::Gate), None, groups, opts)?; // [N, I]
-        let up = self.proj(&h, key(Target::Up), None, groups, opts)?; // [N, I]
+        let [gate, up]: [Tensor; 2] = self
+            .projs(
+                &h,
+                l,
+                &[(Target::Gate, None), (Target::Up, None)],
+                groups,
+                opts,
+            )?
+            .try_into()
+            .expect("two projections"); // [N, I] each
         let m = if opts.train {
             (gate.silu()? * up)? // differentiable ops for autograd (full fine-tuning)
         } else {

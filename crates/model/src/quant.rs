@@ -17,11 +17,11 @@
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
-use lowrank_lora::{ModuleKey, Target};
+use lowrank_lora::Target;
 use rayon::prelude::*;
 
 use crate::error::{ModelError, Result};
-use crate::weights::Weights;
+use crate::weights::{LayerWeights, Weights};
 
 /// Inputs per block (llama.cpp's QK4_1 / QK8_1).
 pub const QK: usize = 32;
@@ -531,54 +531,65 @@ pub enum Compute {
     Int8,
 }
 
-/// Every frozen projection and the LM head, packed. Shared (`Arc`) between a model and its
-/// merged copies, which repack only the matrices they change.
+/// Projections packed into one matrix (outputs concatenated in this order): one activation
+/// quantization and one parallel pass per group instead of one per projection.
+pub const PACKS: [&[Target]; 4] = [
+    &[Target::Q, Target::K, Target::V],
+    &[Target::O],
+    &[Target::Gate, Target::Up],
+    &[Target::Down],
+];
+
+/// Every frozen projection (grouped as [`PACKS`]) and the LM head, packed. Shared (`Arc`)
+/// between a model and its merged copies, which repack only the groups they change.
 #[derive(Debug, Clone)]
 pub struct QuantModel {
-    /// [layer][target slot] (see [`slot`]).
-    layers: Vec<[Arc<QMatrix>; 7]>,
+    /// [layer][pack]
+    layers: Vec<[Arc<QMatrix>; 4]>,
     head: Arc<QMatrix>,
-}
-
-/// Index of a target in [`Target::ALL`].
-fn slot(t: Target) -> usize {
-    Target::ALL.iter().position(|&x| x == t).unwrap_or(0)
 }
 
 impl QuantModel {
     /// Pack every frozen projection and the head (the tied embedding when there is no head).
     pub fn build(w: &Weights) -> Result<QuantModel> {
-        let pack = |t: &Tensor| QMatrix::from_tensor(t).map(Arc::new);
         let layers = w
             .layers
             .iter()
             .map(|l| {
-                let v: Vec<Arc<QMatrix>> = Target::ALL
+                let v: Vec<Arc<QMatrix>> = PACKS
                     .iter()
-                    .map(|&t| pack(l.linear(t)))
+                    .map(|p| pack_group(l, p))
                     .collect::<Result<_>>()?;
-                Ok(v.try_into().expect("seven targets"))
+                Ok(v.try_into().expect("four packs"))
             })
             .collect::<Result<Vec<_>>>()?;
-        let head = pack(w.lm_head.as_ref().unwrap_or(&w.embed))?;
+        let head = Arc::new(QMatrix::from_tensor(
+            w.lm_head.as_ref().unwrap_or(&w.embed),
+        )?);
         Ok(QuantModel { layers, head })
     }
 
-    pub fn get(&self, key: ModuleKey) -> Option<&QMatrix> {
-        self.layers.get(key.layer).map(|l| &*l[slot(key.target)])
+    /// The packed matrix of `targets` in `layer`, when they are exactly one of [`PACKS`].
+    pub fn pack(&self, layer: usize, targets: &[Target]) -> Option<&QMatrix> {
+        let i = PACKS.iter().position(|p| *p == targets)?;
+        self.layers.get(layer).map(|l| &*l[i])
     }
 
     pub fn head(&self) -> &QMatrix {
         &self.head
     }
 
-    /// Repack one projection (after a merge changed it).
-    pub fn replace(&mut self, key: ModuleKey, w: &Tensor) -> Result<()> {
+    /// Repack the group holding `target` from the layer's (merged) weights.
+    pub fn replace(&mut self, layer: usize, lw: &LayerWeights, target: Target) -> Result<()> {
         let l = self
             .layers
-            .get_mut(key.layer)
-            .ok_or_else(|| ModelError::Invalid(format!("int8 repack: no layer {}", key.layer)))?;
-        l[slot(key.target)] = Arc::new(QMatrix::from_tensor(w)?);
+            .get_mut(layer)
+            .ok_or_else(|| ModelError::Invalid(format!("int8 repack: no layer {layer}")))?;
+        let i = PACKS
+            .iter()
+            .position(|p| p.contains(&target))
+            .expect("every target is packed");
+        l[i] = pack_group(lw, PACKS[i])?;
         Ok(())
     }
 
@@ -599,6 +610,16 @@ impl QuantModel {
         self.all()
             .fold((0, 0), |(r, n), m| (r + m.rounded_blocks(), n + m.blocks()))
     }
+}
+
+/// One group's weights stacked along the output dim, packed.
+fn pack_group(lw: &LayerWeights, targets: &[Target]) -> Result<Arc<QMatrix>> {
+    let ws: Vec<&Tensor> = targets.iter().map(|&t| lw.linear(t)).collect();
+    let w = match ws.as_slice() {
+        [one] => (*one).clone(),
+        _ => Tensor::cat(&ws, 0)?,
+    };
+    Ok(Arc::new(QMatrix::from_tensor(&w)?))
 }
 
 #[cfg(test)]
