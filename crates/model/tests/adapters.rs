@@ -9,21 +9,6 @@ use common::*;
 use lowrank_model::adapters::load_adapter;
 use lowrank_model::{ForwardOpts, Llama, LoadedModel, LogitsMode, SeqInput};
 
-fn logits(model: &Llama, ids: &[u32], set: Option<lowrank_model::AdapterSet>) -> Tensor {
-    let mut s = [SeqInput {
-        tokens: ids,
-        cache: None,
-        adapters: set,
-        logits: LogitsMode::All,
-    }];
-    model
-        .forward(&mut s, &mut ForwardOpts::infer())
-        .unwrap()
-        .pop()
-        .flatten()
-        .unwrap()
-}
-
 #[test]
 fn peft_fixture_adapter_unmerged_merged_and_gguf_export() {
     let m = smollm();

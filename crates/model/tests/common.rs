@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use candle_core::{Device, Tensor};
-use lowrank_model::LoadedModel;
+use lowrank_model::{AdapterSet, ForwardOpts, Llama, LoadedModel, LogitsMode, SeqInput};
 
 pub fn fixtures() -> PathBuf {
     PathBuf::from(concat!(
@@ -48,4 +48,20 @@ pub fn compare_logits(a: &Tensor, b: &Tensor) -> (f32, bool) {
     let am = a.argmax(1).unwrap().to_vec1::<u32>().unwrap();
     let bm = b.argmax(1).unwrap().to_vec1::<u32>().unwrap();
     (d, am == bm)
+}
+
+/// Logits at every position of `ids` (no cache) under an optional adapter mixture.
+pub fn logits(model: &Llama, ids: &[u32], set: Option<AdapterSet>) -> Tensor {
+    let mut s = [SeqInput {
+        tokens: ids,
+        cache: None,
+        adapters: set,
+        logits: LogitsMode::All,
+    }];
+    model
+        .forward(&mut s, &mut ForwardOpts::infer())
+        .unwrap()
+        .pop()
+        .flatten()
+        .unwrap()
 }

@@ -30,21 +30,6 @@ fn fixture_adapter() -> AdapterSet {
     Arc::new(vec![(Arc::new(a), 1.0)])
 }
 
-fn logits(model: &Llama, ids: &[u32], set: Option<AdapterSet>) -> Tensor {
-    let mut s = [SeqInput {
-        tokens: ids,
-        cache: None,
-        adapters: set,
-        logits: LogitsMode::All,
-    }];
-    model
-        .forward(&mut s, &mut ForwardOpts::infer())
-        .unwrap()
-        .pop()
-        .flatten()
-        .unwrap()
-}
-
 /// Mean next-token NLL of `ids` under `logits` [T, vocab].
 fn mean_nll(logits: &Tensor, ids: &[u32]) -> f64 {
     let lp = candle_nn::ops::log_softmax(logits, D::Minus1).unwrap();
