@@ -4,10 +4,10 @@ mod common;
 
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use common::*;
 use lowrank_model::adapters::load_adapter;
-use lowrank_model::{ForwardOpts, Llama, LoadedModel, LogitsMode, SeqInput};
+use lowrank_model::LoadedModel;
 
 #[test]
 fn peft_fixture_adapter_unmerged_merged_and_gguf_export() {
