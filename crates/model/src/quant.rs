@@ -335,18 +335,24 @@ enum Kernel {
 }
 
 impl Kernel {
+    /// The kernel for this CPU, decided once per process (`LOWRANK_PORTABLE_INT8` forces the
+    /// portable one, for checking it): every matmul of the process must use the same one,
+    /// and the environment lookup does not belong on the per-matmul path.
     fn detect() -> Kernel {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::env::var_os("LOWRANK_PORTABLE_INT8").is_none()
-                && is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512vnni")
+        static K: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *K.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
             {
-                return Kernel::Vnni512;
+                if std::env::var_os("LOWRANK_PORTABLE_INT8").is_none()
+                    && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vnni")
+                {
+                    return Kernel::Vnni512;
+                }
             }
-        }
-        Kernel::Portable
+            Kernel::Portable
+        })
     }
 
     /// Rows r0..r0+nr of tile t into y.
