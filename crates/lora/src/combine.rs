@@ -16,8 +16,11 @@
 //!   Σ w_i s_i² B_i A_i; we apply s_i once so `svd` at full rank equals `cat` (and the
 //!   parts' actual outputs). For s_i = 1 the two agree.
 //!
-//! As in PEFT, a single part is always combined with `Linear`, and modules present in only some
-//! parts use those parts alone (missing = zero contribution). Ranks of `Cat`/`Svd` modules that
+//! A single part is combined with the method asked for. Deviation from PEFT, which forces
+//! `Linear` for one adapter: that would turn `svd --rank K` of one adapter into a full-rank
+//! copy, silently ignoring K, whereas truncating one adapter to its best rank-K approximation
+//! is a useful operation in its own right (for one part `Linear` and `Cat` give the same ΔW).
+//! Modules present in only some parts use those parts alone (missing = zero contribution). Ranks of `Cat`/`Svd` modules that
 //! need fewer directions are zero-padded up to the adapter's rank so every module has rank r.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -87,11 +90,6 @@ pub fn combine(
             "combine: weight {w} is not finite"
         )));
     }
-    let method = if adapters.len() == 1 {
-        CombineMethod::Linear
-    } else {
-        method
-    };
     let ranks: Vec<usize> = adapters.iter().map(|(a, _)| config_rank(a)).collect();
     let new_rank = match method {
         CombineMethod::Linear => {
@@ -311,6 +309,59 @@ mod tests {
         acc.unwrap()
     }
 
+    /// `got`'s ΔW is a best rank-`k` approximation of `want` (Eckart–Young: its residual is
+    /// the norm of the singular values past the k-th).
+    fn assert_best_rank_k(got: &LoraModule, want: &Tensor, k: usize) {
+        let want = Mat::from_tensor(want).unwrap();
+        let full = linalg::svd(&want).unwrap();
+        let got = Mat::from_tensor(&got.delta().unwrap()).unwrap();
+        let resid: f64 = got
+            .data
+            .iter()
+            .zip(&want.data)
+            .map(|(x, y)| (x - y).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let best: f64 = full.s[k..].iter().map(|s| s * s).sum::<f64>().sqrt();
+        assert!((resid - best).abs() < 1e-4 * full.s[0]);
+    }
+
+    #[test]
+    fn svd_of_one_adapter_truncates_to_the_asked_rank() {
+        // Regression: one part used to be forced to `linear`, returning the full rank and
+        // ignoring `--rank`.
+        let a1 = adapter(4, 8.0, 0.1);
+        let parts = [(&a1, -0.5)];
+        let s2 = combine(&parts, CombineMethod::Svd, Some(2)).unwrap();
+        assert_eq!(s2.config.r, 2);
+        assert_eq!(s2.config.lora_alpha, 2.0);
+        for (key, m) in &s2.modules {
+            assert_eq!(m.rank(), 2, "{key}");
+            assert_eq!(m.scale, 1.0);
+            assert_best_rank_k(m, &expected(&parts, key), 2);
+        }
+        // Without --rank, svd keeps the part's rank, which reproduces it.
+        let full = combine(&parts, CombineMethod::Svd, None).unwrap();
+        assert_eq!(full.config.r, 4);
+        for key in a1.modules.keys() {
+            let want = expected(&parts, key);
+            assert!(
+                rel_err(&full.modules[key].delta().unwrap(), &want) < 1e-5,
+                "{key}"
+            );
+        }
+        // Cat of one part is the part itself, at its rank.
+        let cat = combine(&parts, CombineMethod::Cat, None).unwrap();
+        assert_eq!(cat.config.r, 4);
+        for key in a1.modules.keys() {
+            let want = expected(&parts, key);
+            assert!(
+                rel_err(&cat.modules[key].delta().unwrap(), &want) < 1e-6,
+                "{key}"
+            );
+        }
+    }
+
     #[test]
     fn cat_is_weighted_sum_and_svd_full_rank_equals_cat() {
         let a1 = adapter(4, 8.0, 0.1);
@@ -335,18 +386,7 @@ mod tests {
         // Truncated svd keeps the top directions: rank 1 is the best rank-1 approximation.
         let s1 = combine(&parts, CombineMethod::Svd, Some(1)).unwrap();
         let key = ModuleKey::new(0, Target::Q);
-        let want = Mat::from_tensor(&expected(&parts, &key)).unwrap();
-        let full = linalg::svd(&want).unwrap();
-        let got = Mat::from_tensor(&s1.modules[&key].delta().unwrap()).unwrap();
-        let resid: f64 = got
-            .data
-            .iter()
-            .zip(&want.data)
-            .map(|(x, y)| (x - y).powi(2))
-            .sum::<f64>()
-            .sqrt();
-        let best: f64 = full.s[1..].iter().map(|s| s * s).sum::<f64>().sqrt();
-        assert!((resid - best).abs() < 1e-4 * full.s[0]);
+        assert_best_rank_k(&s1.modules[&key], &expected(&parts, &key), 1);
         // Default svd rank is the max part rank.
         assert_eq!(
             combine(&parts, CombineMethod::Svd, None).unwrap().config.r,
@@ -358,7 +398,7 @@ mod tests {
     fn linear_follows_peft() {
         let a1 = adapter(4, 8.0, 0.1);
         let a2 = adapter(4, 4.0, 0.2);
-        // One part: exact w·s·B·A (PEFT forces linear with one adapter).
+        // One part, svd at its own rank: exact w·s·B·A (the ΔW PEFT's forced linear gives).
         let one = combine(&[(&a1, -0.5)], CombineMethod::Svd, None).unwrap();
         let key = ModuleKey::new(0, Target::V);
         assert!(
