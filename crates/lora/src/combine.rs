@@ -249,8 +249,8 @@ pub fn combine(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::adapter::Target;
     use crate::config::LoraConfig;
+    use crate::target::Target;
     use candle_core::Device;
 
     fn adapter(r: usize, alpha: f64, seed: f32) -> Adapter {

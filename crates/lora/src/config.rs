@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::adapter::Target;
+use crate::target::Target;
 
 /// PEFT's `init_lora_weights`: `true` (kaiming-uniform A, zero B), `false` (both random,
 /// for tests), `"gaussian"`, `"pissa"` (and PEFT's `"pissa_niter_K"` spelling).

@@ -16,10 +16,11 @@ use candle_core::{DType, Device, Tensor};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::adapter::{LoraModule, Target};
+use crate::adapter::LoraModule;
 use crate::config::{InitLoraWeights, LoraConfig};
 use crate::error::{LoraError, Result};
 use crate::linalg::{self, Iterations, Mat};
+use crate::target::Target;
 
 fn uniform(rng: &mut ChaCha8Rng, n: usize, bound: f64) -> Vec<f32> {
     (0..n)

@@ -16,8 +16,9 @@ pub mod merge;
 pub mod peft;
 pub mod permute;
 pub mod shapes;
+pub mod target;
 
-pub use adapter::{Adapter, FingerprintStatus, LoraModule, ModuleKey, Provenance, Target};
+pub use adapter::{Adapter, FingerprintStatus, LoraModule, ModuleKey, Provenance};
 pub use analysis::{
     adapter_stats, amplification, effective_rank, module_stats, subspace_similarity, Amplification,
     ModuleStats,
@@ -32,6 +33,7 @@ pub use merge::{merge_weight, unmerge_weight};
 pub use peft::{load_peft, save_peft};
 pub use permute::{gguf_to_hf_rows, hf_to_gguf_rows};
 pub use shapes::BaseShapes;
+pub use target::Target;
 
 /// Version string written into adapter provenance.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

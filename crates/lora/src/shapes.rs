@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::adapter::Target;
+use crate::target::Target;
 
 /// The base model as far as LoRA cares: how many layers and each projection's `(out, in)`.
 /// The model crate builds this from its config; adapters are checked against it.
