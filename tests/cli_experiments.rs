@@ -22,7 +22,7 @@ fn lowrank() -> Command {
 fn tiny() -> PathBuf {
     PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../shared/fixtures/tiny-llama-hf/model"
+        "/tests/fixtures/tiny-llama-hf/model"
     ))
 }
 

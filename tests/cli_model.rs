@@ -8,7 +8,7 @@ fn lowrank() -> Command {
 }
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures"))
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures"))
 }
 
 fn tmpdir(name: &str) -> PathBuf {

@@ -12,7 +12,7 @@ fn lowrank() -> Command {
 fn tiny() -> String {
     concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../shared/fixtures/tiny-llama-hf/model"
+        "/tests/fixtures/tiny-llama-hf/model"
     )
     .to_string()
 }
@@ -305,8 +305,8 @@ fn toml_config_with_flag_override() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
-fn shared() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures"))
+fn fixtures() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures"))
 }
 
 fn default_model() -> String {
@@ -328,7 +328,7 @@ fn eval_loss_mode_matches_peft_loss() {
     )
     .unwrap();
     let model = default_model();
-    let ad = shared().join("smollm2-135m/peft_adapter");
+    let ad = fixtures().join("smollm2-135m/peft_adapter");
     let o = lowrank()
         .args([
             "eval",
@@ -344,7 +344,7 @@ fn eval_loss_mode_matches_peft_loss() {
     ok(&o);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let st = candle_core::safetensors::load(
-        shared().join("smollm2-135m/grads.safetensors"),
+        fixtures().join("smollm2-135m/grads.safetensors"),
         &candle_core::Device::Cpu,
     )
     .unwrap();

@@ -8,7 +8,7 @@ use lowrank_model::{AdapterSet, ForwardOpts, Llama, LoadedModel, LogitsMode, Seq
 pub fn fixtures() -> PathBuf {
     PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures"
+        "/../../tests/fixtures"
     ))
 }
 

@@ -1,4 +1,4 @@
-//! The embedded default model against HF transformers' outputs (../shared/fixtures).
+//! The embedded default model against HF transformers' outputs (tests/fixtures).
 
 mod common;
 

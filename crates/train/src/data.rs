@@ -6,7 +6,7 @@
 //! - `{"messages":[{role,content}...]}`: the model's chat template; loss on assistant turns only.
 //! - alpaca `{"instruction","input","output"}`: rendered as a one-turn chat.
 //!
-//! Masking follows HF/PEFT (`../shared/fixtures`): prompt and completion are tokenized
+//! Masking follows HF/PEFT (`tests/fixtures`): prompt and completion are tokenized
 //! separately and concatenated; labels are −100 on prompt tokens, the model shifts them.
 
 use std::path::{Path, PathBuf};

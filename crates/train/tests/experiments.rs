@@ -16,7 +16,7 @@ use lowrank_train::TrainConfig;
 fn tiny() -> LoadedModel {
     let p = PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures/tiny-llama-hf/model"
+        "/../../tests/fixtures/tiny-llama-hf/model"
     ));
     LoadedModel::load(p.to_str().unwrap(), &Device::Cpu).expect("tiny model")
 }

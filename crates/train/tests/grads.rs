@@ -1,4 +1,4 @@
-//! The training step against PEFT's loss and LoRA gradients (../shared/fixtures), and against
+//! The training step against PEFT's loss and LoRA gradients (tests/fixtures), and against
 //! finite differences on a tiny random model.
 
 use std::collections::BTreeMap;
@@ -21,7 +21,7 @@ fn set_adapter(set: &lowrank_model::AdapterSet) -> Adapter {
 fn fixtures() -> PathBuf {
     PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures"
+        "/../../tests/fixtures"
     ))
 }
 

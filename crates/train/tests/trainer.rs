@@ -11,7 +11,7 @@ use lowrank_train::{Method, TrainConfig, Trainer};
 fn tiny() -> LoadedModel {
     let p = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures/tiny-llama-hf/model"
+        "/../../tests/fixtures/tiny-llama-hf/model"
     );
     LoadedModel::load(p, &Device::Cpu).unwrap()
 }

@@ -18,7 +18,7 @@ use tower::ServiceExt;
 pub fn fixtures() -> PathBuf {
     PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures/tiny-llama-hf"
+        "/../../tests/fixtures/tiny-llama-hf"
     ))
 }
 
