@@ -209,6 +209,16 @@ impl Row<'_> {
     }
 }
 
+/// What the loop carries from one iteration to the next besides the running rows.
+#[derive(Default)]
+struct LoopState {
+    waiting: VecDeque<GenRequest>,
+    /// KV-cache bytes reserved by the running rows.
+    reserved: usize,
+    stopping: bool,
+    disconnected: bool,
+}
+
 struct Loop<'a> {
     model: &'a Llama,
     tok: &'a Tok,
@@ -227,110 +237,25 @@ fn panic_msg(p: &(dyn std::any::Any + Send)) -> String {
 }
 
 impl<'a> Loop<'a> {
+    /// The scheduler thread's loop: take requests, drop dead ones, admit, step, until shut
+    /// down (or every sender is gone) and nothing is left to do.
     fn run(&mut self, rx: Receiver<Msg>) {
-        let mut waiting: VecDeque<GenRequest> = VecDeque::new();
+        let mut st = LoopState::default();
         let mut rows: Vec<Row<'a>> = Vec::new();
-        let mut reserved = 0usize;
-        let mut stopping = false;
-        let mut disconnected = false;
         loop {
-            // 1. Take new requests (block only when there is nothing to do).
-            if rows.is_empty() && waiting.is_empty() {
-                if stopping || disconnected {
-                    break;
-                }
-                match rx.recv() {
-                    Ok(Msg::Submit(r)) => waiting.push_back(r),
-                    Ok(Msg::Shutdown) => stopping = true,
-                    Err(_) => disconnected = true,
-                }
+            if rows.is_empty() && st.waiting.is_empty() && (st.stopping || st.disconnected) {
+                break;
             }
-            loop {
-                match rx.try_recv() {
-                    Ok(Msg::Submit(r)) => waiting.push_back(r),
-                    Ok(Msg::Shutdown) => stopping = true,
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
-                        disconnected = true;
-                        break;
-                    }
-                }
-            }
-            let now = Instant::now();
-            if stopping {
-                for r in waiting.drain(..) {
-                    self.queued.fetch_sub(1, Ordering::SeqCst);
-                    let _ = r
-                        .events
-                        .send(Event::Error(503, "the server is shutting down".into()));
-                }
-            }
-            // 2. Drop abandoned and expired requests.
-            waiting.retain(|r| {
-                let keep = !r.events.is_closed() && now < r.deadline;
-                if !keep {
-                    self.queued.fetch_sub(1, Ordering::SeqCst);
-                    if now >= r.deadline {
-                        let _ = r.events.send(Event::Error(
-                            504,
-                            "request timed out waiting in the queue".into(),
-                        ));
-                    }
-                }
-                keep
-            });
-            for r in rows.iter_mut() {
-                if r.events.is_closed() {
-                    r.done = true;
-                } else if now >= r.deadline {
-                    r.finish(Event::Error(
-                        504,
-                        format!("request timed out after {} generated tokens", r.generated),
-                    ));
-                }
-            }
-            self.sweep(&mut rows, &mut reserved);
-            // 3. Admit, oldest first, within max_batch and the KV budget.
-            while rows.len() < self.cfg.max_batch.max(1) {
-                let Some(r) = waiting.front() else { break };
-                let need = (r.prompt.len() + r.params.max_tokens)
-                    .min(self.model.cfg.max_position_embeddings)
-                    * self.kv_per_token;
-                if !rows.is_empty() && reserved + need > self.cfg.kv_cache_bytes {
-                    break;
-                }
-                let r = waiting.pop_front().expect("front exists");
-                self.queued.fetch_sub(1, Ordering::SeqCst);
-                reserved += need;
-                rows.push(Row {
-                    prompt_tokens: r.prompt.len(),
-                    input: r.prompt,
-                    fed: 0,
-                    cache: KvCache::new(self.model.cfg.num_layers),
-                    adapters: r.adapters,
-                    stream: TextStream::new(self.tok, r.params.stop.clone()),
-                    sampler: Sampler::new(r.params),
-                    generated: 0,
-                    arrived: r.arrived,
-                    deadline: r.deadline,
-                    last_token_at: None,
-                    events: r.events,
-                    reserved: need,
-                    done: false,
-                });
-            }
-            self.metrics
-                .queue_depth
-                .store(self.queued.load(Ordering::SeqCst), Ordering::Relaxed);
-            self.metrics
-                .running
-                .store(rows.len() as u64, Ordering::Relaxed);
+            self.receive(&rx, &mut st, rows.is_empty());
+            self.expire(&mut st, &mut rows);
+            self.admit(&mut st, &mut rows);
+            self.publish(rows.len());
             if rows.is_empty() {
                 continue;
             }
-            // 4. One forward over every row that has work this step.
+            // One forward over every row that has work this step.
             self.step(&mut rows);
-            self.sweep(&mut rows, &mut reserved);
+            self.sweep(&mut rows, &mut st.reserved);
             let kv: usize = rows.iter().map(|r| r.cache.bytes()).sum();
             self.metrics
                 .kv_cache_bytes
@@ -341,6 +266,109 @@ impl<'a> Loop<'a> {
         }
         self.metrics.running.store(0, Ordering::Relaxed);
         self.metrics.kv_cache_bytes.store(0, Ordering::Relaxed);
+    }
+
+    /// Take new requests; block for one only when no row is running and none is waiting.
+    fn receive(&self, rx: &Receiver<Msg>, st: &mut LoopState, idle: bool) {
+        if idle && st.waiting.is_empty() {
+            match rx.recv() {
+                Ok(Msg::Submit(r)) => st.waiting.push_back(r),
+                Ok(Msg::Shutdown) => st.stopping = true,
+                Err(_) => st.disconnected = true,
+            }
+        }
+        loop {
+            match rx.try_recv() {
+                Ok(Msg::Submit(r)) => st.waiting.push_back(r),
+                Ok(Msg::Shutdown) => st.stopping = true,
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    st.disconnected = true;
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Refuse queued requests when shutting down; drop abandoned (client gone) and expired
+    /// requests, queued or running.
+    fn expire(&self, st: &mut LoopState, rows: &mut Vec<Row<'a>>) {
+        let now = Instant::now();
+        if st.stopping {
+            for r in st.waiting.drain(..) {
+                self.queued.fetch_sub(1, Ordering::SeqCst);
+                let _ = r
+                    .events
+                    .send(Event::Error(503, "the server is shutting down".into()));
+            }
+        }
+        st.waiting.retain(|r| {
+            let keep = !r.events.is_closed() && now < r.deadline;
+            if !keep {
+                self.queued.fetch_sub(1, Ordering::SeqCst);
+                if now >= r.deadline {
+                    let _ = r.events.send(Event::Error(
+                        504,
+                        "request timed out waiting in the queue".into(),
+                    ));
+                }
+            }
+            keep
+        });
+        for r in rows.iter_mut() {
+            if r.events.is_closed() {
+                r.done = true;
+            } else if now >= r.deadline {
+                r.finish(Event::Error(
+                    504,
+                    format!("request timed out after {} generated tokens", r.generated),
+                ));
+            }
+        }
+        self.sweep(rows, &mut st.reserved);
+    }
+
+    /// Admit waiting requests, oldest first, within max_batch and the KV-cache budget (a
+    /// request larger than the whole budget still runs when it is alone).
+    fn admit(&self, st: &mut LoopState, rows: &mut Vec<Row<'a>>) {
+        while rows.len() < self.cfg.max_batch.max(1) {
+            let Some(r) = st.waiting.front() else { break };
+            let need = (r.prompt.len() + r.params.max_tokens)
+                .min(self.model.cfg.max_position_embeddings)
+                * self.kv_per_token;
+            if !rows.is_empty() && st.reserved + need > self.cfg.kv_cache_bytes {
+                break;
+            }
+            let r = st.waiting.pop_front().expect("front exists");
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            st.reserved += need;
+            rows.push(Row {
+                prompt_tokens: r.prompt.len(),
+                input: r.prompt,
+                fed: 0,
+                cache: KvCache::new(self.model.cfg.num_layers),
+                adapters: r.adapters,
+                stream: TextStream::new(self.tok, r.params.stop.clone()),
+                sampler: Sampler::new(r.params),
+                generated: 0,
+                arrived: r.arrived,
+                deadline: r.deadline,
+                last_token_at: None,
+                events: r.events,
+                reserved: need,
+                done: false,
+            });
+        }
+    }
+
+    /// Queue depth and running rows, for /metrics and /health.
+    fn publish(&self, running: usize) {
+        self.metrics
+            .queue_depth
+            .store(self.queued.load(Ordering::SeqCst), Ordering::Relaxed);
+        self.metrics
+            .running
+            .store(running as u64, Ordering::Relaxed);
     }
 
     /// Remove finished rows (their caches and adapter pins go with them), keeping order.

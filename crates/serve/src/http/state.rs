@@ -1,0 +1,246 @@
+//! The state every handler shares (model, tokenizer, registry, scheduler, metrics), API-key
+//! checks, and resolving a request's `model` + `adapters` into the mixture to apply.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::http::{header, HeaderMap, StatusCode};
+use lowrank_model::source::ModelSource;
+use lowrank_model::{AdapterSet, Llama, LoadedModel, Tok};
+
+use crate::config::ServeConfig;
+use crate::error::{ApiError, Result, ServeError};
+use crate::metrics::Metrics;
+use crate::openai::{AdapterRef, Kind};
+use crate::registry::{Registry, RegistryError};
+use crate::scheduler::{Scheduler, SchedulerConfig};
+
+/// Everything the handlers share. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState(Arc<Shared>);
+
+pub struct Shared {
+    pub cfg: ServeConfig,
+    pub base_id: String,
+    pub model: Arc<Llama>,
+    pub tok: Arc<Tok>,
+    pub eos: Vec<u32>,
+    pub registry: Registry,
+    pub scheduler: Scheduler,
+    pub metrics: Arc<Metrics>,
+    pub(crate) created: u64,
+    pub(crate) next_id: AtomicU64,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The base model's API id: the GGUF file's stem, or the HF directory's name.
+pub fn default_model_id(source: &ModelSource) -> String {
+    let p = source.path();
+    let s = match source {
+        ModelSource::Gguf(_) => p.file_stem(),
+        ModelSource::HfDir(_) => p.file_name(),
+    };
+    s.map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "base".into())
+}
+
+impl AppState {
+    /// Start the scheduler thread and scan the adapters directory (loading it all with
+    /// `preload`). Blocking.
+    pub fn new(lm: LoadedModel, cfg: ServeConfig) -> Result<Self> {
+        let eos = lm.eos_ids();
+        let base_id = cfg
+            .model_id
+            .clone()
+            .unwrap_or_else(|| default_model_id(&lm.source));
+        Self::from_parts(lm.model, Arc::new(lm.tok), eos, base_id, cfg)
+    }
+
+    /// As `new`, from the pieces (e.g. a merged copy of a model sharing a tokenizer).
+    pub fn from_parts(
+        model: Llama,
+        tok: Arc<Tok>,
+        eos: Vec<u32>,
+        base_id: String,
+        cfg: ServeConfig,
+    ) -> Result<Self> {
+        if cfg.max_batch == 0 {
+            return Err(ServeError::Invalid("max_batch must be at least 1".into()));
+        }
+        if cfg.max_tokens_limit == 0 {
+            return Err(ServeError::Invalid(
+                "max_tokens_limit must be at least 1".into(),
+            ));
+        }
+        let model = Arc::new(model);
+        let metrics = Arc::new(Metrics::default());
+        let registry = Registry::new(
+            model.clone(),
+            cfg.adapters_dir.as_deref(),
+            &base_id,
+            cfg.max_adapter_bytes,
+            metrics.clone(),
+        )?;
+        if cfg.preload {
+            for (name, e) in registry.preload() {
+                eprintln!("lowrank serve: adapter `{name}` not preloaded: {e}");
+            }
+        }
+        let scheduler = Scheduler::start(
+            model.clone(),
+            tok.clone(),
+            eos.clone(),
+            SchedulerConfig {
+                max_batch: cfg.max_batch,
+                max_queue: cfg.max_queue,
+                kv_cache_bytes: cfg.kv_cache_bytes,
+                prefill_tokens_per_step: cfg.prefill_tokens_per_step,
+            },
+            metrics.clone(),
+        );
+        Ok(AppState(Arc::new(Shared {
+            cfg,
+            base_id,
+            model,
+            tok,
+            eos,
+            registry,
+            scheduler,
+            metrics,
+            created: unix_now(),
+            next_id: AtomicU64::new(1),
+        })))
+    }
+
+    /// Stop the scheduler thread (blocking). Requests still queued fail with 503.
+    pub fn shutdown(&self) {
+        self.scheduler.shutdown();
+    }
+
+    pub(crate) fn check_api(&self, headers: &HeaderMap) -> std::result::Result<(), ApiError> {
+        let Some(key) = &self.cfg.api_key else {
+            return Ok(());
+        };
+        match bearer(headers) {
+            None => Err(ApiError::unauthorized(
+                "missing API key: send `Authorization: Bearer <key>`",
+            )),
+            Some(k)
+                if ct_eq(k, key) || self.cfg.admin_key.as_deref().is_some_and(|a| ct_eq(k, a)) =>
+            {
+                Ok(())
+            }
+            Some(_) => Err(ApiError::unauthorized("incorrect API key")),
+        }
+    }
+
+    pub(crate) fn check_admin(&self, headers: &HeaderMap) -> std::result::Result<(), ApiError> {
+        let Some(key) = &self.cfg.admin_key else {
+            return Err(ApiError::forbidden(
+                "adapter management is disabled: the server was started without an admin key",
+            ));
+        };
+        match bearer(headers) {
+            None => Err(ApiError::unauthorized(
+                "missing admin key: send `Authorization: Bearer <admin key>`",
+            )),
+            Some(k) if ct_eq(k, key) => Ok(()),
+            Some(_) => Err(ApiError::unauthorized("incorrect admin key")),
+        }
+    }
+
+    pub(crate) fn new_id(&self, kind: Kind) -> String {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        format!("{}{:x}{:06x}", kind.id_prefix(), self.created, n)
+    }
+
+    /// `model` (base id, adapter name, or `base:adapter`) plus the `adapters` extension →
+    /// the mixture to apply. Blocking: may load adapters.
+    pub fn resolve(
+        &self,
+        model: &str,
+        extra: &[AdapterRef],
+    ) -> std::result::Result<Option<AdapterSet>, ApiError> {
+        let mut names: Vec<(String, f64)> = Vec::new();
+        if model != self.base_id {
+            let name = if self.registry.contains(model) {
+                model
+            } else if let Some(a) = model.strip_prefix(&format!("{}:", self.base_id)) {
+                a
+            } else {
+                return Err(model_not_found(model));
+            };
+            names.push((name.to_string(), 1.0));
+        }
+        for a in extra {
+            if !a.scale.is_finite() {
+                return Err(ApiError::bad_request(format!(
+                    "adapter `{}`: scale must be a finite number",
+                    a.name
+                ))
+                .param("adapters"));
+            }
+            names.push((a.name.clone(), a.scale));
+        }
+        if names.is_empty() {
+            return Ok(None);
+        }
+        let mut set = Vec::with_capacity(names.len());
+        let by_model = model != self.base_id;
+        for (i, (n, scale)) in names.into_iter().enumerate() {
+            let r = self.registry.get(&n).map_err(|e| match e {
+                RegistryError::NotFound(_) if i == 0 && by_model => model_not_found(model),
+                e => registry_error(e),
+            })?;
+            self.metrics.adapter_request(&n);
+            set.push((r.adapter, scale));
+        }
+        Ok(Some(Arc::new(set)))
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+/// Comparison whose time does not depend on where the strings differ.
+fn ct_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+pub(crate) fn model_not_found(model: &str) -> ApiError {
+    ApiError::not_found(format!("The model `{model}` does not exist"))
+        .param("model")
+        .code("model_not_found")
+}
+
+pub fn registry_error(e: RegistryError) -> ApiError {
+    match e {
+        RegistryError::NotFound(m) => ApiError::not_found(m).code("adapter_not_found"),
+        RegistryError::Invalid(m) => ApiError::bad_request(m),
+        RegistryError::Load(m) => ApiError::unprocessable(m).code("adapter_load_failed"),
+        RegistryError::Budget(m) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", m).code("adapter_budget")
+        }
+    }
+}
