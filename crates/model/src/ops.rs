@@ -710,8 +710,9 @@ fn attend_row(qv: &[f32], kv: &AttnKv, i: usize, s: &AttnShape, o: &mut [f32]) {
         &qv[r * hd..(r + 1) * hd]
     };
     let mut sc = vec![0f32; g * len]; // [g, len]
-                                      // Query head h uses KV head h / g (HF's repeat_kv): the g heads of a KV head are
-                                      // adjacent, and each cached row is read once for all of them.
+
+    // Query head h uses KV head h / g (HF's repeat_kv): the g heads of a KV head are
+    // adjacent, and each cached row is read once for all of them.
     for kvh in 0..s.nkv {
         for j in 0..len {
             let off = kv.ks.0 + kvh * kv.ks.1 + j * kv.ks.2;
