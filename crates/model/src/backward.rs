@@ -13,12 +13,13 @@
 //! g = nh/nkv query heads per KV head, r the LoRA rank, s its scale.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use candle_core::{Tensor, D};
 use lowrank_lora::{Adapter, LoraModule, ModuleKey, Target};
 
 use crate::error::{ModelError, Result};
-use crate::model::{dropout_mask, Llama};
+use crate::model::{dropout_mask, AdapterSet, ForwardOpts, Llama, LogitsMode, SeqInput};
 use crate::ops;
 
 /// Gradients of one LoRA module: dA [r, in], dB [out, r].
@@ -28,55 +29,58 @@ pub struct LoraGrads {
 }
 
 /// What one LoRA module's backward needs.
-struct LoraTape {
+pub(crate) struct LoraTape {
     /// [N, r] = drop(x)·Aᵀ
     u: Tensor,
     /// The inverted-dropout multiplier that was applied to x ([N, in]), if any.
     mask: Option<Tensor>,
 }
 
+/// The LoRA tapes of one layer, by target.
+pub(crate) type LoraRec = BTreeMap<Target, LoraTape>;
+
 /// What one block's backward needs (the normalised inputs h1/h2 and the MLP product are
 /// recomputed: an elementwise pass is cheaper than keeping them).
-struct LayerTape {
+pub(crate) struct LayerTape {
     /// [N, H] the block's input
-    x: Tensor,
+    pub(crate) x: Tensor,
     /// [N, 1] 1/rms of x
-    rstd1: Tensor,
+    pub(crate) rstd1: Tensor,
     /// [nh, N, hd] queries after the rotary embedding
-    q: Tensor,
+    pub(crate) q: Tensor,
     /// [nkv, N, hd] keys after the rotary embedding
-    k: Tensor,
+    pub(crate) k: Tensor,
     /// [nkv, N, hd]
-    v: Tensor,
+    pub(crate) v: Tensor,
     /// per sequence: attention probabilities [nkv, g·t, t]
-    probs: Vec<Tensor>,
+    pub(crate) probs: Vec<Tensor>,
     /// [N, nh·hd] attention output (input of o_proj)
-    attn: Tensor,
+    pub(crate) attn: Tensor,
     /// [N, H] residual stream after attention
-    x2: Tensor,
+    pub(crate) x2: Tensor,
     /// [N, 1]
-    rstd2: Tensor,
+    pub(crate) rstd2: Tensor,
     /// [N, I] gate and up projections (before the activation)
-    gate: Tensor,
-    up: Tensor,
-    lora: BTreeMap<Target, LoraTape>,
+    pub(crate) gate: Tensor,
+    pub(crate) up: Tensor,
+    pub(crate) lora: LoraRec,
 }
 
 /// A recorded training forward; consumed by [`Tape::backward`].
 pub struct Tape {
     /// (offset, length) of each sequence in the flat token matrix
-    seqs: Vec<(usize, usize)>,
+    pub(crate) seqs: Vec<(usize, usize)>,
     /// [N, hd/2] rotary tables at each token's position
-    cos: Tensor,
-    sin: Tensor,
-    layers: Vec<LayerTape>,
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
+    pub(crate) layers: Vec<LayerTape>,
     /// [N, H] input of the final norm, and its 1/rms
-    x_last: Tensor,
-    rstd_last: Tensor,
+    pub(crate) x_last: Tensor,
+    pub(crate) rstd_last: Tensor,
 }
 
 /// RMSNorm forward keeping 1/rms.   x: [N, H] → ([N, H], [N, 1])
-fn rms_fwd(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+pub(crate) fn rms_fwd(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
     let rstd = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?; // [N, 1]
     let y = x.broadcast_mul(&rstd)?.broadcast_mul(w)?;
     Ok((y, rstd))
@@ -91,18 +95,18 @@ fn rms_bwd(dy: &Tensor, x: &Tensor, rstd: &Tensor, w: &Tensor) -> Result<Tensor>
 }
 
 /// [N, n·hd] → [n, N, hd]
-fn heads(t: &Tensor, n: usize, hd: usize) -> Result<Tensor> {
+pub(crate) fn heads(t: &Tensor, n: usize, hd: usize) -> Result<Tensor> {
     let rows = t.dim(0)?;
     Ok(t.reshape((rows, n, hd))?.transpose(0, 1)?.contiguous()?)
 }
 
 /// [n, N, hd] → [N, n·hd]
-fn unheads(t: &Tensor) -> Result<Tensor> {
+pub(crate) fn unheads(t: &Tensor) -> Result<Tensor> {
     let (n, rows, hd) = t.dims3()?;
     Ok(t.transpose(0, 1)?.reshape((rows, n * hd))?)
 }
 
-fn cat_or_single(mut parts: Vec<Tensor>, dim: usize) -> Result<Tensor> {
+pub(crate) fn cat_or_single(mut parts: Vec<Tensor>, dim: usize) -> Result<Tensor> {
     Ok(if parts.len() == 1 {
         parts.pop().expect("one part")
     } else {
@@ -113,132 +117,38 @@ fn cat_or_single(mut parts: Vec<Tensor>, dim: usize) -> Result<Tensor> {
 impl Llama {
     /// Training forward with one adapter (its tensors are read, never tracked by autograd):
     /// returns the final hidden states [N, H] (after the final norm) of the concatenated
-    /// sequences, and the tape for [`Tape::backward`]. Draws LoRA dropout masks from `dropout`
-    /// in the same order as [`Llama::forward`] does.
+    /// sequences, and the tape for [`Tape::backward`]. The forward is the decoder's own
+    /// ([`Llama::decode`] in recording mode), so it draws LoRA dropout masks in the same order
+    /// as [`Llama::forward`] does.
     pub fn forward_tape(
         &self,
         seqs: &[&[u32]],
         adapter: &Adapter,
-        mut dropout: Option<(f64, &mut rand_chacha::ChaCha8Rng)>,
+        dropout: Option<(f64, &mut rand_chacha::ChaCha8Rng)>,
     ) -> Result<(Tensor, Tape)> {
-        let c = &self.cfg;
-        let dev = self.device();
-        if seqs.is_empty() {
-            return Err(ModelError::Invalid("empty batch".into()));
-        }
-        let mut ids = Vec::new();
-        let mut pos: Vec<u32> = Vec::new();
-        let mut spans = Vec::with_capacity(seqs.len());
-        for s in seqs {
-            if s.is_empty() {
-                return Err(ModelError::Invalid(
-                    "a sequence in the batch has no tokens".into(),
-                ));
-            }
-            if s.len() > c.max_position_embeddings {
-                return Err(ModelError::ContextOverflow {
-                    len: s.len(),
-                    max: c.max_position_embeddings,
-                });
-            }
-            if let Some(&bad) = s.iter().find(|&&id| id as usize >= c.vocab_size) {
-                return Err(ModelError::Invalid(format!(
-                    "token id {bad} is outside the vocabulary of {}",
-                    c.vocab_size
-                )));
-            }
-            spans.push((ids.len(), s.len()));
-            pos.extend(0..s.len() as u32);
-            ids.extend_from_slice(s);
-        }
-        let pos = Tensor::new(pos.as_slice(), dev)?;
-        let cos = self.cos.index_select(&pos, 0)?; // [N, hd/2]
-        let sin = self.sin.index_select(&pos, 0)?;
-        let ids = Tensor::new(ids.as_slice(), dev)?;
-        let mut x = self.weights.embed.index_select(&ids, 0)?; // [N, H]
-        let mut layers = Vec::with_capacity(c.num_layers);
-        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        let g = nh / nkv;
-        let scale = 1.0 / (hd as f64).sqrt();
-        for l in 0..c.num_layers {
-            let lw = &self.weights.layers[l];
-            let mut lora = BTreeMap::new();
-            let mut proj = |x: &Tensor, t: Target, bias: Option<&Tensor>| -> Result<Tensor> {
-                let mut y = ops::linear(x, lw.linear(t))?; // [N, out]
-                if let Some(b) = bias {
-                    y = y.broadcast_add(b)?;
-                }
-                if let Some(m) = adapter.get(&ModuleKey::new(l, t)) {
-                    let (delta, tape) = lora_fwd(x, m, dropout.as_mut())?;
-                    y = (y + delta)?;
-                    lora.insert(t, tape);
-                }
-                Ok(y)
-            };
-            // Attention: x + o(attn(rope(q), rope(k), v)) over norm(x).
-            let (h1, rstd1) = rms_fwd(&x, &lw.attn_norm, c.rms_norm_eps)?; // [N, H]
-            let q = proj(&h1, Target::Q, lw.q_bias.as_ref())?; // [N, nh·hd]
-            let k = proj(&h1, Target::K, lw.k_bias.as_ref())?; // [N, nkv·hd]
-            let v = proj(&h1, Target::V, lw.v_bias.as_ref())?; // [N, nkv·hd]
-            let q = ops::rope(&heads(&q, nh, hd)?, &cos, &sin, false)?; // [nh, N, hd]
-            let k = ops::rope(&heads(&k, nkv, hd)?, &cos, &sin, false)?; // [nkv, N, hd]
-            let v = heads(&v, nkv, hd)?; // [nkv, N, hd]
-            let mut probs = Vec::with_capacity(spans.len());
-            let mut outs = Vec::with_capacity(spans.len());
-            for &(off, t) in &spans {
-                let part =
-                    |x: &Tensor| -> Result<Tensor> { Ok(x.narrow(1, off, t)?.contiguous()?) };
-                let qs = part(&q)?.reshape((nkv, g * t, hd))?; // query heads grouped by KV head
-                let (ks, vs) = (part(&k)?, part(&v)?); // [nkv, t, hd]
-                let sc = qs.matmul(&ks.t()?)?; // [nkv, g·t, t]
-                let p = ops::causal_softmax(&sc, t, scale)?;
-                let o = p.matmul(&vs)?; // [nkv, g·t, hd]
-                outs.push(o.reshape((nh, t, hd))?);
-                probs.push(p);
-            }
-            let attn = unheads(&cat_or_single(outs, 1)?)?; // [N, nh·hd]
-            let o = proj(&attn, Target::O, None)?; // [N, H]
-            let x2 = (&x + o)?;
-            // MLP: x2 + down(silu(gate)·up) over norm(x2).
-            let (h2, rstd2) = rms_fwd(&x2, &lw.mlp_norm, c.rms_norm_eps)?;
-            let gate = proj(&h2, Target::Gate, None)?; // [N, I]
-            let up = proj(&h2, Target::Up, None)?; // [N, I]
-            let m = ops::silu_mul(&gate, &up)?;
-            let down = proj(&m, Target::Down, None)?; // [N, H]
-            let x3 = (&x2 + down)?;
-            layers.push(LayerTape {
-                x,
-                rstd1,
-                q,
-                k,
-                v,
-                probs,
-                attn,
-                x2,
-                rstd2,
-                gate,
-                up,
-                lora,
-            });
-            x = x3;
-        }
-        let (hidden, rstd_last) = rms_fwd(&x, &self.weights.norm, c.rms_norm_eps)?;
-        Ok((
-            hidden,
-            Tape {
-                seqs: spans,
-                cos,
-                sin,
-                layers,
-                x_last: x,
-                rstd_last,
-            },
-        ))
+        // One group over every row, weight 1 (the tape's backward assumes exactly that).
+        let set: AdapterSet = Arc::new(vec![(Arc::new(adapter.clone()), 1.0)]);
+        let mut inputs: Vec<SeqInput<'_>> = seqs
+            .iter()
+            .map(|s| SeqInput {
+                tokens: s,
+                cache: None,
+                adapters: Some(set.clone()),
+                logits: LogitsMode::None,
+            })
+            .collect();
+        let mut opts = ForwardOpts {
+            train: false,
+            dropout,
+        };
+        let (hidden, tape) = self.decode(&mut inputs, &mut opts, true)?;
+        let tape = tape.ok_or_else(|| ModelError::Invalid("the forward kept no tape".into()))?;
+        Ok((hidden, tape))
     }
 }
 
 /// LoRA forward: (s·(drop(x)·Aᵀ)·Bᵀ, tape).   x: [N, in] → [N, out]
-fn lora_fwd(
+pub(crate) fn lora_fwd(
     x: &Tensor,
     m: &LoraModule,
     dropout: Option<&mut (f64, &mut rand_chacha::ChaCha8Rng)>,

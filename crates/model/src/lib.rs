@@ -3,9 +3,14 @@
 //! generation.
 //!
 //! Data flows one way: `source` (where the files are) → `config` + `weights` → `model`
-//! (forward) → `generate`.
+//! (forward) → `generate`. The decoder's equations are written once (`model.rs`: block,
+//! projections with their LoRA deltas; `attention.rs`) and run in three modes: inference
+//! (fused kernels from `ops`, int8 matmuls from `quant`, KV caches), autograd (full
+//! fine-tuning) and recorded (LoRA training: `backward.rs` keeps a tape and runs the
+//! hand-written backward).
 
 pub mod adapters;
+mod attention;
 pub mod backward;
 pub mod cache;
 pub mod chat;

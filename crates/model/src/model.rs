@@ -13,6 +13,8 @@ use candle_core::{DType, Device, Tensor, D};
 use lowrank_lora::{Adapter, LoraModule, ModuleKey, Target};
 use rand::Rng;
 
+use crate::attention::causal_mask;
+use crate::backward::{heads, lora_fwd, rms_fwd, LayerTape, LoraRec, Tape};
 use crate::cache::KvCache;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
@@ -67,11 +69,11 @@ struct Group {
 }
 
 /// Per-sequence tensors reused by every layer.
-struct SeqCtx {
-    offset: usize,
-    len: usize,
+pub(crate) struct SeqCtx {
+    pub(crate) offset: usize,
+    pub(crate) len: usize,
     /// Causal mask for candle's attention (training only; inference uses ops::attention_rows).
-    mask: Option<Tensor>,
+    pub(crate) mask: Option<Tensor>,
 }
 
 /// Rotary tables for every token of the batch at its own position: [N, hd/2].
@@ -247,6 +249,19 @@ impl Llama {
         seqs: &mut [SeqInput<'_>],
         opts: &mut ForwardOpts<'_>,
     ) -> Result<Tensor> {
+        Ok(self.decode(seqs, opts, false)?.0)
+    }
+
+    /// The decoder, written once for every use: inference (fused kernels, int8 where packed,
+    /// KV caches), autograd (`opts.train`: differentiable ops only) and LoRA training
+    /// (`record`: fused ops, and a [`Tape`] of what the hand-written backward needs).
+    /// Returns the final hidden states [N, H] after the final norm.
+    pub(crate) fn decode(
+        &self,
+        seqs: &mut [SeqInput<'_>],
+        opts: &mut ForwardOpts<'_>,
+        record: bool,
+    ) -> Result<(Tensor, Option<Tape>)> {
         if seqs.is_empty() {
             return Err(ModelError::Invalid("empty batch".into()));
         }
@@ -257,6 +272,11 @@ impl Llama {
             if s.tokens.is_empty() {
                 return Err(ModelError::Invalid(
                     "a sequence in the batch has no tokens".into(),
+                ));
+            }
+            if record && s.cache.is_some() {
+                return Err(ModelError::Invalid(
+                    "a recorded (training) forward runs without KV caches".into(),
                 ));
             }
             let start = s.cache.as_ref().map(|c| c.len()).unwrap_or(0);
@@ -297,15 +317,28 @@ impl Llama {
         let groups = self.groups(seqs, &ctxs)?;
         let ids = Tensor::new(ids.as_slice(), &self.device)?;
         let mut x = self.weights.embed.index_select(&ids, 0)?; // [N, H]
+        let mut layers = record.then(|| Vec::with_capacity(self.cfg.num_layers));
         for l in 0..self.cfg.num_layers {
-            x = self.block(l, &x, seqs, &ctxs, &rope, &groups, opts)?;
+            x = self.block(l, &x, seqs, &ctxs, &rope, &groups, opts, layers.as_mut())?;
         }
         for s in seqs.iter_mut() {
             if let Some(c) = s.cache.as_deref_mut() {
                 c.advance(s.tokens.len());
             }
         }
-        ops::rms_norm(&x, &self.weights.norm, self.cfg.rms_norm_eps, opts.train)
+        let (hidden, rstd) = self.norm(&x, &self.weights.norm, opts, record)?; // [N, H]
+        let tape = match (layers, rstd) {
+            (Some(layers), Some(rstd_last)) => Some(Tape {
+                seqs: ctxs.iter().map(|c| (c.offset, c.len)).collect(),
+                cos: rope.cos,
+                sin: rope.sin,
+                layers,
+                x_last: x,
+                rstd_last,
+            }),
+            _ => None,
+        };
+        Ok((hidden, tape))
     }
 
     /// Sequences sharing an adapter mixture form a group (compared by identity and weight).
@@ -350,6 +383,7 @@ impl Llama {
     }
 
     /// y = x·W₀ᵀ (+ bias) + Σ_groups Σ_adapters w·s·(drop(x)·Aᵀ)·Bᵀ.   x: [N, in] → [N, out]
+    /// `rec`: LoRA training records each module's [`LoraTape`] by target.
     fn proj(
         &self,
         x: &Tensor,
@@ -357,13 +391,15 @@ impl Llama {
         bias: Option<&Tensor>,
         groups: &[Group],
         opts: &mut ForwardOpts<'_>,
+        rec: Option<&mut LoraRec>,
     ) -> Result<Tensor> {
         let w = self.weights.layers[key.layer].linear(key.target);
-        let y = match self.packed(key.layer, &[key.target], x, opts) {
-            Some(q) => quant::qlinear(x, q)?, // [N, out]
-            None => ops::linear(x, w)?,       // [N, out]
+        // [N, out]
+        let y = match self.packed(key.layer, &[key.target], x, opts, rec.is_some()) {
+            Some(q) => quant::qlinear(x, q)?,
+            None => ops::linear(x, w)?,
         };
-        self.proj_finish(x, y, key, bias, groups, opts)
+        self.proj_finish(x, y, key, bias, groups, opts, rec)
     }
 
     /// The int8 packed matrix for `targets` of `layer`, when inference runs int8.
@@ -373,9 +409,11 @@ impl Llama {
         targets: &[Target],
         x: &Tensor,
         opts: &ForwardOpts<'_>,
+        recording: bool,
     ) -> Option<&quant::QMatrix> {
+        // Training runs f32 (autograd and the recorded forward alike).
         match &self.int8 {
-            Some(q) if !opts.train && !x.track_op() => q.pack(layer, targets),
+            Some(q) if !opts.train && !recording && !x.track_op() => q.pack(layer, targets),
             _ => None,
         }
     }
@@ -389,12 +427,16 @@ impl Llama {
         targets: &[(Target, Option<&Tensor>)],
         groups: &[Group],
         opts: &mut ForwardOpts<'_>,
+        mut rec: Option<&mut LoraRec>,
     ) -> Result<Vec<Tensor>> {
         let ts: Vec<Target> = targets.iter().map(|(t, _)| *t).collect();
-        let Some(q) = self.packed(layer, &ts, x, opts) else {
+        let Some(q) = self.packed(layer, &ts, x, opts, rec.is_some()) else {
             return targets
                 .iter()
-                .map(|&(t, b)| self.proj(x, ModuleKey::new(layer, t), b, groups, opts))
+                .map(|&(t, b)| {
+                    let key = ModuleKey::new(layer, t);
+                    self.proj(x, key, b, groups, opts, rec.as_deref_mut())
+                })
                 .collect();
         };
         let y = quant::qlinear(x, q)?; // [N, Σ out]
@@ -404,12 +446,14 @@ impl Llama {
             let n = self.weights.layers[layer].linear(t).dim(0)?;
             let part = y.narrow(1, off, n)?.contiguous()?; // [N, out]
             off += n;
-            outs.push(self.proj_finish(x, part, ModuleKey::new(layer, t), b, groups, opts)?);
+            let key = ModuleKey::new(layer, t);
+            outs.push(self.proj_finish(x, part, key, b, groups, opts, None)?);
         }
         Ok(outs)
     }
 
     /// Add the bias and every group's LoRA delta to a projection's base output y [N, out].
+    #[allow(clippy::too_many_arguments)]
     fn proj_finish(
         &self,
         x: &Tensor,
@@ -418,9 +462,24 @@ impl Llama {
         bias: Option<&Tensor>,
         groups: &[Group],
         opts: &mut ForwardOpts<'_>,
+        rec: Option<&mut LoraRec>,
     ) -> Result<Tensor> {
         if let Some(b) = bias {
             y = y.broadcast_add(b)?;
+        }
+        if let Some(rec) = rec {
+            // LoRA training: one adapter over every row (as `forward_tape` builds the batch);
+            // its tensors are read, not tracked, and the tape keeps what dA and dB need.
+            for g in groups {
+                for (a, _) in g.set.iter() {
+                    if let Some(m) = a.get(&key) {
+                        let (delta, tape) = lora_fwd(x, m, opts.dropout.as_mut())?; // [N, out]
+                        y = (y + delta)?;
+                        rec.insert(key.target, tape);
+                    }
+                }
+            }
+            return Ok(y);
         }
         if !opts.train && !groups.is_empty() {
             // Inference: one gathered pass for all groups. Each row's delta is computed alone,
@@ -479,7 +538,25 @@ impl Llama {
         Ok(y)
     }
 
+    /// RMSNorm; when recording, also 1/rms for the backward.   x: [N, H] → [N, H] (, [N, 1])
+    fn norm(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        opts: &ForwardOpts<'_>,
+        record: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let eps = self.cfg.rms_norm_eps;
+        if record {
+            let (y, rstd) = rms_fwd(x, w, eps)?;
+            return Ok((y, Some(rstd)));
+        }
+        Ok((ops::rms_norm(x, w, eps, opts.train)?, None))
+    }
+
     /// One decoder block: x + attn(norm(x)), then + mlp(norm(x)).   x: [N, H] → [N, H]
+    /// `tape`: LoRA training records the layer's [`LayerTape`] there.
+    #[allow(clippy::too_many_arguments)]
     fn block(
         &self,
         l: usize,
@@ -489,134 +566,67 @@ impl Llama {
         rope: &Rope,
         groups: &[Group],
         opts: &mut ForwardOpts<'_>,
+        tape: Option<&mut Vec<LayerTape>>,
     ) -> Result<Tensor> {
         let c = &self.cfg;
         let lw = &self.weights.layers[l];
         let key = |t| ModuleKey::new(l, t);
-        let h = ops::rms_norm(x, &lw.attn_norm, c.rms_norm_eps, opts.train)?; // [N, H]
+        let record = tape.is_some();
+        let mut lora = record.then(LoraRec::new);
+        // Attention: x + o(attn(rope(q), rope(k), v)) over norm(x).
+        let (h, rstd1) = self.norm(x, &lw.attn_norm, opts, record)?; // [N, H]
         let qkv = [
             (Target::Q, lw.q_bias.as_ref()),
             (Target::K, lw.k_bias.as_ref()),
             (Target::V, lw.v_bias.as_ref()),
         ];
+        // [N, nh·hd], [N, nkv·hd], [N, nkv·hd]
         let [q, k, v]: [Tensor; 3] = self
-            .projs(&h, l, &qkv, groups, opts)?
+            .projs(&h, l, &qkv, groups, opts, lora.as_mut())?
             .try_into()
-            .expect("three projections"); // [N, nh·hd], [N, nkv·hd], [N, nkv·hd]
-                                          // Heads first, rotary embedding once for the whole batch (each token at its own position).
-        let n = h.dim(0)?;
-        let heads = |t: &Tensor, nh: usize| -> Result<Tensor> {
-            Ok(t.reshape((n, nh, c.head_dim))?
-                .transpose(0, 1)?
-                .contiguous()?) // [nh, N, hd]
-        };
-        let q = ops::rope(&heads(&q, c.num_heads)?, &rope.cos, &rope.sin, opts.train)?; // [nh, N, hd]
-        let k = ops::rope(
-            &heads(&k, c.num_kv_heads)?,
-            &rope.cos,
-            &rope.sin,
-            opts.train,
-        )?; // [nkv, N, hd]
-        let v = heads(&v, c.num_kv_heads)?; // [nkv, N, hd]
-        let single = ctxs.len() == 1;
-        // Inference: every sequence's rows go through one fused pass (see attention_rows);
-        // training and non-CPU devices run candle's differentiable per-sequence ops.
-        let mut items: Vec<ops::AttnItem> = Vec::with_capacity(ctxs.len());
-        let mut outs: Vec<Tensor> = Vec::with_capacity(ctxs.len());
-        for (s, cx) in seqs.iter_mut().zip(ctxs) {
-            let part = |t: &Tensor| -> Result<Tensor> {
-                Ok(if single {
-                    t.clone()
-                } else {
-                    t.narrow(1, cx.offset, cx.len)?.contiguous()?
-                })
-            };
-            let (ks, vs) = (part(&k)?, part(&v)?);
-            let (ks, vs) = match s.cache.as_deref_mut() {
-                Some(cache) => cache.append(l, &ks, &vs)?,
-                None => (ks, vs),
-            };
-            if opts.train {
-                let qs = part(&q)?;
-                outs.push(self.attend(&qs, &ks, &vs, cx.mask.as_ref(), true)?);
-            } else {
-                items.push((cx.offset, cx.len, ks, vs));
-            }
-        }
-        let scale = 1.0 / (c.head_dim as f64).sqrt();
-        let attn = match items.is_empty() {
-            true => None,
-            false => ops::attention_rows(&q, &items, c.num_kv_heads, scale)?,
-        };
-        let attn = match attn {
-            Some(a) => a, // [N, nh·hd]
-            None => {
-                for (row, rows, ks, vs) in items {
-                    let qs = q.narrow(1, row, rows)?.contiguous()?;
-                    let mask = causal_mask(rows, ks.dim(1)? - rows, &self.device)?;
-                    outs.push(self.attend(&qs, &ks, &vs, mask.as_ref(), false)?);
-                }
-                if outs.len() == 1 {
-                    outs.pop().expect("one sequence")
-                } else {
-                    Tensor::cat(&outs, 0)? // [N, nh·hd]
-                }
-            }
-        };
-        let o = self.proj(&attn, key(Target::O), None, groups, opts)?; // [N, H]
-        let x = (x + o)?;
-        let h = ops::rms_norm(&x, &lw.mlp_norm, c.rms_norm_eps, opts.train)?;
+            .expect("three projections");
+        // Heads first, rotary embedding once for the whole batch (each token at its own position).
+        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let q = ops::rope(&heads(&q, nh, hd)?, &rope.cos, &rope.sin, opts.train)?; // [nh, N, hd]
+        let k = ops::rope(&heads(&k, nkv, hd)?, &rope.cos, &rope.sin, opts.train)?; // [nkv, N, hd]
+        let v = heads(&v, nkv, hd)?; // [nkv, N, hd]
+        let (attn, probs) = self.attention(l, &q, &k, &v, seqs, ctxs, opts, record)?; // [N, nh·hd]
+        let o = self.proj(&attn, key(Target::O), None, groups, opts, lora.as_mut())?; // [N, H]
+        let x2 = (x + o)?;
+        // MLP: x2 + down(silu(gate)·up) over norm(x2).
+        let (h, rstd2) = self.norm(&x2, &lw.mlp_norm, opts, record)?; // [N, H]
+        let gate_up = [(Target::Gate, None), (Target::Up, None)];
         let [gate, up]: [Tensor; 2] = self
-            .projs(
-                &h,
-                l,
-                &[(Target::Gate, None), (Target::Up, None)],
-                groups,
-                opts,
-            )?
+            .projs(&h, l, &gate_up, groups, opts, lora.as_mut())?
             .try_into()
             .expect("two projections"); // [N, I] each
         let m = if opts.train {
-            (gate.silu()? * up)? // differentiable ops for autograd (full fine-tuning)
+            // Differentiable ops for autograd (full fine-tuning).
+            (gate.silu()? * &up)?
         } else {
             ops::silu_mul(&gate, &up)?
-        };
-        let down = self.proj(&m, key(Target::Down), None, groups, opts)?; // [N, H]
-        Ok((x + down)?)
-    }
-
-    /// Grouped-query attention for one sequence.
-    /// q: [nh, t, hd], k/v: [nkv, S, hd] (S = cached + t) → [t, nh·hd]
-    fn attend(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        mask: Option<&Tensor>,
-        train: bool,
-    ) -> Result<Tensor> {
-        let c = &self.cfg;
-        let (nh, t, hd) = q.dims3()?;
-        let nkv = c.num_kv_heads;
-        let g = nh / nkv;
-        let s = k.dim(1)?;
-        // Query heads [kv·g, kv·g+g) share KV head kv (HF's repeat_kv), so group them as rows.
-        let q = q.reshape((nkv, g * t, hd))?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?; // [nkv, g·t, S]
-        let scores = match mask {
-            Some(m) => {
-                scores
-                    .reshape((nkv, g, t, s))?
-                    .broadcast_add(m)?
-                    .reshape((nkv, g * t, s))?
-            }
-            None => scores,
-        };
-        let p = ops::softmax(&scores, train)?;
-        let o = p.matmul(v)?; // [nkv, g·t, hd]
-        Ok(o.reshape((nh, t, hd))?
-            .transpose(0, 1)?
-            .reshape((t, nh * hd))?)
+        }; // [N, I]
+        let down = self.proj(&m, key(Target::Down), None, groups, opts, lora.as_mut())?; // [N, H]
+        let x3 = (&x2 + down)?;
+        if let (Some(tape), Some(rstd1), Some(rstd2), Some(probs), Some(lora)) =
+            (tape, rstd1, rstd2, probs, lora)
+        {
+            tape.push(LayerTape {
+                x: x.clone(),
+                rstd1,
+                q,
+                k,
+                v,
+                probs,
+                attn,
+                x2,
+                rstd2,
+                gate,
+                up,
+                lora,
+            });
+        }
+        Ok(x3)
     }
 }
 
@@ -633,26 +643,6 @@ fn rope_tables(cfg: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
         .reshape((n, 1))?;
     let freqs = pos.broadcast_mul(&inv)?; // [n, hd/2]
     Ok((freqs.cos()?, freqs.sin()?))
-}
-
-/// Additive causal mask [t, start+t]: query i (position start+i) sees keys 0..=start+i.
-pub(crate) fn causal_mask(t: usize, start: usize, device: &Device) -> Result<Option<Tensor>> {
-    if t == 1 {
-        return Ok(None);
-    }
-    let s = start + t;
-    let m: Vec<f32> = (0..t)
-        .flat_map(|i| {
-            (0..s).map(move |j| {
-                if j > start + i {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
-        .collect();
-    Ok(Some(Tensor::from_vec(m, (t, s), device)?))
 }
 
 /// Inverted dropout: zero each element with probability p, scale the rest by 1/(1−p).
