@@ -48,7 +48,8 @@ from_err!(
     lowrank_model::ModelError,
     lowrank_lora::LoraError,
     candle_core::Error,
-    serde_json::Error
+    serde_json::Error,
+    crate::tasks::UnknownMetric
 );
 
 pub type Result<T> = std::result::Result<T, ExpError>;
@@ -67,21 +68,6 @@ pub fn write_file(path: &Path, text: &str) -> Result<()> {
         std::fs::create_dir_all(p).map_err(io_err(p))?;
     }
     std::fs::write(path, text).map_err(io_err(path))
-}
-
-/// `exact | bleu | slot-error | accuracy`.
-pub fn parse_metric(s: &str) -> Result<Metric> {
-    Ok(match s.trim() {
-        "exact" => Metric::Exact,
-        "bleu" => Metric::Bleu,
-        "slot-error" | "slot_error" => Metric::SlotError,
-        "accuracy" => Metric::Accuracy,
-        other => {
-            return err(format!(
-                "--metric `{other}`: use exact, bleu, slot-error or accuracy"
-            ))
-        }
-    })
 }
 
 /// Where the data comes from: a built-in task, or training + held-out JSONL files and a metric.
@@ -115,7 +101,11 @@ pub struct Prepared {
 impl DataSpec {
     /// Generate the task files into `dir/data` (or check the given files).
     pub fn prepare(&self, dir: &Path) -> Result<Prepared> {
-        let metric = self.metric.as_deref().map(parse_metric).transpose()?;
+        let metric = self
+            .metric
+            .as_deref()
+            .map(str::parse::<Metric>)
+            .transpose()?;
         match (&self.task, &self.data) {
             (Some(_), Some(_)) => err("give either --task or --data/--eval, not both"),
             (None, None) => err("give --task NAME, or --data FILE --eval FILE --metric M"),
@@ -410,6 +400,6 @@ mod tests {
         assert!(parse_target_sets(&["q|zz".into()]).is_err());
         assert!(better(Metric::Exact, 2.0, 1.0) && !better(Metric::Exact, 1.0, 1.0));
         assert!(better(Metric::SlotError, 1.0, 2.0));
-        assert!(parse_metric("nope").is_err());
+        assert!("nope".parse::<Metric>().is_err());
     }
 }

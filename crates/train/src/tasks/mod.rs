@@ -132,6 +132,25 @@ impl Metric {
     }
 }
 
+/// A `--metric` value that names none of the metrics.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--metric `{0}`: use exact, bleu, slot-error or accuracy")]
+pub struct UnknownMetric(pub String);
+
+/// `exact | bleu | slot-error | accuracy` (also `slot_error`, as [`Metric::name`] spells it).
+impl std::str::FromStr for Metric {
+    type Err = UnknownMetric;
+    fn from_str(s: &str) -> Result<Self, UnknownMetric> {
+        Ok(match s.trim() {
+            "exact" => Metric::Exact,
+            "bleu" => Metric::Bleu,
+            "slot-error" | "slot_error" => Metric::SlotError,
+            "accuracy" => Metric::Accuracy,
+            other => return Err(UnknownMetric(other.to_string())),
+        })
+    }
+}
+
 /// Which held-out side of a task to generate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -378,6 +397,24 @@ pub(crate) fn capitalize(s: &str) -> String {
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    #[test]
+    fn metric_names_parse_back() {
+        for m in [
+            Metric::Exact,
+            Metric::Bleu,
+            Metric::SlotError,
+            Metric::Accuracy,
+        ] {
+            assert_eq!(m.name().parse::<Metric>().unwrap(), m);
+        }
+        assert_eq!(" slot-error ".parse::<Metric>().unwrap(), Metric::SlotError);
+        let e = "nope".parse::<Metric>().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--metric `nope`: use exact, bleu, slot-error or accuracy"
+        );
+    }
 
     const N: usize = 300;
 
