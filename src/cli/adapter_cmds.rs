@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use candle_core::Device;
 use clap::Args;
 use lowrank_lora::analysis::module_stats;
+use lowrank_train::experiments::report::human_bytes;
 
 use super::{AdapterArgs, ModelArg};
 
@@ -15,6 +16,7 @@ pub struct MergeArgs {
     pub model: ModelArg,
     #[command(flatten)]
     pub adapters: AdapterArgs,
+    /// Output: a HF model directory (safetensors) or a .gguf file.
     #[arg(long)]
     pub out: PathBuf,
     /// safetensors (a HF model directory) or gguf (one file; f16 or f32 tensors).
@@ -56,6 +58,7 @@ pub fn merge(a: MergeArgs, device: &Device) -> Result<()> {
 
 #[derive(Args)]
 pub struct InspectArgs {
+    /// The PEFT adapter directory to inspect.
     pub adapter: PathBuf,
     /// The base to check the adapter against (shapes, fingerprint, sizes).
     #[arg(long, default_value = "smollm2-135m")]
@@ -63,19 +66,6 @@ pub struct InspectArgs {
     /// Per-module ‖ΔW‖_F, singular values and effective rank.
     #[arg(long)]
     pub svd: bool,
-}
-
-fn human(b: u64) -> String {
-    let b = b as f64;
-    if b >= 1e9 {
-        format!("{:.2} GB", b / 1e9)
-    } else if b >= 1e6 {
-        format!("{:.2} MB", b / 1e6)
-    } else if b >= 1e3 {
-        format!("{:.1} kB", b / 1e3)
-    } else {
-        format!("{b} B")
-    }
 }
 
 pub fn inspect(a: InspectArgs, device: &Device) -> Result<()> {
@@ -135,7 +125,7 @@ pub fn inspect(a: InspectArgs, device: &Device) -> Result<()> {
         "base_bytes": base,
         "hundred_tasks": format!(
             "100 tasks: base + 100 × adapter = {} instead of 100 × base = {}",
-            human(base + 100 * disk), human(100 * base)
+            human_bytes((base + 100 * disk) as f64), human_bytes((100 * base) as f64)
         ),
         "fingerprint": fp,
         "provenance": {

@@ -12,6 +12,7 @@ use candle_core::Device;
 use clap::Args;
 use lowrank_model::model::AdapterSet;
 use lowrank_train::evaluate::{eval_generation, examples_from_task};
+use lowrank_train::experiments::report::human_bytes;
 use lowrank_train::tasks::{all_tasks, make_task_files, task_by_name};
 use lowrank_train::{TrainConfig, Trainer};
 
@@ -39,6 +40,7 @@ pub struct DemoArgs {
     /// Held-out examples per task (default 40, quick 20).
     #[arg(long)]
     pub eval_n: Option<usize>,
+    /// Seed of the generated data, initialisation and shuffling.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
@@ -55,17 +57,6 @@ struct Row {
     train_s: f64,
     tok_s: f64,
     steps: usize,
-}
-
-fn human(b: u64) -> String {
-    let b = b as f64;
-    if b >= 1e9 {
-        format!("{:.2} GB", b / 1e9)
-    } else if b >= 1e6 {
-        format!("{:.1} MB", b / 1e6)
-    } else {
-        format!("{:.0} kB", b / 1e3)
-    }
 }
 
 pub fn run(a: DemoArgs, device: &Device) -> Result<bool> {
@@ -173,7 +164,7 @@ pub fn run(a: DemoArgs, device: &Device) -> Result<bool> {
          evaluated on held-out examples (entities and phrasings not seen in training) with greedy decoding.\n",
         lm.source.path().file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
         lm.model.weights.num_params(),
-        human(base_bytes)
+        human_bytes(base_bytes as f64)
     )?;
     writeln!(md, "| task | metric | base | adapter | other metrics (base → adapter) | trainable params | adapter size | steps | train time | tok/s |")?;
     writeln!(md, "|---|---|---|---|---|---|---|---|---|---|")?;
@@ -201,7 +192,7 @@ pub fn run(a: DemoArgs, device: &Device) -> Result<bool> {
             if extra.is_empty() { "–".into() } else { extra.join(", ") },
             r.params,
             100.0 * r.params as f64 / lm.model.weights.num_params() as f64,
-            human(r.adapter_bytes),
+            human_bytes(r.adapter_bytes as f64),
             100.0 * r.adapter_bytes as f64 / base_bytes as f64,
             r.steps,
             r.train_s,
@@ -213,17 +204,17 @@ pub fn run(a: DemoArgs, device: &Device) -> Result<bool> {
     writeln!(
         md,
         "\n**{n} tasks with LoRA:** one base + {n} adapters = {} + {} = **{}**, instead of {n} full fine-tuned copies = **{}**.",
-        human(base_bytes),
-        human(ad_total),
-        human(base_bytes + ad_total),
-        human(n * base_bytes)
+        human_bytes(base_bytes as f64),
+        human_bytes(ad_total as f64),
+        human_bytes((base_bytes + ad_total) as f64),
+        human_bytes((n * base_bytes) as f64)
     )?;
     if let Some(r) = rows.first() {
         writeln!(
             md,
             "At 100 tasks: base + 100 × adapter = {} instead of 100 × base = {}.",
-            human(base_bytes + 100 * r.adapter_bytes),
-            human(100 * base_bytes)
+            human_bytes((base_bytes + 100 * r.adapter_bytes) as f64),
+            human_bytes((100 * base_bytes) as f64)
         )?;
     }
     writeln!(

@@ -30,8 +30,10 @@ pub struct EvalArgs {
     /// Held-out examples for --task.
     #[arg(long, default_value_t = 100)]
     pub n: usize,
+    /// Seed of the generated held-out set for --task.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Sequences decoded together in generation mode.
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
     /// Print K failures (expected vs got) to stderr.
@@ -39,18 +41,8 @@ pub struct EvalArgs {
     pub show_errors: usize,
 }
 
-pub fn parse_metric(s: &str) -> Result<Metric> {
-    Ok(match s {
-        "exact" => Metric::Exact,
-        "bleu" => Metric::Bleu,
-        "slot-error" | "slot_error" => Metric::SlotError,
-        "accuracy" => Metric::Accuracy,
-        other => anyhow::bail!("--metric `{other}`: use exact, bleu, slot-error or accuracy"),
-    })
-}
-
 pub fn run(a: EvalArgs, device: &Device) -> Result<()> {
-    let metric = a.metric.as_deref().map(parse_metric).transpose()?;
+    let metric = a.metric.as_deref().map(str::parse::<Metric>).transpose()?;
     if a.task.is_none() && a.data.is_none() {
         anyhow::bail!("give --data FILE or --task NAME");
     }

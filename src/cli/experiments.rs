@@ -55,12 +55,16 @@ pub struct RunArgs {
     /// Step limit per configuration.
     #[arg(long)]
     pub max_steps: Option<usize>,
-    #[arg(long)]
-    pub lr: Option<f64>,
-    #[arg(long)]
-    pub batch_size: Option<usize>,
+    /// Peak learning rate (AdamW).
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Sequences per optimizer step.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Longer sequences are truncated to this many tokens.
     #[arg(long, default_value_t = 256)]
     pub max_seq_len: usize,
+    /// Seed of the generated data, initialisation and shuffling.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Generation batch for scoring (default 32; --quick: 40).
@@ -94,8 +98,8 @@ impl RunArgs {
         let cfg = TrainConfig {
             max_steps: Some(max_steps),
             time_budget_s: self.budget_s.unwrap_or(b.budget_s),
-            lr: self.lr.unwrap_or(1e-3),
-            batch_size: self.batch_size.unwrap_or(4),
+            lr: self.lr,
+            batch_size: self.batch_size,
             max_seq_len: self.max_seq_len,
             seed: self.seed,
             ..TrainConfig::default()

@@ -23,7 +23,7 @@ use lowrank_model::LoadedModel;
     about = "LoRA fine-tuning, merging and multi-adapter serving for Llama-family models"
 )]
 pub struct Cli {
-    /// CPU threads for tensor kernels (default: all cores).
+    /// CPU threads for tensor kernels [default: all cores]
     #[arg(long, global = true)]
     threads: Option<usize>,
     #[command(subcommand)]
@@ -67,9 +67,9 @@ impl ComputeArg {
             if let Some(q) = lm.model.int8() {
                 let (rounded, all) = q.rounded();
                 eprintln!(
-                    "int8 compute: packed {:.0} MB in {:.1} s; {} of {} weight blocks rounded \
+                    "int8 compute: packed {} in {:.1} s; {} of {} weight blocks rounded \
                      to 8 bits (the rest kept exactly)",
-                    q.bytes() as f64 / 1e6,
+                    lowrank_train::experiments::report::human_bytes(q.bytes() as f64),
                     t.elapsed().as_secs_f64(),
                     rounded,
                     all
@@ -94,6 +94,7 @@ enum Cmd {
         /// but they are loaded and checked against the base.
         #[command(flatten)]
         adapters: AdapterArgs,
+        /// The text to tokenize.
         text: String,
     },
     /// Generate a completion; only the completion goes to stdout.
@@ -181,15 +182,19 @@ pub struct GenerateArgs {
     /// System message for --chat.
     #[arg(long, requires = "chat")]
     system: Option<String>,
+    /// Most tokens to generate (fewer at a stop string or end-of-sequence).
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
-    /// 0 = greedy.
+    /// Sampling temperature; 0 = greedy.
     #[arg(long, default_value_t = 0.0)]
     temperature: f64,
+    /// Nucleus sampling: keep the most likely tokens up to this total probability (1 = all).
     #[arg(long, default_value_t = 1.0)]
     top_p: f64,
+    /// Sample among the K most likely tokens only (0 = no limit).
     #[arg(long, default_value_t = 0)]
     top_k: usize,
+    /// Sampling seed (the same seed gives the same completion).
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Stop string (repeatable).
@@ -325,4 +330,31 @@ fn generate_cmd(a: GenerateArgs, device: &Device) -> Result<()> {
         g.finish.as_openai()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// `lowrank X --help` explains every flag and positional argument of every subcommand.
+    #[test]
+    fn every_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
+                if !matches!(id, "help" | "version") && help.trim().is_empty() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for s in cmd.get_subcommands() {
+                walk(s, &format!("{path} {}", s.get_name()), missing);
+            }
+        }
+        let cli = super::Cli::command();
+        cli.clone().debug_assert();
+        let mut missing = Vec::new();
+        walk(&cli, "lowrank", &mut missing);
+        assert!(missing.is_empty(), "arguments without help: {missing:#?}");
+    }
 }

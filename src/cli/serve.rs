@@ -19,8 +19,10 @@ pub struct ServeArgs {
     /// Directory whose sub-directories are PEFT adapters, served under their names.
     #[arg(long)]
     pub adapters: Option<PathBuf>,
+    /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
+    /// Port to listen on.
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
     /// Require `Authorization: Bearer KEY` on the API.
@@ -29,11 +31,13 @@ pub struct ServeArgs {
     /// Key for POST/DELETE /v1/adapters (disabled without it).
     #[arg(long, env = "LOWRANK_ADMIN_KEY")]
     pub admin_key: Option<String>,
+    /// Most sequences in one batched forward step.
     #[arg(long, default_value_t = 32)]
     pub max_batch: usize,
     /// Byte budget for resident adapters (LRU eviction of idle ones beyond it).
     #[arg(long, default_value_t = 2 << 30)]
     pub max_adapter_bytes: u64,
+    /// Requests waiting for a batch slot before new ones get HTTP 429.
     #[arg(long, default_value_t = 256)]
     pub max_queue: usize,
     /// Load every adapter at start instead of on first use.
@@ -83,10 +87,13 @@ pub enum BenchCmd {
         model: ModelArg,
         #[command(flatten)]
         compute: ComputeArg,
+        /// Prompt length for the prefill measurement.
         #[arg(long, default_value_t = 512)]
         prompt_tokens: usize,
+        /// Tokens decoded one at a time after the prompt.
         #[arg(long, default_value_t = 128)]
         decode_tokens: usize,
+        /// Measurements taken (each a fresh prefill and decode).
         #[arg(long, default_value_t = 3)]
         repeats: usize,
     },
@@ -94,14 +101,19 @@ pub enum BenchCmd {
     Train {
         #[command(flatten)]
         model: ModelArg,
+        /// Sequences per step.
         #[arg(long, default_value_t = 4)]
         batch: usize,
+        /// Tokens per sequence.
         #[arg(long, default_value_t = 128)]
         seq: usize,
+        /// Measured steps (one warm-up step more is run and dropped).
         #[arg(long, default_value_t = 6)]
         steps: usize,
+        /// LoRA rank.
         #[arg(long, default_value_t = 8)]
         rank: usize,
+        /// Comma-separated modules to adapt.
         #[arg(long, default_value = "q_proj,v_proj")]
         targets: String,
         /// Full fine-tuning instead of LoRA.
@@ -114,12 +126,16 @@ pub enum BenchCmd {
         model: ModelArg,
         #[command(flatten)]
         compute: ComputeArg,
+        /// Distinct adapters per unmerged scenario (comma-separated scenarios).
         #[arg(long, default_value = "1,10,100", value_delimiter = ',')]
         adapters: Vec<usize>,
+        /// Requests per scenario (at most; see --time-limit).
         #[arg(long, default_value_t = 64)]
         requests: usize,
+        /// Concurrent clients.
         #[arg(long, default_value_t = 16)]
         concurrency: usize,
+        /// Tokens generated per request.
         #[arg(long, default_value_t = 32)]
         max_tokens: usize,
         /// Seconds per scenario (no new request starts after it).

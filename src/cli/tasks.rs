@@ -12,13 +12,18 @@ pub enum TasksCmd {
     List,
     /// Write train.jsonl / eval.jsonl (chat `messages` format) for a task.
     Make {
+        /// Task name (see `lowrank tasks list`).
         name: String,
+        /// Directory for train.jsonl and eval.jsonl.
         #[arg(long)]
         out: PathBuf,
+        /// Generator seed (same seed, same files).
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Training examples to write.
         #[arg(long, default_value_t = 400)]
         train: usize,
+        /// Held-out examples to write.
         #[arg(long, default_value_t = 100)]
         eval: usize,
     },

@@ -12,83 +12,101 @@ use lowrank_train::{Method, TrainConfig, Trainer};
 
 use super::ModelArg;
 
+// Every setting is an `Option` (or a `false` switch) rather than a clap default, so that a
+// value from `--config` is only overridden by a flag actually given; the defaults shown in
+// the help are `TrainConfig::default()`'s, which a test below keeps in step.
 #[derive(Args, Debug, Default)]
 pub struct TrainArgs {
     #[command(flatten)]
     pub model: ModelArg,
-    /// TOML file with the same settings (keys as below, with underscores).
+    /// TOML file with the same settings (keys as below, with underscores); flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Training JSONL ({"text"}, {"prompt","completion"}, {"messages"} or alpaca records).
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Held-out JSONL (same formats) for the eval loss; none: no evaluation.
     #[arg(long)]
     pub eval: Option<PathBuf>,
     /// Output directory (the final PEFT adapter, metrics.jsonl, checkpoints).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Comma-separated modules: q_proj,v_proj (default), ..., or all-linear.
+    /// Comma-separated modules (q_proj … down_proj, short q … down) or all-linear [default: q_proj,v_proj]
     #[arg(long, value_delimiter = ',')]
     pub targets: Option<Vec<String>>,
+    /// LoRA rank r [default: 8]
     #[arg(long)]
     pub rank: Option<usize>,
-    /// Default 2 × rank.
+    /// LoRA α; the update is scaled by α/r [default: 2 × rank]
     #[arg(long)]
     pub alpha: Option<f64>,
+    /// Dropout on the LoRA input during training [default: 0]
     #[arg(long)]
     pub dropout: Option<f64>,
-    /// Scale α/√r instead of α/r.
+    /// Scale α/√r instead of α/r (rsLoRA).
     #[arg(long)]
     pub rslora: bool,
-    /// default | gaussian | pissa
+    /// Initialisation of A and B: default (kaiming A, zero B), gaussian or pissa [default: default]
     #[arg(long)]
     pub init: Option<String>,
+    /// Peak learning rate (AdamW) [default: 0.001]
     #[arg(long)]
     pub lr: Option<f64>,
-    /// LoRA+: B's learning rate is lr × ratio.
+    /// LoRA+: B's learning rate is lr × ratio [default: 1]
     #[arg(long)]
     pub lr_b_ratio: Option<f64>,
+    /// AdamW decoupled weight decay [default: 0]
     #[arg(long)]
     pub weight_decay: Option<f64>,
+    /// Optimizer steps of linear warm-up from 0 to lr [default: 0]
     #[arg(long)]
     pub warmup_steps: Option<usize>,
-    /// cosine | linear | constant
+    /// Learning-rate decay after warm-up: cosine, linear or constant [default: cosine]
     #[arg(long)]
     pub schedule: Option<Schedule>,
+    /// Passes over the training data (ignored with --max-steps) [default: 1]
     #[arg(long)]
     pub epochs: Option<usize>,
+    /// Stop after this many optimizer steps, instead of after --epochs.
     #[arg(long)]
     pub max_steps: Option<usize>,
+    /// Sequences per micro-batch [default: 4]
     #[arg(long)]
     pub batch_size: Option<usize>,
+    /// Micro-batches per optimizer step [default: 1]
     #[arg(long)]
     pub grad_accum: Option<usize>,
+    /// Longer sequences are truncated to this many tokens [default: 512]
     #[arg(long)]
     pub max_seq_len: Option<usize>,
     /// Fill micro-batches by tokens (batch-size × max-seq-len) instead of by count.
     #[arg(long)]
     pub pack: bool,
+    /// Seed of initialisation, shuffling and dropout [default: 0]
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Evaluate on --eval every N steps (0: only at the end) [default: 0]
     #[arg(long)]
     pub eval_every: Option<usize>,
+    /// Write a checkpoint every N steps (0: never, except on Ctrl-C) [default: 0]
     #[arg(long)]
     pub save_every: Option<usize>,
+    /// Checkpoints kept on disk (older ones are deleted) [default: 2]
     #[arg(long)]
     pub keep_checkpoints: Option<usize>,
-    /// Max global gradient norm (0: off).
+    /// Max global gradient norm (0: off) [default: 1]
     #[arg(long)]
     pub grad_clip: Option<f64>,
-    /// lora | full
+    /// lora (adapters on a frozen base) or full (every weight) [default: lora]
     #[arg(long)]
     pub method: Option<Method>,
     /// Skip (and count) bad records instead of stopping.
     #[arg(long)]
     pub skip_bad: bool,
-    /// Stop after this many seconds.
+    /// Stop after this many seconds of training (0: no limit) [default: 0]
     #[arg(long)]
     pub time_budget: Option<f64>,
-    /// dtype of the saved adapter: f32 (default), f16 or bf16.
+    /// dtype of the saved adapter: f32, f16 or bf16 [default: f32]
     #[arg(long)]
     pub save_dtype: Option<String>,
     /// Continue from a checkpoint directory (DIR/checkpoint-N).
@@ -170,4 +188,49 @@ pub fn run(a: TrainArgs, device: &Device) -> Result<()> {
         std::process::exit(130);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+    use lowrank_train::TrainConfig;
+    use serde_json::Value;
+
+    /// Each `train` flag with a configured default shows `TrainConfig::default()`'s value as
+    /// `[default: …]` at the end of its help (the flags are `Option`s, so clap cannot show it).
+    #[test]
+    fn train_help_shows_the_config_defaults() {
+        let cli = crate::cli::Cli::command();
+        let train = cli.find_subcommand("train").expect("train subcommand");
+        let defaults = serde_json::to_value(TrainConfig::default()).unwrap();
+        let mut checked = Vec::new();
+        for arg in train.get_arguments() {
+            let id = arg.get_id().as_str();
+            let key = if id == "time_budget" {
+                "time_budget_s"
+            } else {
+                id
+            };
+            let shown = match defaults.get(key) {
+                // No config key, no default (data, out, max_steps, alpha) or an off switch.
+                None | Some(Value::Null) | Some(Value::Bool(false)) => continue,
+                Some(Value::Array(xs)) => xs
+                    .iter()
+                    .map(|x| x.as_str().unwrap())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Number(n)) => n.as_f64().unwrap().to_string(),
+                Some(other) => panic!("--{id}: no rendering for {other}"),
+            };
+            let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            let want = format!("[default: {shown}]");
+            assert!(
+                help.ends_with(&want),
+                "--{id}: help {help:?} should end with {want}"
+            );
+            checked.push(id);
+        }
+        assert_eq!(checked.len(), 21, "{checked:?}");
+    }
 }
