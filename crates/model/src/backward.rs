@@ -154,13 +154,14 @@ pub(crate) fn lora_fwd(
     dropout: Option<&mut (f64, &mut rand_chacha::ChaCha8Rng)>,
 ) -> Result<(Tensor, LoraTape)> {
     let (a, b) = (m.a.detach(), m.b.detach());
+    // u = drop(x)·Aᵀ: [N, r]
     let (u, mask) = match dropout {
         Some((p, rng)) if *p > 0.0 => {
             let mask = dropout_mask(x, *p, rng)?;
             ((x * &mask)?.matmul(&a.t()?)?, Some(mask))
         }
         _ => (x.matmul(&a.t()?)?, None),
-    }; // [N, r]
+    };
     let y = u.matmul(&b.t()?)?.affine(m.scale, 0.0)?; // [N, out]
     Ok((y, LoraTape { u, mask }))
 }
@@ -176,10 +177,12 @@ fn lora_bwd(
     let (a, b) = (m.a.detach(), m.b.detach());
     let db = dy.t()?.matmul(&tape.u)?.affine(m.scale, 0.0)?; // [out, r]
     let du = dy.matmul(&b)?.affine(m.scale, 0.0)?; // [N, r]
+
+    // dA: [r, in], dx: [N, in]
     let (da, dx) = match &tape.mask {
         Some(mask) => (du.t()?.matmul(&(x * mask)?)?, (du.matmul(&a)? * mask)?),
         None => (du.t()?.matmul(x)?, du.matmul(&a)?),
-    }; // [r, in], [N, in]
+    };
     Ok((LoraGrads { a: da, b: db }, dx))
 }
 
@@ -211,11 +214,12 @@ impl Tape {
                                 dy: &Tensor|
              -> Result<Option<Tensor>> {
                 let needed = l > 0 || !matches!(t, Target::Q | Target::K | Target::V);
+                // dY·W₀: [N, in]
                 let mut dxp = if needed {
                     Some(dy.matmul(lw.linear(t))?)
                 } else {
                     None
-                }; // [N, in]
+                };
                 if let Some(tape) = lt.lora.get(&t) {
                     let key = ModuleKey::new(l, t);
                     let m = adapter.get(&key).ok_or_else(|| {
@@ -233,11 +237,12 @@ impl Tape {
             let dy = dx; // [N, H]
             let some =
                 |d: Option<Tensor>| d.ok_or_else(|| ModelError::Invalid("missing gradient".into()));
+            // dm: [N, I]
             let dm = some(proj_bwd(
                 Target::Down,
                 &|| ops::silu_mul(&lt.gate, &lt.up),
                 &dy,
-            )?)?; // [N, I]
+            )?)?;
             let (dgate, dup) = ops::silu_mul_bwd(&lt.gate, &lt.up, &dm)?; // [N, I] each
             drop(dm);
             let h2 = || -> Result<Tensor> {
@@ -249,7 +254,8 @@ impl Tape {
             let dh2 = (some(proj_bwd(Target::Gate, &h2, &dgate)?)?
                 + some(proj_bwd(Target::Up, &h2, &dup)?)?)?;
             let dx2 = (&dy + rms_bwd(&dh2, &lt.x2, &lt.rstd2, &lw.mlp_norm)?)?; // [N, H]
-                                                                                // Attention: x2 = x + o(attn).
+
+            // Attention: x2 = x + o(attn).
             let da = some(proj_bwd(Target::O, &|| Ok(lt.attn.clone()), &dx2)?)?; // [N, nh·hd]
             let da = heads(&da, nh, hd)?; // [nh, N, hd]
             let (mut dqs, mut dks, mut dvs) = (vec![], vec![], vec![]);

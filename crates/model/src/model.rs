@@ -193,8 +193,9 @@ impl Llama {
         opts: &mut ForwardOpts<'_>,
     ) -> Result<Vec<Option<Tensor>>> {
         let hidden = self.forward_hidden(seqs, opts)?; // [N, H]
-                                                       // Every row any sequence wants goes through the head in one matmul: per-sequence head
-                                                       // calls would each stream the whole [vocab, H] matrix (the decode bottleneck).
+
+        // Every row any sequence wants goes through the head in one matmul: per-sequence head
+        // calls would each stream the whole [vocab, H] matrix (the decode bottleneck).
         let mut rows: Vec<u32> = Vec::new();
         let mut spans = Vec::with_capacity(seqs.len());
         let mut off = 0;
@@ -596,16 +597,18 @@ impl Llama {
         // MLP: x2 + down(silu(gate)·up) over norm(x2).
         let (h, rstd2) = self.norm(&x2, &lw.mlp_norm, opts, record)?; // [N, H]
         let gate_up = [(Target::Gate, None), (Target::Up, None)];
+        // gate, up: [N, I] each
         let [gate, up]: [Tensor; 2] = self
             .projs(&h, l, &gate_up, groups, opts, lora.as_mut())?
             .try_into()
-            .expect("two projections"); // [N, I] each
+            .expect("two projections");
+        // m: [N, I]
         let m = if opts.train {
             // Differentiable ops for autograd (full fine-tuning).
             (gate.silu()? * &up)?
         } else {
             ops::silu_mul(&gate, &up)?
-        }; // [N, I]
+        };
         let down = self.proj(&m, key(Target::Down), None, groups, opts, lora.as_mut())?; // [N, H]
         let x3 = (&x2 + down)?;
         if let (Some(tape), Some(rstd1), Some(rstd2), Some(probs), Some(lora)) =
