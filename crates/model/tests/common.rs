@@ -6,10 +6,7 @@ use candle_core::{Device, Tensor};
 use lowrank_model::{AdapterSet, ForwardOpts, Llama, LoadedModel, LogitsMode, SeqInput};
 
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../tests/fixtures"
-    ))
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures"))
 }
 
 /// The default model, loaded once per test binary (fetched if absent).
@@ -65,3 +62,7 @@ pub fn logits(model: &Llama, ids: &[u32], set: Option<AdapterSet>) -> Tensor {
         .flatten()
         .unwrap()
 }
+
+#[path = "support/int8_paths.rs"]
+mod int8_paths;
+pub use int8_paths::rerun_on_every_int8_path;

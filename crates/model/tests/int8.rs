@@ -196,3 +196,21 @@ fn int8_merged_copy_repacks_the_merged_weights() {
     let base = logits(int8_model(), &ids, None);
     assert!(mean_kl(&st["base"], &base) < 0.02);
 }
+
+/// The accuracy bounds and the bitwise batch isolation above hold on every int8 kernel path
+/// this CPU can run (portable, AVX2, AVX-512 VNNI), not only on the one it picks by default.
+#[test]
+fn int8_tests_pass_on_every_kernel_path() {
+    let ran = rerun_on_every_int8_path(&[
+        "packing_the_q4_1_weights_is_exact",
+        "int8_logits_track_the_hf_reference",
+        "int8_mixed_batch_rows_equal_each_alone_bitwise",
+        "int8_merged_copy_repacks_the_merged_weights",
+    ]);
+    // The portable path exists everywhere, so at least one other path ran (unless portable
+    // was forced for this whole process, in which case every vector path the CPU has ran).
+    assert!(
+        !ran.is_empty() || lowrank_model::quant::supported_kernels().len() == 1,
+        "no other int8 path ran"
+    );
+}

@@ -375,6 +375,12 @@ async fn batched_equals_alone_int8() {
     batched_equals_alone_with(lowrank_model::quant::Compute::Int8).await;
 }
 
+/// The int8 batch isolation holds on every int8 kernel path this CPU can run.
+#[test]
+fn batched_equals_alone_int8_on_every_kernel_path() {
+    rerun_on_every_int8_path(&["batched_equals_alone_int8"]);
+}
+
 async fn batched_equals_alone_with(compute: lowrank_model::quant::Compute) {
     let mut lm = tiny();
     lm.model.set_compute(compute).unwrap();

@@ -177,3 +177,7 @@ pub async fn chat_text(s: &AppState, model: &str, prompt: &str, max_tokens: usiz
         .unwrap()
         .to_string()
 }
+
+#[path = "../../../model/tests/support/int8_paths.rs"]
+mod int8_paths;
+pub use int8_paths::rerun_on_every_int8_path;
