@@ -1376,6 +1376,33 @@ mod tests {
         );
     }
 
+    /// The acceptance check on real weights: every packed matrix of the default model (Q4_1
+    /// GGUF, fetched on first use like the other model tests) gives bitwise the same results
+    /// on every path the CPU has, for activations shaped like a transformer's (a few large
+    /// outliers).
+    #[test]
+    fn kernels_agree_bitwise_on_the_default_model() {
+        vector_kernels("kernels_agree_bitwise_on_the_default_model");
+        let path = crate::fetch::ensure_default(false).expect("default model");
+        let loaded = crate::LoadedModel::load(
+            path.to_str().expect("utf-8 path"),
+            &candle_core::Device::Cpu,
+        )
+        .expect("load the default model");
+        let qm = QuantModel::build(&loaded.model.weights).unwrap();
+        let mut qmax = std::collections::BTreeMap::<u8, usize>::new();
+        for (i, q) in qm.all().enumerate() {
+            *qmax.entry(q.qmax).or_default() += 1;
+            let rows = 5;
+            let mut x = rand_vec(rows * q.in_dim(), 40 + i as u64);
+            for v in x.iter_mut().step_by(97) {
+                *v *= 30.0;
+            }
+            assert_kernels_agree(q, &x, rows, &format!("default model matrix #{i}"));
+        }
+        eprintln!("default model: matrices by largest q: {qmax:?}");
+    }
+
     /// The saturation case of `vpmaddubsw`: q = 255 (and q = 0, i.e. q' = −128) against
     /// a = ±127 in every position; and q at each AVX2 mode's bound (16, 32, 64, 128), where
     /// the i16 sums come within 255 of overflowing.
