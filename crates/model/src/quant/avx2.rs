@@ -1,0 +1,204 @@
+use super::{Activations, QMatrix, SendPtr, NR_AVX2, QK, TB, TILE};
+use std::arch::x86_64::*;
+
+/// How a matrix's block sums are formed (see the module docs).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Mode {
+    /// Plain `maddubs`, K groups summed in i16 per `vpmaddwd` (K = 8, 4, 2, 1).
+    Plain(usize),
+    /// q > 128: the sign trick, one group per `vpmaddwd`.
+    Sign,
+}
+
+impl Mode {
+    pub(super) fn for_qmax(qmax: u8) -> Mode {
+        // Each i16 lane adds 2·K products of at most qmax·127.
+        match qmax {
+            0..=16 => Mode::Plain(8),
+            17..=32 => Mode::Plain(4),
+            33..=64 => Mode::Plain(2),
+            65..=128 => Mode::Plain(1),
+            _ => Mode::Sign,
+        }
+    }
+}
+
+/// [`super::quantize_act_block`] for a full block of 32, vectorized; bitwise equal to it
+/// for finite inputs (max of |x| is exact in any order, one f32 multiply, then the
+/// conversion's round-half-to-even under the default MXCSR rounding mode).
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn quantize_block(xb: &[f32; QK], ab: &mut [i8; QK]) -> (f32, i32) {
+    let p = xb.as_ptr();
+    let x = [
+        _mm256_loadu_ps(p),
+        _mm256_loadu_ps(p.add(8)),
+        _mm256_loadu_ps(p.add(16)),
+        _mm256_loadu_ps(p.add(24)),
+    ];
+    let sign = _mm256_set1_ps(-0.0);
+    let abs = |v: __m256| _mm256_andnot_ps(sign, v);
+    let m8 = _mm256_max_ps(
+        _mm256_max_ps(abs(x[0]), abs(x[1])),
+        _mm256_max_ps(abs(x[2]), abs(x[3])),
+    );
+    let m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps::<1>(m8));
+    let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    let m1 = _mm_max_ss(m2, _mm_shuffle_ps::<0b01>(m2, m2));
+    let amax = _mm_cvtss_f32(m1);
+    let (sc, inv) = super::act_scale(amax);
+    let inv = _mm256_set1_ps(inv);
+    let (lo, hi) = (_mm256_set1_epi32(-127), _mm256_set1_epi32(127));
+    let q = x.map(|v| {
+        let qi = _mm256_cvtps_epi32(_mm256_mul_ps(v, inv));
+        _mm256_max_epi32(_mm256_min_epi32(qi, hi), lo)
+    });
+    // Narrow i32 → i8 (values are in ±127, so the saturating packs are exact). The packs
+    // work per 128-bit lane, leaving 4-element runs in the order 0 1 2 3 | 4 5 6 7 of
+    // (q[0] lo, q[1] lo, q[2] lo, q[3] lo | q[0] hi, …); the permute restores x's order.
+    let p01 = _mm256_packs_epi32(q[0], q[1]);
+    let p23 = _mm256_packs_epi32(q[2], q[3]);
+    let p = _mm256_packs_epi16(p01, p23);
+    let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(ab.as_mut_ptr() as *mut __m256i, p);
+    let s8 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    let s4 = _mm_add_epi32(
+        _mm256_castsi256_si128(s8),
+        _mm256_extracti128_si256::<1>(s8),
+    );
+    let s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+    let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32::<0b01>(s2));
+    (sc, _mm_cvtsi128_si32(s1))
+}
+
+/// Rows r0..r0+nr of tile t, in the matrix's mode.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; otherwise as [`super::Kernel::run`].
+pub(super) unsafe fn run(w: &QMatrix, x: &Activations, t: usize, r0: usize, nr: usize, y: SendPtr) {
+    match Mode::for_qmax(w.qmax) {
+        Mode::Plain(8) => rows::<8, false>(w, x, t, r0, nr, y),
+        Mode::Plain(4) => rows::<4, false>(w, x, t, r0, nr, y),
+        Mode::Plain(2) => rows::<2, false>(w, x, t, r0, nr, y),
+        Mode::Plain(_) => rows::<1, false>(w, x, t, r0, nr, y),
+        Mode::Sign => rows::<1, true>(w, x, t, r0, nr, y),
+    }
+}
+
+/// # Safety
+/// As [`run`].
+unsafe fn rows<const K: usize, const SIGN: bool>(
+    w: &QMatrix,
+    x: &Activations,
+    t: usize,
+    r0: usize,
+    nr: usize,
+    y: SendPtr,
+) {
+    const _: () = assert!(NR_AVX2 == 4);
+    match nr {
+        1 => tile::<1, K, SIGN>(w, x, t, r0, y),
+        2 => tile::<2, K, SIGN>(w, x, t, r0, y),
+        3 => tile::<3, K, SIGN>(w, x, t, r0, y),
+        _ => tile::<4, K, SIGN>(w, x, t, r0, y),
+    }
+}
+
+/// R activation rows × one 16-output tile. Per block and group of 4 inputs, the 64 weight
+/// bytes are two ymm halves (outputs 0–7, 8–15); each row's 4 activations are broadcast
+/// and multiplied into i16 pairs (`vpmaddubsw`), K groups are summed in i16, widened to
+/// i32 (`vpmaddwd` with ones) and summed; then the VNNI kernel's f32 epilogue.
+/// Registers (16 ymm): R·2 i16 sums + R·2 i32 sums (the compiler drops the i32 ones when
+/// K = 8), 2 weight halves (+2 for the sign trick), the broadcast, ones, temporaries; the
+/// f32 sums are touched once per block and may live in memory.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `K` divides 8 and K·2·qmax·127 ≤ 32767 when `!SIGN`, K = 1
+/// when `SIGN`; otherwise as [`super::Kernel::run`] with nr = R.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile<const R: usize, const K: usize, const SIGN: bool>(
+    w: &QMatrix,
+    x: &Activations,
+    t: usize,
+    r0: usize,
+    y: SendPtr,
+) {
+    const G: usize = QK / 4; // groups of 4 inputs per block
+    let (nb, kp) = (w.nb, x.nb * QK);
+    let ones = _mm256_set1_epi16(1);
+    let flip = _mm256_set1_epi8(-128);
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    let qbase = w.q.as_ptr().add(t * nb * TB);
+    let abase = x.a.as_ptr().add(r0 * kp);
+    for b in 0..nb {
+        let qb = qbase.add(b * TB);
+        let ab = abase.add(b * QK);
+        let mut dot = [[_mm256_setzero_si256(); 2]; R];
+        for c in 0..G / K {
+            let mut s16 = [[_mm256_setzero_si256(); 2]; R];
+            for k in 0..K {
+                let g = c * K + k;
+                let w0 = _mm256_loadu_si256(qb.add(g * TILE * 4) as *const __m256i);
+                let w1 = _mm256_loadu_si256(qb.add(g * TILE * 4 + 32) as *const __m256i);
+                if SIGN {
+                    let (f0, f1) = (_mm256_xor_si256(w0, flip), _mm256_xor_si256(w1, flip));
+                    let (u0, u1) = (_mm256_abs_epi8(f0), _mm256_abs_epi8(f1));
+                    for (r, sr) in s16.iter_mut().enumerate() {
+                        let a4 = (ab.add(r * kp + g * 4) as *const i32).read_unaligned();
+                        let av = _mm256_set1_epi32(a4);
+                        sr[0] = _mm256_maddubs_epi16(u0, _mm256_sign_epi8(av, f0));
+                        sr[1] = _mm256_maddubs_epi16(u1, _mm256_sign_epi8(av, f1));
+                    }
+                } else {
+                    for (r, sr) in s16.iter_mut().enumerate() {
+                        let a4 = (ab.add(r * kp + g * 4) as *const i32).read_unaligned();
+                        let av = _mm256_set1_epi32(a4);
+                        // Wrapping i16 adds: the bound on K keeps them exact.
+                        sr[0] = _mm256_add_epi16(sr[0], _mm256_maddubs_epi16(w0, av));
+                        sr[1] = _mm256_add_epi16(sr[1], _mm256_maddubs_epi16(w1, av));
+                    }
+                }
+            }
+            for (dr, sr) in dot.iter_mut().zip(&s16) {
+                dr[0] = _mm256_add_epi32(dr[0], _mm256_madd_epi16(sr[0], ones));
+                dr[1] = _mm256_add_epi32(dr[1], _mm256_madd_epi16(sr[1], ones));
+            }
+        }
+        let tb = t * nb + b;
+        let dp = w.d.as_ptr().add(tb * TILE);
+        let mp = w.m.as_ptr().add(tb * TILE);
+        let dv = [_mm256_loadu_ps(dp), _mm256_loadu_ps(dp.add(8))];
+        let mv = [_mm256_loadu_ps(mp), _mm256_loadu_ps(mp.add(8))];
+        for (r, (ar, dr)) in acc.iter_mut().zip(&dot).enumerate() {
+            let i = (r0 + r) * nb + b;
+            let s = _mm256_set1_ps(*x.s.get_unchecked(i));
+            let sa = _mm256_set1_ps(*x.sa.get_unchecked(i));
+            let mut dot = *dr;
+            if SIGN {
+                // Σq·a = Σq'·a + 128·Σa (exact in i32: |128·Σa| ≤ 128·32·127).
+                let fix = _mm256_set1_epi32(128 * *x.sum.get_unchecked(i));
+                dot = dot.map(|v| _mm256_add_epi32(v, fix));
+            }
+            for h in 0..2 {
+                let ds = _mm256_mul_ps(dv[h], s);
+                ar[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[h]), ds, ar[h]);
+                ar[h] = _mm256_fmadd_ps(mv[h], sa, ar[h]);
+            }
+        }
+    }
+    let lanes = TILE.min(w.out - t * TILE);
+    for (r, ar) in acc.iter().enumerate() {
+        let row = y.0.add((r0 + r) * w.out + t * TILE);
+        if lanes == TILE {
+            _mm256_storeu_ps(row, ar[0]);
+            _mm256_storeu_ps(row.add(8), ar[1]);
+        } else {
+            let mut tmp = [0f32; TILE];
+            _mm256_storeu_ps(tmp.as_mut_ptr(), ar[0]);
+            _mm256_storeu_ps(tmp.as_mut_ptr().add(8), ar[1]);
+            std::ptr::copy_nonoverlapping(tmp.as_ptr(), row, lanes);
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! Which int8 kernel path runs: chosen once per process from the CPU's features, or forced
+//! with `LOWRANK_INT8_KERNEL` (see the module docs of `quant`), and the dispatch to it.
+
+#[cfg(target_arch = "x86_64")]
+use super::{avx2, vnni, NR_AVX2, NR_VNNI};
+use super::{
+    portable::portable, quantize_act_block, Activations, QMatrix, SendPtr, NR_PORTABLE, QK,
+};
+
+/// The name of the int8 kernel path this process uses: `"avx512vnni"`, `"avx2"` or
+/// `"portable"` (decided once, on first use; see the module docs for the override).
+pub fn kernel_name() -> &'static str {
+    Kernel::detect().name()
+}
+
+/// The int8 kernel paths this CPU can run, best first (`"portable"` always, last).
+pub fn supported_kernels() -> Vec<&'static str> {
+    Kernel::supported_list().iter().map(|k| k.name()).collect()
+}
+
+/// Names [`Kernel::choose`] accepts for `LOWRANK_INT8_KERNEL` (on every architecture).
+pub(super) const KERNEL_NAMES: [&str; 3] = ["avx512vnni", "avx2", "portable"];
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Kernel {
+    Portable,
+    /// AVX2 + FMA: `vpmaddubsw` / `vpmaddwd` (see [`avx2`]).
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    /// AVX-512 F + BW + VNNI: `vpdpbusd`.
+    #[cfg(target_arch = "x86_64")]
+    Vnni512,
+}
+
+impl Kernel {
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Kernel::Portable => "portable",
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Vnni512 => "avx512vnni",
+        }
+    }
+
+    /// The kernel of that name compiled into this build (whether or not the CPU runs it).
+    pub(super) fn by_name(name: &str) -> Option<Kernel> {
+        match name {
+            "portable" => Some(Kernel::Portable),
+            #[cfg(target_arch = "x86_64")]
+            "avx2" => Some(Kernel::Avx2),
+            #[cfg(target_arch = "x86_64")]
+            "avx512vnni" => Some(Kernel::Vnni512),
+            _ => None,
+        }
+    }
+
+    /// Whether this CPU runs the kernel (every instruction set its functions enable).
+    pub(super) fn supported(self) -> bool {
+        match self {
+            Kernel::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Vnni512 => {
+                is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vnni")
+            }
+        }
+    }
+
+    /// Supported kernels, best (fastest) first; the portable one is always last.
+    pub(super) fn supported_list() -> Vec<Kernel> {
+        let all = [
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Vnni512,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2,
+            Kernel::Portable,
+        ];
+        all.into_iter().filter(|k| k.supported()).collect()
+    }
+
+    /// The kernel for this process, decided once: every matmul of a process must use the same
+    /// one (bitwise-equal paths notwithstanding, one path keeps timing and debugging simple),
+    /// and the environment lookup does not belong on the per-matmul path.
+    ///
+    /// `LOWRANK_INT8_KERNEL=portable|avx2|avx512vnni` forces a path; an unknown name or a path
+    /// the CPU cannot run prints one warning on stderr and the best supported path runs (a
+    /// forced path is a testing and timing aid, so a server keeps working on another CPU).
+    /// `LOWRANK_PORTABLE_INT8` (set, not empty or `0`) is the older spelling of `portable`.
+    pub(super) fn detect() -> Kernel {
+        static K: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *K.get_or_init(|| {
+            let forced = std::env::var("LOWRANK_INT8_KERNEL").ok();
+            let legacy = std::env::var_os("LOWRANK_PORTABLE_INT8")
+                .is_some_and(|v| !v.is_empty() && v != "0");
+            let (kernel, warning) =
+                Kernel::choose(forced.as_deref(), legacy, &Kernel::supported_list());
+            if let Some(w) = warning {
+                eprintln!("lowrank: warning: {w}");
+            }
+            kernel
+        })
+    }
+
+    /// The choice [`Kernel::detect`] makes from the environment's values and the supported
+    /// kernels (best first), with the warning to print, if any.
+    pub(super) fn choose(
+        forced: Option<&str>,
+        legacy_portable: bool,
+        supported: &[Kernel],
+    ) -> (Kernel, Option<String>) {
+        let best = supported.first().copied().unwrap_or(Kernel::Portable);
+        let forced = forced.map(|v| v.trim().to_ascii_lowercase());
+        match forced.as_deref() {
+            None | Some("") | Some("auto") => {
+                let k = if legacy_portable {
+                    Kernel::Portable
+                } else {
+                    best
+                };
+                (k, None)
+            }
+            Some(name) => match Kernel::by_name(name) {
+                Some(k) if supported.contains(&k) => (k, None),
+                _ if KERNEL_NAMES.contains(&name) => (
+                    best,
+                    Some(format!(
+                        "LOWRANK_INT8_KERNEL={name}: this CPU does not support that int8 \
+                         kernel (supported: {}); using {}",
+                        supported
+                            .iter()
+                            .map(|k| k.name())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        best.name()
+                    )),
+                ),
+                _ => (
+                    best,
+                    Some(format!(
+                        "LOWRANK_INT8_KERNEL={name}: unknown int8 kernel (expected one of \
+                         {}, auto); using {}",
+                        KERNEL_NAMES.join(", "),
+                        best.name()
+                    )),
+                ),
+            },
+        }
+    }
+
+    /// Most activation rows one kernel call takes.
+    pub(super) fn rows_per_call(self) -> usize {
+        match self {
+            Kernel::Portable => NR_PORTABLE,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => NR_AVX2,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Vnni512 => NR_VNNI,
+        }
+    }
+
+    /// One activation block (a short tail block is zero-padded, which changes neither the
+    /// maximum nor the sum): (s, Σa).
+    ///
+    /// # Safety
+    /// The CPU supports this kernel ([`Kernel::supported`]).
+    pub(super) unsafe fn quantize_block(self, xb: &[f32], ab: &mut [i8; QK]) -> (f32, i32) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let mut buf = [0f32; QK];
+            let full: &[f32; QK] = match xb.try_into() {
+                Ok(full) => full,
+                Err(_) => {
+                    buf[..xb.len()].copy_from_slice(xb);
+                    &buf
+                }
+            };
+            match self {
+                Kernel::Portable => {}
+                // SAFETY: the caller guarantees the CPU has AVX2 + FMA.
+                Kernel::Avx2 => return unsafe { avx2::quantize_block(full, ab) },
+                // SAFETY: the caller guarantees the CPU has AVX-512 F/BW/VNNI.
+                Kernel::Vnni512 => return unsafe { vnni::quantize_block(full, ab) },
+            }
+        }
+        quantize_act_block(xb, ab)
+    }
+
+    /// Rows r0..r0+nr (nr ≤ [`Kernel::rows_per_call`]) of tile t into y.
+    ///
+    /// # Safety
+    /// The CPU supports this kernel; `y` points at a [rows, out] buffer and `x` holds
+    /// rows ≥ r0 + nr quantized for `w`'s input dim; t < `w.tiles`; no other thread writes
+    /// these cells meanwhile.
+    pub(super) unsafe fn run(
+        self,
+        w: &QMatrix,
+        x: &Activations,
+        t: usize,
+        r0: usize,
+        nr: usize,
+        y: SendPtr,
+    ) {
+        debug_assert!(nr >= 1 && nr <= self.rows_per_call());
+        match self {
+            Kernel::Portable => portable(w, x, t, r0, nr, y),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => avx2::run(w, x, t, r0, nr, y),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Vnni512 => match nr {
+                1 => vnni::tile::<1>(w, x, t, r0, y),
+                2 => vnni::tile::<2>(w, x, t, r0, y),
+                3 => vnni::tile::<3>(w, x, t, r0, y),
+                4 => vnni::tile::<4>(w, x, t, r0, y),
+                5 => vnni::tile::<5>(w, x, t, r0, y),
+                6 => vnni::tile::<6>(w, x, t, r0, y),
+                7 => vnni::tile::<7>(w, x, t, r0, y),
+                _ => vnni::tile::<8>(w, x, t, r0, y),
+            },
+        }
+    }
+}

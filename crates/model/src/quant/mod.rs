@@ -1,0 +1,567 @@
+//! Int8 inference matmuls for CPU serving: 8-bit block weights × 8-bit block activations.
+//!
+//! This is the arithmetic llama.cpp runs for a Q4_1 GGUF (Q4_1 weights × Q8_1 activations),
+//! written for batches: each weight row is cut into blocks of [`QK`] inputs stored as
+//! `w = d·q + m` with `q ∈ 0..=255` (one scale and one offset per block), and each activation
+//! row into blocks stored as `x ≈ s·a` with `a ∈ −127..=127`. A block's dot product is then
+//! `d·s·Σ q·a + m·s·Σ a`, where `Σ q·a` is exact integer arithmetic (AVX-512 VNNI `vpdpbusd`:
+//! 64 multiply-adds per instruction, 4× the f32 FMA rate; AVX2 `vpmaddubsw` + `vpmaddwd`).
+//!
+//! Weights that came from a ≤ 8-bit block format (Q4_0, Q4_1, Q5_x, Q8_0: every block is an
+//! evenly spaced grid) are stored *exactly* (the grid is detected); other weights (f32, f16,
+//! k-quants) are rounded to 256 levels per block. The activation rounding is the only other
+//! loss — the same llama.cpp accepts. Each row is computed alone in a fixed order, so a row's
+//! result never depends on which other rows share the batch (bitwise), which is what mixed
+//! serving batches need.
+//!
+//! Kernel paths (chosen once per process by CPU features, see [`kernel_name`]):
+//! `avx512vnni` (AVX-512 F/BW/VNNI), `avx2` (AVX2 + FMA) and `portable` (plain Rust, any CPU).
+//! Every path computes the same exact i32 block sums and then the same f32 operations in the
+//! same order, so all give bitwise the same results. `LOWRANK_INT8_KERNEL=portable|avx2|avx512vnni`
+//! forces a path (for testing and timing); a path this CPU cannot run is refused with one warning
+//! on stderr and the best supported path runs instead. `LOWRANK_PORTABLE_INT8=1` is an older
+//! spelling of `LOWRANK_INT8_KERNEL=portable`.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use lowrank_lora::Target;
+use rayon::prelude::*;
+
+use crate::error::{ModelError, Result};
+use crate::weights::{LayerWeights, Weights};
+
+/// Inputs per block (llama.cpp's QK4_1 / QK8_1).
+pub const QK: usize = 32;
+/// Outputs per tile: one 512-bit register of i32 or f32 lanes.
+const TILE: usize = 16;
+/// Bytes of one packed (tile, block): 16 outputs × 32 inputs.
+const TB: usize = TILE * QK;
+/// Rows of activations a VNNI kernel call keeps in registers (2 zmm each: i32 dot, f32 sum).
+#[cfg(target_arch = "x86_64")]
+const NR_VNNI: usize = 8;
+/// Rows per AVX2 kernel call: each row needs 2 ymm (a 16-output group is two 256-bit halves)
+/// of i32 or i16 sums, out of 16 ymm registers (see `avx2::tile`).
+#[cfg(target_arch = "x86_64")]
+const NR_AVX2: usize = 4;
+/// Rows per portable kernel call (it loops over rows; only the unit of work).
+const NR_PORTABLE: usize = 8;
+/// Rows per parallel work unit (bounds the activation bytes re-read per weight tile).
+const ROW_BLOCK: usize = 64;
+
+/// An [out, in] weight in 8-bit blocks, packed for the kernel:
+/// `q[tile][block][group of 4 inputs][16 outputs][4]`, `d`, `m`: `[tile][block][16]`.
+#[derive(Debug, Clone)]
+pub struct QMatrix {
+    out: usize,
+    inp: usize,
+    /// Blocks along the input dim (inputs padded with zeros to a multiple of [`QK`]).
+    nb: usize,
+    tiles: usize,
+    q: Vec<u8>,
+    d: Vec<f32>,
+    m: Vec<f32>,
+    /// Blocks whose values were not an evenly spaced grid of ≤ 256 levels (rounded).
+    rounded_blocks: usize,
+    /// The largest q: bounds the i16 partial sums of the AVX2 kernel (see `avx2::Mode`).
+    qmax: u8,
+}
+
+impl QMatrix {
+    /// Pack a row-major [out, in] f32 weight.
+    pub fn from_f32(w: &[f32], out: usize, inp: usize) -> Result<QMatrix> {
+        if w.len() != out * inp || out == 0 || inp == 0 {
+            return Err(ModelError::Invalid(format!(
+                "int8 pack: weight has {} values, expected {out}×{inp}",
+                w.len()
+            )));
+        }
+        let nb = inp.div_ceil(QK);
+        let tiles = out.div_ceil(TILE);
+        let mut q = vec![0u8; tiles * nb * TB];
+        let mut d = vec![0f32; tiles * nb * TILE];
+        let mut m = vec![0f32; tiles * nb * TILE];
+        let rounded: usize = q
+            .par_chunks_mut(nb * TB)
+            .zip(d.par_chunks_mut(nb * TILE))
+            .zip(m.par_chunks_mut(nb * TILE))
+            .enumerate()
+            .map(|(t, ((qt, dt), mt))| {
+                let mut rounded = 0;
+                let mut block = [0u8; QK];
+                for lane in 0..TILE {
+                    let o = t * TILE + lane;
+                    if o >= out {
+                        break; // padding outputs: d = m = 0 → 0
+                    }
+                    let row = &w[o * inp..(o + 1) * inp];
+                    for b in 0..nb {
+                        let vals = &row[b * QK..((b + 1) * QK).min(inp)];
+                        let (db, mb, exact) = quantize_block(vals, &mut block);
+                        rounded += usize::from(!exact);
+                        dt[b * TILE + lane] = db;
+                        mt[b * TILE + lane] = mb;
+                        let qb = &mut qt[b * TB..(b + 1) * TB];
+                        for (i, &v) in block.iter().enumerate() {
+                            qb[(i / 4) * TILE * 4 + lane * 4 + i % 4] = v;
+                        }
+                    }
+                }
+                rounded
+            })
+            .sum();
+        let qmax = q.par_iter().copied().max().unwrap_or(0);
+        Ok(QMatrix {
+            out,
+            inp,
+            nb,
+            tiles,
+            q,
+            d,
+            m,
+            rounded_blocks: rounded,
+            qmax,
+        })
+    }
+
+    /// Pack a [out, in] tensor (any device; copied to host).
+    pub fn from_tensor(w: &Tensor) -> Result<QMatrix> {
+        let (out, inp) = w.dims2()?;
+        let v = w
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        QMatrix::from_f32(&v, out, inp)
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.out
+    }
+
+    pub fn in_dim(&self) -> usize {
+        self.inp
+    }
+
+    /// Blocks that had to be rounded (0 for weights from a ≤ 8-bit block format).
+    pub fn rounded_blocks(&self) -> usize {
+        self.rounded_blocks
+    }
+
+    /// Total blocks.
+    pub fn blocks(&self) -> usize {
+        self.out * self.nb
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.q.len() + 4 * (self.d.len() + self.m.len())
+    }
+
+    /// The weight as this packing represents it, row-major [out, in] (for tests and checks).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut w = vec![0f32; self.out * self.inp];
+        for o in 0..self.out {
+            let (t, lane) = (o / TILE, o % TILE);
+            for i in 0..self.inp {
+                let (b, j) = (i / QK, i % QK);
+                let tb = t * self.nb + b;
+                let q = self.q[tb * TB + (j / 4) * TILE * 4 + lane * 4 + j % 4];
+                w[o * self.inp + i] =
+                    self.d[tb * TILE + lane].mul_add(q as f32, self.m[tb * TILE + lane]);
+            }
+        }
+        w
+    }
+
+    /// y = x·Wᵀ for row-major x [rows, in] → y [rows, out].
+    pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        self.matmul_with(Kernel::detect(), x, rows)
+    }
+
+    /// [`QMatrix::matmul`] on a given kernel path (which the CPU must support).
+    fn matmul_with(&self, kernel: Kernel, x: &[f32], rows: usize) -> Vec<f32> {
+        assert!(
+            kernel.supported(),
+            "int8 kernel {} on this CPU",
+            kernel.name()
+        );
+        assert_eq!(x.len(), rows * self.inp, "int8 matmul: input size");
+        let mut y = vec![0f32; rows * self.out];
+        if rows == 0 {
+            return y;
+        }
+        let act = Activations::quantize(kernel, x, rows, self.inp, self.nb);
+        let nr_max = kernel.rows_per_call();
+        let tiles_per_unit = tile_chunk(self.tiles, rows);
+        let tile_units = self.tiles.div_ceil(tiles_per_unit);
+        let row_units = rows.div_ceil(ROW_BLOCK);
+        let yp = SendPtr(y.as_mut_ptr());
+        (0..row_units * tile_units).into_par_iter().for_each(|u| {
+            let (ru, tu) = (u / tile_units, u % tile_units);
+            let r_end = ((ru + 1) * ROW_BLOCK).min(rows);
+            let t_end = ((tu + 1) * tiles_per_unit).min(self.tiles);
+            for t in tu * tiles_per_unit..t_end {
+                let mut r0 = ru * ROW_BLOCK;
+                while r0 < r_end {
+                    let nr = (r_end - r0).min(nr_max);
+                    // SAFETY: each (row, tile) output cell is written by exactly one unit,
+                    // `y` outlives the parallel loop, rows r0..r0+nr < rows exist in `act`
+                    // and `y`, t < tiles, and `kernel` is supported (asserted above).
+                    unsafe { kernel.run(self, &act, t, r0, nr, yp) };
+                    r0 += nr;
+                }
+            }
+        });
+        y
+    }
+}
+
+/// Tiles per work unit: a few units per thread, none with less than ~64 KB of weights.
+fn tile_chunk(tiles: usize, rows: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let units_wanted = threads * 4;
+    let by_balance = tiles.div_ceil(units_wanted).max(1);
+    if rows >= ROW_BLOCK {
+        by_balance.min(8)
+    } else {
+        by_balance
+    }
+}
+
+/// Store one block as `w = d·q + m`; returns (d, m, exact). Blocks on an evenly spaced grid
+/// of ≤ 256 levels (every llama.cpp ≤ 8-bit block format) keep their grid, exactly.
+fn quantize_block(vals: &[f32], q: &mut [u8; QK]) -> (f32, f32, bool) {
+    q.fill(0);
+    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+    for &v in vals {
+        lo = lo.min(v);
+        hi = hi.max(v);
+    }
+    if !lo.is_finite() || !hi.is_finite() || hi == lo {
+        return (0.0, if lo.is_finite() { lo } else { 0.0 }, lo.is_finite());
+    }
+    let range = hi - lo;
+    let tiny = range * 1e-5;
+    let on_grid = |step: f32| {
+        step.is_finite()
+            && (range / step).round() <= 255.0
+            && vals.iter().all(|&v| {
+                let k = (v - lo) / step;
+                (k - k.round()).abs() < 1e-3
+            })
+    };
+    // The grid step divides the smallest nonzero offset from the minimum (cheap; enough for
+    // 4/5-bit blocks) and the smallest gap between sorted values (dense 8-bit blocks).
+    let offset = vals
+        .iter()
+        .map(|&v| v - lo)
+        .filter(|&g| g > tiny)
+        .fold(f32::INFINITY, f32::min);
+    let min_gap = || {
+        let mut sorted = [0f32; QK];
+        sorted[..vals.len()].copy_from_slice(vals);
+        let sorted = &mut sorted[..vals.len()];
+        sorted.sort_unstable_by(f32::total_cmp);
+        sorted
+            .windows(2)
+            .map(|p| p[1] - p[0])
+            .filter(|&g| g > tiny)
+            .fold(f32::INFINITY, f32::min)
+    };
+    let step = (1..=16)
+        .map(|div| offset / div as f32)
+        .find(|&s| on_grid(s))
+        .or_else(|| {
+            let g = min_gap();
+            (1..=4).map(|div| g / div as f32).find(|&s| on_grid(s))
+        });
+    if let Some(step) = step {
+        for (qi, &v) in q.iter_mut().zip(vals) {
+            *qi = ((v - lo) / step).round() as u8;
+        }
+        return (step, lo, true);
+    }
+    let d = range / 255.0;
+    for (qi, &v) in q.iter_mut().zip(vals) {
+        *qi = ((v - lo) / d).round().clamp(0.0, 255.0) as u8;
+    }
+    (d, lo, false)
+}
+
+/// Activation rows in 8-bit blocks: `x ≈ s·a`, plus `Σa` and `s·Σa` per block for the offset
+/// term (and the AVX2 kernel's sign trick).
+struct Activations {
+    /// [rows][nb·QK], zero-padded.
+    a: Vec<i8>,
+    /// [rows][nb]
+    s: Vec<f32>,
+    /// [rows][nb]: s·Σa
+    sa: Vec<f32>,
+    /// [rows][nb]: Σa (exact; |Σa| ≤ 32·127)
+    sum: Vec<i32>,
+    nb: usize,
+}
+
+impl Activations {
+    /// Quantize with `kernel`'s block quantizer (all are bitwise equal; the vector ones are
+    /// faster). Panics when this CPU does not support `kernel`.
+    fn quantize(kernel: Kernel, x: &[f32], rows: usize, inp: usize, nb: usize) -> Activations {
+        assert!(kernel.supported(), "int8 kernel {}", kernel.name());
+        assert!(x.len() >= rows * inp && nb == inp.div_ceil(QK));
+        let kp = nb * QK;
+        let mut a = vec![0i8; rows * kp];
+        let mut s = vec![0f32; rows * nb];
+        let mut sa = vec![0f32; rows * nb];
+        let mut sum = vec![0i32; rows * nb];
+        let work = |r: usize, (ar, (sr, (sar, sumr))): RowOut<'_>| {
+            let xr = &x[r * inp..(r + 1) * inp];
+            for (b, ab) in ar.chunks_exact_mut(QK).enumerate() {
+                let xb = &xr[b * QK..((b + 1) * QK).min(inp)];
+                let ab: &mut [i8; QK] = ab.try_into().expect("QK-sized chunk");
+                // SAFETY: the CPU supports `kernel` (asserted above).
+                let (sc, total) = unsafe { kernel.quantize_block(xb, ab) };
+                sr[b] = sc;
+                sar[b] = sc * total as f32;
+                sumr[b] = total;
+            }
+        };
+        let chunks = a.chunks_mut(kp).zip(
+            s.chunks_mut(nb)
+                .zip(sa.chunks_mut(nb).zip(sum.chunks_mut(nb))),
+        );
+        if rows >= 16 {
+            chunks
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .enumerate()
+                .for_each(|(r, c)| work(r, c));
+        } else {
+            chunks.enumerate().for_each(|(r, c)| work(r, c));
+        }
+        Activations { a, s, sa, sum, nb }
+    }
+}
+
+/// One row's slices of [`Activations`] while it is being filled: (a, (s, (s·Σa, Σa))).
+type RowOut<'a> = (
+    &'a mut [i8],
+    (&'a mut [f32], (&'a mut [f32], &'a mut [i32])),
+);
+
+/// One activation block: `a = round(x/s)` with `s = max|x|/127` (ties to even, as the
+/// vector conversions round); returns (s, Σa). `xb` may be a short tail block (the rest of
+/// `ab` is zeroed). The vector kernels' versions are bitwise equal (for finite inputs).
+fn quantize_act_block(xb: &[f32], ab: &mut [i8; QK]) -> (f32, i32) {
+    let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let (sc, inv) = act_scale(amax);
+    // Round half to even by the 1.5·2²³ trick: after clamping |y| ≤ 127 < 2²², y + C is
+    // rounded to an integer by the (default, nearest-even) f32 addition and − C is exact,
+    // so this equals `round_ties_even` (which is a library call on baseline x86-64, where
+    // the add/sub form vectorizes). Clamping before rounding gives the same integers as
+    // rounding before clamping because ±127 are integers.
+    const C: f32 = 12_582_912.0; // 1.5 · 2^23
+    let mut sum = 0i32;
+    ab.fill(0);
+    for (ai, &v) in ab.iter_mut().zip(xb) {
+        let y = (v * inv).clamp(-127.0, 127.0);
+        let qv = ((y + C) - C) as i8;
+        *ai = qv;
+        sum += qv as i32;
+    }
+    (sc, sum)
+}
+
+/// A block's scale `s = max|x|/127` and the multiplier `1/s` (0 for an all-zero block),
+/// shared by every path's quantizer. `1/s` is capped at `f32::MAX`: for a block of tiny
+/// (denormal-range) values it would be +∞, and 0·∞ = NaN converts differently in the scalar
+/// (`as i8`: 0) and vector (`cvtps2dq`: i32::MIN) code.
+#[inline(always)]
+fn act_scale(amax: f32) -> (f32, f32) {
+    let sc = amax / 127.0;
+    let inv = if sc > 0.0 {
+        (1.0 / sc).min(f32::MAX)
+    } else {
+        0.0
+    };
+    (sc, inv)
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: used only to hand disjoint output cells to the parallel units of one matmul.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+use kernel::Kernel;
+pub use kernel::{kernel_name, supported_kernels};
+
+mod kernel;
+mod portable;
+
+#[cfg(target_arch = "x86_64")]
+mod vnni;
+
+/// The AVX2 + FMA kernel family.
+///
+/// `vpmaddubsw` multiplies u8 by i8 and adds adjacent pairs into *saturating* i16, so the
+/// exact block sum needs every i16 it forms to stay within ±32767. Which construction is
+/// used depends on the matrix's largest q (`Mode::for_qmax`), all giving the exact i32 Σq·a:
+///
+/// * q ≤ 128: `maddubs(q, a)` directly (a pair is ≤ 2·128·127 = 32512), and when q is small
+///   K consecutive groups' pairs are added in i16 before one `vpmaddwd` widens them
+///   (K·2·qmax·127 ≤ 32767: K = 8 for q ≤ 16, i.e. 4-bit GGUF blocks; 4 for q ≤ 32; 2 for
+///   q ≤ 64), saving most of the widening work.
+/// * q > 128 (8-bit grids, rounded f32 weights): the sign trick. q' = q ^ 0x80 = q − 128 as
+///   i8; `maddubs(|q'|, sign(a, q'))` forms q'·a with |q'| ≤ 128 (a pair ≤ 32512), and
+///   Σq·a = Σq'·a + 128·Σa with the exact Σa from the quantizer.
+///
+/// The f32 epilogue is the VNNI kernel's, per 8-lane half.
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
+/// The custom op: x [.., in] (f32, CPU) → [.., out] through a packed weight.
+struct QLinear<'a>(&'a QMatrix);
+
+impl CustomOp1 for QLinear<'_> {
+    fn name(&self) -> &'static str {
+        "int8-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = match (storage, layout.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => &v[a..b],
+            _ => candle_core::bail!("int8-linear: expects contiguous f32 input"),
+        };
+        let dims = layout.shape().dims();
+        let inp = dims[dims.len() - 1];
+        if inp != self.0.inp {
+            candle_core::bail!(
+                "int8-linear: input dim {inp}, weight expects {}",
+                self.0.inp
+            );
+        }
+        let rows = x.len() / inp;
+        let y = self.0.matmul(x, rows);
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("rank ≥ 1") = self.0.out;
+        Ok((CpuStorage::F32(y), Shape::from(out_dims)))
+    }
+}
+
+/// x·Wᵀ through a packed weight. x: [.., in] f32 on the CPU → [.., out]. No gradient.
+pub fn qlinear(x: &Tensor, w: &QMatrix) -> Result<Tensor> {
+    if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
+        return Err(ModelError::Invalid(
+            "int8 compute runs on the CPU with f32 activations".into(),
+        ));
+    }
+    Ok(x.contiguous()?.apply_op1_no_bwd(&QLinear(w))?)
+}
+
+/// How the frozen projections and the LM head are multiplied at inference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compute {
+    /// f32 weights and activations (matches the HF reference; the training path).
+    #[default]
+    F32,
+    /// 8-bit block weights × 8-bit block activations (CPU; llama.cpp's arithmetic).
+    Int8,
+}
+
+/// Projections packed into one matrix (outputs concatenated in this order): one activation
+/// quantization and one parallel pass per group instead of one per projection.
+pub const PACKS: [&[Target]; 4] = [
+    &[Target::Q, Target::K, Target::V],
+    &[Target::O],
+    &[Target::Gate, Target::Up],
+    &[Target::Down],
+];
+
+/// Every frozen projection (grouped as [`PACKS`]) and the LM head, packed. Shared (`Arc`)
+/// between a model and its merged copies, which repack only the groups they change.
+#[derive(Debug, Clone)]
+pub struct QuantModel {
+    /// [layer][pack]
+    layers: Vec<[Arc<QMatrix>; 4]>,
+    head: Arc<QMatrix>,
+}
+
+impl QuantModel {
+    /// Pack every frozen projection and the head (the tied embedding when there is no head).
+    pub fn build(w: &Weights) -> Result<QuantModel> {
+        let layers = w
+            .layers
+            .iter()
+            .map(|l| {
+                let v: Vec<Arc<QMatrix>> = PACKS
+                    .iter()
+                    .map(|p| pack_group(l, p))
+                    .collect::<Result<_>>()?;
+                Ok(v.try_into().expect("four packs"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let head = Arc::new(QMatrix::from_tensor(
+            w.lm_head.as_ref().unwrap_or(&w.embed),
+        )?);
+        Ok(QuantModel { layers, head })
+    }
+
+    /// The packed matrix of `targets` in `layer`, when they are exactly one of [`PACKS`].
+    pub fn pack(&self, layer: usize, targets: &[Target]) -> Option<&QMatrix> {
+        let i = PACKS.iter().position(|p| *p == targets)?;
+        self.layers.get(layer).map(|l| &*l[i])
+    }
+
+    pub fn head(&self) -> &QMatrix {
+        &self.head
+    }
+
+    /// Repack the group holding `target` from the layer's (merged) weights.
+    pub fn replace(&mut self, layer: usize, lw: &LayerWeights, target: Target) -> Result<()> {
+        let l = self
+            .layers
+            .get_mut(layer)
+            .ok_or_else(|| ModelError::Invalid(format!("int8 repack: no layer {layer}")))?;
+        let i = PACKS
+            .iter()
+            .position(|p| p.contains(&target))
+            .expect("every target is packed");
+        l[i] = pack_group(lw, PACKS[i])?;
+        Ok(())
+    }
+
+    fn all(&self) -> impl Iterator<Item = &QMatrix> {
+        self.layers
+            .iter()
+            .flat_map(|l| l.iter().map(|m| &**m))
+            .chain(std::iter::once(&*self.head))
+    }
+
+    /// Bytes held by the packed weights.
+    pub fn bytes(&self) -> usize {
+        self.all().map(QMatrix::bytes).sum()
+    }
+
+    /// (rounded blocks, all blocks): 0 rounded when the weights came from ≤ 8-bit blocks.
+    pub fn rounded(&self) -> (usize, usize) {
+        self.all()
+            .fold((0, 0), |(r, n), m| (r + m.rounded_blocks(), n + m.blocks()))
+    }
+}
+
+/// One group's weights stacked along the output dim, packed.
+fn pack_group(lw: &LayerWeights, targets: &[Target]) -> Result<Arc<QMatrix>> {
+    let ws: Vec<&Tensor> = targets.iter().map(|&t| lw.linear(t)).collect();
+    let w = match ws.as_slice() {
+        [one] => (*one).clone(),
+        _ => Tensor::cat(&ws, 0)?,
+    };
+    Ok(Arc::new(QMatrix::from_tensor(&w)?))
+}
+
+#[cfg(test)]
+mod tests;

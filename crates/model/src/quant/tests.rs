@@ -1,0 +1,507 @@
+use super::kernel::KERNEL_NAMES;
+use super::*;
+use rand::{Rng, SeedableRng};
+
+fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+/// Block-grid weights: per 32-block d·q + m with q ∈ 0..levels (Q4_1-style for 16 levels).
+/// The first two inputs of every block are q = 0 and q = levels − 1, so the grid's
+/// largest q is reached.
+fn grid_weights(out: usize, inp: usize, levels: u32, seed: u64) -> Vec<f32> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut w = vec![0f32; out * inp];
+    for o in 0..out {
+        for b in 0..inp.div_ceil(QK) {
+            let d: f32 = rng.random_range(0.001..0.05) * 16.0 / levels as f32;
+            let m: f32 = rng.random_range(-0.3..0.0);
+            for i in b * QK..((b + 1) * QK).min(inp) {
+                let q = match i - b * QK {
+                    0 => 0,
+                    1 => levels - 1,
+                    _ => rng.random_range(0..levels),
+                };
+                w[o * inp + i] = d * q as f32 + m;
+            }
+        }
+    }
+    w
+}
+
+/// Q4_1-style weights: per 32-block d·q + m with q ∈ 0..16.
+fn q4_weights(out: usize, inp: usize, seed: u64) -> Vec<f32> {
+    grid_weights(out, inp, 16, seed)
+}
+
+fn reference(x: &[f32], w: &[f32], rows: usize, out: usize, inp: usize) -> Vec<f32> {
+    let mut y = vec![0f32; rows * out];
+    for r in 0..rows {
+        for o in 0..out {
+            let mut s = 0f64;
+            for i in 0..inp {
+                s += x[r * inp + i] as f64 * w[o * inp + i] as f64;
+            }
+            y[r * out + o] = s as f32;
+        }
+    }
+    y
+}
+
+/// Every supported kernel other than the portable one; prints the paths this CPU lacks.
+fn vector_kernels(test: &str) -> Vec<Kernel> {
+    let supported = Kernel::supported_list();
+    let skipped: Vec<&str> = KERNEL_NAMES
+        .iter()
+        .copied()
+        .filter(|n| !supported.iter().any(|k| k.name() == *n))
+        .collect();
+    eprintln!("{test}: skipped int8 kernel paths (not on this CPU): {skipped:?}");
+    eprintln!(
+        "{test}: checking {:?} against portable",
+        supported.iter().map(|k| k.name()).collect::<Vec<_>>()
+    );
+    supported
+        .into_iter()
+        .filter(|&k| k != Kernel::Portable)
+        .collect()
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|f| f.to_bits()).collect()
+}
+
+/// The same matrix with a larger assumed q bound: the AVX2 kernel then takes a more
+/// conservative mode (valid for any smaller q), so every mode runs on every weight kind.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn with_qmax(q: &QMatrix, qmax: u8) -> QMatrix {
+    assert!(qmax >= q.qmax);
+    let mut c = q.clone();
+    c.qmax = qmax;
+    c
+}
+
+/// Every vector kernel gives bitwise the portable results (and so do all AVX2 modes the
+/// matrix allows); returns the portable result.
+fn assert_kernels_agree(q: &QMatrix, x: &[f32], rows: usize, what: &str) -> Vec<f32> {
+    let want = q.matmul_with(Kernel::Portable, x, rows);
+    for k in Kernel::supported_list() {
+        #[allow(unused_mut)]
+        let mut variants = vec![q.clone()];
+        #[cfg(target_arch = "x86_64")]
+        if k == Kernel::Avx2 {
+            variants.extend(
+                [16u8, 32, 64, 128, 255]
+                    .into_iter()
+                    .filter(|&b| b > q.qmax)
+                    .map(|b| with_qmax(q, b)),
+            );
+        }
+        for v in &variants {
+            let got = v.matmul_with(k, x, rows);
+            assert!(
+                bits(&got) == bits(&want),
+                "{what}: kernel {} (qmax {}) differs from portable: first at {:?}",
+                k.name(),
+                v.qmax,
+                got.iter()
+                    .zip(&want)
+                    .position(|(a, b)| a.to_bits() != b.to_bits())
+                    .map(|i| (i, got[i], want[i]))
+            );
+        }
+    }
+    want
+}
+
+/// |y − reference| within the activation rounding (≤ s/2 per input) plus f32 noise.
+fn assert_near_reference(y: &[f32], x: &[f32], w: &[f32], rows: usize, out: usize, what: &str) {
+    let inp = w.len() / out;
+    let r = reference(x, w, rows, out, inp);
+    for row in 0..rows {
+        let xr = &x[row * inp..(row + 1) * inp];
+        for o in 0..out {
+            let wr = &w[o * inp..(o + 1) * inp];
+            // Σ over blocks of (amax_b/254)·Σ|w|, plus relative f32 accumulation error.
+            let mut tol = 0f64;
+            let mut mag = 0f64;
+            for (xb, wb) in xr.chunks(QK).zip(wr.chunks(QK)) {
+                let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+                let wsum: f64 = wb.iter().map(|v| v.abs() as f64).sum();
+                tol += amax / 254.0 * wsum;
+                mag += amax * wsum;
+            }
+            let tol = tol * 1.01 + mag * 1e-5 + 1e-30;
+            let (a, b) = (y[row * out + o], r[row * out + o]);
+            assert!(
+                ((a - b) as f64).abs() <= tol,
+                "{what}: [{row}, {o}] {a} vs {b} (tol {tol})"
+            );
+        }
+    }
+}
+
+#[test]
+fn block_grid_weights_are_stored_exactly() {
+    let (out, inp) = (37, 100); // ragged tiles and blocks
+    let w = q4_weights(out, inp, 1);
+    let q = QMatrix::from_f32(&w, out, inp).unwrap();
+    assert_eq!(q.rounded_blocks(), 0);
+    assert!(q.qmax <= 15);
+    for (a, b) in q.dequantize().iter().zip(&w) {
+        // Exact up to f32 rounding of the detected step (8-bit rounding would be ~1e-3).
+        assert!((a - b).abs() <= 2e-6, "{a} vs {b}");
+    }
+    // Arbitrary f32 weights are rounded to 256 levels per block.
+    let f = rand_vec(out * inp, 2);
+    let q = QMatrix::from_f32(&f, out, inp).unwrap();
+    assert!(q.rounded_blocks() > 0);
+    assert_eq!(q.qmax, 255);
+    for (a, b) in q.dequantize().iter().zip(&f) {
+        assert!((a - b).abs() <= 2.0 / 510.0 + 1e-6, "{a} vs {b}");
+    }
+}
+
+#[test]
+fn matmul_matches_f32_within_activation_rounding() {
+    for &(rows, out, inp) in &[(1, 16, 32), (5, 37, 100), (33, 48, 576), (70, 20, 64)] {
+        let w = q4_weights(out, inp, rows as u64);
+        let x = rand_vec(rows * inp, 7 + rows as u64);
+        let q = QMatrix::from_f32(&w, out, inp).unwrap();
+        let y = q.matmul(&x, rows);
+        let r = reference(&x, &w, rows, out, inp);
+        // Per element the activation rounding is ≤ s/2 = amax/254 per block.
+        let wabs: f32 = w.iter().map(|v| v.abs()).fold(0.0, f32::max);
+        let tol = inp as f32 * wabs / 254.0 * 0.5;
+        for (i, (a, b)) in y.iter().zip(&r).enumerate() {
+            assert!(
+                (a - b).abs() <= tol,
+                "[{rows}×{out}×{inp}] #{i}: {a} vs {b}"
+            );
+        }
+        // Not trivially zero and much closer than the tolerance on average.
+        let err: f32 = y.iter().zip(&r).map(|(a, b)| (a - b).abs()).sum::<f32>();
+        let mag: f32 = r.iter().map(|v| v.abs()).sum::<f32>();
+        assert!(err / mag < 0.02, "mean relative error {}", err / mag);
+    }
+}
+
+#[test]
+fn rows_are_independent_of_the_batch_and_kernels_agree() {
+    let (out, inp) = (50, 96);
+    let w = q4_weights(out, inp, 3);
+    let q = QMatrix::from_f32(&w, out, inp).unwrap();
+    let rows = 77;
+    let x = rand_vec(rows * inp, 4);
+    vector_kernels("rows_are_independent_of_the_batch_and_kernels_agree");
+    let want = assert_kernels_agree(&q, &x, rows, "77 rows");
+    assert_near_reference(&want, &x, &q.dequantize(), rows, out, "77 rows");
+    for k in Kernel::supported_list() {
+        let all = q.matmul_with(k, &x, rows);
+        for r in [0, 3, 8, 13, 76] {
+            let one = q.matmul_with(k, &x[r * inp..(r + 1) * inp], 1);
+            assert_eq!(
+                bits(&one),
+                bits(&all[r * out..(r + 1) * out]),
+                "{} row {r}",
+                k.name()
+            );
+        }
+    }
+    // The process's kernel is one of them.
+    assert!(supported_kernels().contains(&kernel_name()));
+    assert_eq!(supported_kernels().last(), Some(&"portable"));
+}
+
+#[test]
+fn kernels_agree_bitwise_on_random_shapes() {
+    vector_kernels("kernels_agree_bitwise_on_random_shapes");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let outs = [1, 7, 16, 17, 45, 100];
+    let inps = [1, 31, 32, 33, 95, 200];
+    #[cfg(target_arch = "x86_64")]
+    let mut modes = std::collections::BTreeSet::new();
+    let mut case = 0u64;
+    for rows in (1..=20).chain([77]) {
+        let out = outs[rng.random_range(0..outs.len())];
+        let inp = inps[rng.random_range(0..inps.len())];
+        // 16, 32, 64, 128 levels: the AVX2 plain modes; 129 and 256: the sign trick;
+        // arbitrary f32 weights: rounded to 256 levels.
+        for kind in [16, 32, 64, 128, 129, 256, 0] {
+            case += 1;
+            let w = if kind == 0 {
+                rand_vec(out * inp, case)
+            } else {
+                grid_weights(out, inp, kind, case)
+            };
+            let q = QMatrix::from_f32(&w, out, inp).unwrap();
+            #[cfg(target_arch = "x86_64")]
+            modes.insert(format!("{:?}", avx2::Mode::for_qmax(q.qmax)));
+            let mut x = rand_vec(rows * inp, 1000 + case);
+            // Some all-zero and some large-magnitude blocks.
+            for (i, xb) in x.chunks_mut(QK).enumerate() {
+                match i % 5 {
+                    1 => xb.fill(0.0),
+                    3 => xb.iter_mut().for_each(|v| *v *= 1e4),
+                    _ => {}
+                }
+            }
+            let what = format!("{rows}×{out}×{inp} kind {kind}");
+            let y = assert_kernels_agree(&q, &x, rows, &what);
+            assert_near_reference(&y, &x, &q.dequantize(), rows, out, &what);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    assert_eq!(
+        modes.len(),
+        5,
+        "every AVX2 mode met by the weights' own qmax: {modes:?}"
+    );
+}
+
+/// The acceptance check on real weights: every packed matrix of the default model (Q4_1
+/// GGUF, fetched on first use like the other model tests) gives bitwise the same results
+/// on every path the CPU has, for activations shaped like a transformer's (a few large
+/// outliers).
+#[test]
+fn kernels_agree_bitwise_on_the_default_model() {
+    vector_kernels("kernels_agree_bitwise_on_the_default_model");
+    let path = crate::fetch::ensure_default(false).expect("default model");
+    let loaded = crate::LoadedModel::load(
+        path.to_str().expect("utf-8 path"),
+        &candle_core::Device::Cpu,
+    )
+    .expect("load the default model");
+    let qm = QuantModel::build(&loaded.model.weights).unwrap();
+    let mut qmax = std::collections::BTreeMap::<u8, usize>::new();
+    for (i, q) in qm.all().enumerate() {
+        *qmax.entry(q.qmax).or_default() += 1;
+        let rows = 5;
+        let mut x = rand_vec(rows * q.in_dim(), 40 + i as u64);
+        for v in x.iter_mut().step_by(97) {
+            *v *= 30.0;
+        }
+        assert_kernels_agree(q, &x, rows, &format!("default model matrix #{i}"));
+    }
+    eprintln!("default model: matrices by largest q: {qmax:?}");
+}
+
+/// The saturation case of `vpmaddubsw`: q = 255 (and q = 0, i.e. q' = −128) against
+/// a = ±127 in every position; and q at each AVX2 mode's bound (16, 32, 64, 128), where
+/// the i16 sums come within 255 of overflowing.
+#[test]
+fn kernels_agree_on_extreme_blocks() {
+    vector_kernels("kernels_agree_on_extreme_blocks");
+    for top in [16, 32, 64, 128, 255] {
+        extreme_blocks(top);
+    }
+}
+
+fn extreme_blocks(top: u32) {
+    let (out, inp) = (33, 100);
+    let mut w = vec![0f32; out * inp];
+    for o in 0..out {
+        for i in 0..inp {
+            let j = i % QK;
+            // q = 1 at input 1 of the first block makes the grid step d.
+            let q = match (o % 4, i) {
+                (_, 0) => 0,
+                (_, 1) => 1,
+                (0, _) => top,
+                (1, _) => 0,
+                (2, _) => top * (j % 2) as u32,
+                _ => top * ((i * 7 + o) % 3 == 0) as u32,
+            };
+            w[o * inp + i] = 0.01 * q as f32 - 1.0;
+        }
+    }
+    let q = QMatrix::from_f32(&w, out, inp).unwrap();
+    assert_eq!(q.qmax as u32, top);
+    assert_eq!(q.rounded_blocks(), 0);
+    let rows = 6;
+    let mut x = vec![0f32; rows * inp];
+    for (i, v) in x.iter_mut().enumerate() {
+        let (r, c) = (i / inp, i % inp);
+        *v = match r {
+            0 => -1.0,
+            1 => 1.0,
+            2 => [-1.0, 1.0][c % 2],
+            3 => [1.0, -1.0][c % 2],
+            4 => [1.0, -1.0][(c * 5 / 3) % 2],
+            _ => -3.5,
+        };
+    }
+    let act = Activations::quantize(Kernel::Portable, &x, rows, inp, q.nb);
+    assert!(act.a[..QK].iter().all(|&a| a == -127));
+    let what = format!("extreme blocks, q up to {top}");
+    let y = assert_kernels_agree(&q, &x, rows, &what);
+    assert_near_reference(&y, &x, &q.dequantize(), rows, out, &what);
+}
+
+#[test]
+fn activation_quantizers_agree() {
+    let kernels = vector_kernels("activation_quantizers_agree");
+    let mut x = rand_vec(32 * 60, 9);
+    let blocks: Vec<&mut [f32]> = x.chunks_mut(QK).collect();
+    for (i, xb) in blocks.into_iter().enumerate() {
+        for (j, v) in xb.iter_mut().enumerate() {
+            let k = j as f32 - 16.0;
+            match i {
+                // Exact ties: s = 1 (amax 127), values k + 0.5 and −(k + 0.5).
+                0 => *v = if j == 0 { 127.0 } else { k + 0.5 },
+                1 => *v = if j == 0 { -127.0 } else { -(k + 0.5) },
+                // s = 2: odd integers are ties.
+                2 => *v = if j == 0 { 254.0 } else { 2.0 * k + 1.0 },
+                3 => *v = 0.0,
+                4 => *v = -0.0,
+                // Tiny values (1/s would overflow) and denormals.
+                5 => *v *= 1e-38,
+                6 => *v = if j % 3 == 0 { 1e-45 } else { 0.0 },
+                // Large values.
+                7 => *v *= 3e37,
+                // One non-zero value.
+                8 => *v = if j == 17 { -0.25 } else { 0.0 },
+                _ => *v *= (i as f32 - 30.0).exp(),
+            }
+        }
+    }
+    for xb in x.chunks_exact(QK) {
+        let mut p = [0i8; QK];
+        let want = quantize_act_block(xb, &mut p);
+        for &k in &kernels {
+            let mut v = [0i8; QK];
+            // SAFETY: `kernels` are the ones this CPU supports.
+            let got = unsafe { k.quantize_block(xb, &mut v) };
+            assert_eq!(
+                (got.0.to_bits(), got.1, v),
+                (want.0.to_bits(), want.1, p),
+                "{} on {xb:?}",
+                k.name()
+            );
+        }
+        let s = want.0;
+        assert_eq!(want.1, p.iter().map(|&a| a as i32).sum::<i32>());
+        for (&q, &v) in p.iter().zip(xb) {
+            assert!(
+                (q as f32 * s - v).abs() <= s / 2.0 * 1.0001 + 1e-37,
+                "{q} {s} {v}"
+            );
+        }
+    }
+    // Ties round to even.
+    let mut p = [0i8; QK];
+    let xb: Vec<f32> = (0..QK)
+        .map(|j| if j == 0 { 127.0 } else { j as f32 - 15.5 })
+        .collect();
+    quantize_act_block(&xb, &mut p);
+    assert_eq!(&p[1..5], &[-14, -14, -12, -12]);
+    // Tail blocks (every length) through the whole row quantizer.
+    for inp in 1..=70 {
+        let x = rand_vec(3 * inp, inp as u64);
+        let nb = inp.div_ceil(QK);
+        let want = Activations::quantize(Kernel::Portable, &x, 3, inp, nb);
+        for &k in &kernels {
+            let got = Activations::quantize(k, &x, 3, inp, nb);
+            assert_eq!(got.a, want.a, "{} inp {inp}", k.name());
+            assert_eq!(bits(&got.s), bits(&want.s), "{} inp {inp}", k.name());
+            assert_eq!(bits(&got.sa), bits(&want.sa), "{} inp {inp}", k.name());
+            assert_eq!(got.sum, want.sum, "{} inp {inp}", k.name());
+        }
+    }
+}
+
+#[test]
+fn kernel_choice_from_the_environment() {
+    let all = Kernel::supported_list();
+    let best = all[0];
+    assert_eq!(Kernel::choose(None, false, &all), (best, None));
+    assert_eq!(Kernel::choose(Some("auto"), false, &all), (best, None));
+    assert_eq!(Kernel::choose(None, true, &all).0, Kernel::Portable);
+    assert_eq!(
+        Kernel::choose(Some(" Portable "), false, &all),
+        (Kernel::Portable, None)
+    );
+    for k in &all {
+        assert_eq!(Kernel::choose(Some(k.name()), true, &all), (*k, None));
+    }
+    // Unknown names and paths the CPU lacks: the best supported path, with a warning.
+    let (k, w) = Kernel::choose(Some("neon9"), false, &all);
+    assert_eq!(k, best);
+    assert!(w.unwrap().contains("unknown int8 kernel"));
+    let portable_only = [Kernel::Portable];
+    for name in ["avx2", "avx512vnni"] {
+        let (k, w) = Kernel::choose(Some(name), false, &portable_only);
+        assert_eq!(k, Kernel::Portable);
+        let w = w.unwrap();
+        assert!(
+            w.contains("does not support") && w.contains("using portable"),
+            "{w}"
+        );
+    }
+}
+
+#[test]
+fn op_keeps_leading_dims() {
+    let (out, inp) = (24, 64);
+    let w = q4_weights(out, inp, 5);
+    let q = QMatrix::from_f32(&w, out, inp).unwrap();
+    let x = Tensor::from_vec(
+        rand_vec(2 * 3 * inp, 6),
+        (2, 3, inp),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let y = qlinear(&x, &q).unwrap();
+    assert_eq!(y.dims(), &[2, 3, out]);
+    let flat = q.matmul(&x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), 6);
+    assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), flat);
+    assert!(qlinear(&x.narrow(2, 0, 32).unwrap(), &q).is_err());
+}
+
+/// Timing per kernel path (not a test; no assertions on time):
+/// `cargo test --release -p lowrank-model --lib quant::tests::timing -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn timing() {
+    let shapes = [(1536, 576), (576, 1536), (49152, 576)];
+    let threads = rayon::current_num_threads();
+    for (kind, levels) in [("q4", 16u32), ("q8", 256)] {
+        for &(out, inp) in &shapes {
+            let w = grid_weights(out, inp, levels, 1);
+            let q = QMatrix::from_f32(&w, out, inp).unwrap();
+            for rows in [1usize, 32] {
+                let x = rand_vec(rows * inp, 2);
+                let mut line = format!(
+                    "{kind} qmax {:3} {out:5}×{inp:4} rows {rows:2} ({threads} threads):",
+                    q.qmax
+                );
+                #[allow(unused_mut)]
+                let mut variants: Vec<(String, Kernel, QMatrix)> = Kernel::supported_list()
+                    .into_iter()
+                    .map(|k| (k.name().to_string(), k, q.clone()))
+                    .collect();
+                #[cfg(target_arch = "x86_64")]
+                if Kernel::Avx2.supported() && q.qmax <= 128 {
+                    variants.push(("avx2-sign".into(), Kernel::Avx2, with_qmax(&q, 255)));
+                }
+                for (name, k, m) in &variants {
+                    let _ = m.matmul_with(*k, &x, rows);
+                    let budget = std::time::Duration::from_millis(400);
+                    let start = std::time::Instant::now();
+                    let mut n = 0u32;
+                    let mut best = f64::INFINITY;
+                    while start.elapsed() < budget || n < 3 {
+                        let t = std::time::Instant::now();
+                        std::hint::black_box(m.matmul_with(*k, &x, rows));
+                        best = best.min(t.elapsed().as_secs_f64());
+                        n += 1;
+                    }
+                    let gops = 2.0 * (rows * out * inp) as f64 / best / 1e9;
+                    line += &format!("  {name} {:8.1} µs {gops:6.1} GOP/s", best * 1e6);
+                }
+                eprintln!("{line}");
+            }
+        }
+    }
+}

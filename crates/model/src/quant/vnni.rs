@@ -1,0 +1,75 @@
+use super::{Activations, QMatrix, SendPtr, QK, TB, TILE};
+use std::arch::x86_64::*;
+
+/// [`super::quantize_act_block`] for a full block of 32, vectorized.
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW and VNNI.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(super) unsafe fn quantize_block(xb: &[f32; QK], ab: &mut [i8; QK]) -> (f32, i32) {
+    let x0 = _mm512_loadu_ps(xb.as_ptr());
+    let x1 = _mm512_loadu_ps(xb.as_ptr().add(16));
+    let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+    let (sc, inv) = super::act_scale(amax);
+    let inv = _mm512_set1_ps(inv);
+    // Round to nearest even (the default rounding mode), then narrow.
+    let lim = _mm512_set1_epi32(127);
+    let clamp = |v: __m512i| _mm512_max_epi32(_mm512_min_epi32(v, lim), _mm512_set1_epi32(-127));
+    let q0 = clamp(_mm512_cvtps_epi32(_mm512_mul_ps(x0, inv)));
+    let q1 = clamp(_mm512_cvtps_epi32(_mm512_mul_ps(x1, inv)));
+    _mm_storeu_si128(ab.as_mut_ptr() as *mut __m128i, _mm512_cvtepi32_epi8(q0));
+    _mm_storeu_si128(
+        ab.as_mut_ptr().add(16) as *mut __m128i,
+        _mm512_cvtepi32_epi8(q1),
+    );
+    (sc, _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)))
+}
+
+/// R activation rows × one 16-output tile: per block, 8 `vpdpbusd` per row into i32
+/// lanes, then one scale FMA and one offset FMA into f32 lanes.
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW and VNNI; otherwise as [`super::Kernel::run`] with nr = R.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(super) unsafe fn tile<const R: usize>(
+    w: &QMatrix,
+    x: &Activations,
+    t: usize,
+    r0: usize,
+    y: SendPtr,
+) {
+    let (nb, kp) = (w.nb, x.nb * QK);
+    let mut acc = [_mm512_setzero_ps(); R];
+    let qbase = w.q.as_ptr().add(t * nb * TB);
+    let abase = x.a.as_ptr().add(r0 * kp);
+    for b in 0..nb {
+        let mut dot = [_mm512_setzero_si512(); R];
+        let qb = qbase.add(b * TB);
+        for g in 0..QK / 4 {
+            let wv = _mm512_loadu_si512(qb.add(g * TILE * 4) as *const _);
+            for (r, dr) in dot.iter_mut().enumerate() {
+                let a4 = (abase.add(r * kp + b * QK + g * 4) as *const i32).read_unaligned();
+                *dr = _mm512_dpbusd_epi32(*dr, wv, _mm512_set1_epi32(a4));
+            }
+        }
+        let tb = t * nb + b;
+        let dv = _mm512_loadu_ps(w.d.as_ptr().add(tb * TILE));
+        let mv = _mm512_loadu_ps(w.m.as_ptr().add(tb * TILE));
+        for (r, ar) in acc.iter_mut().enumerate() {
+            let s = *x.s.get_unchecked((r0 + r) * nb + b);
+            let sa = *x.sa.get_unchecked((r0 + r) * nb + b);
+            let ds = _mm512_mul_ps(dv, _mm512_set1_ps(s));
+            *ar = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), ds, *ar);
+            *ar = _mm512_fmadd_ps(mv, _mm512_set1_ps(sa), *ar);
+        }
+    }
+    let lanes = TILE.min(w.out - t * TILE);
+    let mask: __mmask16 = if lanes == TILE {
+        0xffff
+    } else {
+        (1u16 << lanes) - 1
+    };
+    for (r, ar) in acc.iter().enumerate() {
+        _mm512_mask_storeu_ps(y.0.add((r0 + r) * w.out + t * TILE), mask, *ar);
+    }
+}
