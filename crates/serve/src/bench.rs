@@ -523,6 +523,20 @@ pub async fn bench_serve(lm: LoadedModel, cfg: BenchConfig) -> Result<Vec<BenchR
             rows.push(scenario("merged, 1 adapter", st, vec![base_id.clone()], 1, &cfg).await?);
         }
     }
+    println!("{}", arithmetic_line(&model));
     println!("{}", format_table(&rows));
     Ok(rows)
+}
+
+/// Which arithmetic ran: the compute mode and, for int8, the kernel path this CPU took
+/// (`LOWRANK_INT8_KERNEL` forces one), so figures from different CPUs are not mixed up.
+pub fn arithmetic_line(model: &Llama) -> String {
+    match model.compute() {
+        lowrank_model::quant::Compute::F32 => "compute: f32".to_string(),
+        lowrank_model::quant::Compute::Int8 => format!(
+            "compute: int8, kernel {} (this CPU supports: {})",
+            lowrank_model::quant::kernel_name(),
+            lowrank_model::quant::supported_kernels().join(", ")
+        ),
+    }
 }
