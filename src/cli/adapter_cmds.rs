@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use candle_core::Device;
 use clap::Args;
+use lowrank_experiments::report::human_bytes;
 use lowrank_lora::analysis::module_stats;
-use lowrank_train::experiments::report::human_bytes;
 
 use super::{AdapterArgs, ModelArg};
 

@@ -5,11 +5,11 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use candle_core::Device;
 use clap::Args;
-use lowrank_train::evaluate::{
-    eval_generation, eval_loss_file, examples_from_jsonl, examples_from_task,
-};
-use lowrank_train::tasks::{task_by_name, Metric};
+use lowrank_tasks::evaluate::{eval_generation, examples_from_jsonl, examples_from_task};
+use lowrank_tasks::{task_by_name, Metric};
+use lowrank_train::loss::eval_loss_file;
 
+use super::progress::Bars;
 use super::{AdapterArgs, ModelArg};
 
 #[derive(Args)]
@@ -48,7 +48,7 @@ pub fn run(a: EvalArgs, device: &Device) -> Result<()> {
     }
     let task = match &a.task {
         Some(t) => Some(task_by_name(t).with_context(|| {
-            let names: Vec<_> = lowrank_train::tasks::all_tasks()
+            let names: Vec<_> = lowrank_tasks::all_tasks()
                 .iter()
                 .map(|t| t.name())
                 .collect();
@@ -75,7 +75,10 @@ pub fn run(a: EvalArgs, device: &Device) -> Result<()> {
         (None, Some(d)) => (examples_from_jsonl(d)?, vec![metric.expect("metric")]),
         _ => unreachable!(),
     };
-    let r = eval_generation(&lm, &examples, &metrics, set, a.batch, true)?;
+    let mut bars = Bars::new(true);
+    let r = eval_generation(&lm, &examples, &metrics, set, a.batch, &mut |e| {
+        bars.handle(e)
+    })?;
     for f in r.failures.iter().take(a.show_errors) {
         eprintln!(
             "--- input: {}\n    expected: {}\n    got:      {}",

@@ -7,14 +7,17 @@ use std::sync::atomic::AtomicBool;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use clap::Args;
+use lowrank_experiments::analysis::{amplify, parse_module, similarity};
+use lowrank_experiments::compare::{compare, CompareOptions};
+use lowrank_experiments::report::heatmap;
+use lowrank_experiments::sweep::{budget, rank_for_budget, sweep, BUDGET_TYPES};
+use lowrank_experiments::{
+    parse_ranks, parse_target_sets, targets_of, weight_label, DataSpec, RunSettings,
+};
 use lowrank_lora::CombineMethod;
-use lowrank_train::experiments::analysis::{amplify, parse_module, similarity};
-use lowrank_train::experiments::compare::{compare, CompareOptions};
-use lowrank_train::experiments::report::heatmap;
-use lowrank_train::experiments::sweep::{budget, sweep, BUDGET_TYPES};
-use lowrank_train::experiments::{parse_ranks, parse_target_sets, DataSpec, RunSettings};
 use lowrank_train::TrainConfig;
 
+use super::progress::Bars;
 use super::ModelArg;
 
 /// Where the data comes from.
@@ -131,8 +134,12 @@ impl RunArgs {
         RunSettings {
             base,
             eval_batch: self.eval_batch(),
-            show_progress: !self.quiet,
         }
+    }
+
+    /// Progress output, unless --quiet.
+    fn bars(&self) -> Bars {
+        Bars::new(!self.quiet)
     }
 
     fn eval_batch(&self) -> usize {
@@ -192,6 +199,7 @@ pub fn run_sweep(a: SweepArgs, device: &Device) -> Result<()> {
     let p = spec.prepare(&a.run.out)?;
     let mut lm = super::load(&a.model, device)?;
     let s = a.run.settings(cfg);
+    let mut bars = a.run.bars();
     let rep = sweep(
         &mut lm,
         &p,
@@ -200,6 +208,7 @@ pub fn run_sweep(a: SweepArgs, device: &Device) -> Result<()> {
         &ranks,
         &a.run.out,
         &AtomicBool::new(false),
+        &mut |e| bars.handle(e),
     )
     .context("sweep")?;
     println!("{}", rep.table());
@@ -248,17 +257,18 @@ pub fn run_budget(a: BudgetArgs, device: &Device) -> Result<()> {
     // Check the budget before generating data or training anything.
     let shapes = lm.model.base_shapes();
     for t in &sets {
-        if lowrank_train::experiments::sweep::rank_for_budget(&shapes, t, a.params) == 0 {
-            let need = shapes.lora_params(1, &lowrank_train::experiments::targets_of(t));
+        if rank_for_budget(&shapes, t, a.params) == 0 {
+            let need = shapes.lora_params(1, &targets_of(t));
             anyhow::bail!(
                 "--params {}: too small for {} (r = 1 needs {need} trainable parameters)",
                 a.params,
-                lowrank_train::experiments::weight_label(t)
+                weight_label(t)
             );
         }
     }
     let p = spec.prepare(&a.run.out)?;
     let s = a.run.settings(cfg);
+    let mut bars = a.run.bars();
     let rep = budget(
         &mut lm,
         &p,
@@ -267,6 +277,7 @@ pub fn run_budget(a: BudgetArgs, device: &Device) -> Result<()> {
         a.params,
         &a.run.out,
         &AtomicBool::new(false),
+        &mut |e| bars.handle(e),
     )
     .context("budget")?;
     println!("{}", rep.table());
@@ -353,7 +364,8 @@ pub fn run_amplify(a: AmplifyArgs, device: &Device) -> Result<()> {
     let lm = super::load(&a.model, device)?;
     let (ad, _) = lowrank_model::adapters::load_adapter(&lm.model, &a.adapter, a.force)
         .with_context(|| format!("loading adapter {}", a.adapter.display()))?;
-    let rep = amplify(&lm.model, &ad, module, a.layer, !a.json)?;
+    let mut bars = Bars::new(!a.json);
+    let rep = amplify(&lm.model, &ad, module, a.layer, &mut |e| bars.handle(e))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rep)?);
     } else {
@@ -424,9 +436,9 @@ pub fn run_compare(a: CompareArgs, device: &Device) -> Result<()> {
         max_seq_len: cfg.max_seq_len,
         seed: cfg.seed,
         eval_batch: a.run.eval_batch(),
-        show_progress: !a.run.quiet,
     };
-    let rep = compare(&mut lm, &p, &o, &a.run.out).context("compare")?;
+    let mut bars = a.run.bars();
+    let rep = compare(&mut lm, &p, &o, &a.run.out, &mut |e| bars.handle(e)).context("compare")?;
     println!("{}", rep.table());
     println!("{}", rep.storage_table());
     eprintln!("wrote {}", a.run.out.join("report.md").display());

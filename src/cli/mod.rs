@@ -2,6 +2,7 @@ mod adapter_cmds;
 mod demo;
 mod eval;
 mod experiments;
+mod progress;
 mod serve;
 mod tasks;
 mod train;
@@ -69,7 +70,7 @@ impl ComputeArg {
                 eprintln!(
                     "int8 compute: packed {} in {:.1} s; {} of {} weight blocks rounded \
                      to 8 bits (the rest kept exactly)",
-                    lowrank_train::experiments::report::human_bytes(q.bytes() as f64),
+                    lowrank_experiments::report::human_bytes(q.bytes() as f64),
                     t.elapsed().as_secs_f64(),
                     rounded,
                     all

@@ -317,7 +317,6 @@ fn bench_train(
         ..Default::default()
     };
     let mut t = lowrank_train::Trainer::new(&lm, cfg)?;
-    t.show_progress = false;
     let stop = std::sync::atomic::AtomicBool::new(false);
     let s = t.run(None, &stop)?;
     // Steady-state: drop the first step (allocation warm-up), as the peer does.

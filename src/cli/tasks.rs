@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
-use lowrank_train::tasks::{all_tasks, make_task_files, task_by_name};
+use lowrank_tasks::{all_tasks, make_task_files, task_by_name};
 
 #[derive(Subcommand)]
 pub enum TasksCmd {

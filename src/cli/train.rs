@@ -10,6 +10,7 @@ use clap::Args;
 use lowrank_train::optim::Schedule;
 use lowrank_train::{Method, TrainConfig, Trainer};
 
+use super::progress::Bars;
 use super::ModelArg;
 
 // Every setting is an `Option` (or a `false` switch) rather than a clap default, so that a
@@ -158,7 +159,6 @@ pub fn run(a: TrainArgs, device: &Device) -> Result<()> {
     let cfg = a.to_config()?;
     let lm = super::load(&a.model, device)?;
     let mut t = Trainer::new(&lm, cfg.clone()).context("preparing training")?;
-    t.show_progress = !a.quiet;
     let stop = Arc::new(AtomicBool::new(false));
     {
         let s = stop.clone();
@@ -182,7 +182,8 @@ pub fn run(a: TrainArgs, device: &Device) -> Result<()> {
             .map(|p| p.display().to_string())
             .unwrap_or_default()
     );
-    let s = t.run(a.resume.as_deref(), &stop)?;
+    let mut bars = Bars::new(!a.quiet);
+    let s = t.run_with_progress(a.resume.as_deref(), &stop, &mut |e| bars.handle(e))?;
     println!("{}", serde_json::to_string_pretty(&s)?);
     if s.interrupted {
         std::process::exit(130);

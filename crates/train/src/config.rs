@@ -13,6 +13,16 @@ pub enum Method {
     Full,
 }
 
+impl Method {
+    /// `lora` or `full` (the flag's spelling).
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Lora => "lora",
+            Method::Full => "full",
+        }
+    }
+}
+
 impl std::str::FromStr for Method {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

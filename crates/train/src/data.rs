@@ -54,6 +54,8 @@ pub struct LoadStats {
     pub truncated: usize,
     /// Records left with no target after truncation (dropped).
     pub empty: usize,
+    /// Why each bad record was skipped (`--skip-bad`), for the caller to report.
+    pub skipped: Vec<String>,
 }
 
 pub struct LoadOptions {
@@ -298,7 +300,7 @@ pub fn load_jsonl(
         let (mut ids, mut labels) = match parsed {
             Ok(x) => x,
             Err(e) if opts.skip_bad => {
-                eprintln!("skipping bad record: {e}");
+                st.skipped.push(e.to_string());
                 st.skipped_bad += 1;
                 continue;
             }

@@ -8,14 +8,16 @@
 //! token carries a label are ever projected (prompt tokens are skipped entirely).
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use candle_core::{Tensor, D};
 use lowrank_lora::Adapter;
 use lowrank_model::model::AdapterSet;
-use lowrank_model::{ForwardOpts, Llama, LogitsMode, SeqInput};
+use lowrank_model::{ForwardOpts, Llama, LoadedModel, LogitsMode, SeqInput};
 use rayon::prelude::*;
 
-use crate::data::{Sample, IGNORE};
+use crate::data::{load_jsonl, LoadOptions, Sample, IGNORE};
+use crate::error::TrainError;
 
 /// Rows per head chunk: 128 × 49152 × 4 B = 25 MB of logits at a time.
 const CHUNK: usize = 128;
@@ -78,6 +80,48 @@ pub fn batch_loss(
     let idx = Tensor::new(rows.as_slice(), hidden.device())?;
     let h = hidden.index_select(&idx, 0)?; // [M, H]
     head_ce(model, &h, &targets, want_grad, grad_scale)
+}
+
+/// Σ next-token NLL over `samples` and the number of target tokens, without gradients (batches
+/// of 8): the eval loss of the trainer and of `lowrank eval --data`.
+pub fn dataset_nll(
+    model: &Llama,
+    samples: &[Sample],
+    adapters: Option<AdapterSet>,
+) -> lowrank_model::Result<(f64, usize)> {
+    let mut nll = 0.0;
+    let mut n = 0;
+    for chunk in samples.chunks(8) {
+        let refs: Vec<&Sample> = chunk.iter().collect();
+        let hl = batch_loss(
+            model,
+            &refs,
+            adapters.clone(),
+            &mut ForwardOpts::infer(),
+            false,
+            0.0,
+        )?;
+        nll += hl.nll_sum;
+        n += hl.targets;
+    }
+    Ok((nll, n))
+}
+
+/// Token-weighted mean next-token loss of a JSONL file (`lowrank eval --data` loss mode):
+/// (loss, target tokens); NaN when no token carries a label.
+pub fn eval_loss_file(
+    lm: &LoadedModel,
+    path: &Path,
+    adapters: Option<AdapterSet>,
+) -> Result<(f64, usize), TrainError> {
+    let eos = lm.eos_ids().first().copied();
+    let lo = LoadOptions {
+        max_seq_len: lm.model.cfg.max_position_embeddings,
+        skip_bad: false,
+    };
+    let (samples, _) = load_jsonl(path, &lm.tok, eos, &lo)?;
+    let (nll, n) = dataset_nll(&lm.model, &samples, adapters)?;
+    Ok((if n > 0 { nll / n as f64 } else { f64::NAN }, n))
 }
 
 /// h: [M, H] final hidden states (after the norm); targets: M token ids.

@@ -64,7 +64,6 @@ fn base_is_bit_identical_after_lora_and_full_training() {
             ..Default::default()
         };
         let mut t = Trainer::new(&lm, cfg).unwrap();
-        t.show_progress = false;
         let s = t.run(None, &AtomicBool::new(false)).unwrap();
         let (b, a) = (s.eval_loss_before.unwrap(), s.eval_loss_after.unwrap());
         assert!(

@@ -1,7 +1,6 @@
-//! The LoRA paper's experiments on our model (Hu et al. 2021): rank × weight-type sweeps
-//! (Table 6), a fixed parameter budget over weight types (Table 5), subspace similarity
-//! (Figures 3–4), feature amplification (Table 7), LoRA vs full fine-tuning, and adapter
-//! combination. Every training run is time-boxed (`time_budget_s`, `max_steps`).
+//! What the experiments share: the error type, data preparation (a built-in task or JSONL
+//! files → training file + held-out examples), one LoRA configuration trained and scored, and
+//! the formatting of their tables.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -9,19 +8,13 @@ use std::sync::Arc;
 
 use lowrank_lora::Target;
 use lowrank_model::LoadedModel;
+use lowrank_tasks::evaluate::{
+    eval_generation, examples_from_jsonl, examples_from_task, GenExample,
+};
+use lowrank_tasks::{task_by_name, Metric};
+use lowrank_train::progress::Event;
+use lowrank_train::{Method, TrainConfig, Trainer};
 use serde::{Deserialize, Serialize};
-
-use crate::config::TrainConfig;
-use crate::evaluate::{eval_generation, examples_from_jsonl, examples_from_task, GenExample};
-use crate::tasks::{task_by_name, Metric};
-use crate::trainer::Trainer;
-
-#[path = "../report.rs"]
-pub mod report;
-
-pub mod analysis;
-pub mod compare;
-pub mod sweep;
 
 /// An experiment error: a message naming what went wrong (the CLI prints it and exits ≠ 0).
 #[derive(Debug, Clone, PartialEq)]
@@ -43,13 +36,14 @@ macro_rules! from_err {
     )*};
 }
 from_err!(
-    crate::trainer::TrainError,
-    crate::data::DataError,
+    lowrank_train::TrainError,
+    lowrank_train::data::DataError,
     lowrank_model::ModelError,
     lowrank_lora::LoraError,
     candle_core::Error,
     serde_json::Error,
-    crate::tasks::UnknownMetric
+    std::fmt::Error,
+    lowrank_tasks::UnknownMetric
 );
 
 pub type Result<T> = std::result::Result<T, ExpError>;
@@ -111,8 +105,10 @@ impl DataSpec {
             (None, None) => err("give --task NAME, or --data FILE --eval FILE --metric M"),
             (Some(t), None) => {
                 let task = task_by_name(t).ok_or_else(|| {
-                    let names: Vec<_> =
-                        crate::tasks::all_tasks().iter().map(|t| t.name()).collect();
+                    let names: Vec<_> = lowrank_tasks::all_tasks()
+                        .iter()
+                        .map(|t| t.name())
+                        .collect();
                     ExpError(format!(
                         "unknown task `{t}` (available: {})",
                         names.join(", ")
@@ -122,7 +118,7 @@ impl DataSpec {
                     return err("--n-train and --n-eval must be ≥ 1");
                 }
                 let dd = dir.join("data");
-                crate::tasks::make_task_files(
+                lowrank_tasks::make_task_files(
                     task.as_ref(),
                     &dd,
                     self.seed,
@@ -133,8 +129,8 @@ impl DataSpec {
                 let examples = examples_from_task(task.as_ref(), self.n_eval, self.seed);
                 let eval_loss = if self.n_eval_loss > 0 {
                     let p = dd.join("eval_loss.jsonl");
-                    let ex = task.generate(crate::tasks::Split::Eval, self.n_eval_loss, self.seed);
-                    crate::tasks::write_jsonl(&ex, &p).map_err(io_err(&p))?;
+                    let ex = task.generate(lowrank_tasks::Split::Eval, self.n_eval_loss, self.seed);
+                    lowrank_tasks::write_jsonl(&ex, &p).map_err(io_err(&p))?;
                     Some(p)
                 } else {
                     None
@@ -258,7 +254,6 @@ pub struct RunSettings {
     /// Base settings (lr, batch size, steps, time box, seed…); rank/targets/out are set per run.
     pub base: TrainConfig,
     pub eval_batch: usize,
-    pub show_progress: bool,
 }
 
 /// Score `examples` with the adapter folded into a copy of the base (no adapter latency).
@@ -267,18 +262,18 @@ pub fn score_adapter(
     adapter: Option<lowrank_lora::Adapter>,
     p: &Prepared,
     batch: usize,
-    show_progress: bool,
+    progress: &mut dyn FnMut(&Event),
 ) -> Result<(f64, usize, f64)> {
     let ev = match adapter {
         Some(a) => {
             let set = vec![(Arc::new(a), 1.0)];
             let merged = lm.model.merged(&set)?;
             let base = std::mem::replace(&mut lm.model, merged);
-            let r = eval_generation(lm, &p.examples, &[p.metric], None, batch, show_progress);
+            let r = eval_generation(lm, &p.examples, &[p.metric], None, batch, progress);
             lm.model = base;
             r?
         }
-        None => eval_generation(lm, &p.examples, &[p.metric], None, batch, show_progress)?,
+        None => eval_generation(lm, &p.examples, &[p.metric], None, batch, progress)?,
     };
     let v = ev.get(p.metric.name()).unwrap_or(f64::NAN);
     Ok((v, ev.n, ev.wall_s))
@@ -295,25 +290,25 @@ pub fn train_and_score(
     root: &Path,
     dir: &str,
     stop: &AtomicBool,
+    progress: &mut dyn FnMut(&Event),
 ) -> Result<RunResult> {
     let mut cfg = s.base.clone();
     cfg.targets = targets.to_vec();
     cfg.rank = rank;
     cfg.alpha = None;
-    cfg.method = crate::config::Method::Lora;
+    cfg.method = Method::Lora;
     cfg.data = Some(p.train.clone());
     cfg.eval = p.eval_loss.clone();
     cfg.out = Some(root.join(dir));
     let alpha = cfg.alpha();
     let mut t = Trainer::new(&*lm, cfg)?;
-    t.show_progress = s.show_progress;
-    let sum = t.run(None, stop)?;
+    let sum = t.run_with_progress(None, stop, progress)?;
     if sum.interrupted {
         return err("interrupted");
     }
     let adapter = t.current_adapter()?;
     drop(t);
-    let (metric, n, ew) = score_adapter(lm, adapter, p, s.eval_batch, s.show_progress)?;
+    let (metric, n, ew) = score_adapter(lm, adapter, p, s.eval_batch, progress)?;
     Ok(RunResult {
         targets: targets.to_vec(),
         label: weight_label(targets),

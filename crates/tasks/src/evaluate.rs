@@ -9,9 +9,11 @@ use lowrank_model::model::AdapterSet;
 use lowrank_model::LoadedModel;
 use serde::Serialize;
 
-use crate::data::DataError;
+use lowrank_train::data::DataError;
+use lowrank_train::progress::Event;
+
 use crate::metrics::{exact_match, normalize_label, score, slot_errors};
-use crate::tasks::{Metric, Split, Task};
+use crate::task::{Metric, Split, Task};
 
 /// A prompt (chat turns before the answer), the expected answer and the metric input
 /// (the user message: the meaning representation for the slot metric).
@@ -140,14 +142,14 @@ fn failed(metric: Metric, ex: &GenExample, got: &str) -> bool {
     }
 }
 
-/// Greedy-decode every prompt (in batches) and score.
+/// Greedy-decode every prompt (in batches) and score; the examples decoded go to `progress`.
 pub fn eval_generation(
     lm: &LoadedModel,
     examples: &[GenExample],
     metrics: &[Metric],
     adapters: Option<AdapterSet>,
     batch: usize,
-    show_progress: bool,
+    progress: &mut dyn FnMut(&Event),
 ) -> lowrank_model::Result<GenEval> {
     let t0 = std::time::Instant::now();
     let eos = lm.eos_ids();
@@ -160,21 +162,14 @@ pub fn eval_generation(
     }
     // Room for a longer (wrong) answer, bounded so a rambling base model can't stall the run.
     let max_tokens = (max_gold * 2 + 8).min(160);
-    let bar = if show_progress {
-        indicatif::ProgressBar::new(examples.len() as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{prefix} {bar:25} {pos}/{len} [{elapsed_precise}<{eta_precise}]",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    bar.set_prefix(if adapters.is_some() {
-        "eval adapter"
-    } else {
-        "eval base   "
+    progress(&Event::Begin {
+        label: if adapters.is_some() {
+            "eval adapter"
+        } else {
+            "eval base"
+        }
+        .into(),
+        total: Some(examples.len()),
     });
     let mut outs: Vec<String> = Vec::with_capacity(examples.len());
     let mut generated = 0;
@@ -185,9 +180,12 @@ pub fn eval_generation(
             generated += i.len();
             outs.push(lm.tok.decode(&i)?.trim().to_string());
         }
-        bar.inc(chunk.len() as u64);
+        progress(&Event::Advance {
+            done: outs.len(),
+            item: None,
+        });
     }
-    bar.finish_and_clear();
+    progress(&Event::End);
     let golds: Vec<String> = examples.iter().map(|e| e.gold.clone()).collect();
     let inputs: Vec<String> = examples.iter().map(|e| e.input.clone()).collect();
     let scores = metrics
@@ -212,34 +210,4 @@ pub fn eval_generation(
         wall_s: t0.elapsed().as_secs_f64(),
         generated_tokens: generated,
     })
-}
-
-/// Token-weighted mean next-token loss of a JSONL file (`lowrank eval --data` loss mode).
-pub fn eval_loss_file(
-    lm: &LoadedModel,
-    path: &Path,
-    adapters: Option<AdapterSet>,
-) -> Result<(f64, usize), crate::trainer::TrainError> {
-    let eos = lm.eos_ids().first().copied();
-    let lo = crate::data::LoadOptions {
-        max_seq_len: lm.model.cfg.max_position_embeddings,
-        skip_bad: false,
-    };
-    let (samples, _) = crate::data::load_jsonl(path, &lm.tok, eos, &lo)?;
-    let mut nll = 0.0;
-    let mut n = 0;
-    for chunk in samples.chunks(8) {
-        let refs: Vec<&crate::data::Sample> = chunk.iter().collect();
-        let hl = crate::loss::batch_loss(
-            &lm.model,
-            &refs,
-            adapters.clone(),
-            &mut lowrank_model::ForwardOpts::infer(),
-            false,
-            0.0,
-        )?;
-        nll += hl.nll_sum;
-        n += hl.targets;
-    }
-    Ok((if n > 0 { nll / n as f64 } else { f64::NAN }, n))
 }

@@ -13,7 +13,7 @@
 use rand::seq::IndexedRandom;
 use rand::Rng;
 
-use super::{
+use crate::task::{
     capitalize, example, fix_articles, generate_unique, rng_for, Example, Metric, Pool, Split, Task,
 };
 

@@ -11,7 +11,7 @@
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::Rng;
 
-use super::{
+use crate::task::{
     example, fill, fix_articles, generate_unique, numbers, rng_for, Example, Metric, Pool, Split,
     Task,
 };

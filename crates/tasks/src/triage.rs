@@ -12,7 +12,7 @@
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::Rng;
 
-use super::{
+use crate::task::{
     example, fill, fix_articles, generate_unique, numbers, rng_for, Example, Metric, Pool, Split,
     Task,
 };
@@ -309,7 +309,7 @@ fn one(rng: &mut impl Rng, split: Split, dept: &Dept) -> Example {
             ("dur", &dur),
         ],
     );
-    let text = super::capitalize(&fix_articles(&text));
+    let text = crate::task::capitalize(&fix_articles(&text));
     example(
         SYSTEM_PROMPT,
         text,

@@ -8,11 +8,14 @@ use std::process::{Command, Stdio};
 use lowrank_model::LoadedModel;
 use serde::{Deserialize, Serialize};
 
-use super::report::{bar_panels, human_bytes, line_chart, md_table, short_num, Series};
-use super::{
+use lowrank_train::progress::Event;
+use lowrank_train::trainer::dir_bytes;
+use lowrank_train::TrainSummary;
+
+use crate::report::{bar_panels, human_bytes, line_chart, md_table, short_num, Series};
+use crate::runs::{
     err, fmt_metric, fmt_opt, io_err, score_adapter, write_file, ExpError, Prepared, Result,
 };
-use crate::trainer::{dir_bytes, TrainSummary};
 
 #[derive(Debug, Clone)]
 pub struct CompareOptions {
@@ -30,7 +33,6 @@ pub struct CompareOptions {
     pub max_seq_len: usize,
     pub seed: u64,
     pub eval_batch: usize,
-    pub show_progress: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -70,7 +72,13 @@ pub struct CompareReport {
     pub storage: Vec<StorageRow>,
 }
 
-fn train_child(o: &CompareOptions, p: &Prepared, method: &str, out: &Path) -> Result<TrainSummary> {
+fn train_child(
+    o: &CompareOptions,
+    p: &Prepared,
+    method: &str,
+    out: &Path,
+    progress: &mut dyn FnMut(&Event),
+) -> Result<TrainSummary> {
     let mut c = Command::new(&o.exe);
     if let Some(t) = o.threads {
         c.arg("--threads").arg(t.to_string());
@@ -111,27 +119,20 @@ fn train_child(o: &CompareOptions, p: &Prepared, method: &str, out: &Path) -> Re
     c.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let spinner = if o.show_progress {
-        indicatif::ProgressBar::new_spinner()
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    spinner.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed_precise}]")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-    );
-    spinner.set_message(format!(
-        "training {method} ({} steps max, child process)",
-        o.max_steps
-    ));
-    spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+    progress(&Event::Begin {
+        label: format!(
+            "training {method} ({} steps max, child process)",
+            o.max_steps
+        ),
+        total: None,
+    });
     let child = c
         .spawn()
         .map_err(|e| ExpError(format!("cannot run {}: {e}", o.exe.display())))?;
     let res = child
         .wait_with_output()
         .map_err(|e| ExpError(format!("{}: {e}", o.exe.display())))?;
-    spinner.finish_and_clear();
+    progress(&Event::End);
     let stderr = String::from_utf8_lossy(&res.stderr);
     if !res.status.success() {
         let tail: Vec<&str> = stderr
@@ -172,16 +173,15 @@ pub fn compare(
     p: &Prepared,
     o: &CompareOptions,
     out: &Path,
+    progress: &mut dyn FnMut(&Event),
 ) -> Result<CompareReport> {
     std::fs::create_dir_all(out).map_err(io_err(out))?;
     let mut results = Vec::new();
     for method in ["lora", "full"] {
         let dir = out.join(method);
         let _ = std::fs::remove_dir_all(&dir);
-        if o.show_progress {
-            eprintln!("[{method}] training…");
-        }
-        let summary = train_child(o, p, method, &dir)?;
+        progress(&Event::Note(format!("[{method}] training…")));
+        let summary = train_child(o, p, method, &dir, progress)?;
         if summary.interrupted {
             return err(format!("the {method} run was interrupted"));
         }
@@ -197,23 +197,23 @@ pub fn compare(
         } else {
             dir_bytes(&dir.join("model"))
         };
-        if o.show_progress {
-            eprintln!(
-                "[{method}] {} steps in {:.1} s; scoring…",
-                summary.steps, summary.wall_s
-            );
-        }
+        progress(&Event::Note(format!(
+            "[{method}] {} steps in {:.1} s; scoring…",
+            summary.steps, summary.wall_s
+        )));
         let (metric, n, ew) = if method == "lora" {
             let (a, _) = lowrank_model::adapters::load_adapter(&base.model, &dir, false)?;
-            score_adapter(base, Some(a), p, o.eval_batch, o.show_progress)?
+            score_adapter(base, Some(a), p, o.eval_batch, progress)?
         } else {
             let md = dir.join("model");
             let mut lm = LoadedModel::load(&md.to_string_lossy(), base.model.device())?;
-            score_adapter(&mut lm, None, p, o.eval_batch, o.show_progress)?
+            score_adapter(&mut lm, None, p, o.eval_batch, progress)?
         };
-        if o.show_progress {
-            eprintln!("[{method}] {} = {}", p.metric.name(), fmt_metric(metric));
-        }
+        progress(&Event::Note(format!(
+            "[{method}] {} = {}",
+            p.metric.name(),
+            fmt_metric(metric)
+        )));
         results.push(MethodResult {
             method: method.into(),
             summary,

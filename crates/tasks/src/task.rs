@@ -29,15 +29,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-pub mod clauses;
-pub mod data2text;
-pub mod sql;
-pub mod triage;
-
-pub use clauses::ClausesTask;
-pub use data2text::Data2TextTask;
-pub use sql::SqlTask;
-pub use triage::TriageTask;
+use crate::{ClausesTask, Data2TextTask, SqlTask, TriageTask};
 
 /// One chat message (`role` is `system`, `user` or `assistant`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -396,6 +388,7 @@ pub(crate) fn capitalize(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{clauses, triage};
     use std::collections::HashMap;
 
     #[test]

@@ -7,8 +7,10 @@ use lowrank_lora::{Adapter, ModuleKey, Target};
 use lowrank_model::Llama;
 use serde::{Deserialize, Serialize};
 
-use super::report::md_table;
-use super::{err, ExpError, Result};
+use lowrank_train::progress::Event;
+
+use crate::report::md_table;
+use crate::runs::{err, ExpError, Result};
 
 /// Parse `q_proj` or `q`.
 pub fn parse_module(s: &str) -> Result<Target> {
@@ -209,13 +211,14 @@ impl AmplifyReport {
     }
 }
 
-/// Amplification of each adapted module (optionally one module type / layer) against `model`.
+/// Amplification of each adapted module (optionally one module type / layer) against `model`;
+/// the modules analysed go to `progress`.
 pub fn amplify(
     model: &Llama,
     adapter: &Adapter,
     module: Option<Target>,
     layer: Option<usize>,
-    show_progress: bool,
+    progress: &mut dyn FnMut(&Event),
 ) -> Result<AmplifyReport> {
     let keys: Vec<ModuleKey> = adapter
         .modules
@@ -232,20 +235,16 @@ pub fn amplify(
         };
         return err(format!("the adapter does not adapt {what}"));
     }
-    let bar = if show_progress {
-        indicatif::ProgressBar::new(keys.len() as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "amplify {bar:25} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    progress(&Event::Begin {
+        label: "amplify".into(),
+        total: Some(keys.len()),
+    });
     let mut per_module = Vec::new();
-    for k in &keys {
-        bar.set_message(k.to_string());
+    for (done, k) in keys.iter().enumerate() {
+        progress(&Event::Advance {
+            done,
+            item: Some(k.to_string()),
+        });
         let m = &adapter.modules[k];
         let layer_w = model.weights.layers.get(k.layer).ok_or_else(|| {
             ExpError(format!(
@@ -269,9 +268,8 @@ pub fn amplify(
             proj_random: a.proj_norm_random,
             factor: a.factor,
         });
-        bar.inc(1);
     }
-    bar.finish_and_clear();
+    progress(&Event::End);
     let mut rows = Vec::new();
     for t in Target::ALL {
         let ms: Vec<&AmplifyRow> = per_module

@@ -6,11 +6,12 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 
 use candle_core::{Device, Tensor};
+use lowrank_experiments::analysis::{amplify, similarity, similarity_grid};
+use lowrank_experiments::sweep::{budget, rank_for_budget, sweep};
+use lowrank_experiments::{parse_target_sets, DataSpec, RunSettings};
 use lowrank_lora::{Adapter, LoraConfig, LoraModule, ModuleKey, Provenance, Target};
 use lowrank_model::LoadedModel;
-use lowrank_train::experiments::analysis::{amplify, similarity, similarity_grid};
-use lowrank_train::experiments::sweep::{budget, rank_for_budget, sweep};
-use lowrank_train::experiments::{parse_target_sets, DataSpec, RunSettings};
+use lowrank_train::progress::silent;
 use lowrank_train::TrainConfig;
 
 fn tiny() -> LoadedModel {
@@ -38,7 +39,6 @@ fn settings() -> RunSettings {
             ..TrainConfig::default()
         },
         eval_batch: 8,
-        show_progress: false,
     }
 }
 
@@ -67,6 +67,7 @@ fn sweep_on_the_tiny_model_writes_table6() {
         &[1, 2],
         &d,
         &AtomicBool::new(false),
+        &mut silent,
     )
     .unwrap();
     assert_eq!(rep.cells.len(), 4);
@@ -134,6 +135,7 @@ fn budget_picks_the_largest_rank_that_fits() {
         n,
         &d,
         &AtomicBool::new(false),
+        &mut silent,
     )
     .unwrap();
     let got: Vec<(usize, usize)> = rep
@@ -215,7 +217,7 @@ fn similarity_and_amplification_on_constructed_adapters() {
         modules,
         provenance: Provenance::default(),
     };
-    let rep = amplify(&lm.model, &ad, None, None, false).unwrap();
+    let rep = amplify(&lm.model, &ad, None, None, &mut silent).unwrap();
     let row = &rep.rows[0];
     assert_eq!(row.module, "q_proj");
     assert!((row.delta_norm - 1.5).abs() < 1e-5, "{row:?}");
@@ -230,5 +232,5 @@ fn similarity_and_amplification_on_constructed_adapters() {
     assert!((row.factor - 1.5 / svd.s[0]).abs() < 1e-4);
     assert!(row.proj_random < row.proj_w_dirs);
     assert!(rep.table().contains("| q_proj | 1 | 1 |"));
-    assert!(amplify(&lm.model, &ad, Some(Target::V), None, false).is_err());
+    assert!(amplify(&lm.model, &ad, Some(Target::V), None, &mut silent).is_err());
 }

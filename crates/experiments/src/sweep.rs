@@ -8,8 +8,11 @@ use lowrank_lora::shapes::BaseShapes;
 use lowrank_model::LoadedModel;
 use serde::{Deserialize, Serialize};
 
-use super::report::md_table;
-use super::{
+use lowrank_tasks::Metric;
+use lowrank_train::progress::Event;
+
+use crate::report::md_table;
+use crate::runs::{
     better, err, fmt_metric, fmt_opt, targets_of, train_and_score, weight_label, write_file,
     Prepared, Result, RunResult, RunSettings,
 };
@@ -24,7 +27,7 @@ pub struct Recommendation {
     pub trainable_params: usize,
 }
 
-pub fn recommend(metric: crate::tasks::Metric, cells: &[RunResult]) -> Option<Recommendation> {
+pub fn recommend(metric: Metric, cells: &[RunResult]) -> Option<Recommendation> {
     let mut best: Option<&RunResult> = None;
     for c in cells.iter().filter(|c| c.metric.is_finite()) {
         best = match best {
@@ -182,6 +185,7 @@ fn dir_name(targets: &[String], rank: usize) -> String {
 }
 
 /// Train and score every (targets, rank) configuration; write `out/sweep.json` + `out/report.md`.
+#[allow(clippy::too_many_arguments)]
 pub fn sweep(
     lm: &mut LoadedModel,
     p: &Prepared,
@@ -190,6 +194,7 @@ pub fn sweep(
     ranks: &[usize],
     out: &Path,
     stop: &AtomicBool,
+    progress: &mut dyn FnMut(&Event),
 ) -> Result<SweepReport> {
     let n = target_sets.len() * ranks.len();
     let mut cells = Vec::new();
@@ -197,19 +202,18 @@ pub fn sweep(
     for ts in target_sets {
         for &r in ranks {
             k += 1;
-            if s.show_progress {
-                eprintln!("[{k}/{n}] {} r={r}", weight_label(ts));
-            }
-            let c = train_and_score(lm, p, s, ts, r, out, &dir_name(ts, r), stop)?;
-            if s.show_progress {
-                eprintln!(
-                    "[{k}/{n}] {} r={r}: {} = {} ({} steps)",
-                    c.label,
-                    p.metric.name(),
-                    fmt_metric(c.metric),
-                    c.steps
-                );
-            }
+            progress(&Event::Note(format!(
+                "[{k}/{n}] {} r={r}",
+                weight_label(ts)
+            )));
+            let c = train_and_score(lm, p, s, ts, r, out, &dir_name(ts, r), stop, progress)?;
+            progress(&Event::Note(format!(
+                "[{k}/{n}] {} r={r}: {} = {} ({} steps)",
+                c.label,
+                p.metric.name(),
+                fmt_metric(c.metric),
+                c.steps
+            )));
             cells.push(c);
         }
     }
@@ -326,6 +330,7 @@ impl BudgetReport {
 }
 
 /// Train each weight type at the largest rank within `budget`; write `budget.json` + `report.md`.
+#[allow(clippy::too_many_arguments)]
 pub fn budget(
     lm: &mut LoadedModel,
     p: &Prepared,
@@ -334,6 +339,7 @@ pub fn budget(
     budget: usize,
     out: &Path,
     stop: &AtomicBool,
+    progress: &mut dyn FnMut(&Event),
 ) -> Result<BudgetReport> {
     let shapes = lm.model.base_shapes();
     let plan: Vec<(Vec<String>, usize)> = target_sets
@@ -350,24 +356,20 @@ pub fn budget(
     let n = plan.len();
     let mut cells = Vec::new();
     for (k, (ts, r)) in plan.iter().enumerate() {
-        if s.show_progress {
-            eprintln!(
-                "[{}/{n}] {} r={r} ({} params)",
-                k + 1,
-                weight_label(ts),
-                shapes.lora_params(*r, &targets_of(ts))
-            );
-        }
-        let c = train_and_score(lm, p, s, ts, *r, out, &dir_name(ts, *r), stop)?;
-        if s.show_progress {
-            eprintln!(
-                "[{}/{n}] {}: {} = {}",
-                k + 1,
-                c.label,
-                p.metric.name(),
-                fmt_metric(c.metric)
-            );
-        }
+        progress(&Event::Note(format!(
+            "[{}/{n}] {} r={r} ({} params)",
+            k + 1,
+            weight_label(ts),
+            shapes.lora_params(*r, &targets_of(ts))
+        )));
+        let c = train_and_score(lm, p, s, ts, *r, out, &dir_name(ts, *r), stop, progress)?;
+        progress(&Event::Note(format!(
+            "[{}/{n}] {}: {} = {}",
+            k + 1,
+            c.label,
+            p.metric.name(),
+            fmt_metric(c.metric)
+        )));
         cells.push(c);
     }
     let mut ranks: Vec<usize> = plan.iter().map(|p| p.1).collect();
@@ -388,7 +390,6 @@ pub fn budget(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tasks::Metric;
 
     fn cell(t: &str, r: usize, m: f64) -> RunResult {
         RunResult {

@@ -1,0 +1,22 @@
+//! The error of training and of the loss on a data file: a bad setting, bad data, or a failure
+//! of the model, the adapter code, candle or the file system.
+
+use std::path::PathBuf;
+
+use crate::data::DataError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Model(#[from] lowrank_model::ModelError),
+    #[error(transparent)]
+    Lora(#[from] lowrank_lora::LoraError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("{path}: {msg}")]
+    Io { path: PathBuf, msg: String },
+}
