@@ -31,7 +31,9 @@ fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
 
 fn all_sources() -> Vec<PathBuf> {
     let mut v = Vec::new();
-    for d in ["src", "crates", "tests", "bench", ".ci", "deploy", "scripts"] {
+    for d in [
+        "src", "crates", "tests", "bench", ".ci", "deploy", "scripts",
+    ] {
         sources(&root().join(d), &mut v);
     }
     sources_top(&mut v);
@@ -78,7 +80,10 @@ fn no_source_names_a_path_outside_the_repository() {
     let root = normalize(&root());
     // Spelled in pieces so that this file does not match itself.
     let sibling = ["..", "/", "shared", "/"].concat();
-    let shared_dirs = [["shared", "/fixtures"].concat(), ["shared", "/peers"].concat()];
+    let shared_dirs = [
+        ["shared", "/fixtures"].concat(),
+        ["shared", "/peers"].concat(),
+    ];
     let anchor = ["env!(\"CARGO_MANIFEST_DIR\")", ", \""].concat();
     let mut bad = Vec::new();
     let mut anchored = 0;
@@ -102,13 +107,23 @@ fn no_source_names_a_path_outside_the_repository() {
             let target = normalize(&manifest_dir(&f).join(lit[..end].trim_start_matches('/')));
             anchored += 1;
             if !target.starts_with(&root) {
-                bad.push(format!("{rel}: {} resolves outside the repository", &lit[..end]));
+                bad.push(format!(
+                    "{rel}: {} resolves outside the repository",
+                    &lit[..end]
+                ));
             }
         }
     }
-    assert!(bad.is_empty(), "paths outside the repository:\n{}", bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "paths outside the repository:\n{}",
+        bad.join("\n")
+    );
     // The scan saw the fixture paths of the test crates (it is not vacuous).
-    assert!(anchored >= 5, "only {anchored} CARGO_MANIFEST_DIR paths found");
+    assert!(
+        anchored >= 5,
+        "only {anchored} CARGO_MANIFEST_DIR paths found"
+    );
 }
 
 #[test]
@@ -145,6 +160,9 @@ fn the_fixtures_the_tests_use_are_in_the_repository() {
     }
     assert!(total <= 15 << 20, "fixtures take {total} bytes (> 15 MiB)");
     for p in ["peft_train.py", "llamacpp_infer.py", "llamacpp_batched.py"] {
-        assert!(root().join("bench/peers").join(p).is_file(), "missing bench/peers/{p}");
+        assert!(
+            root().join("bench/peers").join(p).is_file(),
+            "missing bench/peers/{p}"
+        );
     }
 }

@@ -268,6 +268,8 @@ fn bench_infer(
             "prefill_tokens": prompt_tokens, "prefill_tok_s": (med(&mut prefill) * 10.0).round() / 10.0,
             "decode_tokens": decode_tokens, "decode_tok_s": (med(&mut decode) * 10.0).round() / 10.0,
             "threads": std::env::var("RAYON_NUM_THREADS").ok(), "compute": format!("{:?}", compute.compute).to_lowercase(),
+            "int8_kernel": (lm.model.compute() == lowrank_model::quant::Compute::Int8).then(lowrank_model::quant::kernel_name),
+            "cpu_int8_kernels": lowrank_model::quant::supported_kernels(),
         })
     );
     Ok(())

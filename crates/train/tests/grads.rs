@@ -19,10 +19,7 @@ fn set_adapter(set: &lowrank_model::AdapterSet) -> Adapter {
 }
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../tests/fixtures"
-    ))
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures"))
 }
 
 /// Replace an adapter's tensors by variables; returns (adapter, name → var).
