@@ -65,4 +65,5 @@ pub fn logits(model: &Llama, ids: &[u32], set: Option<AdapterSet>) -> Tensor {
 
 #[path = "support/int8_paths.rs"]
 mod int8_paths;
+#[allow(unused_imports)] // used by the int8 test binary only
 pub use int8_paths::rerun_on_every_int8_path;
