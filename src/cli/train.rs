@@ -110,9 +110,17 @@ pub struct TrainArgs {
     /// dtype of the saved adapter: f32, f16 or bf16 [default: f32]
     #[arg(long)]
     pub save_dtype: Option<String>,
-    /// Continue from a checkpoint directory (DIR/checkpoint-N).
+    /// Continue a run: a checkpoint directory (OUT/checkpoint-N), or a run's output directory
+    /// (its newest complete checkpoint is taken, and named).
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// With --resume: continue even if settings that change the run's numbers (seed, lr,
+    /// schedule, warm-up, steps, batch size, grad-accum, max-seq-len, dropout, α, the data or
+    /// the base model ...) differ from the checkpoint's; the new values apply from the resumed
+    /// step, so the result matches neither run. Without it such a resume is refused, naming
+    /// each change. Output dir, eval/save frequency, keep-checkpoints and threads may always change.
+    #[arg(long)]
+    pub allow_changed_config: bool,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -159,6 +167,7 @@ pub fn run(a: TrainArgs, device: &Device) -> Result<()> {
     let cfg = a.to_config()?;
     let lm = super::load(&a.model, device)?;
     let mut t = Trainer::new(&lm, cfg.clone()).context("preparing training")?;
+    t.allow_changed_config(a.allow_changed_config);
     let stop = Arc::new(AtomicBool::new(false));
     {
         let s = stop.clone();

@@ -282,23 +282,52 @@ pub fn load_jsonl(
     eos: Option<u32>,
     opts: &LoadOptions,
 ) -> Result<(Vec<Sample>, LoadStats), DataError> {
-    let text = std::fs::read_to_string(path).map_err(|e| DataError::File {
+    let bytes = std::fs::read(path).map_err(|e| DataError::File {
         path: path.into(),
         msg: e.to_string(),
     })?;
+    parse_jsonl(&bytes, path, tok, eos, opts)
+}
+
+/// Tokenize the JSONL `bytes` of the file `path` (named in errors). Any input gives samples
+/// or an error naming the line and field (or, for a file without a usable record, the file).
+pub fn parse_jsonl(
+    bytes: &[u8],
+    path: &Path,
+    tok: &Tok,
+    eos: Option<u32>,
+    opts: &LoadOptions,
+) -> Result<(Vec<Sample>, LoadStats), DataError> {
     let mut out = Vec::new();
     let mut st = LoadStats::default();
-    for (i, l) in text.lines().enumerate() {
+    // A UTF-8 byte-order mark (Windows editors) is not part of the first record.
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
         let line = i + 1;
-        if l.trim().is_empty() {
-            continue;
-        }
-        let parsed = serde_json::from_str::<Value>(l)
-            .map_err(|e| field_err(path, line, "json", format!("invalid JSON: {e}")))
-            .and_then(|v| parse_record(&v, path, line))
-            .and_then(|r| tokenize(tok, &r, eos, path, line));
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        // Decoded per line, so bad bytes are reported (or skipped) with their line.
+        let parsed = std::str::from_utf8(raw)
+            .map_err(|e| {
+                field_err(
+                    path,
+                    line,
+                    "utf-8",
+                    format!("invalid UTF-8 after byte {} of the line", e.valid_up_to()),
+                )
+            })
+            .and_then(|l| {
+                if l.trim().is_empty() {
+                    return Ok(None);
+                }
+                serde_json::from_str::<Value>(l)
+                    .map_err(|e| field_err(path, line, "json", format!("invalid JSON: {e}")))
+                    .and_then(|v| parse_record(&v, path, line))
+                    .and_then(|r| tokenize(tok, &r, eos, path, line))
+                    .map(Some)
+            });
         let (mut ids, mut labels) = match parsed {
-            Ok(x) => x,
+            Ok(Some(x)) => x,
+            Ok(None) => continue,
             Err(e) if opts.skip_bad => {
                 st.skipped.push(e.to_string());
                 st.skipped_bad += 1;

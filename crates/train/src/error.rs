@@ -1,5 +1,6 @@
-//! The error of training and of the loss on a data file: a bad setting, bad data, or a failure
-//! of the model, the adapter code, candle or the file system.
+//! The error of training and of the loss on a data file: a bad setting, bad data, a checkpoint
+//! that does not continue this run, or a failure of the model, the adapter code, candle or the
+//! file system.
 
 use std::path::PathBuf;
 
@@ -19,4 +20,8 @@ pub enum TrainError {
     Candle(#[from] candle_core::Error),
     #[error("{path}: {msg}")]
     Io { path: PathBuf, msg: String },
+    /// Resuming with settings that change the run's numbers: each entry is
+    /// `--flag: checkpoint's value → this run's value`.
+    #[error("{path}: the checkpoint was made with other settings ({}); resume with the checkpoint's settings, or pass --allow-changed-config to continue with the new ones", changes.join("; "))]
+    ChangedConfig { path: PathBuf, changes: Vec<String> },
 }

@@ -7,6 +7,10 @@
 //! AdamW) and `log_step`, and when due `evaluate` and `save_checkpoint`; at the end `finish`
 //! (final eval, the saved adapter, the summary). The trainable side is set up in `init.rs`,
 //! checkpoints are in `checkpoint.rs`, the other files a run writes in `files.rs`.
+//!
+//! Resuming (`resume`: a checkpoint, or an output directory whose newest complete checkpoint
+//! is taken) refuses a checkpoint whose settings or inputs would change the run's numbers
+//! unless [`Trainer::allow_changed_config`] is set.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -34,8 +38,11 @@ mod checkpoint;
 mod files;
 mod init;
 
-use checkpoint::truncate_metrics;
-use files::{append_line, round3};
+use checkpoint::{
+    list_checkpoints, pick, remove_dir_atomically, sweep_leftovers, truncate_metrics, FileId,
+    RunInputs,
+};
+use files::{append_line, round3, write_atomic};
 pub use files::{created_stamp, dir_bytes, peak_rss};
 
 pub use crate::error::TrainError;
@@ -69,6 +76,9 @@ pub struct TrainSummary {
     pub records: usize,
     pub truncated: usize,
     pub skipped_bad: usize,
+    /// The checkpoint this run continued from (`None`: a fresh start).
+    #[serde(default)]
+    pub resumed_from: Option<PathBuf>,
 }
 
 /// The trainable side of a run.
@@ -93,6 +103,10 @@ pub struct Trainer<'a> {
     epoch_batches: usize,
     total_steps: usize,
     out: PathBuf,
+    /// The data files and base model as read, recorded in checkpoints and compared on resume.
+    inputs: RunInputs,
+    /// Resume even if the checkpoint's settings or inputs differ (the new ones apply).
+    allow_changed_config: bool,
 }
 
 /// Where a run stands between optimizer steps: what a checkpoint records, and the clock.
@@ -106,6 +120,8 @@ struct RunState {
     last_loss: Option<f64>,
     eval_before: Option<f64>,
     metrics: PathBuf,
+    /// The checkpoint resumed from.
+    resumed_from: Option<PathBuf>,
     /// Seconds trained before this process (a resumed run), and when this process's first step began.
     elapsed0: f64,
     t0: Instant,
@@ -191,6 +207,11 @@ impl<'a> Trainer<'a> {
         let total_steps = cfg
             .max_steps
             .unwrap_or(cfg.epochs * epoch_batches.div_ceil(cfg.grad_accum));
+        let inputs = RunInputs {
+            data: FileId::of(&data_path)?,
+            eval: cfg.eval.as_deref().map(FileId::of).transpose()?,
+            base_fingerprint: base.model.fingerprint()?,
+        };
         let (model, trainable, params) = match cfg.method {
             Method::Lora => Self::init_lora(base, &cfg)?,
             Method::Full => Self::init_full(base)?,
@@ -208,7 +229,16 @@ impl<'a> Trainer<'a> {
             epoch_batches,
             total_steps,
             out,
+            inputs,
+            allow_changed_config: false,
         })
+    }
+
+    /// Let a resume continue from a checkpoint made with other settings or inputs (seed,
+    /// learning rate, data, ...; the new ones apply from the resumed step). Off by default:
+    /// such a resume no longer reproduces either run.
+    pub fn allow_changed_config(&mut self, yes: bool) {
+        self.allow_changed_config = yes;
     }
 
     pub fn trainable_params(&self) -> usize {
@@ -255,6 +285,7 @@ impl<'a> Trainer<'a> {
     }
 
     /// Train to the end (or until `stop` is set / the time box ends); returns the summary.
+    /// `resume`: a checkpoint directory, or an output directory (its newest complete checkpoint).
     pub fn run(&mut self, resume: Option<&Path>, stop: &AtomicBool) -> Result<TrainSummary> {
         self.run_with_progress(resume, stop, &mut silent)
     }
@@ -269,7 +300,7 @@ impl<'a> Trainer<'a> {
         for e in &self.skipped {
             progress(&Event::Warning(format!("skipping bad record: {e}")));
         }
-        let mut run = self.begin(resume)?;
+        let mut run = self.begin(resume, progress)?;
         progress(&Event::TrainStart {
             method: self.cfg.method,
             step: run.step,
@@ -298,10 +329,23 @@ impl<'a> Trainer<'a> {
         self.finish(run, interrupted, progress)
     }
 
-    /// A fresh start (metrics.jsonl reset, the eval loss before training) or the state of the
-    /// checkpoint `resume` (tensors, optimizer, data position, RNG, metrics up to its step).
-    fn begin(&mut self, resume: Option<&Path>) -> Result<RunState> {
+    /// A fresh start (metrics.jsonl reset, checkpoints of an earlier run removed, the eval loss
+    /// before training) or the state of the checkpoint `resume` (tensors, optimizer, data
+    /// position, RNG, metrics up to its step). Leftovers of a killed run are swept first.
+    fn begin(
+        &mut self,
+        resume: Option<&Path>,
+        progress: &mut dyn FnMut(&Event),
+    ) -> Result<RunState> {
         std::fs::create_dir_all(&self.out).map_err(io(&self.out))?;
+        let swept = sweep_leftovers(&self.out)?;
+        if !swept.is_empty() {
+            progress(&Event::Note(format!(
+                "removed what an interrupted run left in {}: {}",
+                self.out.display(),
+                swept.join(", ")
+            )));
+        }
         let mut run = RunState {
             opt: AdamW::new(self.cfg.lr, self.cfg.weight_decay),
             dropout_rng: ChaCha8Rng::seed_from_u64(self.cfg.seed.wrapping_add(1)),
@@ -311,11 +355,32 @@ impl<'a> Trainer<'a> {
             last_loss: None,
             eval_before: None,
             metrics: self.out.join("metrics.jsonl"),
+            resumed_from: None,
             elapsed0: 0.0,
             t0: Instant::now(),
         };
         if let Some(dir) = resume {
-            let st = self.load_checkpoint(dir, &mut run.opt)?;
+            let picked = pick(dir)?;
+            for why in &picked.passed_over {
+                progress(&Event::Warning(format!(
+                    "passing over an incomplete checkpoint: {why}"
+                )));
+            }
+            let changed = self.check_resume_config(&picked)?;
+            if !changed.is_empty() {
+                progress(&Event::Warning(format!(
+                    "resuming with changed settings (allowed): {}",
+                    changed.join("; ")
+                )));
+            }
+            let st = picked.state;
+            self.load_checkpoint(&picked.dir, &st, &mut run.opt)?;
+            progress(&Event::Note(format!(
+                "resuming from {} (step {})",
+                picked.dir.display(),
+                st.step
+            )));
+            run.resumed_from = Some(picked.dir);
             run.step = st.step;
             run.elapsed0 = st.elapsed_s;
             run.tokens = st.tokens;
@@ -324,6 +389,20 @@ impl<'a> Trainer<'a> {
             run.dropout_rng.set_word_pos(st.dropout_rng_word_pos);
             truncate_metrics(&run.metrics, run.step)?;
         } else {
+            // A fresh start owns the directory: an earlier run's checkpoints would be kept
+            // by pruning over this run's own (higher steps) and picked by a later resume.
+            let earlier = list_checkpoints(&self.out)?;
+            for (_, name) in &earlier {
+                remove_dir_atomically(&self.out, name)?;
+            }
+            if !earlier.is_empty() {
+                let names: Vec<&str> = earlier.iter().map(|(_, n)| n.as_str()).collect();
+                progress(&Event::Warning(format!(
+                    "starting afresh in {}: removed the checkpoints of an earlier run there ({}); resume to continue a run instead",
+                    self.out.display(),
+                    names.join(", ")
+                )));
+            }
             let _ = std::fs::remove_file(&run.metrics);
             run.eval_before = self.eval_loss(&self.eval)?;
             if let Some(l) = run.eval_before {
@@ -504,9 +583,10 @@ impl<'a> Trainer<'a> {
             records: self.stats.records,
             truncated: self.stats.truncated,
             skipped_bad: self.stats.skipped_bad,
+            resumed_from: run.resumed_from,
         };
         let s = serde_json::to_string_pretty(&summary).expect("json");
-        std::fs::write(self.out.join("summary.json"), s).map_err(io(&self.out))?;
+        write_atomic(&self.out.join("summary.json"), s.as_bytes())?;
         Ok(summary)
     }
 
@@ -521,7 +601,7 @@ impl<'a> Trainer<'a> {
             m.b = m.b.detach().copy()?;
         }
         a.provenance = Provenance {
-            base_fingerprint: Some(self.base.model.fingerprint()?),
+            base_fingerprint: Some(self.inputs.base_fingerprint.clone()),
             lowrank_version: Some(lowrank_lora::VERSION.to_string()),
             created: Some(created_stamp()),
         };

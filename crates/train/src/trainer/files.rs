@@ -1,5 +1,5 @@
-//! Files a run writes besides tensors: metrics.jsonl lines, the provenance time stamp, and
-//! the sizes the summaries report.
+//! Files a run writes besides tensors: metrics.jsonl lines, files replaced atomically, the
+//! provenance time stamp, and the sizes the summaries report.
 
 use std::io::Write;
 use std::path::Path;
@@ -10,13 +10,57 @@ pub(super) fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
+/// Append one JSON line. The line is formatted first and written with one call, so a process
+/// killed mid-way leaves at most one unterminated last line (which a resume drops), never a
+/// line cut in the middle followed by another.
 pub(super) fn append_line(path: &Path, v: &serde_json::Value) -> Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
         .map_err(io(path))?;
-    writeln!(f, "{v}").map_err(io(path))
+    let line = format!("{v}\n");
+    f.write_all(line.as_bytes()).map_err(io(path))
+}
+
+/// Replace `path` with `bytes` atomically: a hidden sibling is written and flushed to disk,
+/// then renamed over it, so a crash leaves either the old file or the new one.
+pub(super) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    sync_dir(dir);
+    Ok(())
+}
+
+/// Flush a directory's entries (a rename in it) to disk. Best effort: some file systems
+/// cannot open or sync directories, and a rename is atomic without it.
+pub(super) fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Flush every file of `dir`, then the directory itself, to disk.
+pub(super) fn sync_tree(dir: &Path) -> Result<()> {
+    for e in std::fs::read_dir(dir).map_err(io(dir))? {
+        let p = e.map_err(io(dir))?.path();
+        if p.is_file() {
+            std::fs::File::open(&p)
+                .and_then(|f| f.sync_all())
+                .map_err(io(&p))?;
+        }
+    }
+    sync_dir(dir);
+    Ok(())
 }
 
 /// `SOURCE_DATE_EPOCH` (reproducible builds) if set, else now, as an RFC 3339 UTC stamp.
