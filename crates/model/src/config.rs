@@ -30,6 +30,17 @@ impl ModelConfig {
     /// Architectures whose blocks are the Llama block (RMSNorm, RoPE, GQA, SwiGLU).
     pub const SUPPORTED: [&'static str; 5] = ["llama", "mistral", "qwen2", "smollm", "smollm2"];
 
+    /// Bounds checked by [`validate`](Self::validate), far above any released Llama-family
+    /// model (Llama 3.1 405B: 126 layers, hidden 16384, MLP 53248, 128 heads, vocabulary
+    /// 128256).
+    pub const MAX_LAYERS: usize = 1 << 12;
+    pub const MAX_HEADS: usize = 1 << 12;
+    /// hidden, intermediate, head_dim and heads·head_dim.
+    pub const MAX_WIDTH: usize = 1 << 20;
+    pub const MAX_VOCAB: usize = 1 << 24;
+    /// The largest declared context: positions are carried as `u32`.
+    pub const MAX_POSITIONS: usize = u32::MAX as usize;
+
     pub fn q_out(&self) -> usize {
         self.num_heads * self.head_dim
     }
@@ -59,6 +70,26 @@ impl ModelConfig {
                 .map(|x| x as usize)
                 .ok_or_else(|| field_err(k, "expected a positive integer"))
         };
+        // Optional fields: absent or null takes the default; present with the wrong type is
+        // an error, never silently the default.
+        let opt_usize = |k: &str| -> Result<Option<usize>> {
+            match v.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(x) => x
+                    .as_u64()
+                    .map(|x| Some(x as usize))
+                    .ok_or_else(|| field_err(k, "expected a non-negative integer")),
+            }
+        };
+        let opt_f64 = |ptr: &str| -> Result<Option<f64>> {
+            match v.pointer(ptr) {
+                None | Some(Value::Null) => Ok(None),
+                Some(x) => x
+                    .as_f64()
+                    .map(Some)
+                    .ok_or_else(|| field_err(&ptr[1..].replace('/', "."), "expected a number")),
+            }
+        };
         let model_type = v
             .get("model_type")
             .and_then(Value::as_str)
@@ -72,24 +103,12 @@ impl ModelConfig {
         }
         let hidden_size = get_usize("hidden_size")?;
         let num_heads = get_usize("num_attention_heads")?;
-        let num_kv_heads = v
-            .get("num_key_value_heads")
-            .and_then(Value::as_u64)
-            .map(|x| x as usize)
-            .unwrap_or(num_heads);
-        let head_dim = v
-            .get("head_dim")
-            .and_then(Value::as_u64)
-            .map(|x| x as usize)
-            .unwrap_or(hidden_size / num_heads.max(1));
-        let rope_theta = v
-            .get("rope_theta")
-            .and_then(Value::as_f64)
-            .or_else(|| {
-                v.pointer("/rope_parameters/rope_theta")
-                    .and_then(Value::as_f64)
-            })
-            .unwrap_or(10000.0);
+        let num_kv_heads = opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
+        let head_dim = opt_usize("head_dim")?.unwrap_or(hidden_size / num_heads.max(1));
+        let rope_theta = match opt_f64("/rope_theta")? {
+            Some(t) => t,
+            None => opt_f64("/rope_parameters/rope_theta")?.unwrap_or(10000.0),
+        };
         if let Some(rt) = v
             .pointer("/rope_parameters/rope_type")
             .and_then(Value::as_str)
@@ -129,14 +148,8 @@ impl ModelConfig {
             num_kv_heads,
             head_dim,
             rope_theta,
-            rms_norm_eps: v
-                .get("rms_norm_eps")
-                .and_then(Value::as_f64)
-                .unwrap_or(1e-6),
-            max_position_embeddings: v
-                .get("max_position_embeddings")
-                .and_then(Value::as_u64)
-                .unwrap_or(2048) as usize,
+            rms_norm_eps: opt_f64("/rms_norm_eps")?.unwrap_or(1e-6),
+            max_position_embeddings: opt_usize("max_position_embeddings")?.unwrap_or(2048),
             tie_word_embeddings: v
                 .get("tie_word_embeddings")
                 .and_then(Value::as_bool)
@@ -151,6 +164,12 @@ impl ModelConfig {
         Ok(cfg)
     }
 
+    /// Check the hyper-parameters before anything is sized by them: each within a bound far
+    /// above any released Llama-family model (so products such as heads·head_dim·hidden
+    /// cannot overflow and nothing absurd is allocated before the weights are checked
+    /// against them), and mutually consistent. `max_position_embeddings` is only a limit
+    /// that requests are checked against (nothing is sized by it), so any 32-bit value is
+    /// accepted.
     pub fn validate(&self, path: &Path) -> Result<()> {
         let bad = |field: &str, msg: String| {
             Err(ModelError::Field {
@@ -159,8 +178,20 @@ impl ModelConfig {
                 msg,
             })
         };
-        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0
-        {
+        for (field, v, max) in [
+            ("num_hidden_layers", self.num_layers, Self::MAX_LAYERS),
+            ("hidden_size", self.hidden_size, Self::MAX_WIDTH),
+            ("intermediate_size", self.intermediate_size, Self::MAX_WIDTH),
+            ("num_attention_heads", self.num_heads, Self::MAX_HEADS),
+            ("num_key_value_heads", self.num_kv_heads, Self::MAX_HEADS),
+            ("head_dim", self.head_dim, Self::MAX_WIDTH),
+            ("vocab_size", self.vocab_size, Self::MAX_VOCAB),
+        ] {
+            if v == 0 || v > max {
+                return bad(field, format!("{v} is outside 1..={max}"));
+            }
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
             return bad(
                 "num_key_value_heads",
                 format!(
@@ -169,16 +200,51 @@ impl ModelConfig {
                 ),
             );
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim % 2 != 0 {
             return bad(
                 "head_dim",
-                format!("head dim {} must be even and positive", self.head_dim),
+                format!(
+                    "head dim {} must be even (RoPE rotates pairs)",
+                    self.head_dim
+                ),
             );
         }
-        if self.num_layers == 0 || self.hidden_size == 0 || self.vocab_size == 0 {
+        // Both ≤ MAX_HEADS · MAX_WIDTH: no overflow.
+        if self.q_out() > Self::MAX_WIDTH {
             return bad(
-                "num_hidden_layers",
-                "layers, hidden size and vocab must be positive".into(),
+                "head_dim",
+                format!(
+                    "{} heads × head dim {} = {} exceeds {}",
+                    self.num_heads,
+                    self.head_dim,
+                    self.q_out(),
+                    Self::MAX_WIDTH
+                ),
+            );
+        }
+        if self.max_position_embeddings == 0 || self.max_position_embeddings > Self::MAX_POSITIONS {
+            return bad(
+                "max_position_embeddings",
+                format!(
+                    "{} is outside 1..={} (positions are 32-bit)",
+                    self.max_position_embeddings,
+                    Self::MAX_POSITIONS
+                ),
+            );
+        }
+        // RoPE computes θ^(−2i/d) in f32: θ must be a positive finite f32.
+        let theta = self.rope_theta as f32;
+        if !(theta.is_finite() && theta > 0.0) {
+            return bad(
+                "rope_theta",
+                format!("{} must be positive and finite", self.rope_theta),
+            );
+        }
+        // 1/√(mean(x²) + eps): eps = 0 turns an all-zero row into NaN.
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            return bad(
+                "rms_norm_eps",
+                format!("{} must be positive and finite", self.rms_norm_eps),
             );
         }
         Ok(())

@@ -23,6 +23,7 @@ pub mod gguf;
 pub mod model;
 pub mod ops;
 pub mod quant;
+mod rope;
 pub mod source;
 pub mod tokenizer;
 pub mod weights;

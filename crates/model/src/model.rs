@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{Device, Tensor, D};
 use lowrank_lora::{Adapter, LoraModule, ModuleKey, Target};
 use rand::Rng;
 
@@ -20,6 +20,7 @@ use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::ops;
 use crate::quant::{self, Compute, QuantModel};
+use crate::rope::RopeFreqs;
 use crate::weights::Weights;
 
 /// A weighted mixture of adapters applied to one sequence (empty: the base model).
@@ -86,9 +87,8 @@ struct Rope {
 pub struct Llama {
     pub cfg: ModelConfig,
     pub weights: Weights,
-    /// [max_pos, head_dim/2]
-    pub(crate) cos: Tensor,
-    pub(crate) sin: Tensor,
+    /// RoPE's frequencies; each forward computes the cos/sin rows of its own positions.
+    rope: RopeFreqs,
     device: Device,
     /// Packed weights for int8 inference ([`Compute::Int8`]); `None`: f32.
     int8: Option<Arc<QuantModel>>,
@@ -96,12 +96,11 @@ pub struct Llama {
 
 impl Llama {
     pub fn new(cfg: ModelConfig, weights: Weights, device: &Device) -> Result<Self> {
-        let (cos, sin) = rope_tables(&cfg, device)?;
+        let rope = RopeFreqs::new(&cfg, device)?;
         Ok(Llama {
             cfg,
             weights,
-            cos,
-            sin,
+            rope,
             device: device.clone(),
             int8: None,
         })
@@ -310,11 +309,8 @@ impl Llama {
             positions.extend(start as u32..(start + t) as u32);
             ids.extend_from_slice(s.tokens);
         }
-        let pos = Tensor::new(positions.as_slice(), &self.device)?;
-        let rope = Rope {
-            cos: self.cos.index_select(&pos, 0)?,
-            sin: self.sin.index_select(&pos, 0)?,
-        };
+        let (cos, sin) = self.rope.at(&positions)?;
+        let rope = Rope { cos, sin };
         let groups = self.groups(seqs, &ctxs)?;
         let ids = Tensor::new(ids.as_slice(), &self.device)?;
         let mut x = self.weights.embed.index_select(&ids, 0)?; // [N, H]
@@ -631,21 +627,6 @@ impl Llama {
         }
         Ok(x3)
     }
-}
-
-/// cos/sin tables [max_pos, hd/2] for HF's rotary embedding (inv_freq = θ^(−2i/hd)).
-fn rope_tables(cfg: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
-    let hd = cfg.head_dim;
-    let n = cfg.max_position_embeddings;
-    let inv: Vec<f32> = (0..hd / 2)
-        .map(|i| 1.0 / (cfg.rope_theta as f32).powf(2.0 * i as f32 / hd as f32))
-        .collect();
-    let inv = Tensor::new(inv.as_slice(), device)?.reshape((1, hd / 2))?;
-    let pos = Tensor::arange(0u32, n as u32, device)?
-        .to_dtype(DType::F32)?
-        .reshape((n, 1))?;
-    let freqs = pos.broadcast_mul(&inv)?; // [n, hd/2]
-    Ok((freqs.cos()?, freqs.sin()?))
 }
 
 /// Inverted dropout: zero each element with probability p, scale the rest by 1/(1−p).

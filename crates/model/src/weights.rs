@@ -112,8 +112,77 @@ fn check_shape(path: &Path, name: &str, t: &Tensor, want: &[usize]) -> Result<()
     Ok(())
 }
 
+/// Every tensor [`load_gguf`] reads, with the (row-major) shape `cfg` implies for it.
+fn gguf_expected(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let (qo, kvo) = (cfg.q_out(), cfg.kv_out());
+    let mut v = vec![("token_embd.weight".to_string(), vec![cfg.vocab_size, h])];
+    for l in 0..cfg.num_layers {
+        let mut push = |s: &str, shape: Vec<usize>| v.push((format!("blk.{l}.{s}"), shape));
+        push("attn_norm.weight", vec![h]);
+        push("attn_q.weight", vec![qo, h]);
+        push("attn_k.weight", vec![kvo, h]);
+        push("attn_v.weight", vec![kvo, h]);
+        push("attn_output.weight", vec![h, qo]);
+        if cfg.attention_bias {
+            push("attn_q.bias", vec![qo]);
+            push("attn_k.bias", vec![kvo]);
+            push("attn_v.bias", vec![kvo]);
+        }
+        push("ffn_norm.weight", vec![h]);
+        push("ffn_gate.weight", vec![i, h]);
+        push("ffn_up.weight", vec![i, h]);
+        push("ffn_down.weight", vec![h, i]);
+    }
+    v.push(("output_norm.weight".into(), vec![h]));
+    if !cfg.tie_word_embeddings {
+        v.push(("output.weight".into(), vec![cfg.vocab_size, h]));
+    }
+    v
+}
+
+/// The header's tensors against the config, before any tensor is read: every tensor the model
+/// needs is there with the shape the config implies, and no block lies beyond `block_count`
+/// (a file with more blocks than its config says would otherwise half-load).
+fn check_gguf_layout(g: &GgufFile, cfg: &ModelConfig) -> Result<()> {
+    let err = |name: &str, msg: String| ModelError::Tensor {
+        path: g.path.clone(),
+        name: name.into(),
+        msg,
+    };
+    for (name, want) in gguf_expected(cfg) {
+        match g.tensor_dims(&name) {
+            None => return Err(err(&name, "missing".into())),
+            Some(d) if d != want.as_slice() => {
+                return Err(err(
+                    &name,
+                    format!("shape {d:?}, but the model's metadata implies {want:?}"),
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    for name in g.content.tensor_infos.keys() {
+        let block = name
+            .strip_prefix("blk.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok());
+        if let Some(b) = block.filter(|&b| b >= cfg.num_layers) {
+            return Err(err(
+                name,
+                format!(
+                    "block {b}, but {}.block_count says {} blocks",
+                    cfg.arch, cfg.num_layers
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Load and dequantize every weight of a GGUF model.
 pub fn load_gguf(g: &GgufFile, cfg: &ModelConfig, device: &Device) -> Result<Weights> {
+    check_gguf_layout(g, cfg)?;
     let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
         if !g.has_tensor(name) {
             return Err(ModelError::Tensor {
