@@ -18,13 +18,19 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
 
 use crate::error::Result;
 
+#[cfg(target_arch = "x86_64")]
+mod attn256;
+#[cfg(target_arch = "x86_64")]
+mod attn512;
 mod fused;
 mod lora;
 mod rows;
 
 pub use fused::{causal_softmax, silu_mul, silu_mul_bwd, softmax_bwd};
 pub use lora::{lora_gathered, LoraRows};
-pub use rows::{attention_rows, AttnItem};
+pub use rows::{
+    attention_kernel_name, attention_rows, supported_attention_kernels, AttnItem, AttnKernel,
+};
 
 /// y = x·Wᵀ with W frozen (no gradient for W). x: [.., in], W: [out, in].
 struct FrozenLinear {

@@ -1,6 +1,12 @@
 //! Inference attention over the new rows of a ragged batch: every row (prompt token or decode
-//! step) attends over its own sequence's cached keys in one parallel pass, with a
-//! register-blocked AVX-512 kernel for common head shapes.
+//! step) attends over its own sequence's cached keys in one parallel pass, with
+//! register-blocked kernels for common head shapes on AVX-512 ([`super::attn512`]) and on
+//! AVX2 + FMA ([`super::attn256`]), and portable code elsewhere.
+//!
+//! The kernel is chosen once per process ([`AttnKernel::detect`]): the best the CPU runs, or
+//! the one `LOWRANK_ATTN_KERNEL=portable|avx2|avx512` names. Without that variable a forced
+//! int8 path (`LOWRANK_INT8_KERNEL`) forces the attention kernel of the same instruction set,
+//! so one variable emulates an AVX2-only or a scalar CPU for tests and benchmarks.
 
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
@@ -24,6 +30,18 @@ pub type AttnItem = (usize, usize, Tensor, Tensor);
 /// can flip a rounding and move a logit by ~0.5, so this matters.) Candle needs ~12 small
 /// ops per sequence and layer for this.
 pub fn attention_rows(
+    q: &Tensor,
+    items: &[AttnItem],
+    num_kv_heads: usize,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    attention_rows_with(AttnKernel::detect(), q, items, num_kv_heads, scale)
+}
+
+/// [`attention_rows`] with a given kernel (tests run every kernel the CPU supports); an
+/// unsupported kernel runs the portable code.
+pub(crate) fn attention_rows_with(
+    kernel: AttnKernel,
     q: &Tensor,
     items: &[AttnItem],
     num_kv_heads: usize,
@@ -85,19 +103,15 @@ pub fn attention_rows(
     let mut out = vec![0f32; row_of.len() * nh * hd];
     // One kernel for every row of the process (chosen by CPU and head shape only), so a row's
     // bits never depend on the batch.
-    #[cfg(target_arch = "x86_64")]
-    let kernel: Option<RowKernel> =
-        is_x86_feature_detected!("avx512f").then(|| attn512::pick(g, hd));
+    let kernel = kernel.row_kernel(g, hd);
     out.par_chunks_mut(nh * hd)
         .zip(&row_of)
-        .for_each(|(o, &(it, i))| {
-            #[cfg(target_arch = "x86_64")]
-            if let Some(k) = kernel {
-                // SAFETY: AVX-512F is present (detected above); shapes were checked.
-                unsafe { k(qv, &kvs[it], i, &shape, o) };
-                return;
-            }
-            attend_row(qv, &kvs[it], i, &shape, o)
+        .for_each(|(o, &(it, i))| match kernel {
+            // SAFETY: `AttnKernel::row_kernel` hands out a kernel only when the CPU has its
+            // instruction set; the shapes and strides were checked above, and the kernels
+            // index the slices with bounds checks.
+            Some(k) => unsafe { k(qv, &kvs[it], i, &shape, o) },
+            None => attend_row(qv, &kvs[it], i, &shape, o),
         });
     drop(guards);
     drop(qs);
@@ -108,197 +122,179 @@ pub fn attention_rows(
     )?))
 }
 
+/// The attention row kernels: one per instruction set.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum AttnKernel {
+    Portable,
+    /// AVX2 + FMA ([`super::attn256`]).
+    Avx2,
+    /// AVX-512F ([`super::attn512`]).
+    Avx512,
+}
+
+/// Names `LOWRANK_ATTN_KERNEL` accepts (on every architecture).
+const ATTN_KERNEL_NAMES: [&str; 3] = ["avx512", "avx2", "portable"];
+
+impl AttnKernel {
+    pub fn name(self) -> &'static str {
+        match self {
+            AttnKernel::Portable => "portable",
+            AttnKernel::Avx2 => "avx2",
+            AttnKernel::Avx512 => "avx512",
+        }
+    }
+
+    fn by_name(name: &str) -> Option<AttnKernel> {
+        match name {
+            "portable" => Some(AttnKernel::Portable),
+            "avx2" => Some(AttnKernel::Avx2),
+            "avx512" => Some(AttnKernel::Avx512),
+            _ => None,
+        }
+    }
+
+    /// Whether this CPU runs the kernel.
+    pub fn supported(self) -> bool {
+        match self {
+            AttnKernel::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            AttnKernel::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "x86_64")]
+            AttnKernel::Avx512 => is_x86_feature_detected!("avx512f"),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// Supported kernels, best first; the portable one is always last.
+    pub fn supported_list() -> Vec<AttnKernel> {
+        [AttnKernel::Avx512, AttnKernel::Avx2, AttnKernel::Portable]
+            .into_iter()
+            .filter(|k| k.supported())
+            .collect()
+    }
+
+    /// The kernel of this process, decided once (see the module docs for the variables). An
+    /// unknown name or a kernel the CPU cannot run prints one warning and the best runs.
+    pub fn detect() -> AttnKernel {
+        static K: std::sync::OnceLock<AttnKernel> = std::sync::OnceLock::new();
+        *K.get_or_init(|| {
+            let own = std::env::var("LOWRANK_ATTN_KERNEL").ok();
+            let own = own
+                .map(|v| v.trim().to_ascii_lowercase())
+                .filter(|v| !v.is_empty());
+            // A forced int8 path names an instruction set; follow it unless told otherwise.
+            let int8 = std::env::var("LOWRANK_INT8_KERNEL").ok().and_then(|v| {
+                match v.trim().to_ascii_lowercase().as_str() {
+                    "avx512vnni" => Some("avx512".to_string()),
+                    n @ ("avx2" | "portable") => Some(n.to_string()),
+                    _ => None,
+                }
+            });
+            let (k, warning) =
+                AttnKernel::choose(own.or(int8).as_deref(), &AttnKernel::supported_list());
+            if let Some(w) = warning {
+                eprintln!("lowrank: warning: {w}");
+            }
+            k
+        })
+    }
+
+    /// The choice [`AttnKernel::detect`] makes for a requested name and the supported kernels
+    /// (best first), with the warning to print, if any.
+    fn choose(requested: Option<&str>, supported: &[AttnKernel]) -> (AttnKernel, Option<String>) {
+        let best = supported.first().copied().unwrap_or(AttnKernel::Portable);
+        let names = |ks: &[AttnKernel]| ks.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ");
+        match requested {
+            None | Some("auto") => (best, None),
+            Some(name) => match AttnKernel::by_name(name) {
+                Some(k) if supported.contains(&k) => (k, None),
+                Some(_) => (
+                    best,
+                    Some(format!(
+                        "attention kernel {name}: this CPU does not support it (supported: {}); using {}",
+                        names(supported),
+                        best.name()
+                    )),
+                ),
+                None => (
+                    best,
+                    Some(format!(
+                        "LOWRANK_ATTN_KERNEL={name}: unknown attention kernel (expected one of {}, auto); using {}",
+                        ATTN_KERNEL_NAMES.join(", "),
+                        best.name()
+                    )),
+                ),
+            },
+        }
+    }
+
+    /// The row kernel for g query heads per KV head and head_dim hd; `None`: the portable
+    /// code ([`attend_row`]), also for a kernel this CPU cannot run.
+    fn row_kernel(self, g: usize, hd: usize) -> Option<RowKernel> {
+        if !self.supported() {
+            return None;
+        }
+        match self {
+            AttnKernel::Portable => None,
+            #[cfg(target_arch = "x86_64")]
+            AttnKernel::Avx2 => Some(super::attn256::pick(g, hd)),
+            #[cfg(target_arch = "x86_64")]
+            AttnKernel::Avx512 => Some(super::attn512::pick(g, hd)),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => {
+                let _ = (g, hd);
+                None
+            }
+        }
+    }
+}
+
+/// The attention kernel this process uses: `"avx512"`, `"avx2"` or `"portable"`.
+pub fn attention_kernel_name() -> &'static str {
+    AttnKernel::detect().name()
+}
+
+/// The attention kernels this CPU runs, best first.
+pub fn supported_attention_kernels() -> Vec<&'static str> {
+    AttnKernel::supported_list()
+        .iter()
+        .map(|k| k.name())
+        .collect()
+}
+
 /// One sequence's cache as slices for [`attention_rows`].
-struct AttnKv<'a> {
-    k: &'a [f32],
-    v: &'a [f32],
+pub(super) struct AttnKv<'a> {
+    pub(super) k: &'a [f32],
+    pub(super) v: &'a [f32],
     /// start offset, head stride, position stride (K then V)
-    ks: (usize, usize, usize),
-    vs: (usize, usize, usize),
-    len: usize,
-    rows: usize,
-    row: usize,
+    pub(super) ks: (usize, usize, usize),
+    pub(super) vs: (usize, usize, usize),
+    pub(super) len: usize,
+    pub(super) rows: usize,
+    pub(super) row: usize,
 }
 
-struct AttnShape {
+pub(super) struct AttnShape {
     /// Rows of q ([nh, n, hd]).
-    n: usize,
-    nkv: usize,
+    pub(super) n: usize,
+    pub(super) nkv: usize,
     /// Query heads per KV head.
-    g: usize,
-    hd: usize,
-    scale: f32,
+    pub(super) g: usize,
+    pub(super) hd: usize,
+    pub(super) scale: f32,
 }
 
-/// A row kernel of [`attention_rows`].
-#[cfg(target_arch = "x86_64")]
-type RowKernel = unsafe fn(&[f32], &AttnKv, usize, &AttnShape, &mut [f32]);
-
-#[cfg(target_arch = "x86_64")]
-mod attn512 {
-    use super::{attend_row, AttnKv, AttnShape, RowKernel};
-    use std::arch::x86_64::*;
-
-    /// The kernel for g query heads per KV head and head_dim hd: register-blocked AVX-512
-    /// for the common shapes (hd = 64 or 128, g ≤ 4: 4× fewer instructions than the generic
-    /// code, which measured at 8 GMAC/s), else the generic code compiled for AVX-512.
-    pub(super) fn pick(g: usize, hd: usize) -> RowKernel {
-        match (g, hd) {
-            (1, 64) => row::<1, 4>,
-            (2, 64) => row::<2, 4>,
-            (3, 64) => row::<3, 4>,
-            (4, 64) => row::<4, 4>,
-            (1, 128) => row::<1, 8>,
-            (2, 128) => row::<2, 8>,
-            (3, 128) => row::<3, 8>,
-            (4, 128) => row::<4, 8>,
-            _ => generic,
-        }
-    }
-
-    /// e^x for x ≤ 0 (scores minus their max): Cephes' expf polynomial on the reduced
-    /// argument, scaled by 2ⁿ with `vscalefps` (≈ 1 ulp; libm's scalar expf was 4 % of a
-    /// serving profile).
-    #[inline(always)]
-    pub(super) unsafe fn exp(x: __m512) -> __m512 {
-        let x = _mm512_max_ps(x, _mm512_set1_ps(-87.0));
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
-        );
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm512_set1_ps(1.987_569_1e-4);
-        for c in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            1.666_666_5e-1,
-            0.5,
-        ] {
-            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-        }
-        let p = _mm512_fmadd_ps(
-            p,
-            _mm512_mul_ps(r, r),
-            _mm512_add_ps(r, _mm512_set1_ps(1.0)),
-        );
-        _mm512_scalef_ps(p, n)
-    }
-
-    /// In-place softmax of one row of scores, 16 lanes at a time.
-    #[inline(always)]
-    unsafe fn softmax(p: &mut [f32]) {
-        let n = p.len();
-        let (full, tail) = (n / 16, n % 16);
-        let tm: __mmask16 = ((1u32 << tail) - 1) as u16;
-        let ptr = p.as_mut_ptr();
-        let mut mv = _mm512_set1_ps(f32::NEG_INFINITY);
-        for c in 0..full {
-            mv = _mm512_max_ps(mv, _mm512_loadu_ps(ptr.add(c * 16)));
-        }
-        if tail > 0 {
-            let t = _mm512_mask_loadu_ps(mv, tm, ptr.add(full * 16));
-            mv = _mm512_max_ps(mv, t);
-        }
-        let mx = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
-        let mut sv = _mm512_setzero_ps();
-        for c in 0..full {
-            let e = exp(_mm512_sub_ps(_mm512_loadu_ps(ptr.add(c * 16)), mx));
-            _mm512_storeu_ps(ptr.add(c * 16), e);
-            sv = _mm512_add_ps(sv, e);
-        }
-        if tail > 0 {
-            let e = exp(_mm512_sub_ps(
-                _mm512_maskz_loadu_ps(tm, ptr.add(full * 16)),
-                mx,
-            ));
-            _mm512_mask_storeu_ps(ptr.add(full * 16), tm, e);
-            sv = _mm512_mask_add_ps(sv, tm, sv, e);
-        }
-        let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sv));
-        for c in 0..full {
-            let v = _mm512_mul_ps(_mm512_loadu_ps(ptr.add(c * 16)), inv);
-            _mm512_storeu_ps(ptr.add(c * 16), v);
-        }
-        if tail > 0 {
-            let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(tm, ptr.add(full * 16)), inv);
-            _mm512_mask_storeu_ps(ptr.add(full * 16), tm, v);
-        }
-    }
-
-    #[target_feature(enable = "avx512f")]
-    unsafe fn generic(qv: &[f32], kv: &AttnKv, i: usize, s: &AttnShape, o: &mut [f32]) {
-        attend_row(qv, kv, i, s, o)
-    }
-
-    /// [`attend_row`] with the g query rows and the output accumulators in registers; each
-    /// cached K and V row is loaded once for the g heads. G heads per KV head, C = hd / 16.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn row<const G: usize, const C: usize>(
-        qv: &[f32],
-        kv: &AttnKv,
-        i: usize,
-        s: &AttnShape,
-        o: &mut [f32],
-    ) {
-        let hd = C * 16;
-        let len = kv.len - kv.rows + i + 1; // keys this row sees
-        let mut sc = vec![0f32; G * len]; // [G, len]
-        for kvh in 0..s.nkv {
-            let mut q = [[_mm512_setzero_ps(); C]; G];
-            for (gi, qg) in q.iter_mut().enumerate() {
-                let r = (kvh * G + gi) * s.n + kv.row + i;
-                let qrow = &qv[r * hd..(r + 1) * hd];
-                for (c, qc) in qg.iter_mut().enumerate() {
-                    *qc = _mm512_loadu_ps(qrow.as_ptr().add(c * 16));
-                }
-            }
-            for j in 0..len {
-                let off = kv.ks.0 + kvh * kv.ks.1 + j * kv.ks.2;
-                let krow = &kv.k[off..off + hd];
-                let mut k = [_mm512_setzero_ps(); C];
-                for (c, kc) in k.iter_mut().enumerate() {
-                    *kc = _mm512_loadu_ps(krow.as_ptr().add(c * 16));
-                }
-                for (gi, qg) in q.iter().enumerate() {
-                    let mut acc = _mm512_mul_ps(qg[0], k[0]);
-                    for c in 1..C {
-                        acc = _mm512_fmadd_ps(qg[c], k[c], acc);
-                    }
-                    sc[gi * len + j] = _mm512_reduce_add_ps(acc) * s.scale;
-                }
-            }
-            for p in sc.chunks_exact_mut(len) {
-                softmax(p);
-            }
-            let mut acc = [[_mm512_setzero_ps(); C]; G];
-            for j in 0..len {
-                let off = kv.vs.0 + kvh * kv.vs.1 + j * kv.vs.2;
-                let vrow = &kv.v[off..off + hd];
-                let mut v = [_mm512_setzero_ps(); C];
-                for (c, vc) in v.iter_mut().enumerate() {
-                    *vc = _mm512_loadu_ps(vrow.as_ptr().add(c * 16));
-                }
-                for (gi, ag) in acc.iter_mut().enumerate() {
-                    let w = _mm512_set1_ps(sc[gi * len + j]);
-                    for c in 0..C {
-                        ag[c] = _mm512_fmadd_ps(w, v[c], ag[c]);
-                    }
-                }
-            }
-            for (gi, ag) in acc.iter().enumerate() {
-                let oh = &mut o[(kvh * G + gi) * hd..(kvh * G + gi + 1) * hd];
-                for (c, ac) in ag.iter().enumerate() {
-                    _mm512_storeu_ps(oh.as_mut_ptr().add(c * 16), *ac);
-                }
-            }
-        }
-    }
-}
+/// A row kernel of [`attention_rows`]: one row's every head into `o` ([nh·hd]).
+///
+/// # Safety
+/// The CPU supports the kernel's instruction set; `kv` and the shape describe `q` and the
+/// cache as [`attention_rows`] checks them.
+pub(super) type RowKernel = unsafe fn(&[f32], &AttnKv, usize, &AttnShape, &mut [f32]);
 
 /// Row i of a sequence: every head's softmax(q·Kᵀ·scale)·V over keys 0..=p. o: [nh·hd].
 #[inline(always)]
-fn attend_row(qv: &[f32], kv: &AttnKv, i: usize, s: &AttnShape, o: &mut [f32]) {
+pub(super) fn attend_row(qv: &[f32], kv: &AttnKv, i: usize, s: &AttnShape, o: &mut [f32]) {
     let (g, hd) = (s.g, s.hd);
     let len = kv.len - kv.rows + i + 1; // keys this row sees
     let qrow = |h: usize| {
@@ -373,16 +369,28 @@ mod attention_tests {
     #[test]
     fn attention_rows_equal_naive_causal_attention() {
         // The generic kernel (hd = 8) and the register-blocked ones (hd = 64, 128).
-        for (nh, nkv, hd) in [(6, 2, 8), (9, 3, 64), (4, 4, 128), (8, 2, 64)] {
-            attention_case(nh, nkv, hd);
+        // Every kernel this CPU runs; the others are named as skipped.
+        let supported = AttnKernel::supported_list();
+        for k in [AttnKernel::Avx512, AttnKernel::Avx2, AttnKernel::Portable] {
+            if !supported.contains(&k) {
+                eprintln!(
+                    "attention kernel {}: skipped (this CPU cannot run it)",
+                    k.name()
+                );
+                continue;
+            }
+            for (nh, nkv, hd) in [(6, 2, 8), (9, 3, 64), (4, 4, 128), (8, 2, 64), (16, 4, 128)] {
+                attention_case(k, nh, nkv, hd);
+            }
         }
     }
 
-    fn attention_case(nh: usize, nkv: usize, hd: usize) {
+    fn attention_case(kernel: AttnKernel, nh: usize, nkv: usize, hd: usize) {
         let d = Device::Cpu;
         let g = nh / nkv;
         // (cached, new) tokens per sequence.
-        let seqs = [(5usize, 3usize), (9, 1), (0, 4)];
+        // Lengths with and without a tail of a vector's width.
+        let seqs = [(5usize, 3usize), (9, 1), (0, 4), (30, 3)];
         let n: usize = seqs.iter().map(|s| s.1).sum();
         let q = Tensor::randn(0f32, 1.0, (nh, n, hd), &d).unwrap();
         let kvs: Vec<(Tensor, Tensor)> = seqs
@@ -404,7 +412,7 @@ mod attention_tests {
             row += t;
         }
         let scale = 1.0 / (hd as f64).sqrt();
-        let got = attention_rows(&q, &items, nkv, scale)
+        let got = attention_rows_with(kernel, &q, &items, nkv, scale)
             .unwrap()
             .unwrap()
             .to_vec2::<f32>()
@@ -420,14 +428,15 @@ mod attention_tests {
                         let x = got[r + i][h * hd + dd] as f64;
                         assert!(
                             (x - w).abs() < 1e-5,
-                            "seq {si} row {i} head {h}: {x} vs {w}"
+                            "{kernel:?} seq {si} row {i} head {h}: {x} vs {w}"
                         );
                     }
                 }
             }
             // The same sequence alone (its q rows only): the same bits.
             let qs = q.narrow(1, r, t).unwrap().contiguous().unwrap();
-            let alone = attention_rows(
+            let alone = attention_rows_with(
+                kernel,
                 &qs,
                 &[(0, t, items[si].2.clone(), items[si].3.clone())],
                 nkv,
@@ -437,36 +446,76 @@ mod attention_tests {
             .unwrap()
             .to_vec2::<f32>()
             .unwrap();
-            assert_eq!(alone, got[r..r + t].to_vec(), "seq {si} alone");
+            assert_eq!(alone, got[r..r + t].to_vec(), "{kernel:?} seq {si} alone");
             r += t;
         }
     }
 
+    /// The vector exp of each SIMD kernel this CPU runs (the others named as skipped) is
+    /// within 4e-7 of f64's over the softmax range, and clamps far below it.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn vector_exp_is_within_a_few_ulps() {
-        if !is_x86_feature_detected!("avx512f") {
-            return;
-        }
+        use std::arch::x86_64::*;
         #[target_feature(enable = "avx512f")]
-        unsafe fn run(x: &[f32; 16]) -> [f32; 16] {
-            use std::arch::x86_64::*;
+        unsafe fn run512(x: &[f32; 16]) -> [f32; 16] {
             let mut out = [0f32; 16];
-            _mm512_storeu_ps(out.as_mut_ptr(), attn512::exp(_mm512_loadu_ps(x.as_ptr())));
+            let e = super::super::attn512::exp(_mm512_loadu_ps(x.as_ptr()));
+            _mm512_storeu_ps(out.as_mut_ptr(), e);
             out
         }
-        let mut worst = 0f64;
-        for i in 0..20_000 {
-            let x: [f32; 16] = std::array::from_fn(|l| -((i * 16 + l) as f32) * 85.0 / 320_000.0);
-            let got = unsafe { run(&x) };
-            for (g, x) in got.iter().zip(&x) {
-                let want = (*x as f64).exp();
-                worst = worst.max((*g as f64 - want).abs() / want);
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn run256(x: &[f32; 16]) -> [f32; 16] {
+            let mut out = [0f32; 16];
+            for h in 0..2 {
+                let e = super::super::attn256::exp(_mm256_loadu_ps(x.as_ptr().add(8 * h)));
+                _mm256_storeu_ps(out.as_mut_ptr().add(8 * h), e);
             }
+            out
         }
-        assert!(worst < 4e-7, "worst relative error {worst}");
-        // Far below the range: clamps to a tiny positive value instead of NaN/denormals.
-        let tiny = unsafe { run(&[-1e30; 16]) };
-        assert!(tiny.iter().all(|v| *v >= 0.0 && *v < 1e-37));
+        let kernels: [(AttnKernel, unsafe fn(&[f32; 16]) -> [f32; 16]); 2] =
+            [(AttnKernel::Avx512, run512), (AttnKernel::Avx2, run256)];
+        let mut ran = 0;
+        for (k, run) in kernels {
+            if !k.supported() {
+                eprintln!("vector exp {}: skipped (this CPU cannot run it)", k.name());
+                continue;
+            }
+            ran += 1;
+            let mut worst = 0f64;
+            for i in 0..20_000 {
+                let x: [f32; 16] =
+                    std::array::from_fn(|l| -((i * 16 + l) as f32) * 85.0 / 320_000.0);
+                // SAFETY: the CPU supports the kernel (checked above).
+                let got = unsafe { run(&x) };
+                for (g, x) in got.iter().zip(&x) {
+                    let want = (*x as f64).exp();
+                    worst = worst.max((*g as f64 - want).abs() / want);
+                }
+            }
+            assert!(worst < 4e-7, "{}: worst relative error {worst}", k.name());
+            // Far below the range: clamps to a tiny positive value instead of NaN/denormals.
+            // SAFETY: as above.
+            let tiny = unsafe { run(&[-1e30; 16]) };
+            assert!(tiny.iter().all(|v| *v >= 0.0 && *v < 1e-37), "{}", k.name());
+        }
+        eprintln!("vector exp checked on {ran} SIMD kernel(s)");
+    }
+
+    /// The environment's request picks a supported kernel, and an unsupported or unknown one
+    /// falls back to the best with a warning.
+    #[test]
+    fn forced_attention_kernel_is_honoured_or_warned() {
+        use AttnKernel::*;
+        let all = [Avx512, Avx2, Portable];
+        assert_eq!(AttnKernel::choose(None, &all), (Avx512, None));
+        assert_eq!(AttnKernel::choose(Some("avx2"), &all), (Avx2, None));
+        assert_eq!(AttnKernel::choose(Some("portable"), &all), (Portable, None));
+        let (k, w) = AttnKernel::choose(Some("avx512"), &[Avx2, Portable]);
+        assert_eq!(k, Avx2);
+        assert!(w.unwrap().contains("does not support"));
+        let (k, w) = AttnKernel::choose(Some("neon9"), &[Portable]);
+        assert_eq!(k, Portable);
+        assert!(w.unwrap().contains("unknown"));
     }
 }

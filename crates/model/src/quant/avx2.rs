@@ -1,4 +1,4 @@
-use super::{Activations, QMatrix, SendPtr, NR_AVX2, QK, TB, TILE};
+use super::{Activations, QMatrix, SendPtr, NR_AVX2, QK, TB, TB4, TILE};
 use std::arch::x86_64::*;
 
 /// How a matrix's block sums are formed (see the module docs).
@@ -78,18 +78,35 @@ pub(super) unsafe fn quantize_block(xb: &[f32; QK], ab: &mut [i8; QK]) -> (f32, 
 /// # Safety
 /// The CPU has AVX2 and FMA; otherwise as [`super::Kernel::run`].
 pub(super) unsafe fn run(w: &QMatrix, x: &Activations, t: usize, r0: usize, nr: usize, y: SendPtr) {
+    if w.nibbles {
+        by_mode::<true>(w, x, t, r0, nr, y)
+    } else {
+        by_mode::<false>(w, x, t, r0, nr, y)
+    }
+}
+
+/// # Safety
+/// As [`run`], with `NIB` = `w.nibbles`.
+unsafe fn by_mode<const NIB: bool>(
+    w: &QMatrix,
+    x: &Activations,
+    t: usize,
+    r0: usize,
+    nr: usize,
+    y: SendPtr,
+) {
     match Mode::for_qmax(w.qmax) {
-        Mode::Plain(8) => rows::<8, false>(w, x, t, r0, nr, y),
-        Mode::Plain(4) => rows::<4, false>(w, x, t, r0, nr, y),
-        Mode::Plain(2) => rows::<2, false>(w, x, t, r0, nr, y),
-        Mode::Plain(_) => rows::<1, false>(w, x, t, r0, nr, y),
-        Mode::Sign => rows::<1, true>(w, x, t, r0, nr, y),
+        Mode::Plain(8) => rows::<8, false, NIB>(w, x, t, r0, nr, y),
+        Mode::Plain(4) => rows::<4, false, NIB>(w, x, t, r0, nr, y),
+        Mode::Plain(2) => rows::<2, false, NIB>(w, x, t, r0, nr, y),
+        Mode::Plain(_) => rows::<1, false, NIB>(w, x, t, r0, nr, y),
+        Mode::Sign => rows::<1, true, NIB>(w, x, t, r0, nr, y),
     }
 }
 
 /// # Safety
 /// As [`run`].
-unsafe fn rows<const K: usize, const SIGN: bool>(
+unsafe fn rows<const K: usize, const SIGN: bool, const NIB: bool>(
     w: &QMatrix,
     x: &Activations,
     t: usize,
@@ -99,10 +116,10 @@ unsafe fn rows<const K: usize, const SIGN: bool>(
 ) {
     const _: () = assert!(NR_AVX2 == 4);
     match nr {
-        1 => tile::<1, K, SIGN>(w, x, t, r0, y),
-        2 => tile::<2, K, SIGN>(w, x, t, r0, y),
-        3 => tile::<3, K, SIGN>(w, x, t, r0, y),
-        _ => tile::<4, K, SIGN>(w, x, t, r0, y),
+        1 => tile::<1, K, SIGN, NIB>(w, x, t, r0, y),
+        2 => tile::<2, K, SIGN, NIB>(w, x, t, r0, y),
+        3 => tile::<3, K, SIGN, NIB>(w, x, t, r0, y),
+        _ => tile::<4, K, SIGN, NIB>(w, x, t, r0, y),
     }
 }
 
@@ -114,11 +131,14 @@ unsafe fn rows<const K: usize, const SIGN: bool>(
 /// K = 8), 2 weight halves (+2 for the sign trick), the broadcast, ones, temporaries; the
 /// f32 sums are touched once per block and may live in memory.
 ///
+/// With `NIB` (q stored as nibbles) a group's two halves come from its pair's 64 bytes,
+/// split with an AND (even group) or a shift and an AND (odd group).
+///
 /// # Safety
 /// The CPU has AVX2 and FMA; `K` divides 8 and K·2·qmax·127 ≤ 32767 when `!SIGN`, K = 1
-/// when `SIGN`; otherwise as [`super::Kernel::run`] with nr = R.
+/// when `SIGN`; `NIB` matches `w.nibbles`; otherwise as [`super::Kernel::run`] with nr = R.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn tile<const R: usize, const K: usize, const SIGN: bool>(
+unsafe fn tile<const R: usize, const K: usize, const SIGN: bool, const NIB: bool>(
     w: &QMatrix,
     x: &Activations,
     t: usize,
@@ -129,19 +149,38 @@ unsafe fn tile<const R: usize, const K: usize, const SIGN: bool>(
     let (nb, kp) = (w.nb, x.nb * QK);
     let ones = _mm256_set1_epi16(1);
     let flip = _mm256_set1_epi8(-128);
+    debug_assert_eq!(NIB, w.nibbles);
+    let tbytes = if NIB { TB4 } else { TB };
+    let low = _mm256_set1_epi8(0x0F);
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
-    let qbase = w.q.as_ptr().add(t * nb * TB);
+    let qbase = w.q.as_ptr().add(t * nb * tbytes);
     let abase = x.a.as_ptr().add(r0 * kp);
     for b in 0..nb {
-        let qb = qbase.add(b * TB);
+        let qb = qbase.add(b * tbytes);
         let ab = abase.add(b * QK);
         let mut dot = [[_mm256_setzero_si256(); 2]; R];
         for c in 0..G / K {
             let mut s16 = [[_mm256_setzero_si256(); 2]; R];
             for k in 0..K {
                 let g = c * K + k;
-                let w0 = _mm256_loadu_si256(qb.add(g * TILE * 4) as *const __m256i);
-                let w1 = _mm256_loadu_si256(qb.add(g * TILE * 4 + 32) as *const __m256i);
+                let (w0, w1) = if NIB {
+                    let pp = qb.add((g / 2) * TILE * 4);
+                    let v0 = _mm256_loadu_si256(pp as *const __m256i);
+                    let v1 = _mm256_loadu_si256(pp.add(32) as *const __m256i);
+                    if g % 2 == 0 {
+                        (_mm256_and_si256(v0, low), _mm256_and_si256(v1, low))
+                    } else {
+                        (
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(v0), low),
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(v1), low),
+                        )
+                    }
+                } else {
+                    (
+                        _mm256_loadu_si256(qb.add(g * TILE * 4) as *const __m256i),
+                        _mm256_loadu_si256(qb.add(g * TILE * 4 + 32) as *const __m256i),
+                    )
+                };
                 if SIGN {
                     let (f0, f1) = (_mm256_xor_si256(w0, flip), _mm256_xor_si256(w1, flip));
                     let (u0, u1) = (_mm256_abs_epi8(f0), _mm256_abs_epi8(f1));

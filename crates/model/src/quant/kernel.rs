@@ -210,16 +210,7 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => avx2::run(w, x, t, r0, nr, y),
             #[cfg(target_arch = "x86_64")]
-            Kernel::Vnni512 => match nr {
-                1 => vnni::tile::<1>(w, x, t, r0, y),
-                2 => vnni::tile::<2>(w, x, t, r0, y),
-                3 => vnni::tile::<3>(w, x, t, r0, y),
-                4 => vnni::tile::<4>(w, x, t, r0, y),
-                5 => vnni::tile::<5>(w, x, t, r0, y),
-                6 => vnni::tile::<6>(w, x, t, r0, y),
-                7 => vnni::tile::<7>(w, x, t, r0, y),
-                _ => vnni::tile::<8>(w, x, t, r0, y),
-            },
+            Kernel::Vnni512 => vnni::run(w, x, t, r0, nr, y),
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The portable kernel: plain Rust for any CPU, bitwise equal to the vector kernels.
 
-use super::{Activations, QMatrix, SendPtr, QK, TB, TILE};
+use super::{from_nibbles, Activations, QMatrix, SendPtr, QK, TB, TB4, TILE};
 
 /// Σ q·a of one (tile, block) for its 16 outputs, exact. Written for the auto-vectorizer:
 /// fixed-size arrays, no branches, i16 products (|q·a| ≤ 255·127 < 2¹⁵: the i16 multiply is
@@ -42,11 +42,17 @@ pub(super) unsafe fn portable(
 ) {
     let (nb, kp) = (w.nb, x.nb * QK);
     let lanes = TILE.min(w.out - t * TILE);
+    let mut unpacked = [0u8; TB];
     for r in r0..r0 + nr {
         let mut acc = [0f32; TILE];
         for b in 0..nb {
             let tb = t * nb + b;
-            let qb: &[u8; TB] = w.q[tb * TB..(tb + 1) * TB].try_into().expect("TB");
+            let qb: &[u8; TB] = if w.nibbles {
+                from_nibbles(&w.q[tb * TB4..(tb + 1) * TB4], &mut unpacked);
+                &unpacked
+            } else {
+                w.q[tb * TB..(tb + 1) * TB].try_into().expect("TB")
+            };
             let ab: &[i8; QK] = x.a[r * kp + b * QK..r * kp + (b + 1) * QK]
                 .try_into()
                 .expect("QK");

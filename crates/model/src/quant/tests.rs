@@ -86,25 +86,34 @@ fn with_qmax(q: &QMatrix, qmax: u8) -> QMatrix {
 /// matrix allows); returns the portable result.
 fn assert_kernels_agree(q: &QMatrix, x: &[f32], rows: usize, what: &str) -> Vec<f32> {
     let want = q.matmul_with(Kernel::Portable, x, rows);
+    // Both q storages where the matrix allows nibbles (bitwise the same results).
+    let storages: Vec<QMatrix> = if q.qmax <= 15 {
+        vec![q.clone(), q.clone().with_nibbles(!q.nibbles)]
+    } else {
+        vec![q.clone()]
+    };
     for k in Kernel::supported_list() {
         #[allow(unused_mut)]
-        let mut variants = vec![q.clone()];
+        let mut variants = storages.clone();
         #[cfg(target_arch = "x86_64")]
         if k == Kernel::Avx2 {
-            variants.extend(
-                [16u8, 32, 64, 128, 255]
-                    .into_iter()
-                    .filter(|&b| b > q.qmax)
-                    .map(|b| with_qmax(q, b)),
-            );
+            for s in &storages {
+                variants.extend(
+                    [16u8, 32, 64, 128, 255]
+                        .into_iter()
+                        .filter(|&b| b > q.qmax)
+                        .map(|b| with_qmax(s, b)),
+                );
+            }
         }
         for v in &variants {
             let got = v.matmul_with(k, x, rows);
             assert!(
                 bits(&got) == bits(&want),
-                "{what}: kernel {} (qmax {}) differs from portable: first at {:?}",
+                "{what}: kernel {} (qmax {}, nibbles {}) differs from portable: first at {:?}",
                 k.name(),
                 v.qmax,
+                v.nibbles,
                 got.iter()
                     .zip(&want)
                     .position(|(a, b)| a.to_bits() != b.to_bits())
@@ -275,8 +284,15 @@ fn kernels_agree_bitwise_on_the_default_model() {
     .expect("load the default model");
     let qm = QuantModel::build(&loaded.model.weights).unwrap();
     let mut qmax = std::collections::BTreeMap::<u8, usize>::new();
+    let mut nibbles = 0;
     for (i, q) in qm.all().enumerate() {
         *qmax.entry(q.qmax).or_default() += 1;
+        nibbles += usize::from(q.nibbles);
+        assert_eq!(
+            q.nibbles,
+            q.qmax <= 15 && super::nibble_packing(),
+            "matrix #{i}"
+        );
         let rows = 5;
         let mut x = rand_vec(rows * q.in_dim(), 40 + i as u64);
         for v in x.iter_mut().step_by(97) {
@@ -284,7 +300,11 @@ fn kernels_agree_bitwise_on_the_default_model() {
         }
         assert_kernels_agree(q, &x, rows, &format!("default model matrix #{i}"));
     }
-    eprintln!("default model: matrices by largest q: {qmax:?}");
+    eprintln!("default model: matrices by largest q: {qmax:?}; {nibbles} nibble-packed");
+    // The Q4_1 projections of every layer (4 packs × 30 layers) keep 4-bit q.
+    if super::nibble_packing() {
+        assert!(nibbles >= 120, "{nibbles} nibble-packed matrices");
+    }
 }
 
 /// The saturation case of `vpmaddubsw`: q = 255 (and q = 0, i.e. q' = −128) against
@@ -504,4 +524,21 @@ fn timing() {
             }
         }
     }
+}
+
+/// Nibble storage round-trips to the byte storage exactly and halves the q bytes.
+#[test]
+fn nibble_storage_round_trips() {
+    let (out, inp) = (37, 70);
+    let w: Vec<f32> = (0..out * inp)
+        .map(|i| 0.25 * ((i * 7 + i / 13) % 16) as f32 - 1.0)
+        .collect();
+    let q = QMatrix::from_f32(&w, out, inp).unwrap();
+    assert!(q.qmax <= 15 && q.rounded_blocks() == 0);
+    let bytes = q.clone().with_nibbles(false);
+    let nib = bytes.clone().with_nibbles(true);
+    assert_eq!(nib.q.len() * 2, bytes.q.len());
+    assert_eq!(nib.clone().with_nibbles(false).q, bytes.q);
+    assert_eq!(bits(&nib.dequantize()), bits(&bytes.dequantize()));
+    assert_eq!(bits(&bytes.dequantize()), bits(&w));
 }

@@ -1,4 +1,4 @@
-use super::{Activations, QMatrix, SendPtr, QK, TB, TILE};
+use super::{Activations, QMatrix, SendPtr, QK, TB, TB4, TILE};
 use std::arch::x86_64::*;
 
 /// [`super::quantize_act_block`] for a full block of 32, vectorized.
@@ -25,31 +25,85 @@ pub(super) unsafe fn quantize_block(xb: &[f32; QK], ab: &mut [i8; QK]) -> (f32, 
     (sc, _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)))
 }
 
-/// R activation rows × one 16-output tile: per block, 8 `vpdpbusd` per row into i32
-/// lanes, then one scale FMA and one offset FMA into f32 lanes.
+/// Rows r0..r0+nr of tile t, for the matrix's q storage.
 ///
 /// # Safety
-/// The CPU has AVX-512 F, BW and VNNI; otherwise as [`super::Kernel::run`] with nr = R.
+/// The CPU has AVX-512 F, BW and VNNI; otherwise as [`super::Kernel::run`].
+pub(super) unsafe fn run(w: &QMatrix, x: &Activations, t: usize, r0: usize, nr: usize, y: SendPtr) {
+    if w.nibbles {
+        rows::<true>(w, x, t, r0, nr, y)
+    } else {
+        rows::<false>(w, x, t, r0, nr, y)
+    }
+}
+
+/// # Safety
+/// As [`run`].
+unsafe fn rows<const NIB: bool>(
+    w: &QMatrix,
+    x: &Activations,
+    t: usize,
+    r0: usize,
+    nr: usize,
+    y: SendPtr,
+) {
+    const _: () = assert!(super::NR_VNNI == 8);
+    match nr {
+        1 => tile::<1, NIB>(w, x, t, r0, y),
+        2 => tile::<2, NIB>(w, x, t, r0, y),
+        3 => tile::<3, NIB>(w, x, t, r0, y),
+        4 => tile::<4, NIB>(w, x, t, r0, y),
+        5 => tile::<5, NIB>(w, x, t, r0, y),
+        6 => tile::<6, NIB>(w, x, t, r0, y),
+        7 => tile::<7, NIB>(w, x, t, r0, y),
+        _ => tile::<8, NIB>(w, x, t, r0, y),
+    }
+}
+
+/// R activation rows × one 16-output tile: per block, 8 `vpdpbusd` per row into i32
+/// lanes, then one scale FMA and one offset FMA into f32 lanes. With `NIB` (q stored as
+/// nibbles) each 64-byte load holds two groups of 4 inputs, split with an AND and a shift.
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW and VNNI; `NIB` matches `w.nibbles`; otherwise as
+/// [`super::Kernel::run`] with nr = R.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub(super) unsafe fn tile<const R: usize>(
+unsafe fn tile<const R: usize, const NIB: bool>(
     w: &QMatrix,
     x: &Activations,
     t: usize,
     r0: usize,
     y: SendPtr,
 ) {
+    debug_assert_eq!(NIB, w.nibbles);
+    let tbytes = if NIB { TB4 } else { TB };
     let (nb, kp) = (w.nb, x.nb * QK);
     let mut acc = [_mm512_setzero_ps(); R];
-    let qbase = w.q.as_ptr().add(t * nb * TB);
+    let qbase = w.q.as_ptr().add(t * nb * tbytes);
     let abase = x.a.as_ptr().add(r0 * kp);
+    let low = _mm512_set1_epi8(0x0F);
     for b in 0..nb {
         let mut dot = [_mm512_setzero_si512(); R];
-        let qb = qbase.add(b * TB);
-        for g in 0..QK / 4 {
-            let wv = _mm512_loadu_si512(qb.add(g * TILE * 4) as *const _);
+        let qb = qbase.add(b * tbytes);
+        for p in 0..QK / 8 {
+            // Groups 2p and 2p + 1 (4 inputs × 16 outputs each).
+            let (w0, w1) = if NIB {
+                let v = _mm512_loadu_si512(qb.add(p * TILE * 4) as *const _);
+                (
+                    _mm512_and_si512(v, low),
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(v), low),
+                )
+            } else {
+                (
+                    _mm512_loadu_si512(qb.add(2 * p * TILE * 4) as *const _),
+                    _mm512_loadu_si512(qb.add((2 * p + 1) * TILE * 4) as *const _),
+                )
+            };
             for (r, dr) in dot.iter_mut().enumerate() {
-                let a4 = (abase.add(r * kp + b * QK + g * 4) as *const i32).read_unaligned();
-                *dr = _mm512_dpbusd_epi32(*dr, wv, _mm512_set1_epi32(a4));
+                let ap = abase.add(r * kp + b * QK + p * 8) as *const i32;
+                let (a0, a1) = (ap.read_unaligned(), ap.add(1).read_unaligned());
+                *dr = _mm512_dpbusd_epi32(*dr, w0, _mm512_set1_epi32(a0));
+                *dr = _mm512_dpbusd_epi32(*dr, w1, _mm512_set1_epi32(a1));
             }
         }
         let tb = t * nb + b;
