@@ -32,6 +32,8 @@ pub enum ModelError {
     #[error("{0}")]
     Invalid(String),
     #[error(transparent)]
+    NonFiniteLogits(#[from] crate::generate::NonFiniteLogits),
+    #[error(transparent)]
     Lora(#[from] lowrank_lora::LoraError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

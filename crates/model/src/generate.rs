@@ -1,5 +1,9 @@
 //! Sampling and generation: greedy / temperature, top-k, top-p, seed; EOS, stop strings,
 //! max tokens; incremental (streamable) text; batched greedy decoding for evaluation.
+//!
+//! Every logits row is checked before anything is drawn from it: NaN or ±inf (a huge adapter
+//! scale or `lora_alpha` overflows f32 activations) is a [`NonFiniteLogits`] error, never a
+//! token (greedy argmax over NaN would pick token 0 over and over).
 
 use candle_core::{DType, Tensor};
 use rand::{Rng, SeedableRng};
@@ -53,6 +57,101 @@ impl FinishReason {
     }
 }
 
+/// A logits row holds NaN or ±inf: nothing may be sampled from it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error(
+    "the model produced non-finite logits ({count} of {len} values NaN or infinite, the first \
+     {value} at token {index}){}",
+    applied_suffix(.applied)
+)]
+pub struct NonFiniteLogits {
+    /// How many of the row's values are not finite.
+    pub count: usize,
+    /// The row's length (the vocabulary).
+    pub len: usize,
+    /// The first non-finite value and its token id.
+    pub index: usize,
+    pub value: f32,
+    /// What was applied to the row (see [`describe_adapters`]); empty when unknown.
+    pub applied: String,
+}
+
+fn applied_suffix(applied: &str) -> String {
+    if applied.is_empty() {
+        String::new()
+    } else {
+        format!(" with {applied}")
+    }
+}
+
+impl NonFiniteLogits {
+    /// Record the adapters the row ran with (the sampler does not know them).
+    pub fn with_adapters(mut self, adapters: Option<&AdapterSet>) -> Self {
+        self.applied = describe_adapters(adapters, &[]);
+        self
+    }
+}
+
+/// `Err` when any value of `logits` is NaN or infinite. One pass over the row (the vocabulary):
+/// negligible next to the forward that produced it.
+pub fn check_finite(logits: &[f32]) -> std::result::Result<(), NonFiniteLogits> {
+    let Some(index) = logits.iter().position(|x| !x.is_finite()) else {
+        return Ok(());
+    };
+    Err(NonFiniteLogits {
+        count: logits[index..].iter().filter(|x| !x.is_finite()).count(),
+        len: logits.len(),
+        index,
+        value: logits[index],
+        applied: String::new(),
+    })
+}
+
+/// The adapters of a mixture as a user can recognise them: each one's name (`names[i]`, or its
+/// position when not given), mixture scale, rank and `lora_alpha` (the adapter's own scale is
+/// alpha/r, or alpha/√r with rsLoRA: a huge alpha overflows just like a huge scale).
+pub fn describe_adapters(adapters: Option<&AdapterSet>, names: &[String]) -> String {
+    let Some(set) = adapters.filter(|s| !s.is_empty()) else {
+        return "no adapter".into();
+    };
+    let parts: Vec<String> = set
+        .iter()
+        .enumerate()
+        .map(|(i, (a, scale))| {
+            let c = &a.config;
+            let name = match names.get(i) {
+                Some(n) => format!("`{n}`"),
+                None => format!("#{}", i + 1),
+            };
+            format!(
+                "{name} at scale {} (r {}, lora_alpha {}{})",
+                short_number(*scale),
+                c.r,
+                short_number(c.lora_alpha),
+                if c.use_rslora { ", rsLoRA" } else { "" }
+            )
+        })
+        .collect();
+    format!("adapter {}", parts.join(" + "))
+}
+
+/// A scale as people write it: `0.5`, `16`, but `1e30` rather than thirty-one digits.
+pub fn short_number(x: f64) -> String {
+    let a = x.abs();
+    if x.is_finite() && a != 0.0 && !(1e-4..1e6).contains(&a) {
+        format!("{x:e}")
+    } else {
+        format!("{x}")
+    }
+}
+
+/// One logits tensor ([vocab] or [1, vocab]) as f32 values, checked finite.
+pub fn finite_row(logits: &Tensor) -> Result<Vec<f32>> {
+    let v: Vec<f32> = logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+    check_finite(&v)?;
+    Ok(v)
+}
+
 /// Draws the next token from logits.
 pub struct Sampler {
     pub params: SamplingParams,
@@ -65,12 +164,14 @@ impl Sampler {
         Sampler { params, rng }
     }
 
-    /// logits: [vocab] or [1, vocab].
+    /// logits: [vocab] or [1, vocab]. A row with NaN or ±inf is an error
+    /// ([`ModelError::NonFiniteLogits`]).
     pub fn sample(&mut self, logits: &Tensor) -> Result<u32> {
-        let logits: Vec<f32> = logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
-        Ok(self.sample_vec(&logits))
+        Ok(self.sample_vec(&finite_row(logits)?))
     }
 
+    /// Draw from a row the caller has checked (see [`check_finite`]): non-finite values are
+    /// never drawn when sampling, but a greedy draw over NaN is meaningless.
     pub fn sample_vec(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
         if p.temperature <= 0.0 {
@@ -242,7 +343,12 @@ pub fn generate(
                 .flatten()
                 .expect("logits")
         };
-        let id = sampler.sample(&logits)?;
+        let id = sampler.sample(&logits).map_err(|e| match e {
+            ModelError::NonFiniteLogits(n) => {
+                ModelError::NonFiniteLogits(n.with_adapters(adapters.as_ref()))
+            }
+            e => e,
+        })?;
         ids.push(id);
         if eos_ids.contains(&id) {
             finish = FinishReason::Stop;
@@ -272,7 +378,8 @@ pub fn generate(
 
 /// Greedy decoding of many prompts at once (each with its own adapters), up to `max_tokens`
 /// or EOS per row. Rows finish independently; the batch shrinks as they do.
-/// Returns the generated ids per row (EOS excluded).
+/// Returns the generated ids per row (EOS excluded). A row whose logits are not finite fails
+/// the whole call ([`ModelError::NonFiniteLogits`], naming that row's adapters).
 pub fn greedy_batch(
     model: &Llama,
     prompts: &[Vec<u32>],
@@ -305,6 +412,12 @@ pub fn greedy_batch(
         let mut still = Vec::with_capacity(active.len());
         for (k, &i) in active.iter().enumerate() {
             let l = logits[k].as_ref().expect("logits");
+            finite_row(l).map_err(|e| match e {
+                ModelError::NonFiniteLogits(n) => ModelError::NonFiniteLogits(
+                    n.with_adapters(adapters.get(i).and_then(|a| a.as_ref())),
+                ),
+                e => e,
+            })?;
             let id = crate::model::argmax_rows(l)?[0];
             if eos_ids.contains(&id) {
                 continue;

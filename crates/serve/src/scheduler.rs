@@ -6,6 +6,10 @@
 //! shares the base matmuls and applies each mixture's LoRA delta to its own rows only, so a
 //! row's output does not depend on its batch-mates. After the forward each row samples with its
 //! own seeded sampler and streams text; finished rows drop their cache and adapter pins.
+//!
+//! Before sampling, each row's logits are checked finite: a row whose logits hold NaN or ±inf
+//! (a huge adapter scale or `lora_alpha` overflowed its activations) fails alone with a
+//! `non_finite_logits` error; rows are computed independently, so its batch-mates go on.
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -15,10 +19,14 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use lowrank_model::generate::{FinishReason, Sampler, SamplingParams, TextStream};
+use lowrank_model::generate::{
+    check_finite, describe_adapters, FinishReason, NonFiniteLogits, Sampler, SamplingParams,
+    TextStream,
+};
 use lowrank_model::{AdapterSet, ForwardOpts, KvCache, Llama, LogitsMode, SeqInput, Tok};
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::error::ApiError;
 use crate::metrics::Metrics;
 
 /// What the scheduler tells a request's handler.
@@ -31,14 +39,19 @@ pub enum Event {
         prompt_tokens: usize,
         completion_tokens: usize,
     },
-    /// The request failed (HTTP status, message).
-    Error(u16, String),
+    /// The request failed.
+    Error(ApiError),
 }
 
 /// A request ready to run: tokenized prompt, resolved adapters, sampling.
 pub struct GenRequest {
     pub prompt: Vec<u32>,
     pub adapters: Option<AdapterSet>,
+    /// The API names of `adapters`, in the same order (for error messages).
+    pub adapter_names: Vec<String>,
+    /// Whether the request itself chose the mixture's scales (a scale other than 1 or several
+    /// adapters): then non-finite logits are the request's fault (400), else the server's.
+    pub request_mixture: bool,
     pub params: SamplingParams,
     pub arrived: Instant,
     pub deadline: Instant,
@@ -191,6 +204,8 @@ struct Row<'t> {
     prompt_tokens: usize,
     cache: KvCache,
     adapters: Option<AdapterSet>,
+    adapter_names: Vec<String>,
+    request_mixture: bool,
     sampler: Sampler,
     stream: TextStream<'t>,
     generated: usize,
@@ -297,9 +312,9 @@ impl<'a> Loop<'a> {
         if st.stopping {
             for r in st.waiting.drain(..) {
                 self.queued.fetch_sub(1, Ordering::SeqCst);
-                let _ = r
-                    .events
-                    .send(Event::Error(503, "the server is shutting down".into()));
+                let _ = r.events.send(Event::Error(ApiError::unavailable(
+                    "the server is shutting down",
+                )));
             }
         }
         st.waiting.retain(|r| {
@@ -307,10 +322,9 @@ impl<'a> Loop<'a> {
             if !keep {
                 self.queued.fetch_sub(1, Ordering::SeqCst);
                 if now >= r.deadline {
-                    let _ = r.events.send(Event::Error(
-                        504,
-                        "request timed out waiting in the queue".into(),
-                    ));
+                    let _ = r.events.send(Event::Error(ApiError::timeout(
+                        "request timed out waiting in the queue",
+                    )));
                 }
             }
             keep
@@ -319,10 +333,10 @@ impl<'a> Loop<'a> {
             if r.events.is_closed() {
                 r.done = true;
             } else if now >= r.deadline {
-                r.finish(Event::Error(
-                    504,
-                    format!("request timed out after {} generated tokens", r.generated),
-                ));
+                r.finish(Event::Error(ApiError::timeout(format!(
+                    "request timed out after {} generated tokens",
+                    r.generated
+                ))));
             }
         }
         self.sweep(rows, &mut st.reserved);
@@ -348,6 +362,8 @@ impl<'a> Loop<'a> {
                 fed: 0,
                 cache: KvCache::new(self.model.cfg.num_layers),
                 adapters: r.adapters,
+                adapter_names: r.adapter_names,
+                request_mixture: r.request_mixture,
                 stream: TextStream::new(self.tok, r.params.stop.clone()),
                 sampler: Sampler::new(r.params),
                 generated: 0,
@@ -430,16 +446,18 @@ impl<'a> Loop<'a> {
             Ok(Ok(l)) => l,
             Ok(Err(e)) => {
                 for &(i, _) in &which {
-                    rows[i].finish(Event::Error(500, format!("model error: {e}")));
+                    rows[i].finish(Event::Error(ApiError::internal(format!(
+                        "model error: {e}"
+                    ))));
                 }
                 return;
             }
             Err(p) => {
                 for &(i, _) in &which {
-                    rows[i].finish(Event::Error(
-                        500,
-                        format!("model error: {}", panic_msg(&*p)),
-                    ));
+                    rows[i].finish(Event::Error(ApiError::internal(format!(
+                        "model error: {}",
+                        panic_msg(&*p)
+                    ))));
                 }
                 return;
             }
@@ -455,11 +473,11 @@ impl<'a> Loop<'a> {
             let res = catch_unwind(AssertUnwindSafe(|| self.advance(r, l, now)));
             match res {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => r.finish(Event::Error(500, e)),
-                Err(p) => r.finish(Event::Error(
-                    500,
-                    format!("sampling failed: {}", panic_msg(&*p)),
-                )),
+                Ok(Err(e)) => r.finish(Event::Error(ApiError::internal(e))),
+                Err(p) => r.finish(Event::Error(ApiError::internal(format!(
+                    "sampling failed: {}",
+                    panic_msg(&*p)
+                )))),
             }
         }
         if decode_only {
@@ -472,17 +490,28 @@ impl<'a> Loop<'a> {
         }
     }
 
-    /// Sample the next token of a row and stream it; finish the row when it is done.
+    /// Sample the next token of a row and stream it; finish the row when it is done (or with
+    /// an error when its logits are not finite).
     fn advance(
         &self,
         r: &mut Row<'a>,
         logits: &candle_core::Tensor,
         now: Instant,
     ) -> Result<(), String> {
-        let id = r
-            .sampler
-            .sample(logits)
+        let logits: Vec<f32> = logits
+            .flatten_all()
+            .and_then(|l| l.to_dtype(candle_core::DType::F32))
+            .and_then(|l| l.to_vec1())
             .map_err(|e| format!("sampling failed: {e}"))?;
+        if let Err(n) = check_finite(&logits) {
+            self.metrics
+                .non_finite_logits
+                .fetch_add(1, Ordering::Relaxed);
+            let e = non_finite_error(n, r);
+            r.finish(Event::Error(e));
+            return Ok(());
+        }
+        let id = r.sampler.sample_vec(&logits);
         r.generated += 1;
         self.metrics
             .completion_tokens
@@ -534,6 +563,32 @@ impl<'a> Loop<'a> {
             r.fed = 0;
         }
         Ok(())
+    }
+}
+
+/// The error a request gets when its logits are not finite. 400 when the request chose the
+/// mixture (a scale other than 1, or several adapters): the client can fix it by asking for a
+/// smaller scale. 500 otherwise (the base, or a served adapter at its own scale): the model or
+/// the adapter's files on the server are at fault, and the operator must see it as a failure.
+fn non_finite_error(n: NonFiniteLogits, r: &Row<'_>) -> ApiError {
+    let n = NonFiniteLogits {
+        applied: describe_adapters(r.adapters.as_ref(), &r.adapter_names),
+        ..n
+    };
+    if r.request_mixture {
+        ApiError::bad_request(format!(
+            "{n}: the request's adapter scales overflow the model's activations; use smaller scales"
+        ))
+        .param("adapters")
+        .code("non_finite_logits")
+    } else if r.adapters.as_ref().is_some_and(|s| !s.is_empty()) {
+        ApiError::internal(format!(
+            "{n}: the adapter's weights or lora_alpha overflow this base model's activations"
+        ))
+        .code("non_finite_logits")
+    } else {
+        ApiError::internal(format!("{n}: the base model itself overflowed"))
+            .code("non_finite_logits")
     }
 }
 

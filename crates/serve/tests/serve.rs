@@ -1017,3 +1017,166 @@ async fn bench_smollm2() {
     let rows = lowrank_serve::bench_serve(lm, cfg).await.unwrap();
     assert!(rows.iter().all(|r| r.failed == 0), "{rows:?}");
 }
+
+/// Text of a non-streaming chat response, or panic with the body.
+fn content(r: &Resp) -> String {
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    r.json()["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// A request's own huge (finite) adapter scale overflows the activations: that request gets a
+/// 400 `non_finite_logits` error naming the adapter and scale (streaming: an error event, then
+/// `[DONE]`), never text sampled from NaN logits; requests batched with it get bitwise what
+/// they get alone, and the server keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn non_finite_logits_are_a_request_error() {
+    non_finite_logits_with(lowrank_model::quant::Compute::F32).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn non_finite_logits_are_a_request_error_int8() {
+    non_finite_logits_with(lowrank_model::quant::Compute::Int8).await;
+}
+
+async fn non_finite_logits_with(compute: lowrank_model::quant::Compute) {
+    let mut lm = tiny();
+    lm.model.set_compute(compute).unwrap();
+    let dir = adapters_dir(&lm, 2);
+    let s = state(
+        lm,
+        ServeConfig {
+            adapters_dir: Some(dir.path().into()),
+            // Small prefill chunks: the bad row's long prompt shares several forwards with the
+            // good rows' prefills and decodes before its first logits.
+            prefill_tokens_per_step: 6,
+            ..Default::default()
+        },
+    );
+    let long = "Write a long story about a dragon and a knight who meet in a dark forest";
+    let mut bad = chat_body("model", long, 8);
+    bad["adapters"] = json!([{"name": "a1", "scale": 1e30}]);
+    let mut bad_stream = bad.clone();
+    bad_stream["stream"] = json!(true);
+    let good: Vec<serde_json::Value> = vec![
+        chat_body("a0", "Hi", 12),
+        chat_body("model", "What is LoRA?", 10),
+        {
+            let mut b = chat_body("model", "Tell me about Paris", 9);
+            b["adapters"] = json!([{"name": "a1", "scale": 0.5}]);
+            b
+        },
+        chat_body("fixture", "1 2 3", 14),
+    ];
+
+    let check_error = |r: &Resp| {
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+        let v = r.json();
+        assert_eq!(v["error"]["code"], "non_finite_logits", "{v}");
+        assert_eq!(v["error"]["param"], "adapters", "{v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+        let m = r.error_message();
+        assert!(m.contains("a1") && m.contains("1e30"), "{m}");
+        assert!(v.get("choices").is_none());
+    };
+    let check_stream = |r: &Resp| {
+        assert_eq!(r.status, StatusCode::OK);
+        let ev = r.sse();
+        assert_eq!(ev.last().map(String::as_str), Some("[DONE]"), "{ev:?}");
+        let err: serde_json::Value = serde_json::from_str(&ev[ev.len() - 2]).unwrap();
+        assert_eq!(err["error"]["code"], "non_finite_logits", "{err}");
+        // Nothing but the opening role chunk came before the error.
+        for e in &ev[..ev.len() - 2] {
+            let c: serde_json::Value = serde_json::from_str(e).unwrap();
+            assert!(
+                c["choices"][0]["delta"]
+                    .get("content")
+                    .is_none_or(|t| t == ""),
+                "{c}"
+            );
+        }
+    };
+
+    // Alone.
+    check_error(&post(&s, "/v1/chat/completions", &bad).await);
+    check_stream(&post(&s, "/v1/chat/completions", &bad_stream).await);
+    let mut alone = Vec::new();
+    for b in &good {
+        alone.push(content(&post(&s, "/v1/chat/completions", b).await));
+    }
+    // Together: the bad requests in the middle of the good ones, twice.
+    for _ in 0..2 {
+        let mut all = good.clone();
+        all.insert(1, bad.clone());
+        all.insert(3, bad_stream.clone());
+        let handles: Vec<_> = all
+            .into_iter()
+            .map(|b| {
+                let s = s.clone();
+                tokio::spawn(async move { post(&s, "/v1/chat/completions", &b).await })
+            })
+            .collect();
+        let mut rs = Vec::new();
+        for h in handles {
+            rs.push(h.await.unwrap());
+        }
+        check_error(&rs[1]);
+        check_stream(&rs[3]);
+        let got: Vec<String> = [0, 2, 4, 5].iter().map(|&i| content(&rs[i])).collect();
+        assert_eq!(
+            got, alone,
+            "a batch-mate's non-finite logits changed other rows"
+        );
+    }
+    assert!(s.metrics.batch_rows.max() >= 3.0, "not batched");
+    assert_eq!(
+        call(&s, "GET", "/health", None, None).await.status,
+        StatusCode::OK
+    );
+}
+
+/// An adapter whose own config overflows (`lora_alpha: 1e30`), served by name at scale 1: the
+/// server's adapter is at fault, not the request: a 500 `non_finite_logits` naming it. The
+/// `adapters` extension refuses scales that are not finite in f32 before anything runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn non_finite_logits_from_a_served_adapter_are_a_server_error() {
+    let lm = tiny();
+    let dir = adapters_dir(&lm, 1);
+    random_adapter(&lm.model, &dir.path().join("huge"), 0.3);
+    let cfg_path = dir.path().join("huge/adapter_config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["lora_alpha"] = json!(1e30);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let s = state(
+        lm,
+        ServeConfig {
+            adapters_dir: Some(dir.path().into()),
+            ..Default::default()
+        },
+    );
+    let r = post(&s, "/v1/chat/completions", &chat_body("huge", "Hello", 6)).await;
+    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR, "{}", r.text);
+    let v = r.json();
+    assert_eq!(v["error"]["code"], "non_finite_logits", "{v}");
+    assert_eq!(v["error"]["type"], "server_error", "{v}");
+    let m = r.error_message();
+    assert!(m.contains("huge") && m.contains("1e30"), "{m}");
+    let r = post(
+        &s,
+        "/v1/completions",
+        &json!({"model": "model", "prompt": "Hi", "max_tokens": 3,
+        "adapters": [{"name": "a0", "scale": 1e39}]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+    assert!(r.error_message().contains("scale"));
+    assert_eq!(
+        post(&s, "/v1/chat/completions", &chat_body("a0", "Hello", 4))
+            .await
+            .status,
+        StatusCode::OK
+    );
+}

@@ -31,7 +31,7 @@ use crate::openai::{self, Kind, RegisterAdapter};
 use crate::scheduler::{deadline_after, Event, GenRequest, SubmitError};
 
 use state::unix_now;
-pub use state::{default_model_id, registry_error, AppState, Shared};
+pub use state::{default_model_id, registry_error, AppState, Mixture, Shared};
 use validate::{parse_body, prepare};
 
 async fn chat(
@@ -76,6 +76,8 @@ async fn complete(
         .submit(GenRequest {
             prompt: p.prompt,
             adapters: p.adapters,
+            adapter_names: p.adapter_names,
+            request_mixture: p.request_mixture,
             params: p.params,
             arrived,
             deadline: deadline_after(s.cfg.request_timeout),
@@ -117,7 +119,7 @@ async fn complete(
                 );
                 return Ok(Json(body).into_response());
             }
-            Some(Event::Error(code, msg)) => return Err(sse::event_error(code, msg)),
+            Some(Event::Error(e)) => return Err(e),
             None => return Err(ApiError::internal("generation ended unexpectedly")),
         }
     }

@@ -4,7 +4,6 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 
-use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -60,16 +59,6 @@ pub(crate) fn stream(
     Sse::new(stream).into_response()
 }
 
-pub(crate) fn event_error(code: u16, msg: String) -> ApiError {
-    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let kind = if code == 504 {
-        "timeout"
-    } else {
-        "server_error"
-    };
-    ApiError::new(status, kind, msg)
-}
-
 struct SseState {
     rx: UnboundedReceiver<Event>,
     pending: VecDeque<String>,
@@ -116,9 +105,8 @@ impl SseState {
                 self.pending.push_back("[DONE]".into());
                 self.finished = true;
             }
-            Some(Event::Error(code, msg)) => {
-                self.pending
-                    .push_back(event_error(code, msg).body().to_string());
+            Some(Event::Error(e)) => {
+                self.pending.push_back(e.body().to_string());
                 self.pending.push_back("[DONE]".into());
                 self.finished = true;
             }

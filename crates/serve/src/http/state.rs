@@ -16,6 +16,15 @@ use crate::openai::{AdapterRef, Kind};
 use crate::registry::{Registry, RegistryError};
 use crate::scheduler::{Scheduler, SchedulerConfig};
 
+/// A request's resolved adapters.
+pub struct Mixture {
+    pub set: Option<AdapterSet>,
+    /// API names, in the order of `set`.
+    pub names: Vec<String>,
+    /// The request chose the scales (any scale other than 1, or several adapters).
+    pub by_request: bool,
+}
+
 /// Everything the handlers share. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState(Arc<Shared>);
@@ -174,7 +183,7 @@ impl AppState {
         &self,
         model: &str,
         extra: &[AdapterRef],
-    ) -> std::result::Result<Option<AdapterSet>, ApiError> {
+    ) -> std::result::Result<Mixture, ApiError> {
         let mut names: Vec<(String, f64)> = Vec::new();
         if model != self.base_id {
             let name = if self.registry.contains(model) {
@@ -187,29 +196,41 @@ impl AppState {
             names.push((name.to_string(), 1.0));
         }
         for a in extra {
-            if !a.scale.is_finite() {
+            // The LoRA delta is computed in f32: a scale beyond f32's range is infinite there.
+            if !a.scale.is_finite() || !(a.scale as f32).is_finite() {
                 return Err(ApiError::bad_request(format!(
-                    "adapter `{}`: scale must be a finite number",
-                    a.name
+                    "adapter `{}`: scale {} must be a finite number within ±{:e}",
+                    a.name,
+                    a.scale,
+                    f32::MAX
                 ))
                 .param("adapters"));
             }
             names.push((a.name.clone(), a.scale));
         }
         if names.is_empty() {
-            return Ok(None);
+            return Ok(Mixture {
+                set: None,
+                names: vec![],
+                by_request: false,
+            });
         }
+        let by_request = names.len() > 1 || extra.iter().any(|a| a.scale != 1.0);
         let mut set = Vec::with_capacity(names.len());
         let by_model = model != self.base_id;
-        for (i, (n, scale)) in names.into_iter().enumerate() {
-            let r = self.registry.get(&n).map_err(|e| match e {
+        for (i, (n, scale)) in names.iter().enumerate() {
+            let r = self.registry.get(n).map_err(|e| match e {
                 RegistryError::NotFound(_) if i == 0 && by_model => model_not_found(model),
                 e => registry_error(e),
             })?;
-            self.metrics.adapter_request(&n);
-            set.push((r.adapter, scale));
+            self.metrics.adapter_request(n);
+            set.push((r.adapter, *scale));
         }
-        Ok(Some(Arc::new(set)))
+        Ok(Mixture {
+            set: Some(Arc::new(set)),
+            names: names.into_iter().map(|(n, _)| n).collect(),
+            by_request,
+        })
     }
 }
 

@@ -48,6 +48,8 @@ pub(crate) struct Prepared {
     pub model: String,
     pub prompt: Vec<u32>,
     pub adapters: Option<AdapterSet>,
+    pub adapter_names: Vec<String>,
+    pub request_mixture: bool,
     pub params: SamplingParams,
     pub stream: bool,
     pub include_usage: bool,
@@ -202,11 +204,13 @@ pub(crate) fn prepare(
         }
     };
     let params = sampling(s, &common, prompt.len())?;
-    let adapters = s.resolve(&model, common.adapters.as_deref().unwrap_or(&[]))?;
+    let mix = s.resolve(&model, common.adapters.as_deref().unwrap_or(&[]))?;
     Ok(Prepared {
         model,
         prompt,
-        adapters,
+        adapters: mix.set,
+        adapter_names: mix.names,
+        request_mixture: mix.by_request,
         params,
         stream: common.stream.unwrap_or(false),
         include_usage: common
