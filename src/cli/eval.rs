@@ -59,8 +59,18 @@ pub fn run(a: EvalArgs, device: &Device) -> Result<()> {
     let mut lm = super::load(&a.model, device)?;
     let set = a.adapters.apply(&mut lm)?;
     if let (Some(data), None) = (&a.data, metric) {
+        let with = a.adapters.describe();
         let (loss, tokens) = eval_loss_file(&lm, data, set)
-            .with_context(|| format!("evaluating {}", data.display()))?;
+            .with_context(|| format!("evaluating {} with {with}", data.display()))?;
+        // A NaN/inf loss means the logits overflowed (e.g. a huge adapter scale or lora_alpha):
+        // an error, never a number in the output.
+        if !loss.is_finite() {
+            anyhow::bail!(
+                "evaluating {} with {with}: the loss is {loss} (the model's logits are not \
+                 finite; an adapter scale or lora_alpha this large overflows f32)",
+                data.display()
+            );
+        }
         println!(
             "{}",
             serde_json::json!({"loss": loss, "tokens": tokens, "perplexity": loss.exp()})
@@ -78,7 +88,8 @@ pub fn run(a: EvalArgs, device: &Device) -> Result<()> {
     let mut bars = Bars::new(true);
     let r = eval_generation(&lm, &examples, &metrics, set, a.batch, &mut |e| {
         bars.handle(e)
-    })?;
+    })
+    .with_context(|| format!("evaluating with {}", a.adapters.describe()))?;
     for f in r.failures.iter().take(a.show_errors) {
         eprintln!(
             "--- input: {}\n    expected: {}\n    got:      {}",

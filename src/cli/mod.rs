@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use candle_core::Device;
 use clap::{Args, Parser, Subcommand};
 use lowrank_model::chat::ChatMessage;
-use lowrank_model::generate::{generate, SamplingParams};
+use lowrank_model::generate::{generate, short_number, SamplingParams};
 use lowrank_model::LoadedModel;
 
 #[derive(Parser)]
@@ -149,8 +149,35 @@ pub struct AdapterArgs {
 impl AdapterArgs {
     /// The mixture to run with; with `--merged` it is folded into `lm.model` instead.
     pub fn mixture(&self, lm: &LoadedModel) -> Result<Option<lowrank_model::AdapterSet>> {
-        lowrank_model::adapters::load_mixture(&lm.model, &self.adapter, self.force)
-            .context("loading adapters")
+        let set = lowrank_model::adapters::load_mixture(&lm.model, &self.adapter, self.force)
+            .context("loading adapters")?;
+        // The LoRA delta runs in f32: a finite f64 scale beyond f32's range is infinite there.
+        for (spec, (_, scale)) in self.adapter.iter().zip(set.iter().flat_map(|s| s.iter())) {
+            if !(*scale as f32).is_finite() {
+                anyhow::bail!(
+                    "--adapter {spec}: scale {scale:e} is beyond ±{:e}",
+                    f32::MAX
+                );
+            }
+        }
+        Ok(set)
+    }
+
+    /// The adapters as given, for error messages: `DIR at scale S + …`, or `no adapter`.
+    pub fn describe(&self) -> String {
+        if self.adapter.is_empty() {
+            return "no adapter".into();
+        }
+        let parts: Vec<String> = self
+            .adapter
+            .iter()
+            .map(|s| match lowrank_model::adapters::parse_adapter_spec(s) {
+                Ok((dir, scale)) => format!("{} at scale {}", dir.display(), short_number(scale)),
+                Err(_) => s.clone(),
+            })
+            .collect();
+        let merged = if self.merged { " (merged)" } else { "" };
+        format!("adapter {}{merged}", parts.join(" + "))
     }
 
     /// Load adapters; with --merged, replace the model by the merged copy and return None.
@@ -322,7 +349,8 @@ fn generate_cmd(a: GenerateArgs, device: &Device) -> Result<()> {
     let g = generate(&lm.model, &lm.tok, &ids, set, &params, &eos, &mut |s| {
         let _ = stdout.write_all(s.as_bytes());
         let _ = stdout.flush();
-    })?;
+    })
+    .with_context(|| format!("generating with {}", a.adapters.describe()))?;
     println!();
     eprintln!(
         "[{} prompt tokens, {} generated, finish: {}]",

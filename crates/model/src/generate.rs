@@ -85,9 +85,12 @@ fn applied_suffix(applied: &str) -> String {
 }
 
 impl NonFiniteLogits {
-    /// Record the adapters the row ran with (the sampler does not know them).
+    /// Record the adapters the row ran with (the sampler does not know them). Without any
+    /// nothing is added: the weights may have been merged, which only the caller knows.
     pub fn with_adapters(mut self, adapters: Option<&AdapterSet>) -> Self {
-        self.applied = describe_adapters(adapters, &[]);
+        if adapters.is_some_and(|s| !s.is_empty()) {
+            self.applied = describe_adapters(adapters, &[]);
+        }
         self
     }
 }
@@ -431,4 +434,44 @@ pub fn greedy_batch(
         active = still;
     }
     Ok(outs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// NaN or ±inf anywhere in a row is refused, greedy or sampled: before, greedy argmax over
+    /// an all-NaN row returned token 0 and sampling skipped the bad values.
+    #[test]
+    fn non_finite_rows_are_refused() {
+        assert_eq!(check_finite(&[0.0, -3.5, f32::MAX]), Ok(()));
+        let e = check_finite(&[0.0, f32::NAN, 1.0, f32::NEG_INFINITY]).unwrap_err();
+        assert_eq!((e.index, e.count, e.len), (1, 2, 4));
+        assert!(e.value.is_nan());
+        assert!(e.to_string().contains("2 of 4"), "{e}");
+        for temperature in [0.0, 0.8] {
+            for bad in [f32::NAN, f32::INFINITY] {
+                let row = Tensor::new(&[[1.0f32, bad, 0.5]], &Device::Cpu).unwrap();
+                let mut s = Sampler::new(SamplingParams {
+                    temperature,
+                    ..Default::default()
+                });
+                match s.sample(&row) {
+                    Err(ModelError::NonFiniteLogits(n)) => assert_eq!(n.index, 1),
+                    other => panic!("t={temperature} {bad}: {other:?}"),
+                }
+            }
+        }
+        let row = Tensor::new(&[[1.0f32, 3.0, 0.5]], &Device::Cpu).unwrap();
+        assert_eq!(
+            Sampler::new(SamplingParams::default())
+                .sample(&row)
+                .unwrap(),
+            1
+        );
+        assert_eq!(short_number(1e30), "1e30");
+        assert_eq!(short_number(0.5), "0.5");
+        assert_eq!(short_number(16.0), "16");
+    }
 }
