@@ -67,13 +67,16 @@ impl ComputeArg {
                 .context("packing the weights for int8 compute")?;
             if let Some(q) = lm.model.int8() {
                 let (rounded, all) = q.rounded();
+                let (nibbles, matrices) = q.nibble_packed();
                 eprintln!(
                     "int8 compute: packed {} in {:.1} s; {} of {} weight blocks rounded \
-                     to 8 bits (the rest kept exactly)",
+                     to 8 bits (the rest kept exactly); {} of {} matrices hold 4-bit q as nibbles",
                     lowrank_experiments::report::human_bytes(q.bytes() as f64),
                     t.elapsed().as_secs_f64(),
                     rounded,
-                    all
+                    all,
+                    nibbles,
+                    matrices
                 );
             }
         }

@@ -270,6 +270,8 @@ fn bench_infer(
             "threads": std::env::var("RAYON_NUM_THREADS").ok(), "compute": format!("{:?}", compute.compute).to_lowercase(),
             "int8_kernel": (lm.model.compute() == lowrank_model::quant::Compute::Int8).then(lowrank_model::quant::kernel_name),
             "cpu_int8_kernels": lowrank_model::quant::supported_kernels(),
+            "attention_kernel": lowrank_model::ops::attention_kernel_name(),
+            "cpu_attention_kernels": lowrank_model::ops::supported_attention_kernels(),
         })
     );
     Ok(())

@@ -531,10 +531,15 @@ pub async fn bench_serve(lm: LoadedModel, cfg: BenchConfig) -> Result<Vec<BenchR
 /// Which arithmetic ran: the compute mode and, for int8, the kernel path this CPU took
 /// (`LOWRANK_INT8_KERNEL` forces one), so figures from different CPUs are not mixed up.
 pub fn arithmetic_line(model: &Llama) -> String {
+    let attention = format!(
+        "attention kernel {} (this CPU supports: {})",
+        lowrank_model::ops::attention_kernel_name(),
+        lowrank_model::ops::supported_attention_kernels().join(", ")
+    );
     match model.compute() {
-        lowrank_model::quant::Compute::F32 => "compute: f32".to_string(),
+        lowrank_model::quant::Compute::F32 => format!("compute: f32; {attention}"),
         lowrank_model::quant::Compute::Int8 => format!(
-            "compute: int8, kernel {} (this CPU supports: {})",
+            "compute: int8, kernel {} (this CPU supports: {}); {attention}",
             lowrank_model::quant::kernel_name(),
             lowrank_model::quant::supported_kernels().join(", ")
         ),

@@ -718,6 +718,12 @@ impl QuantModel {
         self.all().map(QMatrix::bytes).sum()
     }
 
+    /// (matrices whose q are stored as nibbles, all matrices).
+    pub fn nibble_packed(&self) -> (usize, usize) {
+        self.all()
+            .fold((0, 0), |(n, all), m| (n + usize::from(m.nibbles), all + 1))
+    }
+
     /// (rounded blocks, all blocks): 0 rounded when the weights came from ≤ 8-bit blocks.
     pub fn rounded(&self) -> (usize, usize) {
         self.all()
