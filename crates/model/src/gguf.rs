@@ -502,7 +502,7 @@ impl<R: Read> Header<'_, R> {
             return Err(self.field_err(
                 "tensor_count",
                 format!(
-                    "the header declares {tensor_count} tensors and {kv_count} metadata entries, which need at least {need} bytes, but the file has only {} left",
+                    "the header declares {tensor_count} tensors and {kv_count} metadata entries, which need at least {need} bytes, but the file has only {} left (truncated or corrupt GGUF header)",
                     self.left()
                 ),
             ));
