@@ -192,6 +192,15 @@ pub(super) fn remove_dir_atomically(out: &Path, name: &str) -> Result<()> {
 
 /// Is `name` something a killed run leaves behind in its output directory?
 fn is_leftover(name: &str) -> bool {
+    // The adapter writer's own temporaries beside the directory it writes (the checkpoint's
+    // `.partial` or the final adapter's `.adapter.tmp`): `.{dir}.tmp-*` and `.{dir}.old-*`.
+    if let Some(rest) = name.strip_prefix('.') {
+        for sep in [".tmp-", ".old-"] {
+            if rest.rfind(sep).is_some_and(|i| is_leftover(&rest[..i])) {
+                return true;
+            }
+        }
+    }
     let hidden_checkpoint = name
         .strip_prefix('.')
         .and_then(|n| {
@@ -706,7 +715,10 @@ mod tests {
             ".checkpoint-2.deleted",
             "checkpoint-4",
             ".adapter.tmp",
+            "..adapter.tmp.old-1-2-0",
+            "..checkpoint-3.partial.tmp-7-8-0",
             "keep.partial",
+            ".keep.tmp-1",
         ] {
             std::fs::create_dir_all(d.join(n)).unwrap();
             std::fs::write(d.join(n).join("f"), "x").unwrap();
@@ -716,6 +728,8 @@ mod tests {
         assert_eq!(
             removed,
             [
+                "..adapter.tmp.old-1-2-0",
+                "..checkpoint-3.partial.tmp-7-8-0",
                 ".adapter.tmp",
                 ".checkpoint-2.deleted",
                 ".checkpoint-3.partial",
@@ -724,6 +738,7 @@ mod tests {
         );
         assert!(d.join("checkpoint-4/f").exists());
         assert!(d.join("keep.partial/f").exists());
+        assert!(d.join(".keep.tmp-1/f").exists());
         let _ = std::fs::remove_dir_all(&d);
     }
 
