@@ -180,4 +180,6 @@ pub async fn chat_text(s: &AppState, model: &str, prompt: &str, max_tokens: usiz
 
 #[path = "../../../model/tests/support/int8_paths.rs"]
 mod int8_paths;
+// Used by serve.rs only; the other test binaries share this module.
+#[allow(unused_imports)]
 pub use int8_paths::rerun_on_every_int8_path;
