@@ -33,6 +33,12 @@ pub const META_CREATED: &str = "lowrank.created";
 
 const KEY_PREFIX: &str = "base_model.model.model.layers.";
 
+/// The largest rank (`r`, `rank_pattern`) accepted: far above any useful LoRA rank (PEFT's
+/// own examples stop at a few hundred), so nothing sized by a rank read from a file is absurd.
+pub const MAX_RANK: usize = 1 << 16;
+/// The `safetensors` crate's limit on the JSON header (it refuses larger ones).
+pub const MAX_SAFETENSORS_HEADER: u64 = 100_000_000;
+
 /// Which factor a key holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Factor {
@@ -147,11 +153,30 @@ fn validate_config(config: &LoraConfig) -> std::result::Result<(), String> {
                 .into(),
         );
     }
-    if config.r == 0 {
-        return Err("r must be at least 1".into());
+    if config.r == 0 || config.r > MAX_RANK {
+        return Err(format!("r = {} is outside 1..={MAX_RANK}", config.r));
     }
     if !config.lora_alpha.is_finite() {
         return Err(format!("lora_alpha {} is not finite", config.lora_alpha));
+    }
+    for (k, &r) in &config.rank_pattern {
+        if r == 0 || r > MAX_RANK {
+            return Err(format!(
+                "rank_pattern `{k}` = {r} is outside 1..={MAX_RANK}"
+            ));
+        }
+    }
+    for (k, a) in &config.alpha_pattern {
+        if !a.is_finite() {
+            return Err(format!("alpha_pattern `{k}` = {a} is not finite"));
+        }
+    }
+    // Inverted dropout scales kept values by 1/(1 − p): p = 1 is infinite.
+    if !(0.0..1.0).contains(&config.lora_dropout) {
+        return Err(format!(
+            "lora_dropout = {} is outside [0, 1)",
+            config.lora_dropout
+        ));
     }
     if config.bias != "none" {
         return Err(format!(
@@ -245,6 +270,7 @@ pub fn load_peft(dir: &Path, shapes: &BaseShapes, device: &Device) -> Result<Ada
         }
         return Err(io_err(&st_path, "adapter weights not found"));
     }
+    check_weights_size(&st_path, &config, &targets, shapes)?;
     let bytes = fs::read(&st_path).map_err(|e| io_err(&st_path, format!("cannot read: {e}")))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| {
         io_err(
@@ -342,6 +368,19 @@ pub fn load_peft(dir: &Path, shapes: &BaseShapes, device: &Device) -> Result<Ada
             )
         })?;
         let r = config.rank_for(mk.layer, mk.target);
+        // The forward multiplies in f32: a scale beyond f32's range would make every output
+        // of this module infinite.
+        let scale = config.scale_for(mk.layer, mk.target);
+        if !(scale as f32).is_finite() {
+            return Err(cfg_err(
+                &cfg_path,
+                format!(
+                    "{}: scale α/r = {scale} is beyond f32's range (lora_alpha {}, r {r})",
+                    mk,
+                    config.alpha_for(mk.layer, mk.target)
+                ),
+            ));
+        }
         if a.2[1] != inp || b.2[0] != out {
             let (bad, shape) = if a.2[1] != inp {
                 (&a.0, &a.2)
@@ -370,7 +409,7 @@ pub fn load_peft(dir: &Path, shapes: &BaseShapes, device: &Device) -> Result<Ada
             LoraModule {
                 a: at,
                 b: bt,
-                scale: config.scale_for(mk.layer, mk.target),
+                scale,
             },
         );
     }
@@ -379,6 +418,51 @@ pub fn load_peft(dir: &Path, shapes: &BaseShapes, device: &Device) -> Result<Ada
         modules,
         provenance,
     })
+}
+
+/// Refuse, before reading it, a weights file larger than any adapter of this config for this
+/// base could be (every module the config allows at f32, plus the largest header), and one
+/// whose declared header length runs past its end: the file is read whole into memory.
+fn check_weights_size(
+    st_path: &Path,
+    config: &LoraConfig,
+    targets: &[Target],
+    shapes: &BaseShapes,
+) -> Result<()> {
+    let len = fs::metadata(st_path)
+        .map_err(|e| io_err(st_path, format!("cannot read: {e}")))?
+        .len();
+    let mut max = 8 + MAX_SAFETENSORS_HEADER;
+    for layer in (0..shapes.num_layers).filter(|&l| config.applies_to_layer(l)) {
+        for &t in targets {
+            if let Some((out, inp)) = shapes.dims_of(t) {
+                let r = config.rank_for(layer, t) as u64;
+                let bytes = r.saturating_mul((out + inp) as u64).saturating_mul(4);
+                max = max.saturating_add(bytes);
+            }
+        }
+    }
+    if len > max {
+        return Err(io_err(
+            st_path,
+            format!("{len} bytes, more than an adapter of this config for this base model can hold ({max}); not an adapter for this model?"),
+        ));
+    }
+    let mut head = [0u8; 8];
+    if len >= 8 {
+        use std::io::Read;
+        fs::File::open(st_path)
+            .and_then(|mut f| f.read_exact(&mut head))
+            .map_err(|e| io_err(st_path, format!("cannot read: {e}")))?;
+        let n = u64::from_le_bytes(head);
+        if n > len - 8 {
+            return Err(io_err(
+                st_path,
+                format!("corrupt or truncated safetensors file: its header length {n} runs past the end of the file ({len} bytes)"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn provenance_from(meta: &Option<HashMap<String, String>>) -> Provenance {
