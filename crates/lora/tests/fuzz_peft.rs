@@ -149,12 +149,19 @@ fn config_values_that_break_the_math_are_errors() {
         ("alpha_pattern", json!({"q_proj": 1e300}), "beyond f32"),
         ("r", json!(1u64 << 20), "r = 1048576 is outside"),
         ("r", json!(u64::MAX), "is outside"),
-        ("rank_pattern", json!({"q_proj": 1u64 << 40}), "rank_pattern"),
+        (
+            "rank_pattern",
+            json!({"q_proj": 1u64 << 40}),
+            "rank_pattern",
+        ),
     ] {
         let mut c = config();
         c[k] = v.clone();
         let e = load_err(&c, &weights());
-        assert!(e.contains(needle) && e.contains(CONFIG_FILE), "{k} = {v}: {e}");
+        assert!(
+            e.contains(needle) && e.contains(CONFIG_FILE),
+            "{k} = {v}: {e}"
+        );
     }
     // rank_pattern 0 with matching empty tensors: the scale would be α/0 = inf.
     let mut c = config();

@@ -197,7 +197,10 @@ fn hostile_fields_are_typed_errors() {
     g.tensors[1] = f32_tensor("blk.0.attn_norm.weight", &[32], 5);
     g.tensors[1].ne = vec![1 << 32, 1 << 32, 1 << 32];
     let e = open_err(&g.build().bytes);
-    assert!(e.contains("blk.0.attn_norm.weight") && e.contains("overflow"), "{e}");
+    assert!(
+        e.contains("blk.0.attn_norm.weight") && e.contains("overflow"),
+        "{e}"
+    );
     // Five dimensions; a zero dimension; an unknown ggml type; rows not whole Q8_0 blocks.
     let mut g = tiny_llama(1, 64);
     g.tensors[1].ne = vec![32, 1, 1, 1, 1];
@@ -254,7 +257,10 @@ fn every_truncation_of_the_header_is_an_error() {
     for n in 0..built.header_end + 40 {
         let p = write(&d.0, &built.bytes[..n]);
         let e = exercise(&p).expect_err("a truncated file was accepted");
-        assert!(e.contains("truncated") || e.contains("not a GGUF"), "{n}: {e}");
+        assert!(
+            e.contains("truncated") || e.contains("not a GGUF"),
+            "{n}: {e}"
+        );
     }
 }
 

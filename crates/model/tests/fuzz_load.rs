@@ -69,10 +69,13 @@ fn finding_huge_context_is_a_limit_not_an_allocation() {
         .args([CONTEXT_CHILD, "--exact", "--ignored", "--nocapture"])
         .output()
         .unwrap();
-    let log = String::from_utf8_lossy(&out.stdout).to_string()
-        + &String::from_utf8_lossy(&out.stderr);
+    let log =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{log}");
-    assert!(log.contains("1 passed"), "the child test did not run:\n{log}");
+    assert!(
+        log.contains("1 passed"),
+        "the child test did not run:\n{log}"
+    );
 }
 
 #[test]
@@ -85,7 +88,16 @@ fn finding_huge_context_child() {
         max_tokens: 4,
         ..Default::default()
     };
-    let g = generate(&lm.model, &lm.tok, &[0, 1, 2], None, &params, &[], &mut |_| {}).unwrap();
+    let g = generate(
+        &lm.model,
+        &lm.tok,
+        &[0, 1, 2],
+        None,
+        &params,
+        &[],
+        &mut |_| {},
+    )
+    .unwrap();
     assert_eq!(g.ids.len(), 4);
     // A longer prompt: memory grows with the positions used, not the declared context.
     let prompt: Vec<u32> = (0..300).map(|i| i % 16).collect();
@@ -139,11 +151,17 @@ fn gguf_config_against_tensors() {
     let mut g = tiny_llama(1, 64);
     g.set("llama.block_count", V::U32(4000));
     let m = e(&g).expect("missing blocks were accepted");
-    assert!(m.contains("blk.1.attn_norm.weight") && m.contains("missing"), "{m}");
+    assert!(
+        m.contains("blk.1.attn_norm.weight") && m.contains("missing"),
+        "{m}"
+    );
     let mut g = tiny_llama(1, 64);
     g.set("llama.feed_forward_length", V::U32(1 << 20));
     let m = e(&g).expect("a wrong MLP width was accepted");
-    assert!(m.contains("ffn_gate.weight") && m.contains("1048576"), "{m}");
+    assert!(
+        m.contains("ffn_gate.weight") && m.contains("1048576"),
+        "{m}"
+    );
     let mut g = tiny_llama(1, 64);
     g.set("llama.embedding_length", V::U64(u64::MAX));
     let m = e(&g).expect("a huge hidden size was accepted");
@@ -263,15 +281,31 @@ fn hf_hostile_values_are_named_errors() {
         ("hidden_size", json!(1u64 << 62), "hidden_size"),
         ("vocab_size", json!(1u64 << 40), "vocab_size"),
         ("intermediate_size", json!(0), "intermediate_size"),
-        ("num_attention_heads", json!(1u64 << 33), "num_attention_heads"),
+        (
+            "num_attention_heads",
+            json!(1u64 << 33),
+            "num_attention_heads",
+        ),
         ("num_key_value_heads", json!(3), "num_key_value_heads"),
         ("num_key_value_heads", json!("2"), "num_key_value_heads"),
         ("head_dim", json!(1u64 << 21), "head_dim"),
         ("head_dim", json!(15), "head_dim"),
         ("head_dim", json!(-16), "head_dim"),
-        ("max_position_embeddings", json!(0), "max_position_embeddings"),
-        ("max_position_embeddings", json!(1u64 << 32), "max_position_embeddings"),
-        ("max_position_embeddings", json!(512.5), "max_position_embeddings"),
+        (
+            "max_position_embeddings",
+            json!(0),
+            "max_position_embeddings",
+        ),
+        (
+            "max_position_embeddings",
+            json!(1u64 << 32),
+            "max_position_embeddings",
+        ),
+        (
+            "max_position_embeddings",
+            json!(512.5),
+            "max_position_embeddings",
+        ),
         ("rms_norm_eps", json!("small"), "rms_norm_eps"),
         ("rms_norm_eps", json!(-1.0), "rms_norm_eps"),
     ];
@@ -279,18 +313,30 @@ fn hf_hostile_values_are_named_errors() {
         let mut c = hf_config();
         c[k] = v.clone();
         let src = hf_copy(&d.0, Some(&c), None);
-        let e = load_and_run(src).err().unwrap_or_else(|| panic!("{k} = {v} accepted"));
-        assert!(e.contains(needle) && e.contains("config.json"), "{k} = {v}: {e}");
+        let e = load_and_run(src)
+            .err()
+            .unwrap_or_else(|| panic!("{k} = {v} accepted"));
+        assert!(
+            e.contains(needle) && e.contains("config.json"),
+            "{k} = {v}: {e}"
+        );
     }
     let mut c = hf_config();
     c["rope_parameters"]["rope_theta"] = json!(1e300);
-    let e = load_and_run(hf_copy(&d.0, Some(&c), None)).err().expect("accepted");
+    let e = load_and_run(hf_copy(&d.0, Some(&c), None))
+        .err()
+        .expect("accepted");
     assert!(e.contains("rope_theta"), "{e}");
     // The config and the tensors disagree.
     let mut c = hf_config();
     c["intermediate_size"] = json!(128);
-    let e = load_and_run(hf_copy(&d.0, Some(&c), None)).err().expect("accepted");
-    assert!(e.contains("mlp.gate_proj.weight") && e.contains("128"), "{e}");
+    let e = load_and_run(hf_copy(&d.0, Some(&c), None))
+        .err()
+        .expect("accepted");
+    assert!(
+        e.contains("mlp.gate_proj.weight") && e.contains("128"),
+        "{e}"
+    );
     // A huge declared context is only a limit.
     let mut c = hf_config();
     c["max_position_embeddings"] = json!(u32::MAX);
@@ -299,14 +345,18 @@ fn hf_hostile_values_are_named_errors() {
     for n in [u64::MAX, 1 << 40, 99_999_999, hf_weights().len() as u64] {
         let mut st = hf_weights();
         st[..8].copy_from_slice(&n.to_le_bytes());
-        let e = load_and_run(hf_copy(&d.0, None, Some(&st))).err().expect("accepted");
+        let e = load_and_run(hf_copy(&d.0, None, Some(&st)))
+            .err()
+            .expect("accepted");
         assert!(e.contains("model.safetensors"), "{n}: {e}");
     }
     // A tensor whose shape claims more data than it has.
     let st = edit_header(&hf_weights(), |h| {
         h["model.norm.weight"]["shape"] = json!([1u64 << 40, 1u64 << 40]);
     });
-    let e = load_and_run(hf_copy(&d.0, None, Some(&st))).err().expect("accepted");
+    let e = load_and_run(hf_copy(&d.0, None, Some(&st)))
+        .err()
+        .expect("accepted");
     assert!(e.contains("model.safetensors"), "{e}");
 }
 

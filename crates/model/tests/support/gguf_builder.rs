@@ -145,7 +145,9 @@ fn put_value(b: &mut Vec<u8>, f: &mut Vec<(String, usize)>, key: &str, v: &V) {
 
 /// Deterministic small floats in [-0.1, 0.1) (a tiny LCG; no RNG crate needed).
 pub fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
             x = x
@@ -231,7 +233,11 @@ pub fn tiny_llama(layers: u64, context: u32) -> Gguf {
         tensors.push(f32_tensor(&n("attn_q.weight"), &[HIDDEN, 32], seed + 1));
         tensors.push(f32_tensor(&n("attn_k.weight"), &[HIDDEN, 16], seed + 2));
         tensors.push(f32_tensor(&n("attn_v.weight"), &[HIDDEN, 16], seed + 3));
-        tensors.push(f32_tensor(&n("attn_output.weight"), &[32, HIDDEN], seed + 4));
+        tensors.push(f32_tensor(
+            &n("attn_output.weight"),
+            &[32, HIDDEN],
+            seed + 4,
+        ));
         tensors.push(f32_tensor(&n("ffn_norm.weight"), &[HIDDEN], seed + 5));
         tensors.push(f32_tensor(&n("ffn_gate.weight"), &[HIDDEN, MLP], seed + 6));
         tensors.push(q8_0_tensor(&n("ffn_up.weight"), &[HIDDEN, MLP], seed + 7));
