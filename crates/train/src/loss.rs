@@ -196,8 +196,11 @@ fn head_chunks(
         let v = logits.dim(D::Minus1)?;
         let mut data = logits.flatten_all()?.to_vec1::<f32>()?;
         let tg = &targets[start..start + n];
-        // Per row: log-sum-exp, NLL, and (softmax − onehot)·scale in place.
-        let nll: f64 = data
+        // Per row: log-sum-exp, NLL, and (softmax − onehot)·scale in place. The rows' NLLs
+        // are collected in order and summed serially: rayon's own `sum` associates the f64
+        // additions as its work-stealing splits fall, so the loss would differ in the last
+        // bits from run to run (and a resumed run would not reproduce the logged losses).
+        let nlls: Vec<f64> = data
             .par_chunks_mut(v)
             .zip(tg.par_iter())
             .map(|(row, &t)| {
@@ -220,8 +223,8 @@ fn head_chunks(
                 }
                 lse - target as f64
             })
-            .sum();
-        nll_sum += nll;
+            .collect();
+        nll_sum += nlls.iter().sum::<f64>();
         if want_grad {
             let p = Tensor::from_vec(data, (n, v), hd.device())?; // dL/dlogits [n, V]
             grads.push(p.matmul(&wd)?); // dL/dh [n, H]
