@@ -37,9 +37,10 @@ pub const MAX_TENSOR_DIMS: u32 = 4;
 /// Arrays may nest (the spec allows it) but not deeper than this.
 pub const MAX_ARRAY_DEPTH: usize = 8;
 /// Metadata values (array elements included) in one file. Each costs ~32 bytes of memory
-/// however small it is on disk, so this bounds the metadata's memory at ~2 GiB; real files
-/// hold far fewer (a 256k-token vocabulary with scores, types and merges is ~1M values).
-pub const MAX_METADATA_VALUES: u64 = 1 << 26;
+/// however small it is on disk, so this bounds the metadata's memory at ~512 MiB (plus the
+/// strings' bytes, which the file length bounds); real files hold far fewer (a 256k-token
+/// vocabulary with scores, types and merges is ~1M values).
+pub const MAX_METADATA_VALUES: u64 = 1 << 24;
 
 /// A GGUF file whose header has been validated (see the module docs).
 pub struct GgufFile {
@@ -401,9 +402,9 @@ impl<R: Read> Header<'_, R> {
         Ok(())
     }
 
-    /// One metadata value of GGUF type `ty` (of key `key`, for messages).
+    /// One metadata value of GGUF type `ty` (of key `key`, for messages). The caller has
+    /// counted it (see [`count_values`](Self::count_values)).
     fn value(&mut self, ty: u32, key: &str, depth: usize) -> Result<Value> {
-        self.count_values(1, key)?;
         Ok(match ty {
             0 => Value::U8(self.fixed::<1>(key)?[0]),
             1 => Value::I8(i8::from_le_bytes(self.fixed(key)?)),
@@ -512,6 +513,7 @@ impl<R: Read> Header<'_, R> {
         for i in 0..kv_count {
             let key = self.string(&format!("metadata entry {i} (its key)"), MAX_KEY_LEN)?;
             let ty = self.u32(&key)?;
+            self.count_values(1, &key)?;
             let value = self.value(ty, &key, 0)?;
             if metadata.insert(key.clone(), value).is_some() {
                 return Err(self.field_err(&key, "duplicate metadata key"));

@@ -249,6 +249,29 @@ fn hostile_fields_are_typed_errors() {
     assert!(open_err(&b).contains("not a multiple of general.alignment"));
 }
 
+/// Metadata values are capped (each costs ~32 bytes of memory however small on disk): an
+/// array of 2^24 + 1 one-byte values is refused before it is read.
+#[test]
+fn metadata_value_count_is_bounded() {
+    let n = lowrank_model::gguf::MAX_METADATA_VALUES + 1;
+    let key = b"x.bytes";
+    let mut b = b"GGUF".to_vec();
+    b.extend_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&0u64.to_le_bytes());
+    b.extend_from_slice(&1u64.to_le_bytes());
+    b.extend_from_slice(&(key.len() as u64).to_le_bytes());
+    b.extend_from_slice(key);
+    b.extend_from_slice(&9u32.to_le_bytes()); // array
+    b.extend_from_slice(&0u32.to_le_bytes()); // of u8
+    b.extend_from_slice(&n.to_le_bytes());
+    b.resize(b.len() + n as usize, 7);
+    let e = open_err(&b);
+    assert!(
+        e.contains("x.bytes") && e.contains("16777216 values"),
+        "{e}"
+    );
+}
+
 /// Every proper prefix of the file is an error (the last tensor ends at the last byte).
 #[test]
 fn every_truncation_of_the_header_is_an_error() {
