@@ -54,6 +54,14 @@ fn cfg(data: &Path, out: &Path) -> TrainConfig {
     }
 }
 
+/// [`cfg`] for 8 steps (two epochs).
+fn cfg8(data: &Path, out: &Path) -> TrainConfig {
+    TrainConfig {
+        max_steps: Some(8),
+        ..cfg(data, out)
+    }
+}
+
 /// Run `cfg` (resuming from `resume`), collecting the progress events.
 fn train(
     lm: &LoadedModel,
@@ -159,12 +167,13 @@ fn changed_settings_are_refused_naming_each_unless_allowed() {
     let d = tmpdir("config");
     let data = data(&d);
     let run = d.join("run");
-    train(&lm, cfg(&data, &run), None, false, false).0.unwrap();
+    train(&lm, cfg8(&data, &run), None, false, false).0.unwrap();
     let ck = run.join("checkpoint-4");
-    let mut changed = cfg(&data, &d.join("changed"));
+    let mut changed = cfg8(&data, &d.join("changed"));
     changed.seed = 2;
     changed.lr = 2e-2;
     changed.warmup_steps = 1;
+    changed.max_steps = Some(10);
     let (r, _) = train(&lm, changed.clone(), Some(&ck), false, false);
     let err = r.unwrap_err();
     for want in [
@@ -183,7 +192,7 @@ fn changed_settings_are_refused_naming_each_unless_allowed() {
     std::fs::write(other.join("d.jsonl"), text).unwrap();
     let (r, _) = train(
         &lm,
-        cfg(&other.join("d.jsonl"), &d.join("o")),
+        cfg8(&other.join("d.jsonl"), &d.join("o")),
         Some(&ck),
         false,
         false,
@@ -195,7 +204,7 @@ fn changed_settings_are_refused_naming_each_unless_allowed() {
     let copy = d.join("copy");
     std::fs::create_dir_all(&copy).unwrap();
     std::fs::copy(&data, copy.join("d.jsonl")).unwrap();
-    let mut free = cfg(&copy.join("d.jsonl"), &d.join("free"));
+    let mut free = cfg8(&copy.join("d.jsonl"), &d.join("free"));
     free.keep_checkpoints = 1;
     free.save_every = 3;
     free.eval_every = 1;
@@ -203,6 +212,8 @@ fn changed_settings_are_refused_naming_each_unless_allowed() {
     free.save_dtype = "bf16".into();
     free.alpha = Some(8.0); // 2 × rank: the default spelled out
     free.targets = vec!["q".into(), "v".into()];
+    free.max_steps = None;
+    free.epochs = 2; // 16 records in batches of 4: the same 8 steps
     train(&lm, free, Some(&ck), false, false).0.unwrap();
     // Allowed: it runs and warns with the list.
     let (r, events) = train(&lm, changed, Some(&ck), true, false);
@@ -214,7 +225,7 @@ fn changed_settings_are_refused_naming_each_unless_allowed() {
         "{events:?}"
     );
     // What the tensors depend on never changes.
-    let mut rank = cfg(&data, &d.join("rank"));
+    let mut rank = cfg8(&data, &d.join("rank"));
     rank.rank = 2;
     let err = train(&lm, rank, Some(&ck), true, false).0.unwrap_err();
     assert!(err.contains("--rank: 4 → 2"), "{err}");

@@ -374,10 +374,13 @@ pub(super) fn pick(dir: &Path) -> Result<Picked> {
 }
 
 /// Settings that do not change the numbers a run computes: free to change on resume. The
-/// data files are compared by content instead of by path.
+/// data files are compared by content instead of by path, and --epochs / --max-steps by the
+/// run's length in steps they give (which the schedule depends on).
 const FREE: &[&str] = &[
     "data",
     "eval",
+    "epochs",
+    "max_steps",
     "out",
     "eval_every",
     "save_every",
@@ -429,9 +432,18 @@ fn show(v: Option<&serde_json::Value>) -> String {
 
 /// How this run's settings and inputs differ from the checkpoint's, as
 /// `--flag: checkpoint's → this run's`: (the changes the tensors cannot follow, the others).
-fn changes(st: &TrainerState, cfg: &TrainConfig, inputs: &RunInputs) -> (Vec<String>, Vec<String>) {
+fn changes(
+    st: &TrainerState,
+    cfg: &TrainConfig,
+    inputs: &RunInputs,
+    total_steps: impl Fn(&TrainConfig) -> usize,
+) -> (Vec<String>, Vec<String>) {
     let (old, new) = (normalized(&st.config), normalized(cfg));
     let (mut fixed, mut other) = (Vec::new(), Vec::new());
+    let (was, now) = (total_steps(&st.config), total_steps(cfg));
+    if was != now {
+        other.push(format!("--max-steps/--epochs: {was} steps → {now} steps"));
+    }
     let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
     for k in keys {
         if FREE.contains(&k.as_str()) || old.get(k) == new.get(k) {
@@ -544,7 +556,14 @@ impl Trainer<'_> {
     /// naming each change, unless `allow_changed_config`; the changes accepted are returned.
     pub(super) fn check_resume_config(&self, p: &Picked) -> Result<Vec<String>> {
         let sp = p.dir.join(STATE_FILE);
-        let (fixed, other) = changes(&p.state, &self.cfg, &self.inputs);
+        // The run's length as `Trainer::new` computes it, on this run's data (other data is
+        // reported on its own).
+        let total = |c: &TrainConfig| {
+            let per_epoch = super::epoch_order(self.train.len(), c, 0, &self.train).len();
+            c.max_steps
+                .unwrap_or(c.epochs * per_epoch.div_ceil(c.grad_accum.max(1)))
+        };
+        let (fixed, other) = changes(&p.state, &self.cfg, &self.inputs, total);
         if !fixed.is_empty() {
             return Err(TrainError::Config(format!(
                 "{}: the checkpoint's tensors were made with other settings, which cannot change on resume ({})",
