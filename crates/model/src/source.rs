@@ -128,12 +128,8 @@ fn hf_file_facts(dir: &Path) -> (u64, String) {
             let p = e.path();
             if p.extension().is_some_and(|x| x == "safetensors") {
                 bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
-                if let Ok(data) = std::fs::read(&p) {
-                    if let Ok(st) = safetensors::SafeTensors::deserialize(&data) {
-                        for (_, t) in st.tensors() {
-                            *dtypes.entry(format!("{:?}", t.dtype())).or_insert(0) += 1;
-                        }
-                    }
+                for dt in safetensors_dtypes(&p).unwrap_or_default() {
+                    *dtypes.entry(dt).or_insert(0) += 1;
                 }
             }
         }
@@ -145,5 +141,30 @@ fn hf_file_facts(dir: &Path) -> (u64, String) {
             .map(|(k, v)| format!("{k}×{v}"))
             .collect::<Vec<_>>()
             .join(", "),
+    )
+}
+
+/// The dtype of each tensor of a safetensors file, from its JSON header alone (the weights
+/// are already loaded; reading the whole file again would double the memory for a fact).
+/// `None` when the header is unreadable; its length is checked against the file and the
+/// format's 100 MB limit before it is read.
+fn safetensors_dtypes(p: &Path) -> Option<Vec<String>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(p).ok()?;
+    let len = f.metadata().ok()?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n).ok()?;
+    let n = u64::from_le_bytes(n);
+    if n > len.saturating_sub(8) || n > 100_000_000 {
+        return None;
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).ok()?;
+    let h: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header).ok()?;
+    Some(
+        h.iter()
+            .filter(|(k, _)| *k != "__metadata__")
+            .filter_map(|(_, t)| t.get("dtype")?.as_str().map(String::from))
+            .collect(),
     )
 }

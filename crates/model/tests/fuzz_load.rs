@@ -340,7 +340,9 @@ fn hf_hostile_values_are_named_errors() {
     // A huge declared context is only a limit.
     let mut c = hf_config();
     c["max_position_embeddings"] = json!(u32::MAX);
-    load_and_run(hf_copy(&d.0, Some(&c), None)).unwrap();
+    let lm = load_and_run(hf_copy(&d.0, Some(&c), None)).unwrap();
+    // The file facts `info` shows come from the safetensors header alone.
+    assert_eq!(lm.file_dtypes, "BF16×21");
     // Safetensors header length larger than the file, and larger than any header.
     for n in [u64::MAX, 1 << 40, 99_999_999, hf_weights().len() as u64] {
         let mut st = hf_weights();
