@@ -10,17 +10,7 @@ use std::arch::x86_64::*;
 /// The kernel for g query heads per KV head and head_dim hd: register-blocked for the common
 /// shapes (hd = 64 or 128, g ≤ 4), else the generic code compiled for AVX2 + FMA.
 pub(super) fn pick(g: usize, hd: usize) -> RowKernel {
-    match (g, hd) {
-        (1, 64) => row::<1, 8>,
-        (2, 64) => row::<2, 8>,
-        (3, 64) => row::<3, 8>,
-        (4, 64) => row::<4, 8>,
-        (1, 128) => row::<1, 16>,
-        (2, 128) => row::<2, 16>,
-        (3, 128) => row::<3, 16>,
-        (4, 128) => row::<4, 16>,
-        _ => generic,
-    }
+    super::rows::pick_row_kernel!(row, generic, g, hd, 8, 16)
 }
 
 /// e^x for x ≤ 0 (scores minus their max): the same Cephes expf polynomial as the AVX-512

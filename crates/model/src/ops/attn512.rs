@@ -7,17 +7,7 @@ use std::arch::x86_64::*;
 /// for the common shapes (hd = 64 or 128, g ≤ 4: 4× fewer instructions than the generic
 /// code, which measured at 8 GMAC/s), else the generic code compiled for AVX-512.
 pub(super) fn pick(g: usize, hd: usize) -> RowKernel {
-    match (g, hd) {
-        (1, 64) => row::<1, 4>,
-        (2, 64) => row::<2, 4>,
-        (3, 64) => row::<3, 4>,
-        (4, 64) => row::<4, 4>,
-        (1, 128) => row::<1, 8>,
-        (2, 128) => row::<2, 8>,
-        (3, 128) => row::<3, 8>,
-        (4, 128) => row::<4, 8>,
-        _ => generic,
-    }
+    super::rows::pick_row_kernel!(row, generic, g, hd, 4, 8)
 }
 
 /// e^x for x ≤ 0 (scores minus their max): Cephes' expf polynomial on the reduced

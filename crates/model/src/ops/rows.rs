@@ -285,6 +285,27 @@ pub(super) struct AttnShape {
     pub(super) scale: f32,
 }
 
+/// The register-blocked `$row::<G, C>` for g ≤ 4 query heads per KV head and head_dim 64
+/// (C = `$c64` vectors) or 128 (`$c128`), else `$generic`: one shape table for every
+/// instruction set's kernels.
+macro_rules! pick_row_kernel {
+    ($row:ident, $generic:ident, $g:expr, $hd:expr, $c64:literal, $c128:literal) => {
+        match ($g, $hd) {
+            (1, 64) => $row::<1, $c64>,
+            (2, 64) => $row::<2, $c64>,
+            (3, 64) => $row::<3, $c64>,
+            (4, 64) => $row::<4, $c64>,
+            (1, 128) => $row::<1, $c128>,
+            (2, 128) => $row::<2, $c128>,
+            (3, 128) => $row::<3, $c128>,
+            (4, 128) => $row::<4, $c128>,
+            _ => $generic,
+        }
+    };
+}
+#[cfg(target_arch = "x86_64")]
+pub(super) use pick_row_kernel;
+
 /// A row kernel of [`attention_rows`]: one row's every head into `o` ([nh·hd]).
 ///
 /// # Safety
