@@ -125,13 +125,20 @@ impl ModelConfig {
                 return Err(field_err("rope_scaling", "RoPE scaling is not supported"));
             }
         }
+        // Token ids are u32: a larger value is an error, never silently wrapped.
+        let token_id = |k: &str, x: u64| -> Result<u32> {
+            u32::try_from(x).map_err(|_| field_err(k, "token id beyond u32"))
+        };
         let eos_token_ids = match v.get("eos_token_id") {
-            Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+            Some(Value::Number(n)) => match n.as_u64() {
+                Some(x) => vec![token_id("eos_token_id", x)?],
+                None => vec![],
+            },
             Some(Value::Array(a)) => a
                 .iter()
                 .filter_map(Value::as_u64)
-                .map(|x| x as u32)
-                .collect(),
+                .map(|x| token_id("eos_token_id", x))
+                .collect::<Result<_>>()?,
             _ => vec![],
         };
         let cfg = ModelConfig {
@@ -157,7 +164,8 @@ impl ModelConfig {
             bos_token_id: v
                 .get("bos_token_id")
                 .and_then(Value::as_u64)
-                .map(|x| x as u32),
+                .map(|x| token_id("bos_token_id", x))
+                .transpose()?,
             eos_token_ids,
         };
         cfg.validate(path)?;

@@ -160,10 +160,14 @@ impl GgufFile {
                     .ok_or_else(|| self.field_err(&k("vocab_size"), "missing"))?,
             },
         };
-        let eos = self
-            .meta("tokenizer.ggml.eos_token_id")
-            .and_then(value_u64)
-            .map(|x| x as u32);
+        // Token ids are u32: a larger value is an error, never silently wrapped.
+        let token_id = |key: &str| -> Result<Option<u32>> {
+            self.meta(key)
+                .and_then(value_u64)
+                .map(|x| u32::try_from(x).map_err(|_| self.field_err(key, "token id beyond u32")))
+                .transpose()
+        };
+        let eos = token_id("tokenizer.ggml.eos_token_id")?;
         let cfg = ModelConfig {
             attention_bias: self.content.tensor_infos.contains_key("blk.0.attn_q.bias"),
             tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
@@ -182,10 +186,7 @@ impl GgufFile {
                 .opt_u64(&k("context_length"))?
                 .map(|x| x as usize)
                 .unwrap_or(2048),
-            bos_token_id: self
-                .meta("tokenizer.ggml.bos_token_id")
-                .and_then(value_u64)
-                .map(|x| x as u32),
+            bos_token_id: token_id("tokenizer.ggml.bos_token_id")?,
             eos_token_ids: eos.into_iter().collect(),
             arch,
         };

@@ -171,6 +171,10 @@ fn gguf_config_against_tensors() {
     let m = e(&g).expect("a string context length was accepted");
     assert!(m.contains("llama.context_length"), "{m}");
     let mut g = tiny_llama(1, 64);
+    g.set("tokenizer.ggml.eos_token_id", V::U64(1 << 32));
+    let m = e(&g).expect("an eos id beyond u32 was accepted");
+    assert!(m.contains("tokenizer.ggml.eos_token_id"), "{m}");
+    let mut g = tiny_llama(1, 64);
     g.set("llama.rope.freq_base", V::F32(f32::NAN));
     assert!(e(&g).unwrap().contains("rope_theta"));
     let mut g = tiny_llama(1, 64);
@@ -308,6 +312,9 @@ fn hf_hostile_values_are_named_errors() {
         ),
         ("rms_norm_eps", json!("small"), "rms_norm_eps"),
         ("rms_norm_eps", json!(-1.0), "rms_norm_eps"),
+        ("eos_token_id", json!(1u64 << 32), "eos_token_id"),
+        ("eos_token_id", json!([2, 1u64 << 33]), "eos_token_id"),
+        ("bos_token_id", json!(u64::MAX), "bos_token_id"),
     ];
     for (k, v, needle) in cases {
         let mut c = hf_config();
