@@ -275,6 +275,9 @@ fn arbitrary_records_give_samples_or_an_error_naming_the_line() {
     seen.assert_both("arbitrary records");
 }
 
+/// What a crafted input gives: `None` loads, `Some((line, field))` fails naming them.
+type Expect = Option<(usize, &'static str)>;
+
 /// Crafted inputs: each loads, or fails naming the expected line and field.
 #[test]
 fn crafted_inputs() {
@@ -293,7 +296,7 @@ fn crafted_inputs() {
     let text = |t: &str| {
         serde_json::json!({ "text": format!("{t}: a record of several words") }).to_string()
     };
-    let cases: Vec<(Vec<u8>, Option<(usize, &str)>)> = vec![
+    let cases: Vec<(Vec<u8>, Expect)> = vec![
         // Bytes that are not UTF-8 on line 2: named by line (not a whole-file read error).
         (
             [text("a").as_bytes(), b"\n{\"text\": \"\xff\xfe\"}\n"].concat(),

@@ -121,6 +121,9 @@ fn checkpoints(out: &Path) -> Vec<String> {
     v
 }
 
+/// Something done to one file of a checkpoint.
+type Damage = fn(&Path);
+
 #[test]
 fn missing_or_cut_checkpoint_files_are_refused_naming_the_file() {
     let lm = tiny();
@@ -130,7 +133,7 @@ fn missing_or_cut_checkpoint_files_are_refused_naming_the_file() {
     train(&lm, cfg(&data, &run), None, false, false).0.unwrap();
     let ck = run.join("checkpoint-2");
     assert!(ck.join("optimizer.safetensors").exists());
-    let cases: [(&str, &str, fn(&Path)); 4] = [
+    let cases: [(&str, &str, Damage); 4] = [
         ("no-opt", "optimizer.safetensors", |p| {
             std::fs::remove_file(p).unwrap()
         }),
