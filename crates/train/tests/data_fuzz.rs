@@ -32,11 +32,26 @@ fn config(cases: u32) -> Config {
     }
 }
 
-/// A scratch file per test (tests run in parallel threads).
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("lowrank-data-fuzz-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d.join(format!("{name}.jsonl"))
+/// A scratch directory per test (tests run in parallel threads), removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let d =
+            std::env::temp_dir().join(format!("lowrank-data-fuzz-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        Scratch(d)
+    }
+
+    fn file(&self) -> PathBuf {
+        self.0.join("data.jsonl")
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// How often each outcome came up (without --skip-bad): the inputs must reach both.
@@ -241,7 +256,8 @@ fn record() -> impl Strategy<Value = serde_json::Value> {
 #[test]
 fn any_bytes_give_samples_or_an_error_naming_the_line() {
     let lm = tiny();
-    let path = scratch("bytes");
+    let dir = Scratch::new("bytes");
+    let path = dir.file();
     proptest!(config(CASES), |(bytes in prop::collection::vec(any::<u8>(), 0..400))| {
         check(&lm, &path, &bytes, &Seen::default())?;
     });
@@ -250,7 +266,8 @@ fn any_bytes_give_samples_or_an_error_naming_the_line() {
 #[test]
 fn mutated_valid_files_give_samples_or_an_error_naming_the_line() {
     let lm = tiny();
-    let path = scratch("mutated");
+    let dir = Scratch::new("mutated");
+    let path = dir.file();
     let seen = Seen::default();
     check(&lm, &path, &valid_file(), &seen).unwrap();
     let edits = prop::collection::vec(
@@ -266,7 +283,8 @@ fn mutated_valid_files_give_samples_or_an_error_naming_the_line() {
 #[test]
 fn arbitrary_records_give_samples_or_an_error_naming_the_line() {
     let lm = tiny();
-    let path = scratch("records");
+    let dir = Scratch::new("records");
+    let path = dir.file();
     let seen = Seen::default();
     proptest!(config(CASES), |(records in prop::collection::vec(record(), 1..4))| {
         let text: Vec<String> = records.iter().map(|r| r.to_string()).collect();
@@ -282,7 +300,8 @@ type Expect = Option<(usize, &'static str)>;
 #[test]
 fn crafted_inputs() {
     let lm = tiny();
-    let path = scratch("crafted");
+    let dir = Scratch::new("crafted");
+    let path = dir.file();
     let eos = lm.eos_ids().first().copied();
     let opts = LoadOptions {
         max_seq_len: 64,
