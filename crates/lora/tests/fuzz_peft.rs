@@ -119,7 +119,7 @@ fn edit_header(st: &[u8], f: impl FnOnce(&mut Value)) -> Vec<u8> {
     let mut h: Value = serde_json::from_slice(&st[8..8 + n]).unwrap();
     f(&mut h);
     let mut hb = serde_json::to_vec(&h).unwrap();
-    while hb.len() % 8 != 0 {
+    while !hb.len().is_multiple_of(8) {
         hb.push(b' ');
     }
     let mut out = (hb.len() as u64).to_le_bytes().to_vec();

@@ -199,7 +199,7 @@ impl ModelConfig {
                 return bad(field, format!("{v} is outside 1..={max}"));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(
                 "num_key_value_heads",
                 format!(
@@ -208,7 +208,7 @@ impl ModelConfig {
                 ),
             );
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad(
                 "head_dim",
                 format!(

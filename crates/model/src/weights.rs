@@ -272,6 +272,7 @@ pub fn load_hf(dir: &Path, cfg: &ModelConfig, device: &Device) -> Result<Weights
             all.insert(k, (f.clone(), t));
         }
     }
+    let has_head = all.contains_key("lm_head.weight");
     let mut take = |name: &str, shape: &[usize]| -> Result<Tensor> {
         let (p, t) = all.remove(name).ok_or_else(|| ModelError::Tensor {
             path: dir.into(),
@@ -319,10 +320,12 @@ pub fn load_hf(dir: &Path, cfg: &ModelConfig, device: &Device) -> Result<Weights
     let lm_head = if cfg.tie_word_embeddings {
         None
     } else {
-        match take("lm_head.weight", &[cfg.vocab_size, h]) {
-            Ok(t) => Some(t),
-            // Some checkpoints omit the head although config says untied; HF then ties.
-            Err(_) => None,
+        // Some checkpoints omit the head although config says untied; HF then ties. A head
+        // that is there but does not fit is an error, not a reason to tie.
+        if has_head {
+            Some(take("lm_head.weight", &[cfg.vocab_size, h])?)
+        } else {
+            None
         }
     };
     Ok(Weights {

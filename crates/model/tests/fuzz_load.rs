@@ -265,7 +265,7 @@ fn edit_header(st: &[u8], f: impl FnOnce(&mut Value)) -> Vec<u8> {
     let mut h: Value = serde_json::from_slice(&st[8..8 + n]).unwrap();
     f(&mut h);
     let mut hb = serde_json::to_vec(&h).unwrap();
-    while hb.len() % 8 != 0 {
+    while !hb.len().is_multiple_of(8) {
         hb.push(b' ');
     }
     let mut out = (hb.len() as u64).to_le_bytes().to_vec();
@@ -344,6 +344,14 @@ fn hf_hostile_values_are_named_errors() {
         e.contains("mlp.gate_proj.weight") && e.contains("128"),
         "{e}"
     );
+    // An untied head that is there but does not fit: an error, not silently tied.
+    let st = edit_header(&hf_weights(), |h| {
+        h["lm_head.weight"]["shape"] = json!([64, 4096]);
+    });
+    let e = load_and_run(hf_copy(&d.0, None, Some(&st)))
+        .err()
+        .expect("accepted");
+    assert!(e.contains("lm_head.weight") && e.contains("[64, 4096]"), "{e}");
     // A huge declared context is only a limit.
     let mut c = hf_config();
     c["max_position_embeddings"] = json!(u32::MAX);
