@@ -151,6 +151,23 @@ impl Metrics {
             .or_insert(0) += 1;
     }
 
+    /// Drop a deleted adapter's series: names come and go with the admin API, and a map keyed
+    /// by every name ever served would only grow.
+    pub fn forget_adapter(&self, adapter: &str) {
+        self.adapter_requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(adapter);
+    }
+
+    /// Adapters with a request series.
+    pub fn adapter_series(&self) -> usize {
+        self.adapter_requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
     /// Requests counted for (endpoint, status).
     pub fn requests_of(&self, endpoint: &str, status: u16) -> u64 {
         self.requests

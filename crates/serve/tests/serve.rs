@@ -1180,3 +1180,57 @@ async fn non_finite_logits_from_a_served_adapter_are_a_server_error() {
         StatusCode::OK
     );
 }
+
+/// Adapters registered and deleted under ever new names leave nothing behind: no registry
+/// entry, no resident bytes, no `/metrics` series (a map keyed by every name ever served would
+/// grow without bound under churn).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deleted_adapters_leave_no_state() {
+    let lm = tiny();
+    let root = TempDir::new("churn");
+    random_adapter(&lm.model, &root.path().join("x"), 0.3);
+    let s = state(
+        lm,
+        ServeConfig {
+            adapters_dir: Some(root.path().into()),
+            admin_key: Some("adm".into()),
+            ..Default::default()
+        },
+    );
+    chat_text(&s, "x", "Hi", 3).await;
+    let base_bytes = s.registry.resident_bytes();
+    for i in 0..20 {
+        let name = format!("tmp{i}");
+        let b = json!({"name": name, "path": "x"}).to_string();
+        let r = call(&s, "POST", "/v1/adapters", Some(&b), Some("adm")).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        chat_text(&s, &name, "Hi", 3).await;
+        let m = call(&s, "GET", "/metrics", None, None).await.text;
+        assert!(m.contains(&format!("adapter=\"{name}\"")), "{m}");
+        let r = call(
+            &s,
+            "DELETE",
+            &format!("/v1/adapters/{name}"),
+            None,
+            Some("adm"),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let m = call(&s, "GET", "/metrics", None, None).await.text;
+        assert!(
+            !m.contains(&format!("adapter=\"{name}\"")),
+            "{name} still in:\n{m}"
+        );
+    }
+    assert_eq!(s.registry.names(), ["x"]);
+    // A finished row lets go of its adapter when the scheduler sweeps it, just after its
+    // response was sent: until then the deleted version counts as retired.
+    for _ in 0..400 {
+        if s.registry.resident_bytes() == base_bytes {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(s.registry.resident_bytes(), base_bytes);
+    assert_eq!(s.metrics.adapter_series(), 1, "only x has a series");
+}

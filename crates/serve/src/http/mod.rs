@@ -174,6 +174,7 @@ async fn del_adapter(
 ) -> std::result::Result<Json<Value>, ApiError> {
     s.check_admin(&headers)?;
     s.registry.remove(&name).map_err(registry_error)?;
+    s.metrics.forget_adapter(&name);
     Ok(Json(
         json!({"id": name, "object": "adapter", "deleted": true}),
     ))
