@@ -351,7 +351,10 @@ fn hf_hostile_values_are_named_errors() {
     let e = load_and_run(hf_copy(&d.0, None, Some(&st)))
         .err()
         .expect("accepted");
-    assert!(e.contains("lm_head.weight") && e.contains("[64, 4096]"), "{e}");
+    assert!(
+        e.contains("lm_head.weight") && e.contains("[64, 4096]"),
+        "{e}"
+    );
     // A huge declared context is only a limit.
     let mut c = hf_config();
     c["max_position_embeddings"] = json!(u32::MAX);
