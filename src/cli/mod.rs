@@ -38,7 +38,7 @@ pub struct ModelArg {
     pub model: String,
 }
 
-/// Inference arithmetic for the frozen weights.
+/// Arithmetic of the frozen weights.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ComputeKind {
     /// f32 weights and activations: matches the HF reference.
@@ -46,8 +46,17 @@ pub enum ComputeKind {
     F32,
     /// 8-bit block weights × 8-bit block activations (llama.cpp's arithmetic for Q4/Q8
     /// GGUFs; weights from ≤ 8-bit GGUF blocks are kept exactly). CPU only; several times
-    /// faster for batched decoding.
+    /// faster for batched decoding, and QLoRA-style training on the packed base.
     Int8,
+}
+
+impl From<ComputeKind> for lowrank_model::quant::Compute {
+    fn from(k: ComputeKind) -> Self {
+        match k {
+            ComputeKind::F32 => lowrank_model::quant::Compute::F32,
+            ComputeKind::Int8 => lowrank_model::quant::Compute::Int8,
+        }
+    }
 }
 
 #[derive(Args, Clone, Debug, Default)]
@@ -285,6 +294,30 @@ pub fn run() -> Result<ExitCode> {
 
 pub fn load(m: &ModelArg, device: &Device) -> Result<LoadedModel> {
     LoadedModel::load(&m.model, device).with_context(|| format!("loading model `{}`", m.model))
+}
+
+/// Load for training or evaluation with `compute`: int8 packs while loading and never holds
+/// the f32 base (say so, with the packed size).
+pub fn load_for(
+    m: &ModelArg,
+    device: &Device,
+    compute: lowrank_model::quant::Compute,
+) -> Result<LoadedModel> {
+    let t = std::time::Instant::now();
+    let lm = LoadedModel::load_for(&m.model, device, compute)
+        .with_context(|| format!("loading model `{}` for {} compute", m.model, compute.name()))?;
+    if let Some(q) = lm.model.int8() {
+        let (rounded, all) = q.rounded();
+        eprintln!(
+            "int8 compute: loaded and packed in {:.1} s ({}, no f32 copy of the base); {} of {} \
+             weight blocks rounded to 8 bits, the rest kept exactly",
+            t.elapsed().as_secs_f64(),
+            lowrank_experiments::report::human_bytes(q.bytes() as f64),
+            rounded,
+            all
+        );
+    }
+    Ok(lm)
 }
 
 fn info(m: &ModelArg, device: &Device) -> Result<()> {

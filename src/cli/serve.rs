@@ -101,6 +101,8 @@ pub enum BenchCmd {
     Train {
         #[command(flatten)]
         model: ModelArg,
+        #[command(flatten)]
+        compute: ComputeArg,
         /// Sequences per step.
         #[arg(long, default_value_t = 4)]
         batch: usize,
@@ -168,13 +170,24 @@ pub fn bench(c: BenchCmd, device: &Device) -> Result<()> {
         ),
         BenchCmd::Train {
             model,
+            compute,
             batch,
             seq,
             steps,
             rank,
             targets,
             full,
-        } => bench_train(&model, batch, seq, steps, rank, &targets, full, device),
+        } => bench_train(
+            &model,
+            compute.compute.into(),
+            batch,
+            seq,
+            steps,
+            rank,
+            &targets,
+            full,
+            device,
+        ),
         BenchCmd::Serve {
             model,
             compute,
@@ -280,6 +293,7 @@ fn bench_infer(
 #[allow(clippy::too_many_arguments)]
 fn bench_train(
     m: &ModelArg,
+    compute: lowrank_model::quant::Compute,
     batch: usize,
     seq: usize,
     steps: usize,
@@ -289,7 +303,7 @@ fn bench_train(
     device: &Device,
 ) -> Result<()> {
     use rand::{Rng, SeedableRng};
-    let lm = super::load(m, device)?;
+    let lm = super::load_for(m, device, compute)?;
     let dir = std::env::temp_dir().join(format!("lowrank-bench-train-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     // Random tokens, every position a target (the PEFT peer's labels = input_ids).
@@ -318,6 +332,7 @@ fn bench_train(
             lowrank_train::Method::Lora
         },
         lr: 1e-4,
+        compute,
         ..Default::default()
     };
     let mut t = lowrank_train::Trainer::new(&lm, cfg)?;
@@ -346,6 +361,8 @@ fn bench_train(
         "{}",
         serde_json::json!({
             "mode": if full { "full" } else { "lora" }, "trainable": s.trainable_params,
+            "compute": compute.name(),
+            "int8_kernel": (compute == lowrank_model::quant::Compute::Int8).then(lowrank_model::quant::kernel_name),
             "batch": batch, "seq": seq, "tokens_per_s": (tps * 10.0).round() / 10.0,
             "achieved_gflops": (tps * flops_per_token / 1e8).round() / 10.0,
             "peak_rss_mb": s.peak_rss_bytes / (1 << 20),

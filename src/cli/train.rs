@@ -20,6 +20,10 @@ use super::ModelArg;
 pub struct TrainArgs {
     #[command(flatten)]
     pub model: ModelArg,
+    /// Arithmetic of the frozen base: f32, or int8 (the base packed in 8-bit blocks, never
+    /// held in f32; LoRA, norms, attention and the loss stay f32) [default: f32]
+    #[arg(long, value_enum)]
+    pub compute: Option<super::ComputeKind>,
     /// TOML file with the same settings (keys as below, with underscores); flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -139,7 +143,8 @@ impl TrainArgs {
              weight_decay => weight_decay, warmup_steps => warmup_steps, schedule => schedule, epochs => epochs,
              batch_size => batch_size, grad_accum => grad_accum, max_seq_len => max_seq_len, seed => seed,
              eval_every => eval_every, save_every => save_every, keep_checkpoints => keep_checkpoints,
-             grad_clip => grad_clip, method => method, time_budget => time_budget_s, save_dtype => save_dtype);
+             grad_clip => grad_clip, method => method, time_budget => time_budget_s, save_dtype => save_dtype,
+             compute => compute);
         if self.data.is_some() {
             c.data = self.data.clone();
         }
@@ -165,7 +170,7 @@ impl TrainArgs {
 
 pub fn run(a: TrainArgs, device: &Device) -> Result<()> {
     let cfg = a.to_config()?;
-    let lm = super::load(&a.model, device)?;
+    let lm = super::load_for(&a.model, device, cfg.compute)?;
     let mut t = Trainer::new(&lm, cfg.clone()).context("preparing training")?;
     t.allow_changed_config(a.allow_changed_config);
     let stop = Arc::new(AtomicBool::new(false));

@@ -80,31 +80,55 @@ fn sample(t: &Tensor) -> Result<Vec<f32>> {
     Ok(picked.to_vec1::<f32>()?)
 }
 
+/// One tensor's contribution to a fingerprint: its name, shape and sampled values. Taking it
+/// while a tensor is loaded lets a model whose f32 weights are never all held at once (packed
+/// int8 loading) still carry the fingerprint of those weights.
+#[derive(Debug, Clone)]
+pub struct Sampled {
+    pub name: String,
+    dims: Vec<usize>,
+    vals: Vec<f32>,
+}
+
+/// Sample one tensor (see the module docs).
+pub fn sample_tensor(name: &str, t: &Tensor) -> Result<Sampled> {
+    Ok(Sampled {
+        name: name.to_string(),
+        dims: t.dims().to_vec(),
+        vals: sample(t)?,
+    })
+}
+
 /// `"sha256s:<hex>"` over (name, shape, sampled values) of every tensor, sorted by name.
 /// Errors on duplicate names (an ambiguous input, most likely a caller bug).
 pub fn fingerprint<'a>(tensors: impl Iterator<Item = (&'a str, &'a Tensor)>) -> Result<String> {
-    let mut items: Vec<(&str, &Tensor)> = tensors.collect();
-    items.sort_by(|a, b| a.0.cmp(b.0));
-    if let Some(w) = items.windows(2).find(|w| w[0].0 == w[1].0) {
+    let items = tensors
+        .map(|(n, t)| sample_tensor(n, t))
+        .collect::<Result<Vec<_>>>()?;
+    fingerprint_sampled(items)
+}
+
+/// [`fingerprint`] from tensors sampled earlier with [`sample_tensor`].
+pub fn fingerprint_sampled(mut items: Vec<Sampled>) -> Result<String> {
+    items.sort_by(|a, b| a.name.cmp(&b.name));
+    if let Some(w) = items.windows(2).find(|w| w[0].name == w[1].name) {
         return Err(LoraError::Invalid(format!(
             "fingerprint: duplicate tensor name `{}`",
-            w[0].0
+            w[0].name
         )));
     }
     let mut h = Sha256::new();
     h.update(b"lowrank-fingerprint-v1\0");
-    for (name, t) in items {
+    for s in items {
         // Length-prefixed fields so ("ab", shape) and ("a", "b"…) cannot collide.
-        h.update((name.len() as u64).to_le_bytes());
-        h.update(name.as_bytes());
-        let dims = t.dims();
-        h.update((dims.len() as u64).to_le_bytes());
-        for d in dims {
+        h.update((s.name.len() as u64).to_le_bytes());
+        h.update(s.name.as_bytes());
+        h.update((s.dims.len() as u64).to_le_bytes());
+        for d in &s.dims {
             h.update((*d as u64).to_le_bytes());
         }
-        let vals = sample(t)?;
-        h.update((vals.len() as u64).to_le_bytes());
-        let buf: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        h.update((s.vals.len() as u64).to_le_bytes());
+        let buf: Vec<u8> = s.vals.iter().flat_map(|v| v.to_le_bytes()).collect();
         h.update(&buf);
     }
     let digest = h.finalize();

@@ -26,6 +26,9 @@ impl Llama {
 
     /// Fingerprint of the base weights (sampled sha256; see `lowrank_lora::fingerprint`).
     pub fn fingerprint(&self) -> Result<String> {
+        if let Some(fp) = self.load_fingerprint() {
+            return Ok(fp.to_string()); // taken from the f32 weights while packing them
+        }
         let named = self.weights.named();
         Ok(lowrank_lora::fingerprint::fingerprint(
             named.iter().map(|(n, t)| (n.as_str(), *t)),

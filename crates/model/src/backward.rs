@@ -207,15 +207,32 @@ impl Tape {
         while let Some(lt) = layers.pop() {
             let l = layers.len();
             let lw = &w.layers[l];
-            // Input gradient of one projection (dY·W₀, plus the LoRA path), recording dA/dB.
+            // Int8 compute: the frozen part of a pack's input gradient, Σ_t dY_t·W_t, is one
+            // matmul of the concatenated dYs through the pack's transposed packing; each
+            // projection then only adds its LoRA path. f32: dY·W₀ per projection.
+            let packed_t = |ts: &[Target]| model.int8().and_then(|q| q.pack_t(l, ts));
+            let base_dx = |ts: &[Target], dys: &[&Tensor]| -> Result<Tensor> {
+                let qt = packed_t(ts).expect("checked by the caller");
+                let dy = match dys {
+                    [one] => (*one).clone(),
+                    _ => Tensor::cat(dys, 1)?,
+                };
+                crate::quant::qlinear_fine(&dy, qt) // [N, in]
+            };
+            if model.int8().is_some() && packed_t(&[Target::O]).is_none() {
+                model.require_f32("a backward without transposed int8 packings")?;
+            }
+            // Input gradient of one projection (dY·W₀ unless `int8` adds it per pack, plus the
+            // LoRA path), recording dA/dB.
             // Below layer 0 sits the frozen embedding: its q/k/v input gradient is never used.
             let mut proj_bwd = |t: Target,
+                                int8: bool,
                                 x: &dyn Fn() -> Result<Tensor>,
                                 dy: &Tensor|
              -> Result<Option<Tensor>> {
                 let needed = l > 0 || !matches!(t, Target::Q | Target::K | Target::V);
                 // dY·W₀: [N, in]
-                let mut dxp = if needed {
+                let mut dxp = if needed && !int8 {
                     Some(dy.matmul(lw.linear(t))?)
                 } else {
                     None
@@ -226,23 +243,40 @@ impl Tape {
                         ModelError::Invalid(format!("adapter lost module {}", key.peft_prefix()))
                     })?;
                     let (gr, dxl) = lora_bwd(m, tape, &x()?, dy)?;
-                    if let Some(d) = dxp.as_mut() {
-                        *d = (&*d + dxl)?;
-                    }
+                    dxp = match dxp {
+                        Some(d) => Some((d + dxl)?),
+                        None if needed => Some(dxl),
+                        None => None,
+                    };
                     grads.insert(key, gr);
                 }
                 Ok(dxp)
             };
+            // The sum of a pack's input gradients: int8 adds the one base matmul to the LoRA
+            // paths; f32 sums the projections' full gradients in order.
+            let sum =
+                |parts: Vec<Option<Tensor>>, base: Option<Tensor>| -> Result<Option<Tensor>> {
+                    let mut acc = base;
+                    for p in parts.into_iter().flatten() {
+                        acc = Some(match acc {
+                            None => p,
+                            Some(a) => (a + p)?,
+                        });
+                    }
+                    Ok(acc)
+                };
             // MLP: y = x2 + down(silu(gate)·up).
             let dy = dx; // [N, H]
             let some =
                 |d: Option<Tensor>| d.ok_or_else(|| ModelError::Invalid("missing gradient".into()));
             // dm: [N, I]
-            let dm = some(proj_bwd(
-                Target::Down,
-                &|| ops::silu_mul(&lt.gate, &lt.up),
-                &dy,
-            )?)?;
+            let int8 = packed_t(&[Target::Down]).is_some();
+            let base = match int8 {
+                true => Some(base_dx(&[Target::Down], &[&dy])?),
+                false => None,
+            };
+            let part = proj_bwd(Target::Down, int8, &|| ops::silu_mul(&lt.gate, &lt.up), &dy)?;
+            let dm = some(sum(vec![part], base)?)?;
             let (dgate, dup) = ops::silu_mul_bwd(&lt.gate, &lt.up, &dm)?; // [N, I] each
             drop(dm);
             let h2 = || -> Result<Tensor> {
@@ -251,12 +285,27 @@ impl Tape {
                     .broadcast_mul(&lt.rstd2)?
                     .broadcast_mul(&lw.mlp_norm)?)
             };
-            let dh2 = (some(proj_bwd(Target::Gate, &h2, &dgate)?)?
-                + some(proj_bwd(Target::Up, &h2, &dup)?)?)?;
+            let gu = [Target::Gate, Target::Up];
+            let int8 = packed_t(&gu).is_some();
+            let base = match int8 {
+                true => Some(base_dx(&gu, &[&dgate, &dup])?),
+                false => None,
+            };
+            let parts = vec![
+                proj_bwd(Target::Gate, int8, &h2, &dgate)?,
+                proj_bwd(Target::Up, int8, &h2, &dup)?,
+            ];
+            let dh2 = some(sum(parts, base)?)?;
             let dx2 = (&dy + rms_bwd(&dh2, &lt.x2, &lt.rstd2, &lw.mlp_norm)?)?; // [N, H]
 
             // Attention: x2 = x + o(attn).
-            let da = some(proj_bwd(Target::O, &|| Ok(lt.attn.clone()), &dx2)?)?; // [N, nh·hd]
+            let int8 = packed_t(&[Target::O]).is_some();
+            let base = match int8 {
+                true => Some(base_dx(&[Target::O], &[&dx2])?),
+                false => None,
+            };
+            let part = proj_bwd(Target::O, int8, &|| Ok(lt.attn.clone()), &dx2)?;
+            let da = some(sum(vec![part], base)?)?; // [N, nh·hd]
             let da = heads(&da, nh, hd)?; // [nh, N, hd]
             let (mut dqs, mut dks, mut dvs) = (vec![], vec![], vec![]);
             for (&(off, t), p) in self.seqs.iter().zip(&lt.probs) {
@@ -281,14 +330,21 @@ impl Tape {
                     .broadcast_mul(&lt.rstd1)?
                     .broadcast_mul(&lw.attn_norm)?)
             };
-            let dq = proj_bwd(Target::Q, &h1, &unheads(&dq)?)?;
-            let dk = proj_bwd(Target::K, &h1, &unheads(&dk)?)?;
-            let dv = proj_bwd(Target::V, &h1, &unheads(&dv)?)?;
-            dx = match (dq, dk, dv) {
-                (Some(dq), Some(dk), Some(dv)) => {
-                    let dh1 = ((dq + dk)? + dv)?; // [N, H]
-                    (dx2 + rms_bwd(&dh1, &lt.x, &lt.rstd1, &lw.attn_norm)?)?
-                }
+            let (dq, dk, dv) = (unheads(&dq)?, unheads(&dk)?, unheads(&dv)?);
+            let qkv = [Target::Q, Target::K, Target::V];
+            let int8 = packed_t(&qkv).is_some();
+            // Layer 0: nothing below needs the input gradient (only the LoRA grads).
+            let base = match int8 && l > 0 {
+                true => Some(base_dx(&qkv, &[&dq, &dk, &dv])?),
+                false => None,
+            };
+            let parts = vec![
+                proj_bwd(Target::Q, int8, &h1, &dq)?,
+                proj_bwd(Target::K, int8, &h1, &dk)?,
+                proj_bwd(Target::V, int8, &h1, &dv)?,
+            ];
+            dx = match sum(parts, base)? {
+                Some(dh1) if l > 0 => (dx2 + rms_bwd(&dh1, &lt.x, &lt.rstd1, &lw.attn_norm)?)?,
                 _ => dx2, // layer 0: nothing below needs it
             };
         }

@@ -90,8 +90,14 @@ pub struct Llama {
     /// RoPE's frequencies; each forward computes the cos/sin rows of its own positions.
     rope: RopeFreqs,
     device: Device,
-    /// Packed weights for int8 inference ([`Compute::Int8`]); `None`: f32.
+    /// Packed weights for int8 compute ([`Compute::Int8`]); `None`: f32.
     int8: Option<Arc<QuantModel>>,
+    /// Whether `weights` holds the f32 projections, embedding and head. A model loaded for
+    /// int8 compute only ([`Llama::from_packed`]) keeps placeholders there instead, and every
+    /// f32 use of them is refused ([`Llama::require_f32`]).
+    f32_base: bool,
+    /// The base fingerprint, when taken at load time (packed loading; see `adapters.rs`).
+    fingerprint: Option<String>,
 }
 
 impl Llama {
@@ -103,22 +109,83 @@ impl Llama {
             rope,
             device: device.clone(),
             int8: None,
+            f32_base: true,
+            fingerprint: None,
         })
     }
 
-    /// Choose how inference multiplies the frozen weights. Int8 packs every projection and the
-    /// head once (CPU only); training always runs f32.
+    /// A model for int8 compute only: `weights` holds placeholders for the projections, the
+    /// embedding and the head (see `weights::Packer`), `q` their packing, and `fingerprint`
+    /// the fingerprint of the f32 weights they came from.
+    pub(crate) fn from_packed(
+        cfg: ModelConfig,
+        weights: Weights,
+        q: QuantModel,
+        fingerprint: String,
+        device: &Device,
+    ) -> Result<Self> {
+        if !device.is_cpu() {
+            return Err(ModelError::Invalid(
+                "int8 compute is implemented for the CPU only".into(),
+            ));
+        }
+        let mut m = Llama::new(cfg, weights, device)?;
+        m.int8 = Some(Arc::new(q));
+        m.f32_base = false;
+        m.fingerprint = Some(fingerprint);
+        Ok(m)
+    }
+
+    /// Choose how the frozen weights are multiplied (inference and LoRA training alike). Int8
+    /// packs every projection and the head once (CPU only).
     pub fn set_compute(&mut self, c: Compute) -> Result<()> {
         self.int8 = match c {
-            Compute::F32 => None,
+            Compute::F32 => {
+                self.require_f32("f32 compute")?;
+                None
+            }
             Compute::Int8 if !self.device.is_cpu() => {
                 return Err(ModelError::Invalid(
                     "int8 compute is implemented for the CPU only".into(),
                 ))
             }
+            Compute::Int8 if self.int8.is_some() => self.int8.take(),
             Compute::Int8 => Some(Arc::new(QuantModel::build(&self.weights)?)),
         };
         Ok(())
+    }
+
+    /// Get ready for LoRA training: with int8 compute, pack Wᵀ of every frozen matrix for
+    /// the backward's dX = dY·W (f32 compute needs nothing).
+    pub fn prepare_training(&mut self) -> Result<()> {
+        if let Some(q) = self.int8.as_mut() {
+            if !q.has_transposed() {
+                Arc::make_mut(q).build_transposed()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the f32 weights are held (false for a model loaded for int8 compute only).
+    pub fn has_f32_weights(&self) -> bool {
+        self.f32_base
+    }
+
+    /// Refuse `what` on a model that holds no f32 weights.
+    pub fn require_f32(&self, what: &str) -> Result<()> {
+        if self.f32_base {
+            Ok(())
+        } else {
+            Err(ModelError::Invalid(format!(
+                "{what} needs the f32 base weights, but this model was loaded for int8 compute \
+                 only (packed while loading, to save memory); load it with f32 compute"
+            )))
+        }
+    }
+
+    /// The fingerprint taken at load time, if the weights were packed while loading.
+    pub(crate) fn load_fingerprint(&self) -> Option<&str> {
+        self.fingerprint.as_deref()
     }
 
     pub fn compute(&self) -> Compute {
@@ -155,6 +222,7 @@ impl Llama {
     /// A copy with `W ← W + Σ w·s·B·A` folded into private copies of the adapted weights
     /// (the rest stays shared with `self`). Removes all adapter latency.
     pub fn merged(&self, set: &[(Arc<Adapter>, f64)]) -> Result<Llama> {
+        self.require_f32("merging adapters into the base")?;
         let mut out = self.clone();
         for (adapter, weight) in set {
             for (key, m) in &adapter.modules {
@@ -238,8 +306,29 @@ impl Llama {
                 return quant::qlinear(h, q.head());
             }
         }
+        self.require_f32("the f32 LM head")?;
         let w = self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed);
         ops::linear(h, w)
+    }
+
+    /// The head in training: [`Llama::lm_head`], with two-limb activations under int8
+    /// compute (see `QMatrix::matmul_fine`).
+    pub fn lm_head_train(&self, h: &Tensor) -> Result<Tensor> {
+        match &self.int8 {
+            Some(q) if !h.track_op() => quant::qlinear_fine(h, q.head()),
+            _ => self.lm_head(h),
+        }
+    }
+
+    /// The head's input gradient: dL/dlogits [n, vocab] → dL/dh = dL/dlogits·W [n, H]
+    /// (int8: through the head's transposed packing, when built).
+    pub fn lm_head_input_grad(&self, dlogits: &Tensor) -> Result<Tensor> {
+        if let Some(qt) = self.int8.as_ref().and_then(|q| q.head_t()) {
+            return quant::qlinear_fine(dlogits, qt);
+        }
+        self.require_f32("the f32 LM head")?;
+        let w = self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed);
+        Ok(dlogits.matmul(w)?)
     }
 
     /// The decoder up to (and including) the final norm: [N, H] over all sequences' new tokens.
@@ -312,8 +401,17 @@ impl Llama {
         let (cos, sin) = self.rope.at(&positions)?;
         let rope = Rope { cos, sin };
         let groups = self.groups(seqs, &ctxs)?;
-        let ids = Tensor::new(ids.as_slice(), &self.device)?;
-        let mut x = self.weights.embed.index_select(&ids, 0)?; // [N, H]
+        // [N, H]
+        let mut x = match self.int8.as_ref().and_then(|q| q.embed()) {
+            Some(e) => {
+                Tensor::from_vec(e.gather_rows(&ids)?, (ids.len(), e.in_dim()), &self.device)?
+            }
+            None => {
+                self.require_f32("the f32 embedding")?;
+                let ids = Tensor::new(ids.as_slice(), &self.device)?;
+                self.weights.embed.index_select(&ids, 0)?
+            }
+        };
         let mut layers = record.then(|| Vec::with_capacity(self.cfg.num_layers));
         for l in 0..self.cfg.num_layers {
             x = self.block(l, &x, seqs, &ctxs, &rope, &groups, opts, layers.as_mut())?;
@@ -392,25 +490,28 @@ impl Llama {
     ) -> Result<Tensor> {
         let w = self.weights.layers[key.layer].linear(key.target);
         // [N, out]
-        let y = match self.packed(key.layer, &[key.target], x, opts, rec.is_some()) {
+        let y = match self.packed(key.layer, &[key.target], x, opts) {
+            Some(q) if rec.is_some() => quant::qlinear_fine(x, q)?, // training: see matmul_fine
             Some(q) => quant::qlinear(x, q)?,
-            None => ops::linear(x, w)?,
+            None => {
+                self.require_f32("an f32 projection")?;
+                ops::linear(x, w)?
+            }
         };
         self.proj_finish(x, y, key, bias, groups, opts, rec)
     }
 
-    /// The int8 packed matrix for `targets` of `layer`, when inference runs int8.
+    /// The int8 packed matrix for `targets` of `layer`, when the model computes int8
+    /// (inference and the recorded LoRA forward; autograd always runs f32).
     fn packed(
         &self,
         layer: usize,
         targets: &[Target],
         x: &Tensor,
         opts: &ForwardOpts<'_>,
-        recording: bool,
     ) -> Option<&quant::QMatrix> {
-        // Training runs f32 (autograd and the recorded forward alike).
         match &self.int8 {
-            Some(q) if !opts.train && !recording && !x.track_op() => q.pack(layer, targets),
+            Some(q) if !opts.train && !x.track_op() => q.pack(layer, targets),
             _ => None,
         }
     }
@@ -427,7 +528,7 @@ impl Llama {
         mut rec: Option<&mut LoraRec>,
     ) -> Result<Vec<Tensor>> {
         let ts: Vec<Target> = targets.iter().map(|(t, _)| *t).collect();
-        let Some(q) = self.packed(layer, &ts, x, opts, rec.is_some()) else {
+        let Some(q) = self.packed(layer, &ts, x, opts) else {
             return targets
                 .iter()
                 .map(|&(t, b)| {
@@ -436,7 +537,11 @@ impl Llama {
                 })
                 .collect();
         };
-        let y = quant::qlinear(x, q)?; // [N, Σ out]
+        // [N, Σ out] (training: two-limb activations, see QMatrix::matmul_fine)
+        let y = match rec.is_some() {
+            true => quant::qlinear_fine(x, q)?,
+            false => quant::qlinear(x, q)?,
+        };
         let mut off = 0;
         let mut outs = Vec::with_capacity(targets.len());
         for &(t, b) in targets {
@@ -444,7 +549,7 @@ impl Llama {
             let part = y.narrow(1, off, n)?.contiguous()?; // [N, out]
             off += n;
             let key = ModuleKey::new(layer, t);
-            outs.push(self.proj_finish(x, part, key, b, groups, opts, None)?);
+            outs.push(self.proj_finish(x, part, key, b, groups, opts, rec.as_deref_mut())?);
         }
         Ok(outs)
     }

@@ -9,8 +9,9 @@ use crate::error::{ModelError, Result};
 use crate::fetch;
 use crate::gguf::GgufFile;
 use crate::model::Llama;
+use crate::quant::Compute;
 use crate::tokenizer::Tok;
-use crate::weights;
+use crate::weights::{self, Packer};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelSource {
@@ -70,20 +71,57 @@ impl LoadedModel {
         Self::load_source(ModelSource::resolve(spec)?, device)
     }
 
+    /// Load for `compute`. Int8 on the CPU packs each weight as it is read and never holds
+    /// the f32 copy of the base (peak memory: the packed weights plus one layer's f32), so
+    /// such a model cannot switch to f32 compute or merge adapters; f32 loads as [`Self::load`].
+    pub fn load_for(spec: &str, device: &Device, compute: Compute) -> Result<Self> {
+        let source = ModelSource::resolve(spec)?;
+        match compute {
+            Compute::Int8 if device.is_cpu() => Self::load_packed(source, device),
+            Compute::Int8 => Err(ModelError::Invalid(
+                "int8 compute is implemented for the CPU only".into(),
+            )),
+            Compute::F32 => Self::load_source(source, device),
+        }
+    }
+
     pub fn load_source(source: ModelSource, device: &Device) -> Result<Self> {
+        Self::load_inner(source, device, None)
+    }
+
+    fn load_packed(source: ModelSource, device: &Device) -> Result<Self> {
+        let mut p = Packer::new();
+        Self::load_inner(source, device, Some(&mut p))
+    }
+
+    fn load_inner(
+        source: ModelSource,
+        device: &Device,
+        mut packer: Option<&mut Packer>,
+    ) -> Result<Self> {
+        // The model from its weights: plain, or from what the packer packed while loading.
+        let build = |cfg: ModelConfig, w, packer: Option<&mut Packer>| -> Result<Llama> {
+            match packer {
+                Some(p) => {
+                    let (q, fp) = std::mem::replace(p, Packer::new()).finish()?;
+                    Llama::from_packed(cfg, w, q, fp, device)
+                }
+                None => Llama::new(cfg, w, device),
+            }
+        };
         match &source {
             ModelSource::Gguf(p) => {
                 let g = GgufFile::open(p)?;
                 let cfg = g.config()?;
                 let tok = Tok::from_gguf(&g)?;
-                let w = weights::load_gguf(&g, &cfg, device)?;
+                let w = weights::load_gguf_with(&g, &cfg, device, packer.as_deref_mut())?;
                 let dtypes = g
                     .dtype_counts()
                     .iter()
                     .map(|(k, v)| format!("{k}×{v}"))
                     .collect::<Vec<_>>()
                     .join(", ");
-                let model = Llama::new(cfg, w, device)?;
+                let model = build(cfg, w, packer)?;
                 Ok(LoadedModel {
                     file_bytes: g.file_size,
                     file_dtypes: dtypes,
@@ -95,9 +133,9 @@ impl LoadedModel {
             ModelSource::HfDir(d) => {
                 let cfg = ModelConfig::from_hf_json(&d.join("config.json"))?;
                 let tok = Tok::from_hf_dir(d, &cfg.eos_token_ids)?;
-                let w = weights::load_hf(d, &cfg, device)?;
+                let w = weights::load_hf_with(d, &cfg, device, packer.as_deref_mut())?;
                 let (bytes, dtypes) = hf_file_facts(d);
-                let model = Llama::new(cfg, w, device)?;
+                let model = build(cfg, w, packer)?;
                 Ok(LoadedModel {
                     file_bytes: bytes,
                     file_dtypes: dtypes,

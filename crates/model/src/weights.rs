@@ -6,9 +6,14 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use lowrank_lora::Target;
 
+use std::sync::Arc;
+
+use lowrank_lora::fingerprint::Sampled;
+
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
+use crate::quant::{self, QMatrix, QuantModel};
 
 /// One decoder block's weights. Linear weights are [out, in] (HF orientation).
 #[derive(Debug, Clone)]
@@ -28,6 +33,33 @@ pub struct LayerWeights {
 }
 
 impl LayerWeights {
+    /// The layer's tensors with their HF names (layer `i`).
+    pub fn named(&self, i: usize) -> Vec<(String, &Tensor)> {
+        let p = format!("model.layers.{i}");
+        let mut v: Vec<(String, &Tensor)> =
+            vec![(format!("{p}.input_layernorm.weight"), &self.attn_norm)];
+        for t in Target::ALL {
+            v.push((
+                format!("{p}.{}.{}.weight", t.parent(), t.peft_name()),
+                self.linear(t),
+            ));
+        }
+        for (n, b) in [
+            ("q_proj", &self.q_bias),
+            ("k_proj", &self.k_bias),
+            ("v_proj", &self.v_bias),
+        ] {
+            if let Some(b) = b {
+                v.push((format!("{p}.self_attn.{n}.bias"), b));
+            }
+        }
+        v.push((
+            format!("{p}.post_attention_layernorm.weight"),
+            &self.mlp_norm,
+        ));
+        v
+    }
+
     pub fn linear(&self, t: Target) -> &Tensor {
         match t {
             Target::Q => &self.q,
@@ -68,24 +100,7 @@ impl Weights {
     pub fn named(&self) -> Vec<(String, &Tensor)> {
         let mut v: Vec<(String, &Tensor)> = vec![("model.embed_tokens.weight".into(), &self.embed)];
         for (i, l) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            v.push((format!("{p}.input_layernorm.weight"), &l.attn_norm));
-            for t in Target::ALL {
-                v.push((
-                    format!("{p}.{}.{}.weight", t.parent(), t.peft_name()),
-                    l.linear(t),
-                ));
-            }
-            for (n, b) in [
-                ("q_proj", &l.q_bias),
-                ("k_proj", &l.k_bias),
-                ("v_proj", &l.v_bias),
-            ] {
-                if let Some(b) = b {
-                    v.push((format!("{p}.self_attn.{n}.bias"), b));
-                }
-            }
-            v.push((format!("{p}.post_attention_layernorm.weight"), &l.mlp_norm));
+            v.extend(l.named(i));
         }
         v.push(("model.norm.weight".into(), &self.norm));
         if let Some(h) = &self.lm_head {
@@ -182,6 +197,17 @@ fn check_gguf_layout(g: &GgufFile, cfg: &ModelConfig) -> Result<()> {
 
 /// Load and dequantize every weight of a GGUF model.
 pub fn load_gguf(g: &GgufFile, cfg: &ModelConfig, device: &Device) -> Result<Weights> {
+    load_gguf_with(g, cfg, device, None)
+}
+
+/// [`load_gguf`]; with a [`Packer`], each weight is packed as soon as it is read and only
+/// placeholders of the f32 projections stay.
+pub(crate) fn load_gguf_with(
+    g: &GgufFile,
+    cfg: &ModelConfig,
+    device: &Device,
+    mut packer: Option<&mut Packer>,
+) -> Result<Weights> {
     check_gguf_layout(g, cfg)?;
     let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
         if !g.has_tensor(name) {
@@ -197,7 +223,10 @@ pub fn load_gguf(g: &GgufFile, cfg: &ModelConfig, device: &Device) -> Result<Wei
     };
     let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
     let (qo, kvo) = (cfg.q_out(), cfg.kv_out());
-    let embed = get("token_embd.weight", &[cfg.vocab_size, h])?;
+    let mut embed = get("token_embd.weight", &[cfg.vocab_size, h])?;
+    if let Some(p) = packer.as_mut() {
+        embed = p.embed(embed, cfg.tie_word_embeddings)?;
+    }
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for l in 0..cfg.num_layers {
         let n = |s: &str| format!("blk.{l}.{s}");
@@ -216,7 +245,7 @@ pub fn load_gguf(g: &GgufFile, cfg: &ModelConfig, device: &Device) -> Result<Wei
         let k_bias = bias("attn_k.bias", kvo)?
             .map(|b| gguf_to_hf_rows(&b, cfg.num_kv_heads))
             .transpose()?;
-        layers.push(LayerWeights {
+        let lw = LayerWeights {
             attn_norm: get(&n("attn_norm.weight"), &[h])?,
             q,
             k,
@@ -229,14 +258,22 @@ pub fn load_gguf(g: &GgufFile, cfg: &ModelConfig, device: &Device) -> Result<Wei
             gate: get(&n("ffn_gate.weight"), &[i, h])?,
             up: get(&n("ffn_up.weight"), &[i, h])?,
             down: get(&n("ffn_down.weight"), &[h, i])?,
+        };
+        layers.push(match packer.as_mut() {
+            Some(p) => p.layer(l, lw)?,
+            None => lw,
         });
     }
     let norm = get("output_norm.weight", &[h])?;
-    let lm_head = if cfg.tie_word_embeddings {
+    let mut lm_head = if cfg.tie_word_embeddings {
         None
     } else {
         Some(get("output.weight", &[cfg.vocab_size, h])?)
     };
+    if let Some(p) = packer.as_mut() {
+        p.sample("model.norm.weight", &norm)?;
+        lm_head = lm_head.map(|t| p.head(t)).transpose()?;
+    }
     Ok(Weights {
         embed,
         layers,
@@ -247,6 +284,16 @@ pub fn load_gguf(g: &GgufFile, cfg: &ModelConfig, device: &Device) -> Result<Wei
 
 /// Load a HF model directory's `*.safetensors` (any float dtype → f32).
 pub fn load_hf(dir: &Path, cfg: &ModelConfig, device: &Device) -> Result<Weights> {
+    load_hf_with(dir, cfg, device, None)
+}
+
+/// [`load_hf`], packing as it goes with a [`Packer`] (see [`load_gguf_with`]).
+pub(crate) fn load_hf_with(
+    dir: &Path,
+    cfg: &ModelConfig,
+    device: &Device,
+    mut packer: Option<&mut Packer>,
+) -> Result<Weights> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| ModelError::File {
             path: dir.into(),
@@ -285,7 +332,12 @@ pub fn load_hf(dir: &Path, cfg: &ModelConfig, device: &Device) -> Result<Weights
     };
     let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
     let (qo, kvo) = (cfg.q_out(), cfg.kv_out());
-    let embed = take("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+    // Untied in the config but without a head in the files: HF ties (see below).
+    let tied = cfg.tie_word_embeddings || !has_head;
+    let mut embed = take("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+    if let Some(p) = packer.as_mut() {
+        embed = p.embed(embed, tied)?;
+    }
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for l in 0..cfg.num_layers {
         let p = format!("model.layers.{l}");
@@ -301,7 +353,7 @@ pub fn load_hf(dir: &Path, cfg: &ModelConfig, device: &Device) -> Result<Weights
             bias("k_proj", kvo)?,
             bias("v_proj", kvo)?,
         );
-        layers.push(LayerWeights {
+        let lw = LayerWeights {
             attn_norm: take(&format!("{p}.input_layernorm.weight"), &[h])?,
             q: take(&format!("{p}.self_attn.q_proj.weight"), &[qo, h])?,
             k: take(&format!("{p}.self_attn.k_proj.weight"), &[kvo, h])?,
@@ -314,10 +366,14 @@ pub fn load_hf(dir: &Path, cfg: &ModelConfig, device: &Device) -> Result<Weights
             gate: take(&format!("{p}.mlp.gate_proj.weight"), &[i, h])?,
             up: take(&format!("{p}.mlp.up_proj.weight"), &[i, h])?,
             down: take(&format!("{p}.mlp.down_proj.weight"), &[h, i])?,
+        };
+        layers.push(match packer.as_mut() {
+            Some(pk) => pk.layer(l, lw)?,
+            None => lw,
         });
     }
     let norm = take("model.norm.weight", &[h])?;
-    let lm_head = if cfg.tie_word_embeddings {
+    let mut lm_head = if cfg.tie_word_embeddings {
         None
     } else {
         // Some checkpoints omit the head although config says untied; HF then ties. A head
@@ -328,10 +384,94 @@ pub fn load_hf(dir: &Path, cfg: &ModelConfig, device: &Device) -> Result<Weights
             None
         }
     };
+    if let Some(p) = packer.as_mut() {
+        p.sample("model.norm.weight", &norm)?;
+        lm_head = lm_head.map(|t| p.head(t)).transpose()?;
+    }
     Ok(Weights {
         embed,
         layers,
         norm,
         lm_head,
     })
+}
+
+/// Packs weights for int8 compute while they load, keeping no f32 copy of the projections,
+/// the embedding or the head: each is sampled for the base fingerprint (under the name
+/// [`Weights::named`] gives it), packed, and replaced by a placeholder of its shape that
+/// holds one value (a broadcast zero). A model built from these weights must never multiply
+/// by a placeholder: [`crate::Llama`] refuses every f32 use of them.
+pub(crate) struct Packer {
+    layers: Vec<[Arc<QMatrix>; 4]>,
+    samples: Vec<Sampled>,
+    embed: Option<Arc<QMatrix>>,
+    head: Option<Arc<QMatrix>>,
+}
+
+impl Packer {
+    pub(crate) fn new() -> Packer {
+        Packer {
+            layers: Vec::new(),
+            samples: Vec::new(),
+            embed: None,
+            head: None,
+        }
+    }
+
+    fn sample(&mut self, name: &str, t: &Tensor) -> Result<()> {
+        self.samples
+            .push(lowrank_lora::fingerprint::sample_tensor(name, t)?);
+        Ok(())
+    }
+
+    /// The embedding (also the head when `tied`) → its placeholder.
+    fn embed(&mut self, t: Tensor, tied: bool) -> Result<Tensor> {
+        self.sample("model.embed_tokens.weight", &t)?;
+        let q = Arc::new(QMatrix::from_tensor(&t)?);
+        if tied {
+            self.head = Some(q.clone());
+        }
+        self.embed = Some(q);
+        placeholder(&t)
+    }
+
+    /// An untied head → its placeholder.
+    fn head(&mut self, t: Tensor) -> Result<Tensor> {
+        self.sample("lm_head.weight", &t)?;
+        self.head = Some(Arc::new(QMatrix::from_tensor(&t)?));
+        placeholder(&t)
+    }
+
+    /// Layer `i` (HF layout) → the same with placeholder projections.
+    fn layer(&mut self, i: usize, mut lw: LayerWeights) -> Result<LayerWeights> {
+        if i != self.layers.len() {
+            return Err(ModelError::Invalid(format!(
+                "int8 packing: layer {i} arrived out of order"
+            )));
+        }
+        for (n, t) in lw.named(i) {
+            self.samples
+                .push(lowrank_lora::fingerprint::sample_tensor(&n, t)?);
+        }
+        self.layers.push(quant::pack_layer(&lw)?);
+        for t in Target::ALL {
+            let w = lw.linear_mut(t);
+            *w = placeholder(w)?;
+        }
+        Ok(lw)
+    }
+
+    /// The packed model and the fingerprint of the f32 weights it came from.
+    pub(crate) fn finish(self) -> Result<(QuantModel, String)> {
+        let missing = || ModelError::Invalid("int8 packing: no embedding was loaded".into());
+        let embed = self.embed.ok_or_else(missing)?;
+        let head = self.head.ok_or_else(missing)?;
+        let fp = lowrank_lora::fingerprint::fingerprint_sampled(self.samples)?;
+        Ok((QuantModel::from_packs(self.layers, head, embed), fp))
+    }
+}
+
+/// A tensor of `t`'s shape, dtype and device that holds a single zero (stride-0 broadcast).
+fn placeholder(t: &Tensor) -> Result<Tensor> {
+    Ok(Tensor::zeros((), t.dtype(), t.device())?.broadcast_as(t.shape())?)
 }

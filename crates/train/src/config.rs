@@ -77,6 +77,9 @@ pub struct TrainConfig {
     pub time_budget_s: f64,
     /// dtype of the saved adapter tensors: f32 (default), f16 or bf16.
     pub save_dtype: String,
+    /// How the frozen base is multiplied in the forward and the backward's dX: `f32`, or
+    /// `int8` (packed 8-bit blocks, QLoRA-style; LoRA, norms, attention and the loss stay f32).
+    pub compute: lowrank_model::quant::Compute,
 }
 
 impl Default for TrainConfig {
@@ -111,6 +114,7 @@ impl Default for TrainConfig {
             skip_bad: false,
             time_budget_s: 0.0,
             save_dtype: "f32".into(),
+            compute: lowrank_model::quant::Compute::default(),
         }
     }
 }

@@ -184,7 +184,13 @@ fn head_chunks(
     grad_scale: f64,
     want_dw: bool,
 ) -> lowrank_model::Result<HeadChunks> {
-    let wd = head_weight(model).detach();
+    // Int8 compute: the head's logits and input gradient through its packings; f32: the
+    // (detached) f32 weight.
+    let int8 = model.int8().is_some();
+    let wd = match int8 {
+        true => None,
+        false => Some(head_weight(model).detach()),
+    };
     let m = targets.len();
     let mut nll_sum = 0.0f64;
     let mut grads = Vec::new();
@@ -192,7 +198,11 @@ fn head_chunks(
     for start in (0..m).step_by(CHUNK) {
         let n = CHUNK.min(m - start);
         let hc = hd.narrow(0, start, n)?; // [n, H]
-        let logits = hc.matmul(&wd.t()?)?; // [n, V]
+        let logits = match &wd {
+            Some(wd) => hc.matmul(&wd.t()?)?,
+            None if want_grad => model.lm_head_train(&hc)?,
+            None => model.lm_head(&hc)?,
+        }; // [n, V]
         let v = logits.dim(D::Minus1)?;
         let mut data = logits.flatten_all()?.to_vec1::<f32>()?;
         let tg = &targets[start..start + n];
@@ -227,7 +237,10 @@ fn head_chunks(
         nll_sum += nlls.iter().sum::<f64>();
         if want_grad {
             let p = Tensor::from_vec(data, (n, v), hd.device())?; // dL/dlogits [n, V]
-            grads.push(p.matmul(&wd)?); // dL/dh [n, H]
+            grads.push(match &wd {
+                Some(wd) => p.matmul(wd)?,
+                None => model.lm_head_input_grad(&p)?,
+            }); // dL/dh [n, H]
             if want_dw {
                 // Full fine-tuning: the head weight's own gradient, Pᵀ·h.
                 let g = p.t()?.matmul(&hc)?; // [V, H]

@@ -21,6 +21,7 @@ use candle_core::{DType, Tensor};
 use lowrank_lora::adapter::Provenance;
 use lowrank_lora::Adapter;
 use lowrank_model::model::AdapterSet;
+use lowrank_model::quant::Compute;
 use lowrank_model::{ForwardOpts, Llama, LoadedModel};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -212,10 +213,22 @@ impl<'a> Trainer<'a> {
             eval: cfg.eval.as_deref().map(FileId::of).transpose()?,
             base_fingerprint: base.model.fingerprint()?,
         };
-        let (model, trainable, params) = match cfg.method {
+        let (mut model, trainable, params) = match cfg.method {
             Method::Lora => Self::init_lora(base, &cfg)?,
+            Method::Full if cfg.compute != Compute::F32 => {
+                return Err(TrainError::Config(format!(
+                    "--compute {}: full fine-tuning trains every weight in f32; use --compute f32",
+                    cfg.compute.name()
+                )))
+            }
             Method::Full => Self::init_full(base)?,
         };
+        // The base's own compute is reused when it matches (a model loaded for int8 keeps
+        // its packing); otherwise the trainer's copy switches.
+        if model.compute() != cfg.compute {
+            model.set_compute(cfg.compute)?;
+        }
+        model.prepare_training()?;
         Ok(Trainer {
             cfg,
             base,

@@ -542,3 +542,134 @@ fn nibble_storage_round_trips() {
     assert_eq!(bits(&nib.dequantize()), bits(&bytes.dequantize()));
     assert_eq!(bits(&bytes.dequantize()), bits(&w));
 }
+
+/// The operands a two-limb product through `t` really multiplies, dequantized: the rows of
+/// `x` scaled by `t.in_scale`, as their first limb s·a and their second (the residual's
+/// s·a), and `t`'s weights and residual weights.
+struct RoundedOperands {
+    limb1: Vec<f32>,
+    limb2: Vec<f32>,
+    w: Vec<f32>,
+    w_res: Option<Vec<f32>>,
+}
+
+fn rounded_operands(t: &QMatrix, x: &[f32], rows: usize) -> RoundedOperands {
+    let (inp, nb) = (t.inp, t.nb);
+    let xs = t.scaled_input(x).unwrap_or_else(|| x.to_vec());
+    let deq = |v: &[f32]| -> (Vec<f32>, Vec<f32>) {
+        let act = Activations::quantize(Kernel::Portable, v, rows, inp, nb);
+        let mut d = vec![0f32; rows * inp];
+        let mut res = vec![0f32; rows * inp];
+        for r in 0..rows {
+            for i in 0..inp {
+                d[r * inp + i] = act.s[r * nb + i / QK] * act.a[r * nb * QK + i] as f32;
+                res[r * inp + i] = v[r * inp + i] - d[r * inp + i];
+            }
+        }
+        (d, res)
+    };
+    let (limb1, res) = deq(&xs);
+    let (limb2, _) = deq(&res);
+    RoundedOperands {
+        limb1,
+        limb2,
+        w: t.dequantize(),
+        w_res: t.residual.as_ref().map(|r| r.dequantize()),
+    }
+}
+
+/// Largest |got − f64 reference of the rounded operands|, relative to Σ|terms| of that
+/// output (the scale of f32 accumulation error).
+fn dx_error(t: &QMatrix, got: &[f32], ops: &RoundedOperands, rows: usize) -> f64 {
+    let (out, inp) = (t.out, t.inp);
+    let mut worst = 0f64;
+    for r in 0..rows {
+        for o in 0..out {
+            let (mut s, mut mag) = (0f64, 0f64);
+            for i in 0..inp {
+                let (a1, a2) = (ops.limb1[r * inp + i] as f64, ops.limb2[r * inp + i] as f64);
+                let w = ops.w[o * inp + i] as f64;
+                let terms = [
+                    a1 * w,
+                    a2 * w,
+                    ops.w_res
+                        .as_ref()
+                        .map_or(0.0, |wr| a1 * wr[o * inp + i] as f64),
+                ];
+                s += terms.iter().sum::<f64>();
+                mag += terms.iter().map(|v| v.abs()).sum::<f64>();
+            }
+            worst = worst.max((got[r * out + o] as f64 - s).abs() / mag.max(1e-30));
+        }
+    }
+    worst
+}
+
+/// Training's dX = dY·W through the transposed packing (`transposed` + `matmul_fine`)
+/// agrees with an f64 reference of the same rounded operands to f32 accumulation error on
+/// every kernel path, and with the exact dY·W to the rounding the packing documents; a
+/// deliberately wrong transpose or a dropped scale fails the same check.
+#[test]
+fn transposed_backward_matches_the_rounded_reference() {
+    let (out, inp, rows) = (96, 96, 5); // square, so the untransposed packing fits too
+    let w = q4_weights(out, inp, 31);
+    let q = QMatrix::from_f32(&w, out, inp).unwrap();
+    let t = q.transposed().unwrap();
+    assert_eq!((t.out, t.inp), (inp, out));
+    let dy = rand_vec(rows * out, 32);
+    let ops = rounded_operands(&t, &dy, rows);
+    let mut first: Option<Vec<u32>> = None;
+    for k in Kernel::supported_list() {
+        let got = match t.scaled_input(&dy) {
+            Some(xs) => {
+                let y = t.matmul_fine_with(k, &xs, rows);
+                t.add_residual(k, &xs, rows, y)
+            }
+            None => unreachable!("a transposed packing carries its row scales"),
+        };
+        let e = dx_error(&t, &got, &ops, rows);
+        assert!(
+            e <= 1e-5,
+            "{}: dX off the rounded reference by {e:e}",
+            k.name()
+        );
+        match &first {
+            None => first = Some(bits(&got)),
+            Some(b) => assert_eq!(b, &bits(&got), "{}: kernels disagree", k.name()),
+        }
+    }
+    // Against the exact product: the documented rounding (8-bit + 4-bit residual weights,
+    // two-limb activations) is far below the gradient bounds training needs.
+    let got = t.matmul_fine(&dy, rows);
+    let mut wt = vec![0f32; out * inp];
+    for o in 0..out {
+        for i in 0..inp {
+            wt[i * out + o] = w[o * inp + i];
+        }
+    }
+    let exact = reference(&dy, &wt, rows, inp, out);
+    let num: f64 = got
+        .iter()
+        .zip(&exact)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum();
+    let den: f64 = exact.iter().map(|b| (*b as f64).powi(2)).sum();
+    let rel = (num / den).sqrt();
+    assert!(
+        rel <= 2e-3,
+        "dX relative error {rel} against the exact dY·W"
+    );
+    // Deliberate mistakes must fail the rounded-reference check.
+    let wrong_transpose = q.matmul_fine(&dy, rows); // dY·Wᵀ instead of dY·W
+    assert!(
+        dx_error(&t, &wrong_transpose, &ops, rows) > 1e-3,
+        "an untransposed packing passed the dX check"
+    );
+    let mut unscaled = t.clone();
+    unscaled.in_scale = None;
+    let wrong_scale = unscaled.matmul_fine(&dy, rows);
+    assert!(
+        dx_error(&t, &wrong_scale, &ops, rows) > 1e-3,
+        "a packing without its row scales passed the dX check"
+    );
+}

@@ -2,6 +2,7 @@
 //! as variables; PiSSA rewrites a private copy of the base), or every weight of a copy of the
 //! model as a variable (full fine-tuning). The base's own tensors are never touched.
 
+use lowrank_model::quant::Compute;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -48,6 +49,7 @@ impl Trainer<'_> {
         let mut modules = BTreeMap::new();
         let mut params = Vec::new();
         let dev = base.model.device().clone();
+        let mut changed_base = false;
         for layer in 0..model.cfg.num_layers {
             if !lc.applies_to_layer(layer) {
                 continue;
@@ -56,12 +58,25 @@ impl Trainer<'_> {
                 if !targets.contains(&t) {
                     continue;
                 }
-                let w = model.weights.layers[layer].linear(t).clone();
-                let (m, residual) =
-                    lowrank_lora::init::init_module(&lc, layer, t, o, i, Some(&w), &mut rng, &dev)?;
+                // A model loaded for int8 only holds placeholders: inits that read the base
+                // (PiSSA) then say they need it.
+                let w = model
+                    .has_f32_weights()
+                    .then(|| model.weights.layers[layer].linear(t).clone());
+                let (m, residual) = lowrank_lora::init::init_module(
+                    &lc,
+                    layer,
+                    t,
+                    o,
+                    i,
+                    w.as_ref(),
+                    &mut rng,
+                    &dev,
+                )?;
                 if let Some(r) = residual {
                     // PiSSA: the frozen base becomes W − s·B·A (a private copy).
                     *model.weights.layers[layer].linear_mut(t) = r;
+                    changed_base = true;
                 }
                 let key = ModuleKey::new(layer, t);
                 let va = Var::from_tensor(&m.a)?;
@@ -88,6 +103,11 @@ impl Trainer<'_> {
         }
         if modules.is_empty() {
             return Err(TrainError::Config("no module matches --targets".into()));
+        }
+        if changed_base && model.int8().is_some() {
+            // The packing was made from the weights before the residual: pack them again.
+            model.set_compute(Compute::F32)?;
+            model.set_compute(Compute::Int8)?;
         }
         let adapter = Adapter {
             config: lc,
