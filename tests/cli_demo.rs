@@ -33,3 +33,60 @@ fn demo_quick_adapters_beat_the_base() {
     assert!(report.contains("instead of 4 full fine-tuned copies"));
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// (base, adapter) metric of `task` from a demo report's table row.
+fn row_metrics(report: &str, task: &str) -> (f64, f64) {
+    let row = report
+        .lines()
+        .find(|l| l.starts_with(&format!("| {task} |")))
+        .unwrap_or_else(|| panic!("no {task} row in\n{report}"));
+    let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+    let num = |s: &str| -> f64 {
+        s.trim_matches('*')
+            .parse()
+            .unwrap_or_else(|_| panic!("not a number: {s} in {row}"))
+    };
+    (num(cells[3]), num(cells[4]))
+}
+
+/// QLoRA on the CPU end to end: the sql task trained with `--compute int8` (the base packed
+/// while loading, never held in f32) reaches the f32 run's held-out exact-match within the
+/// noise of 20 examples, and beats the base.
+#[test]
+fn demo_int8_training_matches_f32_on_a_task() {
+    let mut got = Vec::new();
+    for compute in ["f32", "int8"] {
+        let out = std::env::temp_dir().join(format!(
+            "lowrank-demo-{compute}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&out);
+        let o = Command::new(env!("CARGO_BIN_EXE_lowrank"))
+            .args(["demo", "--quick", "--tasks", "sql", "--compute", compute])
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            o.status.success(),
+            "{compute} demo failed ({:?}):\n{}\n{stderr}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout)
+        );
+        if compute == "int8" {
+            assert!(stderr.contains("no f32 copy of the base"), "{stderr}");
+        }
+        let report = std::fs::read_to_string(out.join("README.md")).unwrap();
+        got.push(row_metrics(&report, "sql"));
+        let _ = std::fs::remove_dir_all(&out);
+    }
+    let ((_, f32_adapter), (int8_base, int8_adapter)) = (got[0], got[1]);
+    eprintln!("sql exact match: f32 adapter {f32_adapter}; int8 base {int8_base} → adapter {int8_adapter}");
+    assert!(int8_adapter > int8_base, "int8 adapter does not beat the base");
+    // 20 held-out examples: one example is 5 points; allow three.
+    assert!(
+        (int8_adapter - f32_adapter).abs() <= 15.0,
+        "int8 {int8_adapter} vs f32 {f32_adapter}"
+    );
+}

@@ -38,10 +38,14 @@ pub struct DemoArgs {
     /// Seed of the generated data, initialisation and shuffling.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Arithmetic of the frozen base (training and scoring): f32, or int8 (the base packed
+    /// in 8-bit blocks and never held in f32).
+    #[arg(long, value_enum, default_value_t = super::ComputeKind::F32)]
+    pub compute: super::ComputeKind,
 }
 
 pub fn run(a: DemoArgs, device: &Device) -> Result<bool> {
-    let lm = super::load(&a.model, device)?;
+    let lm = super::load_for(&a.model, device, a.compute.into())?;
     let steps = a.steps.unwrap_or(if a.quick { 8 } else { 16 });
     if steps == 0 {
         anyhow::bail!("--steps must be ≥ 1");
@@ -64,6 +68,7 @@ pub fn run(a: DemoArgs, device: &Device) -> Result<bool> {
         n_train: if a.quick { 200 } else { 400 },
         eval_n: a.eval_n.unwrap_or(if a.quick { 20 } else { 40 }),
         seed: a.seed,
+        compute: a.compute.into(),
     };
     let mut bars = Bars::new(true);
     let rep = demo(&lm, &o, &mut |e| bars.handle(e))?;

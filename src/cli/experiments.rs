@@ -76,6 +76,9 @@ pub struct RunArgs {
     /// A tiny budget (a few steps, ~40 held-out examples): a smoke run for CI.
     #[arg(long)]
     pub quick: bool,
+    /// Arithmetic of the frozen base in training: f32, or int8 (QLoRA-style, see `train`).
+    #[arg(long, value_enum, default_value_t = super::ComputeKind::F32)]
+    pub compute: super::ComputeKind,
     /// No progress output.
     #[arg(long)]
     pub quiet: bool,
@@ -105,6 +108,7 @@ impl RunArgs {
             batch_size: self.batch_size,
             max_seq_len: self.max_seq_len,
             seed: self.seed,
+            compute: self.compute.into(),
             ..TrainConfig::default()
         };
         if cfg.time_budget_s < 0.0 || !cfg.time_budget_s.is_finite() {
@@ -197,7 +201,7 @@ pub fn run_sweep(a: SweepArgs, device: &Device) -> Result<()> {
     let sets = parse_target_sets(&targets)?;
     let (spec, cfg) = a.run.resolve(&a.data, SWEEP_FULL, SWEEP_QUICK)?;
     let p = spec.prepare(&a.run.out)?;
-    let mut lm = super::load(&a.model, device)?;
+    let mut lm = super::load_for(&a.model, device, cfg.compute)?;
     let s = a.run.settings(cfg);
     let mut bars = a.run.bars();
     let rep = sweep(
@@ -253,7 +257,7 @@ pub fn run_budget(a: BudgetArgs, device: &Device) -> Result<()> {
         anyhow::bail!("--params must be ≥ 1");
     }
     let (spec, cfg) = a.run.resolve(&a.data, SWEEP_FULL, SWEEP_QUICK)?;
-    let mut lm = super::load(&a.model, device)?;
+    let mut lm = super::load_for(&a.model, device, cfg.compute)?;
     // Check the budget before generating data or training anything.
     let shapes = lm.model.base_shapes();
     for t in &sets {
@@ -436,6 +440,7 @@ pub fn run_compare(a: CompareArgs, device: &Device) -> Result<()> {
         max_seq_len: cfg.max_seq_len,
         seed: cfg.seed,
         eval_batch: a.run.eval_batch(),
+        compute: cfg.compute,
     };
     let mut bars = a.run.bars();
     let rep = compare(&mut lm, &p, &o, &a.run.out, &mut |e| bars.handle(e)).context("compare")?;

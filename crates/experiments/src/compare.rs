@@ -33,6 +33,8 @@ pub struct CompareOptions {
     pub max_seq_len: usize,
     pub seed: u64,
     pub eval_batch: usize,
+    /// Arithmetic of the frozen base in LoRA training (full fine-tuning is always f32).
+    pub compute: lowrank_model::quant::Compute,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -112,6 +114,8 @@ fn train_child(
             &o.targets.join(","),
             "--lr",
             &o.lora_lr.to_string(),
+            "--compute",
+            o.compute.name(),
         ]);
     } else {
         c.args(["--lr", &o.full_lr.to_string()]);

@@ -33,6 +33,8 @@ pub struct DemoOptions {
     pub n_train: usize,
     /// Held-out examples per task.
     pub eval_n: usize,
+    /// Arithmetic of the frozen base in training.
+    pub compute: lowrank_model::quant::Compute,
     /// Seed of the generated data, initialisation and shuffling.
     pub seed: u64,
 }
@@ -129,6 +131,7 @@ fn run_task(
         max_steps: Some(o.steps),
         time_budget_s: o.train_seconds,
         seed: o.seed,
+        compute: o.compute,
         ..Default::default()
     };
     let mut t = Trainer::new(lm, cfg)?;
