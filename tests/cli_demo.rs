@@ -56,10 +56,8 @@ fn row_metrics(report: &str, task: &str) -> (f64, f64) {
 fn demo_int8_training_matches_f32_on_a_task() {
     let mut got = Vec::new();
     for compute in ["f32", "int8"] {
-        let out = std::env::temp_dir().join(format!(
-            "lowrank-demo-{compute}-{}",
-            std::process::id()
-        ));
+        let out =
+            std::env::temp_dir().join(format!("lowrank-demo-{compute}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&out);
         let o = Command::new(env!("CARGO_BIN_EXE_lowrank"))
             .args(["demo", "--quick", "--tasks", "sql", "--compute", compute])
@@ -83,7 +81,10 @@ fn demo_int8_training_matches_f32_on_a_task() {
     }
     let ((_, f32_adapter), (int8_base, int8_adapter)) = (got[0], got[1]);
     eprintln!("sql exact match: f32 adapter {f32_adapter}; int8 base {int8_base} → adapter {int8_adapter}");
-    assert!(int8_adapter > int8_base, "int8 adapter does not beat the base");
+    assert!(
+        int8_adapter > int8_base,
+        "int8 adapter does not beat the base"
+    );
     // 20 held-out examples: one example is 5 points; allow three.
     assert!(
         (int8_adapter - f32_adapter).abs() <= 15.0,
