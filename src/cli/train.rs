@@ -246,6 +246,6 @@ mod tests {
             );
             checked.push(id);
         }
-        assert_eq!(checked.len(), 21, "{checked:?}");
+        assert_eq!(checked.len(), 22, "{checked:?}");
     }
 }

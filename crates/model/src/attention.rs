@@ -12,8 +12,7 @@ use crate::ops;
 
 impl Llama {
     /// Causal grouped-query attention of every sequence over its own keys (and KV cache).
-    /// q: [nh, N, hd], k/v: [nkv, N, hd] → [N, nh·hd]; when recording, also each sequence's
-    /// probabilities [nkv, g·t, t] for the backward.
+    /// q: [nh, N, hd], k/v: [nkv, N, hd] → [N, nh·hd] (and `Some(())` when recording).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn attention(
         &self,
@@ -25,7 +24,7 @@ impl Llama {
         ctxs: &[SeqCtx],
         opts: &ForwardOpts<'_>,
         record: bool,
-    ) -> Result<(Tensor, Option<Vec<Tensor>>)> {
+    ) -> Result<(Tensor, Option<()>)> {
         let c = &self.cfg;
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let scale = 1.0 / (hd as f64).sqrt();
@@ -38,20 +37,11 @@ impl Llama {
             })
         };
         if record {
-            // LoRA training (no caches): fused causal softmax, probabilities kept.
-            let g = nh / nkv;
-            let mut probs = Vec::with_capacity(ctxs.len());
-            let mut outs = Vec::with_capacity(ctxs.len());
-            for cx in ctxs {
-                let t = cx.len;
-                let qs = part(q, cx)?.reshape((nkv, g * t, hd))?; // query heads grouped by KV head
-                let (ks, vs) = (part(k, cx)?, part(v, cx)?); // [nkv, t, hd]
-                let sc = qs.matmul(&ks.t()?)?; // [nkv, g·t, t]
-                let p = ops::causal_softmax(&sc, t, scale)?;
-                outs.push(p.matmul(&vs)?.reshape((nh, t, hd))?); // [nh, t, hd]
-                probs.push(p);
-            }
-            return Ok((unheads(&cat_or_single(outs, 1)?)?, Some(probs)));
+            // LoRA training (no caches): the backward recomputes the probabilities from the
+            // tape's q and k with these same functions (bitwise the same), so none are kept.
+            let spans: Vec<(usize, usize)> = ctxs.iter().map(|cx| (cx.offset, cx.len)).collect();
+            let probs = train_probs(q, k, &spans, nkv, scale)?;
+            return Ok((train_attn(&probs, v, &spans, nh)?, Some(())));
         }
         // Inference: every sequence's rows go through one fused pass (see attention_rows);
         // autograd and non-CPU devices run candle's differentiable per-sequence ops.
@@ -118,6 +108,59 @@ impl Llama {
             .transpose(0, 1)?
             .reshape((t, nh * hd))?)
     }
+}
+
+/// Training attention's probabilities, per sequence (offset, length) of the flat batch:
+/// softmax(q·kᵀ·scale) under the causal mask, query heads grouped by KV head.
+/// q: [nh, N, hd], k: [nkv, N, hd] → per sequence [nkv, g·t, t]
+pub(crate) fn train_probs(
+    q: &Tensor,
+    k: &Tensor,
+    spans: &[(usize, usize)],
+    nkv: usize,
+    scale: f64,
+) -> Result<Vec<Tensor>> {
+    let (nh, _, hd) = q.dims3()?;
+    let g = nh / nkv;
+    let single = spans.len() == 1;
+    spans
+        .iter()
+        .map(|&(off, t)| {
+            let part = |x: &Tensor| -> Result<Tensor> {
+                Ok(match single {
+                    true => x.clone(),
+                    false => x.narrow(1, off, t)?.contiguous()?,
+                })
+            };
+            let qs = part(q)?.reshape((nkv, g * t, hd))?; // query heads grouped by KV head
+            let sc = qs.matmul(&part(k)?.t()?)?; // [nkv, g·t, t]
+            ops::causal_softmax(&sc, t, scale)
+        })
+        .collect()
+}
+
+/// Training attention's output from [`train_probs`]: P·v per sequence.
+/// v: [nkv, N, hd] → [N, nh·hd]
+pub(crate) fn train_attn(
+    probs: &[Tensor],
+    v: &Tensor,
+    spans: &[(usize, usize)],
+    nh: usize,
+) -> Result<Tensor> {
+    let hd = v.dim(2)?;
+    let single = spans.len() == 1;
+    let outs = probs
+        .iter()
+        .zip(spans)
+        .map(|(p, &(off, t))| {
+            let vs = match single {
+                true => v.clone(),
+                false => v.narrow(1, off, t)?.contiguous()?,
+            };
+            Ok(p.matmul(&vs)?.reshape((nh, t, hd))?) // [nh, t, hd]
+        })
+        .collect::<Result<Vec<_>>>()?;
+    unheads(&cat_or_single(outs, 1)?)
 }
 
 /// Additive causal mask [t, start+t]: query i (position start+i) sees keys 0..=start+i.

@@ -195,8 +195,11 @@ fn head_chunks(
     let mut nll_sum = 0.0f64;
     let mut grads = Vec::new();
     let mut dw: Option<Tensor> = None;
-    for start in (0..m).step_by(CHUNK) {
-        let n = CHUNK.min(m - start);
+    // Int8's two-limb head products hold twice the rows (and the backward a scaled copy of
+    // the probabilities): smaller chunks keep that transient near f32's.
+    let chunk = if int8 { CHUNK / 4 } else { CHUNK };
+    for start in (0..m).step_by(chunk) {
+        let n = chunk.min(m - start);
         let hc = hd.narrow(0, start, n)?; // [n, H]
         let logits = match &wd {
             Some(wd) => hc.matmul(&wd.t()?)?,

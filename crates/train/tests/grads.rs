@@ -56,18 +56,9 @@ fn rel_frob(a: &Tensor, b: &Tensor) -> f64 {
     (d / n.max(1e-30)).sqrt()
 }
 
-#[test]
-fn loss_and_lora_grads_match_peft() {
-    lowrank_model::init_threads_for(None, lowrank_model::Workload::Training);
-    let p = lowrank_model::fetch::ensure_default(false).unwrap();
-    let lm = LoadedModel::load(p.to_str().unwrap(), &Device::Cpu).unwrap();
-    let (adapter, _) = lowrank_model::adapters::load_adapter(
-        &lm.model,
-        &fixtures().join("smollm2-135m/peft_adapter"),
-        false,
-    )
-    .unwrap();
-    let (adapter, vars) = as_vars(&adapter);
+/// PEFT's reference step (tests/fixtures): its tensors (gradients by PEFT name), the sample
+/// and the loss.
+fn peft_case() -> (std::collections::HashMap<String, Tensor>, Sample, f64) {
     let st = candle_core::safetensors::load(
         fixtures().join("smollm2-135m/grads.safetensors"),
         &Device::Cpu,
@@ -86,6 +77,22 @@ fn loss_and_lora_grads_match_peft() {
         labels,
         line: 1,
     };
+    (st, s, want_loss)
+}
+
+#[test]
+fn loss_and_lora_grads_match_peft() {
+    lowrank_model::init_threads_for(None, lowrank_model::Workload::Training);
+    let p = lowrank_model::fetch::ensure_default(false).unwrap();
+    let lm = LoadedModel::load(p.to_str().unwrap(), &Device::Cpu).unwrap();
+    let (adapter, _) = lowrank_model::adapters::load_adapter(
+        &lm.model,
+        &fixtures().join("smollm2-135m/peft_adapter"),
+        false,
+    )
+    .unwrap();
+    let (adapter, vars) = as_vars(&adapter);
+    let (st, s, want_loss) = peft_case();
     let m = s.num_targets();
     let set = Arc::new(vec![(Arc::new(adapter), 1.0)]);
     let mut fo = ForwardOpts {
@@ -396,24 +403,7 @@ fn int8_lora_grads_match_peft() {
         false,
     )
     .unwrap();
-    let st = candle_core::safetensors::load(
-        fixtures().join("smollm2-135m/grads.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let ids: Vec<u32> = st["input_ids"]
-        .to_vec1::<i64>()
-        .unwrap()
-        .iter()
-        .map(|&x| x as u32)
-        .collect();
-    let labels: Vec<i64> = st["labels"].to_vec1::<i64>().unwrap();
-    let want_loss = st["loss"].to_vec1::<f32>().unwrap()[0] as f64;
-    let s = Sample {
-        ids,
-        labels,
-        line: 1,
-    };
+    let (st, s, want_loss) = peft_case();
     let m = s.num_targets();
     let (nll, targets, hand) =
         lora_batch_grads(&lm.model, &[&s], &adapter, None, 1.0 / m as f64).unwrap();

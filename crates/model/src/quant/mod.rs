@@ -262,10 +262,38 @@ impl QMatrix {
     /// The weight as this packing represents it, row-major [out, in].
     pub fn dequantize(&self) -> Vec<f32> {
         let mut w = vec![0f32; self.out * self.inp];
-        w.par_chunks_mut(self.inp)
+        // Tile by tile, reading q in storage order (training's backward dequantizes every
+        // pack on every step, so this is a hot loop; row by row it strided through q).
+        w.par_chunks_mut(TILE * self.inp)
             .enumerate()
-            .for_each(|(o, row)| self.row_into(o, row));
+            .for_each(|(t, rows)| self.tile_into(t, rows));
         w
+    }
+
+    /// The rows of tile `t` ([≤ 16, in], row-major), bitwise as [`QMatrix::row_into`].
+    fn tile_into(&self, t: usize, rows: &mut [f32]) {
+        let (inp, n) = (self.inp, rows.len() / self.inp);
+        for b in 0..self.nb {
+            let tb = t * self.nb + b;
+            let (d, m) = (&self.d[tb * TILE..], &self.m[tb * TILE..]);
+            for g in 0..QK / 4 {
+                let i0 = b * QK + g * 4;
+                if i0 >= inp {
+                    break;
+                }
+                for lane in 0..n {
+                    for k in 0..4.min(inp - i0) {
+                        let q = if self.nibbles {
+                            let b4 = self.q[tb * TB4 + (g / 2) * TILE * 4 + lane * 4 + k];
+                            (b4 >> (4 * (g % 2))) & 0x0F
+                        } else {
+                            self.q[tb * TB + g * TILE * 4 + lane * 4 + k]
+                        };
+                        rows[lane * inp + i0 + k] = d[lane].mul_add(q as f32, m[lane]);
+                    }
+                }
+            }
+        }
     }
 
     /// Row `o` of the weight as this packing represents it (`row`: `inp` values).
@@ -865,17 +893,10 @@ pub struct QuantModel {
     /// [layer][pack]
     layers: Vec<[Arc<QMatrix>; 4]>,
     head: Arc<QMatrix>,
-    /// Wᵀ of every pack and of the head, for training's backward ([`QuantModel::build_transposed`]).
-    transposed: Option<Transposed>,
+    /// Wᵀ of the head, for training's backward ([`QuantModel::build_transposed`]).
+    head_t: Option<Arc<QMatrix>>,
     /// The packed embedding, when the model holds no f32 weights (for a tied head, the head).
     embed: Option<Arc<QMatrix>>,
-}
-
-/// Transposed packings: `layers[l][p]` is `QuantModel::layers[l][p]`ᵀ.
-#[derive(Debug, Clone)]
-struct Transposed {
-    layers: Vec<[Arc<QMatrix>; 4]>,
-    head: Arc<QMatrix>,
 }
 
 impl QuantModel {
@@ -892,7 +913,7 @@ impl QuantModel {
         Ok(QuantModel {
             layers,
             head,
-            transposed: None,
+            head_t: None,
             embed: None,
         })
     }
@@ -907,7 +928,7 @@ impl QuantModel {
         QuantModel {
             layers,
             head,
-            transposed: None,
+            head_t: None,
             embed: Some(embed),
         }
     }
@@ -918,19 +939,13 @@ impl QuantModel {
         self.layers.get(layer).map(|l| &*l[i])
     }
 
-    /// The transposed packing of [`QuantModel::pack`], once built.
-    pub fn pack_t(&self, layer: usize, targets: &[Target]) -> Option<&QMatrix> {
-        let i = PACKS.iter().position(|p| *p == targets)?;
-        self.transposed.as_ref()?.layers.get(layer).map(|l| &*l[i])
-    }
-
     pub fn head(&self) -> &QMatrix {
         &self.head
     }
 
     /// The head's transposed packing, once built.
     pub fn head_t(&self) -> Option<&QMatrix> {
-        self.transposed.as_ref().map(|t| &*t.head)
+        self.head_t.as_deref()
     }
 
     /// The packed embedding when the model keeps no f32 weights.
@@ -938,30 +953,19 @@ impl QuantModel {
         self.embed.as_deref()
     }
 
-    /// Pack Wᵀ of every projection group and of the head (training's dX = dY·W), unless done.
+    /// Pack the head's Wᵀ for training's dX = dY·W, unless done. The projections need none:
+    /// the backward dequantizes each pack exactly, one at a time (see `backward.rs`), but
+    /// the head's 49152 × 576 would be a 113 MB temporary for every chunk of tokens.
     pub fn build_transposed(&mut self) -> Result<()> {
-        if self.transposed.is_some() {
-            return Ok(());
+        if self.head_t.is_none() {
+            self.head_t = Some(Arc::new(self.head.transposed()?));
         }
-        let layers = self
-            .layers
-            .iter()
-            .map(|l| {
-                let v = l
-                    .iter()
-                    .map(|m| Ok(Arc::new(m.transposed()?)))
-                    .collect::<Result<Vec<_>>>()?;
-                Ok(v.try_into().expect("four packs"))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let head = Arc::new(self.head.transposed()?);
-        self.transposed = Some(Transposed { layers, head });
         Ok(())
     }
 
-    /// Whether the transposed packings exist.
+    /// Whether the head's transposed packing exists.
     pub fn has_transposed(&self) -> bool {
-        self.transposed.is_some()
+        self.head_t.is_some()
     }
 
     /// Repack the group holding `target` from the layer's (merged) weights.
@@ -975,9 +979,6 @@ impl QuantModel {
             .position(|p| p.contains(&target))
             .expect("every target is packed");
         l[i] = pack_group(lw, PACKS[i])?;
-        if let Some(t) = self.transposed.as_mut() {
-            t.layers[layer][i] = Arc::new(l[i].transposed()?);
-        }
         Ok(())
     }
 
@@ -991,14 +992,7 @@ impl QuantModel {
     /// Bytes held by the packed weights (with the transposed packings and a separate
     /// packed embedding, when there are).
     pub fn bytes(&self) -> usize {
-        let t = self.transposed.as_ref().map_or(0, |t| {
-            t.layers
-                .iter()
-                .flat_map(|l| l.iter())
-                .chain(std::iter::once(&t.head))
-                .map(|m| m.bytes())
-                .sum()
-        });
+        let t = self.head_t.as_ref().map_or(0, |t| t.bytes());
         let e = match &self.embed {
             Some(e) if !Arc::ptr_eq(e, &self.head) => e.bytes(),
             _ => 0,

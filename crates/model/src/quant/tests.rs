@@ -673,3 +673,23 @@ fn transposed_backward_matches_the_rounded_reference() {
         "a packing without its row scales passed the dX check"
     );
 }
+
+/// The tile-by-tile dequantization equals the row-by-row one (ragged shapes, both layouts).
+#[test]
+fn dequantize_matches_row_by_row() {
+    for (out, inp) in [(37, 70), (16, 32), (5, 100)] {
+        let q = QMatrix::from_f32(&q4_weights(out, inp, 7), out, inp).unwrap();
+        for m in [q.clone().with_nibbles(true), q.with_nibbles(false)] {
+            let all = m.dequantize();
+            let mut row = vec![0f32; inp];
+            for o in 0..out {
+                m.row_into(o, &mut row);
+                assert_eq!(
+                    bits(&row),
+                    bits(&all[o * inp..(o + 1) * inp]),
+                    "{out}×{inp} row {o}"
+                );
+            }
+        }
+    }
+}
