@@ -218,6 +218,38 @@ impl GgufFile {
         Ok(t)
     }
 
+    /// [`GgufFile::tensor_f32`], and the raw blocks too when the tensor is stored as Q4_1
+    /// (for packing them as they are; see `QMatrix::from_q4_1`).
+    pub fn tensor_f32_and_q4_1(
+        &self,
+        name: &str,
+        device: &Device,
+    ) -> Result<(Tensor, Option<Vec<u8>>)> {
+        let file = File::open(&self.path).map_err(|e| ModelError::File {
+            path: self.path.clone(),
+            msg: e.to_string(),
+        })?;
+        let err = |msg: String| ModelError::Tensor {
+            path: self.path.clone(),
+            name: name.into(),
+            msg,
+        };
+        let q = self
+            .content
+            .tensor(&mut BufReader::new(file), name, device)
+            .map_err(|e| err(e.to_string()))?;
+        let raw = match q.dtype() {
+            candle_core::quantized::GgmlDType::Q4_1 => {
+                Some(q.data().map_err(|e| err(e.to_string()))?.into_owned())
+            }
+            _ => None,
+        };
+        let t = q
+            .dequantize(device)
+            .map_err(|e| err(format!("cannot dequantize {:?}: {e}", q.dtype())))?;
+        Ok((t, raw))
+    }
+
     pub fn has_tensor(&self, name: &str) -> bool {
         self.content.tensor_infos.contains_key(name)
     }

@@ -237,8 +237,28 @@ pub(crate) fn load_gguf_with(
                 Ok(None)
             }
         };
-        let q = gguf_to_hf_rows(&get(&n("attn_q.weight"), &[qo, h])?, cfg.num_heads)?;
-        let k = gguf_to_hf_rows(&get(&n("attn_k.weight"), &[kvo, h])?, cfg.num_kv_heads)?;
+        // With a packer, Q4_1 projections also hand over their raw blocks (packed as they
+        // are; the f32 copy is for the fingerprint and is dropped right after).
+        let mut raw: Vec<(Target, Vec<u8>)> = Vec::new();
+        let mut linear = |t: Target, s: &str, shape: &[usize]| -> Result<Tensor> {
+            if packer.is_none() {
+                return get(&n(s), shape);
+            }
+            let name = n(s);
+            let (w, blocks) = g.tensor_f32_and_q4_1(&name, device)?;
+            check_shape(&g.path, &name, &w, shape)?;
+            if let Some(b) = blocks {
+                raw.push((t, b));
+            }
+            Ok(w)
+        };
+        let q = gguf_to_hf_rows(&linear(Target::Q, "attn_q.weight", &[qo, h])?, cfg.num_heads)?;
+        let k = gguf_to_hf_rows(&linear(Target::K, "attn_k.weight", &[kvo, h])?, cfg.num_kv_heads)?;
+        let v = linear(Target::V, "attn_v.weight", &[kvo, h])?;
+        let o = linear(Target::O, "attn_output.weight", &[h, qo])?;
+        let gate = linear(Target::Gate, "ffn_gate.weight", &[i, h])?;
+        let up = linear(Target::Up, "ffn_up.weight", &[i, h])?;
+        let down = linear(Target::Down, "ffn_down.weight", &[h, i])?;
         let q_bias = bias("attn_q.bias", qo)?
             .map(|b| gguf_to_hf_rows(&b, cfg.num_heads))
             .transpose()?;
@@ -249,18 +269,18 @@ pub(crate) fn load_gguf_with(
             attn_norm: get(&n("attn_norm.weight"), &[h])?,
             q,
             k,
-            v: get(&n("attn_v.weight"), &[kvo, h])?,
-            o: get(&n("attn_output.weight"), &[h, qo])?,
+            v,
+            o,
             q_bias,
             k_bias,
             v_bias: bias("attn_v.bias", kvo)?,
             mlp_norm: get(&n("ffn_norm.weight"), &[h])?,
-            gate: get(&n("ffn_gate.weight"), &[i, h])?,
-            up: get(&n("ffn_up.weight"), &[i, h])?,
-            down: get(&n("ffn_down.weight"), &[h, i])?,
+            gate,
+            up,
+            down,
         };
         layers.push(match packer.as_mut() {
-            Some(p) => p.layer(l, lw)?,
+            Some(p) => p.layer_gguf(l, lw, raw, cfg)?,
             None => lw,
         });
     }
@@ -443,7 +463,57 @@ impl Packer {
     }
 
     /// Layer `i` (HF layout) → the same with placeholder projections.
-    fn layer(&mut self, i: usize, mut lw: LayerWeights) -> Result<LayerWeights> {
+    fn layer(&mut self, i: usize, lw: LayerWeights) -> Result<LayerWeights> {
+        self.layer_packed(i, lw, None)
+    }
+
+    /// A GGUF layer: groups whose every projection came as Q4_1 blocks (`raw`) are packed
+    /// from those blocks, the others from the f32 weights.
+    fn layer_gguf(
+        &mut self,
+        i: usize,
+        lw: LayerWeights,
+        raw: Vec<(Target, Vec<u8>)>,
+        cfg: &ModelConfig,
+    ) -> Result<LayerWeights> {
+        let rows_of = |t: Target| lw.linear(t).dim(0);
+        let maps = (
+            row_map(rows_of(Target::Q)?, cfg.num_heads)?,
+            row_map(rows_of(Target::K)?, cfg.num_kv_heads)?,
+        );
+        let packs = quant::PACKS
+            .iter()
+            .map(|ts| {
+                let parts: Option<Vec<(&[u8], usize, Option<&[usize]>)>> = ts
+                    .iter()
+                    .map(|t| {
+                        let b = raw.iter().find(|(rt, _)| rt == t)?;
+                        let map = match t {
+                            Target::Q => Some(maps.0.as_slice()),
+                            Target::K => Some(maps.1.as_slice()),
+                            _ => None,
+                        };
+                        Some((b.1.as_slice(), rows_of(*t).ok()?, map))
+                    })
+                    .collect();
+                let inp = lw.linear(ts[0]).dim(1)?;
+                match parts {
+                    Some(parts) => Ok(Arc::new(QMatrix::from_q4_1(&parts, inp)?)),
+                    None => quant::pack_group(&lw, ts),
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let packs: [Arc<QMatrix>; 4] = packs.try_into().expect("four packs");
+        drop(raw);
+        self.layer_packed(i, lw, Some(packs))
+    }
+
+    fn layer_packed(
+        &mut self,
+        i: usize,
+        mut lw: LayerWeights,
+        packs: Option<[Arc<QMatrix>; 4]>,
+    ) -> Result<LayerWeights> {
         if i != self.layers.len() {
             return Err(ModelError::Invalid(format!(
                 "int8 packing: layer {i} arrived out of order"
@@ -453,7 +523,10 @@ impl Packer {
             self.samples
                 .push(lowrank_lora::fingerprint::sample_tensor(&n, t)?);
         }
-        self.layers.push(quant::pack_layer(&lw)?);
+        self.layers.push(match packs {
+            Some(p) => p,
+            None => quant::pack_layer(&lw)?,
+        });
         for t in Target::ALL {
             let w = lw.linear_mut(t);
             *w = placeholder(w)?;
@@ -469,6 +542,22 @@ impl Packer {
         let fp = lowrank_lora::fingerprint::fingerprint_sampled(self.samples)?;
         Ok((QuantModel::from_packs(self.layers, head, embed), fp))
     }
+}
+
+/// HF row r of a q/k projection ← GGUF row `map[r]` (the permutation `gguf_to_hf_rows`
+/// applies, read off by applying it to the row numbers).
+fn row_map(rows: usize, n_head: usize) -> Result<Vec<usize>> {
+    let idx = Tensor::from_vec(
+        (0..rows).map(|r| r as f32).collect::<Vec<_>>(),
+        (rows, 1),
+        &candle_core::Device::Cpu,
+    )?;
+    Ok(gguf_to_hf_rows(&idx, n_head)?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(|r| r as usize)
+        .collect())
 }
 
 /// A tensor of `t`'s shape, dtype and device that holds a single zero (stride-0 broadcast).

@@ -214,3 +214,53 @@ fn int8_tests_pass_on_every_kernel_path() {
         "no other int8 path ran"
     );
 }
+
+/// Loading for int8 packs each weight as it is read — Q4_1 projections straight from their
+/// blocks, with q/k rows permuted to HF order — and never holds the f32 base. Its logits
+/// follow the HF reference as closely as packing the f32 weights does, its exact weights
+/// equal the f32 load's values (dequantized: the same numbers up to the last bit of d·q + m),
+/// and its fingerprint is the f32 base's.
+#[test]
+fn packed_loading_matches_packing_the_f32_weights() {
+    let p = lowrank_model::fetch::ensure_default(false).unwrap();
+    let lm = lowrank_model::LoadedModel::load_for(
+        p.to_str().unwrap(),
+        &candle_core::Device::Cpu,
+        Compute::Int8,
+    )
+    .unwrap();
+    assert!(!lm.model.has_f32_weights());
+    let q = lm.model.int8().expect("packed");
+    assert_eq!(q.rounded().0, 0, "Q4_1/Q8_0 blocks must be kept exactly");
+    assert_eq!(
+        lm.model.fingerprint().unwrap(),
+        smollm().model.fingerprint().unwrap()
+    );
+    // Every pack of layer 3 against the f32 weights it came from (q and k permuted).
+    let lw = &smollm().model.weights.layers[3];
+    for ts in lowrank_model::quant::PACKS {
+        let got = q.pack(3, ts).unwrap().dequantize();
+        let want: Vec<f32> = ts
+            .iter()
+            .flat_map(|t| lw.linear(*t).flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .collect();
+        assert_eq!(got.len(), want.len(), "{ts:?}");
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs() / b.abs().max(1e-3))
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-5, "{ts:?}: packed weights off the file's by {worst}");
+    }
+    let st = load_st(fixtures().join("smollm2-135m/logits.safetensors"));
+    let ids = ids_of(&st["input_ids"]);
+    let got = logits(&lm.model, &ids, None);
+    let kl = mean_kl(&st["base"], &got);
+    let (n, same) = confident_top1(&st["base"], &got, 0.5);
+    assert!(kl < 0.02, "KL {kl}");
+    assert!(n >= 5 && same == n, "top-1 {same}/{n}");
+    // The f32 operations refuse cleanly instead of multiplying placeholders.
+    let mut m = lm.model.clone();
+    let e = m.set_compute(Compute::F32).unwrap_err().to_string();
+    assert!(e.contains("int8 compute only"), "{e}");
+}

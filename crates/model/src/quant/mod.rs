@@ -133,6 +133,69 @@ impl QMatrix {
             let r = o - starts[i];
             &parts[i][r * inp..(r + 1) * inp]
         };
+        let packed = QMatrix::pack_blocks(out, inp, |o, b, block| {
+            let vals = &row_of(o)[b * QK..((b + 1) * QK).min(inp)];
+            quantize_block(vals, block, round_to)
+        });
+        Ok(packed)
+    }
+
+    /// Stack GGUF Q4_1 weights along the output dim, straight from their blocks: each
+    /// block's scale, minimum and 4-bit q are llama.cpp's own (exact by construction, no grid
+    /// search: packing the default model this way instead of from f32 values took start-up
+    /// from ≈ 1.1 s to (see `generate`'s cold start in the README)). A part is (the tensor's
+    /// raw blocks, its rows, and for each output row the file row it comes from when the
+    /// rows are permuted, as q and k are from GGUF to HF order).
+    pub fn from_q4_1(parts: &[(&[u8], usize, Option<&[usize]>)], inp: usize) -> Result<QMatrix> {
+        const BYTES: usize = 20; // f16 d, f16 m, 16 bytes of nibbles
+        let nb = inp / QK;
+        let bad = |msg: String| Err(ModelError::Invalid(format!("Q4_1 pack: {msg}")));
+        if inp == 0 || inp % QK != 0 {
+            return bad(format!("{inp} inputs are not whole blocks of {QK}"));
+        }
+        for (raw, rows, map) in parts {
+            if raw.len() != rows * nb * BYTES {
+                return bad(format!("{} bytes for {rows} rows of {inp}", raw.len()));
+            }
+            if let Some(m) = map {
+                if m.len() != *rows || m.iter().any(|&r| r >= *rows) {
+                    return bad("a row map that is not a permutation of the rows".into());
+                }
+            }
+        }
+        let out: usize = parts.iter().map(|p| p.1).sum();
+        let starts: Vec<usize> = parts
+            .iter()
+            .scan(0, |acc, p| {
+                let s = *acc;
+                *acc += p.1;
+                Some(s)
+            })
+            .collect();
+        let packed = QMatrix::pack_blocks(out, inp, |o, b, block| {
+            let i = starts.partition_point(|&s| s <= o) - 1;
+            let (raw, _, map) = parts[i];
+            let r = o - starts[i];
+            let r = map.map_or(r, |m| m[r]);
+            let blk = &raw[(r * nb + b) * BYTES..(r * nb + b + 1) * BYTES];
+            let f16 = |k: usize| half::f16::from_le_bytes([blk[k], blk[k + 1]]).to_f32();
+            for (j, &byte) in blk[4..].iter().enumerate() {
+                block[j] = byte & 0x0F;
+                block[j + QK / 2] = byte >> 4;
+            }
+            (f16(0), f16(2), true)
+        });
+        Ok(packed)
+    }
+
+    /// The packing loop: `block(o, b, q)` fills block b of output row o (q, zero-padded) and
+    /// returns its (d, m, exact). Stores 4-bit q as nibbles (unless
+    /// `LOWRANK_INT8_PACKING=bytes`).
+    fn pack_blocks(
+        out: usize,
+        inp: usize,
+        block: impl Fn(usize, usize, &mut [u8; QK]) -> (f32, f32, bool) + Sync,
+    ) -> QMatrix {
         let nb = inp.div_ceil(QK);
         let tiles = out.div_ceil(TILE);
         let mut q = vec![0u8; tiles * nb * TB];
@@ -145,21 +208,19 @@ impl QMatrix {
             .enumerate()
             .map(|(t, ((qt, dt), mt))| {
                 let mut rounded = 0;
-                let mut block = [0u8; QK];
+                let mut qs = [0u8; QK];
                 for lane in 0..TILE {
                     let o = t * TILE + lane;
                     if o >= out {
                         break; // padding outputs: d = m = 0 → 0
                     }
-                    let row = row_of(o);
                     for b in 0..nb {
-                        let vals = &row[b * QK..((b + 1) * QK).min(inp)];
-                        let (db, mb, exact) = quantize_block(vals, &mut block, round_to);
+                        let (db, mb, exact) = block(o, b, &mut qs);
                         rounded += usize::from(!exact);
                         dt[b * TILE + lane] = db;
                         mt[b * TILE + lane] = mb;
                         let qb = &mut qt[b * TB..(b + 1) * TB];
-                        for (i, &v) in block.iter().enumerate() {
+                        for (i, &v) in qs.iter().enumerate() {
                             qb[(i / 4) * TILE * 4 + lane * 4 + i % 4] = v;
                         }
                     }
@@ -182,11 +243,11 @@ impl QMatrix {
             in_scale: None,
             residual: None,
         };
-        Ok(if qmax <= 15 && nibble_packing() {
+        if qmax <= 15 && nibble_packing() {
             packed.with_nibbles(true)
         } else {
             packed
-        })
+        }
     }
 
     /// The same matrix with q stored as nibbles (`true`, which needs every q ≤ 15) or bytes.
@@ -1024,7 +1085,7 @@ pub fn pack_layer(lw: &LayerWeights) -> Result<[Arc<QMatrix>; 4]> {
 
 /// One group's weights stacked along the output dim, packed (read in place where the
 /// tensors are contiguous f32 on the CPU, as loaded weights are).
-fn pack_group(lw: &LayerWeights, targets: &[Target]) -> Result<Arc<QMatrix>> {
+pub(crate) fn pack_group(lw: &LayerWeights, targets: &[Target]) -> Result<Arc<QMatrix>> {
     let ws: Vec<&Tensor> = targets.iter().map(|&t| lw.linear(t)).collect();
     let inp = ws[0].dims2()?.1;
     let in_place = ws.iter().all(|w| {
