@@ -353,7 +353,9 @@ fn generate_cmd(a: GenerateArgs, device: &Device) -> Result<()> {
     // Int8 packs while loading (no f32 copy: less memory, and a faster start), unless the
     // adapters are to be merged into the f32 weights first.
     let mut lm = match (a.compute.compute, a.adapters.merged) {
-        (ComputeKind::Int8, false) => load_for(&a.model, device, lowrank_model::quant::Compute::Int8)?,
+        (ComputeKind::Int8, false) => {
+            load_for(&a.model, device, lowrank_model::quant::Compute::Int8)?
+        }
         _ => {
             let mut lm = load(&a.model, device)?;
             a.compute.apply(&mut lm)?;

@@ -99,6 +99,17 @@ pub fn sample_tensor(name: &str, t: &Tensor) -> Result<Sampled> {
     })
 }
 
+/// Sample a tensor that is not held as one: `value_at(k)` gives its k-th element in
+/// row-major order (e.g. read out of quantized blocks, exactly as they would dequantize).
+pub fn sample_with(name: &str, dims: &[usize], value_at: impl Fn(usize) -> f32) -> Sampled {
+    let n = dims.iter().product();
+    Sampled {
+        name: name.to_string(),
+        dims: dims.to_vec(),
+        vals: sample_indices(n).map(value_at).collect(),
+    }
+}
+
 /// `"sha256s:<hex>"` over (name, shape, sampled values) of every tensor, sorted by name.
 /// Errors on duplicate names (an ambiguous input, most likely a caller bug).
 pub fn fingerprint<'a>(tensors: impl Iterator<Item = (&'a str, &'a Tensor)>) -> Result<String> {

@@ -218,36 +218,51 @@ impl GgufFile {
         Ok(t)
     }
 
-    /// [`GgufFile::tensor_f32`], and the raw blocks too when the tensor is stored as Q4_1
-    /// (for packing them as they are; see `QMatrix::from_q4_1`).
-    pub fn tensor_f32_and_q4_1(
-        &self,
-        name: &str,
-        device: &Device,
-    ) -> Result<(Tensor, Option<Vec<u8>>)> {
-        let file = File::open(&self.path).map_err(|e| ModelError::File {
-            path: self.path.clone(),
-            msg: e.to_string(),
-        })?;
+    /// The block format a tensor is stored in, when it is one `QMatrix::from_gguf_blocks`
+    /// packs as is (and its rows are whole blocks).
+    pub fn block_format(&self, name: &str) -> Option<crate::quant::BlockFormat> {
+        use candle_core::quantized::GgmlDType;
+        let info = self.content.tensor_infos.get(name)?;
+        let cols = *info.shape.dims().last()?;
+        if cols % crate::quant::QK != 0 {
+            return None;
+        }
+        match info.ggml_dtype {
+            GgmlDType::Q4_1 => Some(crate::quant::BlockFormat::Q4_1),
+            GgmlDType::Q8_0 => Some(crate::quant::BlockFormat::Q8_0),
+            _ => None,
+        }
+    }
+
+    /// A tensor's raw blocks, for a tensor whose [`GgufFile::block_format`] is known.
+    pub fn tensor_blocks(&self, name: &str) -> Result<(crate::quant::BlockFormat, Vec<u8>)> {
         let err = |msg: String| ModelError::Tensor {
             path: self.path.clone(),
             name: name.into(),
             msg,
         };
+        let fmt = self
+            .block_format(name)
+            .ok_or_else(|| err("not stored in a block format packed as is".into()))?;
+        let file = File::open(&self.path).map_err(|e| ModelError::File {
+            path: self.path.clone(),
+            msg: e.to_string(),
+        })?;
         let q = self
             .content
-            .tensor(&mut BufReader::new(file), name, device)
+            .tensor(&mut BufReader::new(file), name, &Device::Cpu)
             .map_err(|e| err(e.to_string()))?;
-        let raw = match q.dtype() {
-            candle_core::quantized::GgmlDType::Q4_1 => {
-                Some(q.data().map_err(|e| err(e.to_string()))?.into_owned())
-            }
-            _ => None,
-        };
-        let t = q
-            .dequantize(device)
-            .map_err(|e| err(format!("cannot dequantize {:?}: {e}", q.dtype())))?;
-        Ok((t, raw))
+        let bytes = q.data().map_err(|e| err(e.to_string()))?.into_owned();
+        let rows: usize =
+            self.tensor_dims(name).map_or(0, |d| d.iter().product()) / crate::quant::QK;
+        if bytes.len() != rows * fmt.bytes() {
+            return Err(err(format!(
+                "{} bytes of {fmt:?} blocks, expected {}",
+                bytes.len(),
+                rows * fmt.bytes()
+            )));
+        }
+        Ok((fmt, bytes))
     }
 
     pub fn has_tensor(&self, name: &str) -> bool {

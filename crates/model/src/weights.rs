@@ -39,10 +39,7 @@ impl LayerWeights {
         let mut v: Vec<(String, &Tensor)> =
             vec![(format!("{p}.input_layernorm.weight"), &self.attn_norm)];
         for t in Target::ALL {
-            v.push((
-                format!("{p}.{}.{}.weight", t.parent(), t.peft_name()),
-                self.linear(t),
-            ));
+            v.push((LayerWeights::linear_name(i, t), self.linear(t)));
         }
         for (n, b) in [
             ("q_proj", &self.q_bias),
@@ -58,6 +55,11 @@ impl LayerWeights {
             &self.mlp_norm,
         ));
         v
+    }
+
+    /// The HF name of projection `t` of layer `i`.
+    pub fn linear_name(i: usize, t: Target) -> String {
+        format!("model.layers.{i}.{}.{}.weight", t.parent(), t.peft_name())
     }
 
     pub fn linear(&self, t: Target) -> &Tensor {
@@ -223,10 +225,18 @@ pub(crate) fn load_gguf_with(
     };
     let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
     let (qo, kvo) = (cfg.q_out(), cfg.kv_out());
-    let mut embed = get("token_embd.weight", &[cfg.vocab_size, h])?;
-    if let Some(p) = packer.as_mut() {
-        embed = p.embed(embed, cfg.tie_word_embeddings)?;
-    }
+    let embed_shape = [cfg.vocab_size, h];
+    let embed = match (packer.as_mut(), g.block_format("token_embd.weight")) {
+        (Some(p), Some(_)) => {
+            let r = raw_weight(g, "token_embd.weight", &embed_shape)?;
+            p.embed_raw(r, cfg.tie_word_embeddings, device)?
+        }
+        (Some(p), None) => p.embed(
+            get("token_embd.weight", &embed_shape)?,
+            cfg.tie_word_embeddings,
+        )?,
+        (None, _) => get("token_embd.weight", &embed_shape)?,
+    };
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for l in 0..cfg.num_layers {
         let n = |s: &str| format!("blk.{l}.{s}");
@@ -237,23 +247,46 @@ pub(crate) fn load_gguf_with(
                 Ok(None)
             }
         };
-        // With a packer, Q4_1 projections also hand over their raw blocks (packed as they
-        // are; the f32 copy is for the fingerprint and is dropped right after).
-        let mut raw: Vec<(Target, Vec<u8>)> = Vec::new();
+        // With a packer, the projections of a group whose every weight is stored in a block
+        // format it packs as is (Q4_1, Q8_0) are never dequantized: their raw blocks are
+        // packed, their fingerprint samples read out of the blocks, and a placeholder stands
+        // in. Other groups load as f32 and are packed from that.
+        let mut raw: Vec<RawWeight> = Vec::new();
         let mut linear = |t: Target, s: &str, shape: &[usize]| -> Result<Tensor> {
-            if packer.is_none() {
-                return get(&n(s), shape);
-            }
             let name = n(s);
-            let (w, blocks) = g.tensor_f32_and_q4_1(&name, device)?;
-            check_shape(&g.path, &name, &w, shape)?;
-            if let Some(b) = blocks {
-                raw.push((t, b));
+            let direct = packer.is_some()
+                && quant::PACKS
+                    .iter()
+                    .find(|p| p.contains(&t))
+                    .and_then(|p| {
+                        let fmts: Vec<_> = p
+                            .iter()
+                            .map(|&pt| g.block_format(&n(gguf_linear_name(pt))))
+                            .collect();
+                        fmts[0].filter(|f| fmts.iter().all(|x| *x == Some(*f)))
+                    })
+                    .is_some();
+            if !direct {
+                let w = get(&name, shape)?;
+                return Ok(match t {
+                    Target::Q => gguf_to_hf_rows(&w, cfg.num_heads)?,
+                    Target::K => gguf_to_hf_rows(&w, cfg.num_kv_heads)?,
+                    _ => w,
+                });
             }
-            Ok(w)
+            let mut r = raw_weight(g, &name, shape)?;
+            r.target = t;
+            r.map = match t {
+                Target::Q => Some(row_map(shape[0], cfg.num_heads)?),
+                Target::K => Some(row_map(shape[0], cfg.num_kv_heads)?),
+                _ => None,
+            };
+            let ph = Tensor::zeros((), DType::F32, device)?.broadcast_as(shape)?;
+            raw.push(r);
+            Ok(ph)
         };
-        let q = gguf_to_hf_rows(&linear(Target::Q, "attn_q.weight", &[qo, h])?, cfg.num_heads)?;
-        let k = gguf_to_hf_rows(&linear(Target::K, "attn_k.weight", &[kvo, h])?, cfg.num_kv_heads)?;
+        let q = linear(Target::Q, "attn_q.weight", &[qo, h])?;
+        let k = linear(Target::K, "attn_k.weight", &[kvo, h])?;
         let v = linear(Target::V, "attn_v.weight", &[kvo, h])?;
         let o = linear(Target::O, "attn_output.weight", &[h, qo])?;
         let gate = linear(Target::Gate, "ffn_gate.weight", &[i, h])?;
@@ -280,7 +313,7 @@ pub(crate) fn load_gguf_with(
             down,
         };
         layers.push(match packer.as_mut() {
-            Some(p) => p.layer_gguf(l, lw, raw, cfg)?,
+            Some(p) => p.layer_gguf(l, lw, raw)?,
             None => lw,
         });
     }
@@ -464,64 +497,87 @@ impl Packer {
 
     /// Layer `i` (HF layout) → the same with placeholder projections.
     fn layer(&mut self, i: usize, lw: LayerWeights) -> Result<LayerWeights> {
-        self.layer_packed(i, lw, None)
+        self.layer_packed(i, lw, None, &[])
     }
 
-    /// A GGUF layer: groups whose every projection came as Q4_1 blocks (`raw`) are packed
-    /// from those blocks, the others from the f32 weights.
+    /// A GGUF layer: the groups whose projections came as raw blocks (placeholders in `lw`)
+    /// are packed from the blocks and sampled from them; the rest from the f32 weights.
     fn layer_gguf(
         &mut self,
         i: usize,
         lw: LayerWeights,
-        raw: Vec<(Target, Vec<u8>)>,
-        cfg: &ModelConfig,
+        raw: Vec<RawWeight>,
     ) -> Result<LayerWeights> {
-        let rows_of = |t: Target| lw.linear(t).dim(0);
-        let maps = (
-            row_map(rows_of(Target::Q)?, cfg.num_heads)?,
-            row_map(rows_of(Target::K)?, cfg.num_kv_heads)?,
-        );
+        for r in &raw {
+            self.samples
+                .push(r.sample(&LayerWeights::linear_name(i, r.target)));
+        }
         let packs = quant::PACKS
             .iter()
             .map(|ts| {
-                let parts: Option<Vec<(&[u8], usize, Option<&[usize]>)>> = ts
+                let parts: Option<Vec<&RawWeight>> = ts
                     .iter()
-                    .map(|t| {
-                        let b = raw.iter().find(|(rt, _)| rt == t)?;
-                        let map = match t {
-                            Target::Q => Some(maps.0.as_slice()),
-                            Target::K => Some(maps.1.as_slice()),
-                            _ => None,
-                        };
-                        Some((b.1.as_slice(), rows_of(*t).ok()?, map))
-                    })
+                    .map(|t| raw.iter().find(|r| r.target == *t))
                     .collect();
-                let inp = lw.linear(ts[0]).dim(1)?;
                 match parts {
-                    Some(parts) => Ok(Arc::new(QMatrix::from_q4_1(&parts, inp)?)),
+                    Some(parts) => {
+                        let v: Vec<_> = parts
+                            .iter()
+                            .map(|r| (r.bytes.as_slice(), r.rows, r.map.as_deref()))
+                            .collect();
+                        Ok(Arc::new(QMatrix::from_gguf_blocks(
+                            parts[0].fmt,
+                            &v,
+                            parts[0].cols,
+                        )?))
+                    }
                     None => quant::pack_group(&lw, ts),
                 }
             })
             .collect::<Result<Vec<_>>>()?;
         let packs: [Arc<QMatrix>; 4] = packs.try_into().expect("four packs");
+        let sampled: Vec<Target> = raw.iter().map(|r| r.target).collect();
         drop(raw);
-        self.layer_packed(i, lw, Some(packs))
+        self.layer_packed(i, lw, Some(packs), &sampled)
     }
 
+    /// An embedding read as raw blocks → its placeholder (also the head when `tied`).
+    fn embed_raw(&mut self, r: RawWeight, tied: bool, device: &Device) -> Result<Tensor> {
+        self.samples.push(r.sample("model.embed_tokens.weight"));
+        let q = Arc::new(QMatrix::from_gguf_blocks(
+            r.fmt,
+            &[(r.bytes.as_slice(), r.rows, None)],
+            r.cols,
+        )?);
+        if tied {
+            self.head = Some(q.clone());
+        }
+        self.embed = Some(q);
+        Ok(Tensor::zeros((), DType::F32, device)?.broadcast_as((r.rows, r.cols))?)
+    }
+
+    /// `sampled`: projections already sampled for the fingerprint (placeholders in `lw`).
     fn layer_packed(
         &mut self,
         i: usize,
         mut lw: LayerWeights,
         packs: Option<[Arc<QMatrix>; 4]>,
+        sampled: &[Target],
     ) -> Result<LayerWeights> {
         if i != self.layers.len() {
             return Err(ModelError::Invalid(format!(
                 "int8 packing: layer {i} arrived out of order"
             )));
         }
+        let skip: Vec<String> = sampled
+            .iter()
+            .map(|&t| LayerWeights::linear_name(i, t))
+            .collect();
         for (n, t) in lw.named(i) {
-            self.samples
-                .push(lowrank_lora::fingerprint::sample_tensor(&n, t)?);
+            if !skip.contains(&n) {
+                self.samples
+                    .push(lowrank_lora::fingerprint::sample_tensor(&n, t)?);
+            }
         }
         self.layers.push(match packs {
             Some(p) => p,
@@ -541,6 +597,66 @@ impl Packer {
         let head = self.head.ok_or_else(missing)?;
         let fp = lowrank_lora::fingerprint::fingerprint_sampled(self.samples)?;
         Ok((QuantModel::from_packs(self.layers, head, embed), fp))
+    }
+}
+
+/// A GGUF weight read as its raw blocks (packed as they are, never dequantized).
+struct RawWeight {
+    target: Target,
+    fmt: quant::BlockFormat,
+    bytes: Vec<u8>,
+    /// HF-layout shape (rows = outputs).
+    rows: usize,
+    cols: usize,
+    /// HF row → file row, for q and k (see [`row_map`]).
+    map: Option<Vec<usize>>,
+}
+
+impl RawWeight {
+    /// Fingerprint samples of the f32 tensor this would dequantize to (HF layout), read out
+    /// of the blocks with the GGUF readers' own formulas.
+    fn sample(&self, name: &str) -> Sampled {
+        let (cols, bytes) = (self.cols, self.fmt.bytes());
+        let nb = cols / quant::QK;
+        lowrank_lora::fingerprint::sample_with(name, &[self.rows, cols], |k| {
+            let (r, c) = (k / cols, k % cols);
+            let r = self.map.as_ref().map_or(r, |m| m[r]);
+            let at = (r * nb + c / quant::QK) * bytes;
+            self.fmt.value(&self.bytes[at..at + bytes], c % quant::QK)
+        })
+    }
+}
+
+/// The embedding (or another unpermuted weight) as raw blocks.
+fn raw_weight(g: &GgufFile, name: &str, shape: &[usize]) -> Result<RawWeight> {
+    if g.tensor_dims(name) != Some(shape) {
+        return Err(ModelError::Tensor {
+            path: g.path.clone(),
+            name: name.into(),
+            msg: format!("shape {:?}, expected {shape:?}", g.tensor_dims(name)),
+        });
+    }
+    let (fmt, bytes) = g.tensor_blocks(name)?;
+    Ok(RawWeight {
+        target: Target::Q, // set by the caller for projections
+        fmt,
+        bytes,
+        rows: shape[0],
+        cols: shape[1],
+        map: None,
+    })
+}
+
+/// A projection's GGUF tensor name within its block.
+fn gguf_linear_name(t: Target) -> &'static str {
+    match t {
+        Target::Q => "attn_q.weight",
+        Target::K => "attn_k.weight",
+        Target::V => "attn_v.weight",
+        Target::O => "attn_output.weight",
+        Target::Gate => "ffn_gate.weight",
+        Target::Up => "ffn_up.weight",
+        Target::Down => "ffn_down.weight",
     }
 }
 

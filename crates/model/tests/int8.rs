@@ -242,7 +242,13 @@ fn packed_loading_matches_packing_the_f32_weights() {
         let got = q.pack(3, ts).unwrap().dequantize();
         let want: Vec<f32> = ts
             .iter()
-            .flat_map(|t| lw.linear(*t).flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .flat_map(|t| {
+                lw.linear(*t)
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
             .collect();
         assert_eq!(got.len(), want.len(), "{ts:?}");
         let worst = got
@@ -250,7 +256,10 @@ fn packed_loading_matches_packing_the_f32_weights() {
             .zip(&want)
             .map(|(a, b)| (a - b).abs() / b.abs().max(1e-3))
             .fold(0f32, f32::max);
-        assert!(worst < 1e-5, "{ts:?}: packed weights off the file's by {worst}");
+        assert!(
+            worst < 1e-5,
+            "{ts:?}: packed weights off the file's by {worst}"
+        );
     }
     let st = load_st(fixtures().join("smollm2-135m/logits.safetensors"));
     let ids = ids_of(&st["input_ids"]);

@@ -140,21 +140,25 @@ impl QMatrix {
         Ok(packed)
     }
 
-    /// Stack GGUF Q4_1 weights along the output dim, straight from their blocks: each
-    /// block's scale, minimum and 4-bit q are llama.cpp's own (exact by construction, no grid
-    /// search: packing the default model this way instead of from f32 values took start-up
-    /// from ≈ 1.1 s to (see `generate`'s cold start in the README)). A part is (the tensor's
-    /// raw blocks, its rows, and for each output row the file row it comes from when the
-    /// rows are permuted, as q and k are from GGUF to HF order).
-    pub fn from_q4_1(parts: &[(&[u8], usize, Option<&[usize]>)], inp: usize) -> Result<QMatrix> {
-        const BYTES: usize = 20; // f16 d, f16 m, 16 bytes of nibbles
+    /// Stack GGUF block weights (Q4_1, Q8_0) along the output dim, straight from their
+    /// blocks: each block's scale (and minimum) and q are llama.cpp's own, exact by
+    /// construction with no grid search and no f32 copy (start-up of the default model's
+    /// `generate --compute int8`: 1.0 s → 0.7 s with Q4_1 alone, see the README). A part is
+    /// (the tensor's raw blocks, its rows, and for each output row the file row it comes from
+    /// when the rows are permuted, as q and k are from GGUF to HF order).
+    pub fn from_gguf_blocks(
+        fmt: BlockFormat,
+        parts: &[(&[u8], usize, Option<&[usize]>)],
+        inp: usize,
+    ) -> Result<QMatrix> {
         let nb = inp / QK;
-        let bad = |msg: String| Err(ModelError::Invalid(format!("Q4_1 pack: {msg}")));
+        let bytes = fmt.bytes();
+        let bad = |msg: String| Err(ModelError::Invalid(format!("{fmt:?} pack: {msg}")));
         if inp == 0 || inp % QK != 0 {
             return bad(format!("{inp} inputs are not whole blocks of {QK}"));
         }
         for (raw, rows, map) in parts {
-            if raw.len() != rows * nb * BYTES {
+            if raw.len() != rows * nb * bytes {
                 return bad(format!("{} bytes for {rows} rows of {inp}", raw.len()));
             }
             if let Some(m) = map {
@@ -172,20 +176,14 @@ impl QMatrix {
                 Some(s)
             })
             .collect();
-        let packed = QMatrix::pack_blocks(out, inp, |o, b, block| {
+        Ok(QMatrix::pack_blocks(out, inp, |o, b, block| {
             let i = starts.partition_point(|&s| s <= o) - 1;
             let (raw, _, map) = parts[i];
             let r = o - starts[i];
             let r = map.map_or(r, |m| m[r]);
-            let blk = &raw[(r * nb + b) * BYTES..(r * nb + b + 1) * BYTES];
-            let f16 = |k: usize| half::f16::from_le_bytes([blk[k], blk[k + 1]]).to_f32();
-            for (j, &byte) in blk[4..].iter().enumerate() {
-                block[j] = byte & 0x0F;
-                block[j + QK / 2] = byte >> 4;
-            }
-            (f16(0), f16(2), true)
-        });
-        Ok(packed)
+            let (d, m) = fmt.decode(&raw[(r * nb + b) * bytes..(r * nb + b + 1) * bytes], block);
+            (d, m, true)
+        }))
     }
 
     /// The packing loop: `block(o, b, q)` fills block b of output row o (q, zero-padded) and
@@ -554,6 +552,60 @@ impl QMatrix {
             }
         });
         y
+    }
+}
+
+/// GGUF block formats packed as they are (see [`QMatrix::from_gguf_blocks`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockFormat {
+    /// f16 d, f16 m, 32 4-bit q (low nibbles: elements 0–15, high: 16–31): w = d·q + m.
+    Q4_1,
+    /// f16 d, 32 i8 q: w = d·q, stored as q + 128 with m = −128·d.
+    Q8_0,
+}
+
+impl BlockFormat {
+    /// Bytes per block of 32 weights.
+    pub fn bytes(self) -> usize {
+        match self {
+            BlockFormat::Q4_1 => 20,
+            BlockFormat::Q8_0 => 34,
+        }
+    }
+
+    /// One block's q (as this packing's unsigned levels) and its (d, m).
+    fn decode(self, blk: &[u8], q: &mut [u8; QK]) -> (f32, f32) {
+        let d = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+        match self {
+            BlockFormat::Q4_1 => {
+                for (j, &byte) in blk[4..20].iter().enumerate() {
+                    q[j] = byte & 0x0F;
+                    q[j + QK / 2] = byte >> 4;
+                }
+                (d, half::f16::from_le_bytes([blk[2], blk[3]]).to_f32())
+            }
+            BlockFormat::Q8_0 => {
+                for (qj, &byte) in q.iter_mut().zip(&blk[2..34]) {
+                    *qj = (byte as i8 as i16 + 128) as u8;
+                }
+                (d, -128.0 * d)
+            }
+        }
+    }
+
+    /// Element j of a block as GGUF readers dequantize it (candle's formulas, to the bit):
+    /// what the f32 base would hold there (for the fingerprint).
+    pub fn value(self, blk: &[u8], j: usize) -> f32 {
+        let d = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+        match self {
+            BlockFormat::Q4_1 => {
+                let m = half::f16::from_le_bytes([blk[2], blk[3]]).to_f32();
+                let byte = blk[4 + j % (QK / 2)];
+                let x = if j < QK / 2 { byte & 0x0F } else { byte >> 4 };
+                (x as f32) * d + m
+            }
+            BlockFormat::Q8_0 => (blk[2 + j] as i8) as f32 * d,
+        }
     }
 }
 
