@@ -139,7 +139,10 @@ pub fn fingerprint_sampled(mut items: Vec<Sampled>) -> Result<String> {
             h.update((*d as u64).to_le_bytes());
         }
         h.update((s.vals.len() as u64).to_le_bytes());
-        let buf: Vec<u8> = s.vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut buf = Vec::with_capacity(4 * s.vals.len());
+        for v in &s.vals {
+            buf.extend_from_slice(&v.to_le_bytes());
+        }
         h.update(&buf);
     }
     let digest = h.finalize();

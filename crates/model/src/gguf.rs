@@ -234,8 +234,39 @@ impl GgufFile {
         }
     }
 
-    /// A tensor's raw blocks, for a tensor whose [`GgufFile::block_format`] is known.
-    pub fn tensor_blocks(&self, name: &str) -> Result<(crate::quant::BlockFormat, Vec<u8>)> {
+    /// The file mapped into memory, for reading tensors' raw blocks in place
+    /// ([`GgufFile::tensor_blocks`]): packing then reads the page cache directly instead of
+    /// copying 100 MB through `read` (15 % of the default model's cold start).
+    pub fn map(&self) -> Result<memmap2::Mmap> {
+        let file = File::open(&self.path).map_err(|e| ModelError::File {
+            path: self.path.clone(),
+            msg: format!("cannot open: {e}"),
+        })?;
+        // SAFETY: the map is read-only and lives only while the model loads. If another
+        // process truncated or rewrote the file meanwhile, reads could see other bytes or
+        // fault (SIGBUS); model files are not modified while loaded, the same assumption
+        // every mmap-based model loader (safetensors, llama.cpp) makes.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::File {
+            path: self.path.clone(),
+            msg: format!("cannot map: {e}"),
+        })?;
+        if map.len() as u64 != self.file_size {
+            return Err(ModelError::File {
+                path: self.path.clone(),
+                msg: "the file changed size while loading".into(),
+            });
+        }
+        Ok(map)
+    }
+
+    /// A tensor's raw blocks within `map` (from [`GgufFile::map`]), for a tensor whose
+    /// [`GgufFile::block_format`] is known. The header check bounded every tensor's extent
+    /// by the file length; it is checked again here against the map.
+    pub fn tensor_blocks<'m>(
+        &self,
+        map: &'m [u8],
+        name: &str,
+    ) -> Result<(crate::quant::BlockFormat, &'m [u8])> {
         let err = |msg: String| ModelError::Tensor {
             path: self.path.clone(),
             name: name.into(),
@@ -244,25 +275,15 @@ impl GgufFile {
         let fmt = self
             .block_format(name)
             .ok_or_else(|| err("not stored in a block format packed as is".into()))?;
-        let file = File::open(&self.path).map_err(|e| ModelError::File {
-            path: self.path.clone(),
-            msg: e.to_string(),
-        })?;
-        let q = self
-            .content
-            .tensor(&mut BufReader::new(file), name, &Device::Cpu)
-            .map_err(|e| err(e.to_string()))?;
-        let bytes = q.data().map_err(|e| err(e.to_string()))?.into_owned();
-        let rows: usize =
-            self.tensor_dims(name).map_or(0, |d| d.iter().product()) / crate::quant::QK;
-        if bytes.len() != rows * fmt.bytes() {
-            return Err(err(format!(
-                "{} bytes of {fmt:?} blocks, expected {}",
-                bytes.len(),
-                rows * fmt.bytes()
-            )));
-        }
-        Ok((fmt, bytes))
+        let info = &self.content.tensor_infos[name];
+        let blocks = info.shape.elem_count() / crate::quant::QK;
+        let start = self.content.tensor_data_offset.checked_add(info.offset);
+        let range = start
+            .and_then(|s| usize::try_from(s).ok())
+            .and_then(|s| Some(s..s.checked_add(blocks.checked_mul(fmt.bytes())?)?))
+            .filter(|r| r.end <= map.len())
+            .ok_or_else(|| err("its data lies beyond the end of the file".into()))?;
+        Ok((fmt, &map[range]))
     }
 
     pub fn has_tensor(&self, name: &str) -> bool {

@@ -9,6 +9,7 @@ use lowrank_lora::Target;
 use std::sync::Arc;
 
 use lowrank_lora::fingerprint::Sampled;
+use rayon::prelude::*;
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
@@ -226,9 +227,15 @@ pub(crate) fn load_gguf_with(
     let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
     let (qo, kvo) = (cfg.q_out(), cfg.kv_out());
     let embed_shape = [cfg.vocab_size, h];
+    // Raw blocks are read in place from the mapped file (packing only).
+    let file_map = match packer {
+        Some(_) => Some(g.map()?),
+        None => None,
+    };
     let embed = match (packer.as_mut(), g.block_format("token_embd.weight")) {
         (Some(p), Some(_)) => {
-            let r = raw_weight(g, "token_embd.weight", &embed_shape)?;
+            let map = file_map.as_deref().expect("mapped with a packer");
+            let r = raw_weight(g, map, "token_embd.weight", &embed_shape)?;
             p.embed_raw(r, cfg.tie_word_embeddings, device)?
         }
         (Some(p), None) => p.embed(
@@ -274,7 +281,8 @@ pub(crate) fn load_gguf_with(
                     _ => w,
                 });
             }
-            let mut r = raw_weight(g, &name, shape)?;
+            let map = file_map.as_deref().expect("mapped with a packer");
+            let mut r = raw_weight(g, map, &name, shape)?;
             r.target = t;
             r.map = match t {
                 Target::Q => Some(row_map(shape[0], cfg.num_heads)?),
@@ -508,10 +516,11 @@ impl Packer {
         lw: LayerWeights,
         raw: Vec<RawWeight>,
     ) -> Result<LayerWeights> {
-        for r in &raw {
-            self.samples
-                .push(r.sample(&LayerWeights::linear_name(i, r.target)));
-        }
+        let samples: Vec<Sampled> = raw
+            .par_iter()
+            .map(|r| r.sample(&LayerWeights::linear_name(i, r.target)))
+            .collect();
+        self.samples.extend(samples);
         let packs = quant::PACKS
             .iter()
             .map(|ts| {
@@ -523,7 +532,7 @@ impl Packer {
                     Some(parts) => {
                         let v: Vec<_> = parts
                             .iter()
-                            .map(|r| (r.bytes.as_slice(), r.rows, r.map.as_deref()))
+                            .map(|r| (r.bytes, r.rows, r.map.as_deref()))
                             .collect();
                         Ok(Arc::new(QMatrix::from_gguf_blocks(
                             parts[0].fmt,
@@ -546,7 +555,7 @@ impl Packer {
         self.samples.push(r.sample("model.embed_tokens.weight"));
         let q = Arc::new(QMatrix::from_gguf_blocks(
             r.fmt,
-            &[(r.bytes.as_slice(), r.rows, None)],
+            &[(r.bytes, r.rows, None)],
             r.cols,
         )?);
         if tied {
@@ -601,10 +610,11 @@ impl Packer {
 }
 
 /// A GGUF weight read as its raw blocks (packed as they are, never dequantized).
-struct RawWeight {
+struct RawWeight<'m> {
     target: Target,
     fmt: quant::BlockFormat,
-    bytes: Vec<u8>,
+    /// In the mapped file.
+    bytes: &'m [u8],
     /// HF-layout shape (rows = outputs).
     rows: usize,
     cols: usize,
@@ -612,7 +622,7 @@ struct RawWeight {
     map: Option<Vec<usize>>,
 }
 
-impl RawWeight {
+impl RawWeight<'_> {
     /// Fingerprint samples of the f32 tensor this would dequantize to (HF layout), read out
     /// of the blocks with the GGUF readers' own formulas.
     fn sample(&self, name: &str) -> Sampled {
@@ -628,7 +638,12 @@ impl RawWeight {
 }
 
 /// The embedding (or another unpermuted weight) as raw blocks.
-fn raw_weight(g: &GgufFile, name: &str, shape: &[usize]) -> Result<RawWeight> {
+fn raw_weight<'m>(
+    g: &GgufFile,
+    map: &'m [u8],
+    name: &str,
+    shape: &[usize],
+) -> Result<RawWeight<'m>> {
     if g.tensor_dims(name) != Some(shape) {
         return Err(ModelError::Tensor {
             path: g.path.clone(),
@@ -636,7 +651,7 @@ fn raw_weight(g: &GgufFile, name: &str, shape: &[usize]) -> Result<RawWeight> {
             msg: format!("shape {:?}, expected {shape:?}", g.tensor_dims(name)),
         });
     }
-    let (fmt, bytes) = g.tensor_blocks(name)?;
+    let (fmt, bytes) = g.tensor_blocks(map, name)?;
     Ok(RawWeight {
         target: Target::Q, // set by the caller for projections
         fmt,
