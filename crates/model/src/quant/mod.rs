@@ -449,10 +449,19 @@ impl QMatrix {
 
     /// y = x·Wᵀ for row-major x [rows, in] → y [rows, out].
     pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        self.matmul_limbs(x, rows, false)
+    }
+
+    /// The product with the input scale and the residual applied; `fine`: two-limb
+    /// activations ([`QMatrix::matmul_fine`]).
+    fn matmul_limbs(&self, x: &[f32], rows: usize, fine: bool) -> Vec<f32> {
         let kernel = Kernel::detect();
         let xs = self.scaled_input(x);
         let x = xs.as_deref().unwrap_or(x);
-        let y = self.matmul_with(kernel, x, rows);
+        let y = match fine {
+            true => self.matmul_fine_with(kernel, x, rows),
+            false => self.matmul_with(kernel, x, rows),
+        };
         self.add_residual(kernel, x, rows, y)
     }
 
@@ -486,11 +495,7 @@ impl QMatrix {
     /// independent of each other (each row's residual is its own), and every kernel path
     /// gives the same bits.
     pub fn matmul_fine(&self, x: &[f32], rows: usize) -> Vec<f32> {
-        let kernel = Kernel::detect();
-        let xs = self.scaled_input(x);
-        let x = xs.as_deref().unwrap_or(x);
-        let y = self.matmul_fine_with(kernel, x, rows);
-        self.add_residual(kernel, x, rows, y)
+        self.matmul_limbs(x, rows, true)
     }
 
     fn matmul_fine_with(&self, kernel: Kernel, x: &[f32], rows: usize) -> Vec<f32> {
