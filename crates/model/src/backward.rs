@@ -18,7 +18,7 @@ use std::sync::Arc;
 use candle_core::{Tensor, D};
 use lowrank_lora::{Adapter, LoraModule, ModuleKey, Target};
 
-use crate::attention::{train_attn, train_probs};
+use crate::attention::{train_attention_bwd, ATTN_BLOCK};
 use crate::error::{ModelError, Result};
 use crate::model::{dropout_mask, AdapterSet, ForwardOpts, Llama, LogitsMode, SeqInput};
 use crate::ops;
@@ -42,9 +42,10 @@ pub(crate) type LoraRec = BTreeMap<Target, LoraTape>;
 
 /// What one block's backward needs. The normalised inputs h1/h2 and the MLP product are
 /// recomputed (an elementwise pass is cheaper than keeping them), and so are the attention
-/// probabilities and output from q, k, v (with the forward's own functions, so bitwise the
-/// same): they were 40 % of the tape, 176 MB of it for a batch of 4 × 128 on SmolLM2-135M,
-/// for ≈ 4 % more FLOPs.
+/// probabilities, block by block from q, k and each row's log-sum-exp: keeping them was
+/// 40 % of the tape for a batch of 4 × 128 on SmolLM2-135M (176 MB) and grows with the
+/// square of the sequence; the recomputation costs ≈ 4 % more FLOPs. Nothing here is
+/// larger than [N, I] — see [`Tape::bytes`].
 pub(crate) struct LayerTape {
     /// [N, H] the block's input
     pub(crate) x: Tensor,
@@ -56,6 +57,11 @@ pub(crate) struct LayerTape {
     pub(crate) k: Tensor,
     /// [nkv, N, hd]
     pub(crate) v: Tensor,
+    /// [nkv, g, N] each attention row's log-sum-exp (its probabilities are recomputed from
+    /// it, q and k block by block: see `attention::train_attention_bwd`)
+    pub(crate) lse: Tensor,
+    /// [N, nh·hd] the attention output, kept only when o_proj is adapted
+    pub(crate) attn: Option<Tensor>,
     /// [N, H] residual stream after attention
     pub(crate) x2: Tensor,
     /// [N, 1]
@@ -64,6 +70,19 @@ pub(crate) struct LayerTape {
     pub(crate) gate: Tensor,
     pub(crate) up: Tensor,
     pub(crate) lora: LoraRec,
+}
+
+impl LayerTape {
+    /// Every tensor the layer keeps.
+    fn tensors(&self) -> impl Iterator<Item = &Tensor> {
+        let kept = [&self.x, &self.rstd1, &self.q, &self.k, &self.v, &self.lse];
+        let mlp = [&self.x2, &self.rstd2, &self.gate, &self.up];
+        let lora = self
+            .lora
+            .values()
+            .flat_map(|t| std::iter::once(&t.u).chain(&t.mask));
+        kept.into_iter().chain(mlp).chain(&self.attn).chain(lora)
+    }
 }
 
 /// A recorded training forward; consumed by [`Tape::backward`].
@@ -187,6 +206,23 @@ fn lora_bwd(
 }
 
 impl Tape {
+    /// Bytes the tape holds (every kept tensor, counted once per tensor; views count whole).
+    pub fn bytes(&self) -> usize {
+        let b = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let top = [&self.cos, &self.sin, &self.x_last, &self.rstd_last];
+        top.into_iter()
+            .chain(self.layers.iter().flat_map(LayerTape::tensors))
+            .map(b)
+            .sum()
+    }
+
+    /// The largest single tensor the tape holds, in elements (a t × t attention matrix of a
+    /// sequence would show here).
+    pub fn largest_tensor(&self) -> usize {
+        let layers = self.layers.iter().flat_map(LayerTape::tensors);
+        layers.map(Tensor::elem_count).max().unwrap_or(0)
+    }
+
     /// Backpropagate dL/d(final hidden) [N, H] through the decoder; returns the gradient of
     /// every LoRA module of `adapter` (the base receives none and costs only dX matmuls).
     pub fn backward(
@@ -197,8 +233,7 @@ impl Tape {
     ) -> Result<BTreeMap<ModuleKey, LoraGrads>> {
         let c = &model.cfg;
         let w = &model.weights;
-        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        let g = nh / nkv;
+        let (nh, hd) = (c.num_heads, c.head_dim);
         let scale = 1.0 / (hd as f64).sqrt();
         let neg_sin = self.sin.neg()?; // the rotation's transpose is the rotation by −θ
         let mut grads = BTreeMap::new();
@@ -301,9 +336,12 @@ impl Tape {
             let dh2 = some(sum(parts, base)?)?;
             let dx2 = (&dy + rms_bwd(&dh2, &lt.x2, &lt.rstd2, &lw.mlp_norm)?)?; // [N, H]
 
-            // Attention: x2 = x + o(attn), recomputed from the tape's q, k, v.
-            let probs = train_probs(&lt.q, &lt.k, &self.seqs, nkv, scale)?; // [nkv, g·t, t] each
-            let attn = || train_attn(&probs, &lt.v, &self.seqs, nh); // [N, nh·hd]
+            // Attention: x2 = x + o(attn).
+            let attn = || {
+                lt.attn
+                    .clone()
+                    .ok_or_else(|| ModelError::Invalid("the tape lost o_proj's input".into()))
+            };
             let int8 = pack(&[Target::O]).is_some();
             let base = match int8 {
                 true => Some(base_dx(&[Target::O], &[&dx2])?),
@@ -312,24 +350,12 @@ impl Tape {
             let part = proj_bwd(Target::O, int8, &attn, &dx2)?;
             let da = some(sum(vec![part], base)?)?; // [N, nh·hd]
             let da = heads(&da, nh, hd)?; // [nh, N, hd]
-            let (mut dqs, mut dks, mut dvs) = (vec![], vec![], vec![]);
-            for (&(off, t), p) in self.seqs.iter().zip(&probs) {
-                let part =
-                    |x: &Tensor| -> Result<Tensor> { Ok(x.narrow(1, off, t)?.contiguous()?) };
-                let d_o = part(&da)?.reshape((nkv, g * t, hd))?; // [nkv, g·t, hd]
-                let qs = part(&lt.q)?.reshape((nkv, g * t, hd))?;
-                let (ks, vs) = (part(&lt.k)?, part(&lt.v)?); // [nkv, t, hd]
-                let dv = p.t()?.matmul(&d_o)?; // [nkv, t, hd]
-                let dp = d_o.matmul(&vs.t()?)?; // [nkv, g·t, t]
-                let ds = ops::softmax_bwd(p, &dp, scale)?; // [nkv, g·t, t]
-                dqs.push(ds.matmul(&ks)?.reshape((nh, t, hd))?); // [nh, t, hd]
-                dks.push(ds.t()?.matmul(&qs)?); // [nkv, t, hd]
-                dvs.push(dv);
-            }
-            drop(probs);
-            let dq = ops::rope(&cat_or_single(dqs, 1)?, &self.cos, &neg_sin, false)?; // [nh, N, hd]
-            let dk = ops::rope(&cat_or_single(dks, 1)?, &self.cos, &neg_sin, false)?; // [nkv, N, hd]
-            let dv = cat_or_single(dvs, 1)?;
+            let (dq, dk, dv) = train_attention_bwd(
+                &lt.q, &lt.k, &lt.v, &lt.lse, &da, &self.seqs, scale, ATTN_BLOCK,
+            )?;
+            drop(da);
+            let dq = ops::rope(&dq, &self.cos, &neg_sin, false)?; // [nh, N, hd]
+            let dk = ops::rope(&dk, &self.cos, &neg_sin, false)?; // [nkv, N, hd]
             let h1 = || -> Result<Tensor> {
                 Ok(lt
                     .x

@@ -697,6 +697,10 @@ impl Llama {
         let v = heads(&v, nkv, hd)?; // [nkv, N, hd]
         let (attn, recorded) = self.attention(l, &q, &k, &v, seqs, ctxs, opts, record)?; // [N, nh·hd]
         let o = self.proj(&attn, key(Target::O), None, groups, opts, lora.as_mut())?; // [N, H]
+                                                                                      // An adapted o_proj needs its input in the backward: keep it (cheaper than a second
+                                                                                      // attention pass).
+        let attn_kept = lora.as_ref().is_some_and(|r| r.contains_key(&Target::O));
+        let attn = attn_kept.then_some(attn);
         let x2 = (x + o)?;
         // MLP: x2 + down(silu(gate)·up) over norm(x2).
         let (h, rstd2) = self.norm(&x2, &lw.mlp_norm, opts, record)?; // [N, H]
@@ -715,7 +719,7 @@ impl Llama {
         };
         let down = self.proj(&m, key(Target::Down), None, groups, opts, lora.as_mut())?; // [N, H]
         let x3 = (&x2 + down)?;
-        if let (Some(tape), Some(rstd1), Some(rstd2), Some(()), Some(lora)) =
+        if let (Some(tape), Some(rstd1), Some(rstd2), Some(lse), Some(lora)) =
             (tape, rstd1, rstd2, recorded, lora)
         {
             tape.push(LayerTape {
@@ -724,6 +728,8 @@ impl Llama {
                 q,
                 k,
                 v,
+                lse,
+                attn,
                 x2,
                 rstd2,
                 gate,

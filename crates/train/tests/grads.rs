@@ -425,3 +425,62 @@ fn int8_lora_grads_match_peft() {
         100.0 * loss_err
     );
 }
+
+/// The training tape grows linearly with the sequence: no per-sequence t × t attention
+/// matrix is kept (the backward recomputes the probabilities block by block from q, k and
+/// each row's log-sum-exp). With the default model, one layer's probabilities for 1024
+/// tokens would be 9 heads × 1024² × 4 B = 36 MiB, 1.1 GiB over 30 layers.
+#[test]
+fn training_tape_grows_linearly_with_the_sequence() {
+    use lowrank_model::quant::Compute;
+    lowrank_model::init_threads_for(None, lowrank_model::Workload::Training);
+    let p = lowrank_model::fetch::ensure_default(false).unwrap();
+    let lm = LoadedModel::load_for(p.to_str().unwrap(), &Device::Cpu, Compute::Int8).unwrap();
+    let (adapter, _) = lowrank_model::adapters::load_adapter(
+        &lm.model,
+        &fixtures().join("smollm2-135m/peft_adapter"),
+        false,
+    )
+    .unwrap();
+    let c = &lm.model.cfg;
+    let tape_of = |t: usize| {
+        let ids: Vec<u32> = (0..t as u32).map(|i| 3 + (i * 7919) % 40000).collect();
+        let (_, tape) = lm.model.forward_tape(&[&ids], &adapter, None).unwrap();
+        (tape.bytes(), tape.largest_tensor())
+    };
+    let (b512, _) = tape_of(512);
+    let (b1024, largest) = tape_of(1024);
+    let t = 1024usize;
+    // Everything kept per token and layer: x, x2, q, k, v, gate, up, the two 1/rms, the
+    // log-sum-exps, o_proj's input (the fixture adapts o_proj) and the LoRA projections
+    // u = x·Aᵀ of the 7 adapted modules — all linear in t; per token also the rotary tables
+    // and the final norm's input.
+    let (h, qd, kvd) = (
+        c.hidden_size,
+        c.num_heads * c.head_dim,
+        c.num_kv_heads * c.head_dim,
+    );
+    let r = adapter.config.r;
+    let per_token_layer =
+        2 * h + 2 * qd + 2 * kvd + 2 * c.intermediate_size + 2 + c.num_heads + 7 * r;
+    let linear_bound = 4 * t * (per_token_layer * c.num_layers + c.head_dim + h + 1);
+    let probs = 4 * c.num_heads * t * t; // one layer's attention probabilities
+    assert!(
+        b1024 <= linear_bound,
+        "tape {b1024} B exceeds the linear bound {linear_bound} B"
+    );
+    assert!(
+        b1024 < linear_bound + probs,
+        "a t × t tensor would not fit under this bound"
+    );
+    assert!(
+        largest < c.num_heads * t * t / 4,
+        "largest tape tensor has {largest} elements"
+    );
+    // Twice the tokens, twice the tape (a t² term would make this ≥ 2.5 here).
+    let ratio = b1024 as f64 / b512 as f64;
+    assert!(
+        (1.99..=2.01).contains(&ratio),
+        "tape grew ×{ratio:.3} from 512 to 1024 tokens"
+    );
+}

@@ -1,5 +1,6 @@
 //! Fused CPU kernels of the recorded training pass and its backward: SiLU(gate)·up and its
-//! gradient, the causal softmax of one sequence's scores and its gradient. Each is one
+//! gradient, the causal softmax of a block of query rows (with its log-sum-exp), the
+//! probabilities again from that log-sum-exp, and the softmax's gradient. Each is one
 //! parallel pass over contiguous f32 data (candle would run several ops, each a full sweep).
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
@@ -112,27 +113,48 @@ pub fn silu_mul_bwd(g: &Tensor, u: &Tensor, dm: &Tensor) -> Result<(Tensor, Tens
     Ok((both.get(0)?, both.get(1)?))
 }
 
-/// Causal softmax of attention scores over the last dim, scores scaled by `scale` first.
-/// Rows are query positions modulo `t` (query heads stacked: [nkv, g·t, t]); row i sees keys
-/// 0..=i. One parallel pass instead of scale, mask add and softmax as separate ops.
-struct CausalSoftmax {
-    t: usize,
+/// Causal softmax of one block of query rows against its key prefix, scores scaled by
+/// `scale` first, with each row's log-sum-exp. Scores are [b, g·q, e] (query heads stacked
+/// by KV head, e = start + q); row (h, i) is query position start + i and sees keys
+/// 0..=start+i. Output: the probabilities (zero past the diagonal) followed by the b·g·q
+/// log-sum-exps, so that p = exp(scale·x − lse) on the visible keys. One parallel pass
+/// instead of scale, mask add and softmax as separate ops.
+struct BlockSoftmax {
+    q: usize,
+    start: usize,
     scale: f32,
 }
 
-impl CustomOp1 for CausalSoftmax {
+impl BlockSoftmax {
+    fn check(&self, dims: &[usize]) -> candle_core::Result<usize> {
+        match dims {
+            [_, rows, e] if rows % self.q == 0 && *e == self.start + self.q => Ok(*e),
+            _ => candle_core::bail!(
+                "block softmax: scores {dims:?} do not match {} queries from position {}",
+                self.q,
+                self.start
+            ),
+        }
+    }
+}
+
+impl CustomOp1 for BlockSoftmax {
     fn name(&self) -> &'static str {
-        "causal-softmax"
+        "block-softmax"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let e = self.check(l.dims())?;
         let x = slice(s, l, self.name())?;
-        let t = self.t;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(t)
-            .zip(x.par_chunks(t))
+        let rows = x.len() / e;
+        let mut out = vec![0f32; x.len() + rows];
+        let (probs, lses) = out.split_at_mut(x.len());
+        probs
+            .par_chunks_mut(e)
+            .zip(lses.par_iter_mut())
+            .zip(x.par_chunks(e))
             .enumerate()
-            .for_each(|(r, (o, x))| {
-                let n = r % t + 1; // visible keys
+            .for_each(|(r, ((o, lse), x))| {
+                let n = self.start + r % self.q + 1; // visible keys
                 let max = x[..n].iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let mut sum = 0f32;
                 for (o, &x) in o[..n].iter_mut().zip(&x[..n]) {
@@ -141,29 +163,132 @@ impl CustomOp1 for CausalSoftmax {
                 }
                 let k = 1.0 / sum;
                 o[..n].iter_mut().for_each(|o| *o *= k);
+                *lse = max * self.scale + sum.ln();
+            });
+        Ok((CpuStorage::F32(out), Shape::from(x.len() + rows)))
+    }
+}
+
+/// The additive causal mask of a block: [q, start+q], row i sees keys 0..=start+i.
+fn block_mask(q: usize, start: usize, dev: &candle_core::Device) -> Result<Tensor> {
+    let e = start + q;
+    let mask: Vec<f32> = (0..q)
+        .flat_map(|i| {
+            (0..e).map(move |j| {
+                if j > start + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, (q, e), dev)?)
+}
+
+/// Causal softmax of a block of `q` query rows starting at position `start`, and each row's
+/// log-sum-exp.   scores: [b, g·q, start+q] → (probabilities of the same shape, lse [b, g·q])
+pub fn block_softmax(
+    scores: &Tensor,
+    q: usize,
+    start: usize,
+    scale: f64,
+) -> Result<(Tensor, Tensor)> {
+    let (b, rows, e) = scores.dims3()?;
+    if !fits(&[scores]) {
+        let sc = (scores * scale)?
+            .reshape((b, rows / q, q, e))?
+            .broadcast_add(&block_mask(q, start, scores.device())?)?
+            .reshape((b, rows, e))?;
+        let max = sc.max_keepdim(D::Minus1)?;
+        let ex = sc.broadcast_sub(&max)?.exp()?;
+        let sum = ex.sum_keepdim(D::Minus1)?;
+        let lse = (max + sum.log()?)?.squeeze(D::Minus1)?;
+        return Ok((ex.broadcast_div(&sum)?, lse));
+    }
+    let op = BlockSoftmax {
+        q,
+        start,
+        scale: scale as f32,
+    };
+    let both = scores.apply_op1_no_bwd(&op)?;
+    let n = b * rows * e;
+    let probs = both.narrow(0, 0, n)?.reshape((b, rows, e))?;
+    // A copy: a view would keep the probabilities' buffer alive for as long as the lse.
+    let lse = both.narrow(0, n, b * rows)?.copy()?.reshape((b, rows))?;
+    Ok((probs, lse))
+}
+
+/// The probabilities of [`block_softmax`] again from the scores and the saved log-sum-exp:
+/// p = exp(scale·x − lse) on the visible keys, 0 past the diagonal. One pass (no max, no sum).
+struct BlockProbs {
+    q: usize,
+    start: usize,
+    scale: f32,
+}
+
+impl candle_core::CustomOp2 for BlockProbs {
+    fn name(&self) -> &'static str {
+        "block-probs"
+    }
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        ls: &CpuStorage,
+        ll: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let shape = BlockSoftmax {
+            q: self.q,
+            start: self.start,
+            scale: self.scale,
+        };
+        let e = shape.check(l.dims())?;
+        let (x, lse) = (slice(s, l, self.name())?, slice(ls, ll, self.name())?);
+        if lse.len() * e != x.len() {
+            candle_core::bail!(
+                "block probs: {} log-sum-exps for {:?} scores",
+                lse.len(),
+                l.dims()
+            );
+        }
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(e)
+            .zip(x.par_chunks(e).zip(lse.par_iter()))
+            .enumerate()
+            .for_each(|(r, (o, (x, &lse)))| {
+                let n = self.start + r % self.q + 1;
+                for (o, &x) in o[..n].iter_mut().zip(&x[..n]) {
+                    *o = (x * self.scale - lse).exp();
+                }
             });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 }
 
-/// softmax(scale·scores + causal mask).   scores: [b, g·t, t] (no KV cache) → same shape
-pub fn causal_softmax(scores: &Tensor, t: usize, scale: f64) -> Result<Tensor> {
-    if !fits(&[scores]) || scores.dim(D::Minus1)? != t || scores.dim(1)? % t != 0 {
-        let (b, rows, s) = scores.dims3()?;
-        let mask: Vec<f32> = (0..t)
-            .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-            .collect();
-        let mask = Tensor::from_vec(mask, (t, t), scores.device())?;
+/// [`block_softmax`]'s probabilities recomputed from the scores and its log-sum-exp.
+/// scores: [b, g·q, start+q], lse: [b, g·q] → [b, g·q, start+q]
+pub fn block_probs(
+    scores: &Tensor,
+    lse: &Tensor,
+    q: usize,
+    start: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, rows, e) = scores.dims3()?;
+    if !fits(&[scores]) || !lse.is_contiguous() || lse.dtype() != DType::F32 {
         let sc = (scores * scale)?
-            .reshape((b, rows / t, t, s))?
-            .broadcast_add(&mask)?
-            .reshape((b, rows, s))?;
-        return Ok(candle_nn::ops::softmax_last_dim(&sc)?);
+            .reshape((b, rows / q, q, e))?
+            .broadcast_add(&block_mask(q, start, scores.device())?)?
+            .reshape((b, rows, e))?;
+        return Ok(sc.broadcast_sub(&lse.unsqueeze(D::Minus1)?)?.exp()?);
     }
-    Ok(scores.apply_op1_no_bwd(&CausalSoftmax {
-        t,
+    let op = BlockProbs {
+        q,
+        start,
         scale: scale as f32,
-    })?)
+    };
+    Ok(scores.apply_op2_no_bwd(lse, &op)?)
 }
 
 struct SoftmaxBwd {
@@ -257,8 +382,6 @@ mod tests {
     #[test]
     fn fused_attention_softmax_equals_composed_ops() {
         let d = Device::Cpu;
-        let (b, g, t) = (2, 3, 5);
-        let sc = Tensor::randn(0f32, 2.0, (b, g * t, t), &d).unwrap();
         let nc = |t: &Tensor| {
             t.transpose(1, 2)
                 .unwrap()
@@ -267,16 +390,31 @@ mod tests {
                 .transpose(1, 2)
                 .unwrap()
         };
-        let fused = causal_softmax(&sc, t, 0.3).unwrap();
-        let want = causal_softmax(&nc(&sc), t, 0.3).unwrap();
-        assert!(max_diff(&fused, &want) < 1e-6);
-        // row i of each block sees keys 0..=i only
-        let v = fused.to_vec3::<f32>().unwrap();
-        assert_eq!(v[1][t + 1][2], 0.0);
-        assert!((v[1][t + 1][..2].iter().sum::<f32>() - 1.0).abs() < 1e-6);
-        let dp = Tensor::randn(0f32, 1.0, (b, g * t, t), &d).unwrap();
-        let a = softmax_bwd(&fused, &dp, 0.3).unwrap();
-        let w = softmax_bwd(&nc(&fused), &nc(&dp), 0.3).unwrap();
-        assert!(max_diff(&a, &w) < 1e-6);
+        // A whole sequence (start 0) and a later block of it (start 4).
+        for (b, g, q, start) in [(2, 3, 5, 0), (2, 3, 3, 4)] {
+            let e = start + q;
+            let sc = Tensor::randn(0f32, 2.0, (b, g * q, e), &d).unwrap();
+            let (fused, lse) = block_softmax(&sc, q, start, 0.3).unwrap();
+            let (want, want_lse) = block_softmax(&nc(&sc), q, start, 0.3).unwrap();
+            assert!(max_diff(&fused, &want) < 1e-6);
+            assert_eq!(lse.dims(), &[b, g * q]);
+            assert!(max_diff(&lse, &want_lse) < 1e-5);
+            // row i of each head sees keys 0..=start+i only
+            let v = fused.to_vec3::<f32>().unwrap();
+            assert_eq!(v[1][q + 1][start + 2], 0.0);
+            assert!((v[1][q + 1][..start + 2].iter().sum::<f32>() - 1.0).abs() < 1e-6);
+            // the probabilities again from the log-sum-exp, fused and composed
+            let again = block_probs(&sc, &lse, q, start, 0.3).unwrap();
+            assert!(max_diff(&again, &fused) < 1e-6);
+            let composed = block_probs(&nc(&sc), &lse, q, start, 0.3).unwrap();
+            assert!(max_diff(&composed, &fused) < 1e-6);
+            let dp = Tensor::randn(0f32, 1.0, (b, g * q, e), &d).unwrap();
+            let a = softmax_bwd(&fused, &dp, 0.3).unwrap();
+            let w = softmax_bwd(&nc(&fused), &nc(&dp), 0.3).unwrap();
+            assert!(max_diff(&a, &w) < 1e-6);
+        }
+        // a block that does not fit its scores is an error, not a wrong answer
+        let sc = Tensor::randn(0f32, 1.0, (1, 4, 5), &d).unwrap();
+        assert!(block_softmax(&sc, 2, 2, 1.0).is_err());
     }
 }

@@ -26,7 +26,7 @@ mod fused;
 mod lora;
 mod rows;
 
-pub use fused::{causal_softmax, silu_mul, silu_mul_bwd, softmax_bwd};
+pub use fused::{block_probs, block_softmax, silu_mul, silu_mul_bwd, softmax_bwd};
 pub use lora::{lora_gathered, LoraRows};
 pub use rows::{
     attention_kernel_name, attention_rows, supported_attention_kernels, AttnItem, AttnKernel,
