@@ -167,3 +167,35 @@ unsafe fn row<const G: usize, const C: usize>(
         }
     }
 }
+
+/// dst[j] = e^(a·src[j] + b) for arguments ≤ 0 (softmax rows of training attention); returns
+/// Σ dst. 8 lanes at a time, the tail in scalar code with the same polynomial (via a padded
+/// vector), so every element gets the same rounding.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `dst` and `src` have the same length.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn exp_affine(dst: &mut [f32], src: &[f32], a: f32, b: f32) -> f32 {
+    let n = dst.len().min(src.len());
+    let (full, tail) = (n / 8, n % 8);
+    let (av, bv) = (_mm256_set1_ps(a), _mm256_set1_ps(b));
+    let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+    let mut sum = _mm256_setzero_ps();
+    for c in 0..full {
+        let e = exp(_mm256_fmadd_ps(_mm256_loadu_ps(s.add(c * 8)), av, bv));
+        _mm256_storeu_ps(d.add(c * 8), e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
+    let mut total: f32 = lanes.iter().sum();
+    if tail > 0 {
+        let mut x = [-100f32; 8];
+        x[..tail].copy_from_slice(&src[full * 8..n]);
+        let e = exp(_mm256_fmadd_ps(_mm256_loadu_ps(x.as_ptr()), av, bv));
+        _mm256_storeu_ps(lanes.as_mut_ptr(), e);
+        dst[full * 8..n].copy_from_slice(&lanes[..tail]);
+        total += lanes[..tail].iter().sum::<f32>();
+    }
+    total
+}

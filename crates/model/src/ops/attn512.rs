@@ -148,3 +148,30 @@ unsafe fn row<const G: usize, const C: usize>(
         }
     }
 }
+
+/// dst[j] = e^(a·src[j] + b) for arguments ≤ 0 (softmax rows of training attention); returns
+/// Σ dst. 16 lanes at a time, the tail under a mask.
+///
+/// # Safety
+/// The CPU must support AVX-512F; `dst` and `src` have the same length.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn exp_affine(dst: &mut [f32], src: &[f32], a: f32, b: f32) -> f32 {
+    let n = dst.len().min(src.len());
+    let (full, tail) = (n / 16, n % 16);
+    let (av, bv) = (_mm512_set1_ps(a), _mm512_set1_ps(b));
+    let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+    let mut sum = _mm512_setzero_ps();
+    for c in 0..full {
+        let e = exp(_mm512_fmadd_ps(_mm512_loadu_ps(s.add(c * 16)), av, bv));
+        _mm512_storeu_ps(d.add(c * 16), e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    if tail > 0 {
+        let m: __mmask16 = ((1u32 << tail) - 1) as u16;
+        let x = _mm512_maskz_loadu_ps(m, s.add(full * 16));
+        let e = _mm512_maskz_mov_ps(m, exp(_mm512_fmadd_ps(x, av, bv)));
+        _mm512_mask_storeu_ps(d.add(full * 16), m, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    _mm512_reduce_add_ps(sum)
+}

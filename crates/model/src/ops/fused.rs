@@ -6,6 +6,7 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use super::rows::exp_affine;
 use crate::error::Result;
 
 /// Elements per parallel task of the elementwise kernels below.
@@ -156,11 +157,7 @@ impl CustomOp1 for BlockSoftmax {
             .for_each(|(r, ((o, lse), x))| {
                 let n = self.start + r % self.q + 1; // visible keys
                 let max = x[..n].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for (o, &x) in o[..n].iter_mut().zip(&x[..n]) {
-                    *o = ((x - max) * self.scale).exp();
-                    sum += *o;
-                }
+                let sum = exp_affine(&mut o[..n], &x[..n], self.scale, -max * self.scale);
                 let k = 1.0 / sum;
                 o[..n].iter_mut().for_each(|o| *o *= k);
                 *lse = max * self.scale + sum.ln();
@@ -258,9 +255,7 @@ impl candle_core::CustomOp2 for BlockProbs {
             .enumerate()
             .for_each(|(r, (o, (x, &lse)))| {
                 let n = self.start + r % self.q + 1;
-                for (o, &x) in o[..n].iter_mut().zip(&x[..n]) {
-                    *o = (x * self.scale - lse).exp();
-                }
+                exp_affine(&mut o[..n], &x[..n], self.scale, -lse);
             });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }

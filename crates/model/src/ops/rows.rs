@@ -250,6 +250,32 @@ impl AttnKernel {
     }
 }
 
+/// dst[j] = e^(a·src[j] + b), with a·src[j] + b ≤ 0 up to rounding (rows of a softmax);
+/// returns Σ dst. The vector exp of the process's attention kernel, else libm's.
+pub(crate) fn exp_affine(dst: &mut [f32], src: &[f32], a: f32, b: f32) -> f32 {
+    assert_eq!(
+        dst.len(),
+        src.len(),
+        "exp_affine: slices of different lengths"
+    );
+    match AttnKernel::detect() {
+        // SAFETY: `detect` picks only kernels the CPU supports; the lengths are equal.
+        #[cfg(target_arch = "x86_64")]
+        AttnKernel::Avx512 => unsafe { super::attn512::exp_affine(dst, src, a, b) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        AttnKernel::Avx2 => unsafe { super::attn256::exp_affine(dst, src, a, b) },
+        _ => {
+            let mut sum = 0f32;
+            for (d, &x) in dst.iter_mut().zip(src) {
+                *d = (a * x + b).exp();
+                sum += *d;
+            }
+            sum
+        }
+    }
+}
+
 /// The attention kernel this process uses: `"avx512"`, `"avx2"` or `"portable"`.
 pub fn attention_kernel_name() -> &'static str {
     AttnKernel::detect().name()
@@ -521,6 +547,46 @@ mod attention_tests {
             assert!(tiny.iter().all(|v| *v >= 0.0 && *v < 1e-37), "{}", k.name());
         }
         eprintln!("vector exp checked on {ran} SIMD kernel(s)");
+    }
+
+    /// The training softmax's e^(a·x + b) over whole rows: every SIMD kernel this CPU runs
+    /// (the others named as skipped), every tail length, against f64; the sum is the rows'.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vector_exp_affine_covers_every_tail() {
+        type Run = unsafe fn(&mut [f32], &[f32], f32, f32) -> f32;
+        let kernels: [(AttnKernel, Run); 2] = [
+            (AttnKernel::Avx512, super::super::attn512::exp_affine),
+            (AttnKernel::Avx2, super::super::attn256::exp_affine),
+        ];
+        for (k, run) in kernels {
+            if !k.supported() {
+                eprintln!("exp_affine {}: skipped (this CPU cannot run it)", k.name());
+                continue;
+            }
+            for n in 1..=41 {
+                let src: Vec<f32> = (0..n).map(|i| -(i as f32) * 0.37 + 1.5).collect();
+                let (a, b) = (0.7f32, -1.05f32);
+                let mut dst = vec![f32::NAN; n];
+                // SAFETY: the CPU supports the kernel; equal lengths.
+                let sum = unsafe { run(&mut dst, &src, a, b) };
+                let mut want_sum = 0f64;
+                for (d, x) in dst.iter().zip(&src) {
+                    let want = (a as f64 * *x as f64 + b as f64).exp();
+                    want_sum += want;
+                    assert!(
+                        ((*d as f64) - want).abs() <= 1e-6 * want,
+                        "{} n={n}: {d} vs {want}",
+                        k.name()
+                    );
+                }
+                assert!(
+                    ((sum as f64) - want_sum).abs() <= 1e-5 * want_sum,
+                    "{} n={n}: sum",
+                    k.name()
+                );
+            }
+        }
     }
 
     /// The environment's request picks a supported kernel, and an unsupported or unknown one
