@@ -106,6 +106,13 @@ fn resume_after_interrupt_equals_uninterrupted_and_is_deterministic() {
     let a = std::fs::read(full.join("adapter_model.safetensors")).unwrap();
     let b = std::fs::read(again.join("adapter_model.safetensors")).unwrap();
     assert_eq!(a, b, "same seed must give identical adapter bytes");
+    // Layer checkpointing replays each block (with its dropout masks): the same bytes.
+    let ck = d.join("ck");
+    let mut args = train_args(&data, &ck);
+    args.push("--checkpoint-layers".into());
+    ok(&lowrank().args(args).output().unwrap());
+    let c = std::fs::read(ck.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(a, c, "--checkpoint-layers must not change the adapter");
     // Interrupted after step 5 (the Ctrl-C path): a checkpoint is written, exit 130.
     let part = d.join("part");
     let o = lowrank()

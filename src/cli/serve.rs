@@ -121,6 +121,9 @@ pub enum BenchCmd {
         /// Full fine-tuning instead of LoRA.
         #[arg(long)]
         full: bool,
+        /// Layer checkpointing (as `train --checkpoint-layers`).
+        #[arg(long)]
+        checkpoint_layers: bool,
     },
     /// Load generator against a server on loopback: 1 / 10 / 100 adapters, merged vs unmerged.
     Serve {
@@ -177,15 +180,14 @@ pub fn bench(c: BenchCmd, device: &Device) -> Result<()> {
             rank,
             targets,
             full,
+            checkpoint_layers,
         } => bench_train(
             &model,
             compute.compute.into(),
-            batch,
-            seq,
-            steps,
+            (batch, seq, steps),
             rank,
             &targets,
-            full,
+            (full, checkpoint_layers),
             device,
         ),
         BenchCmd::Serve {
@@ -294,12 +296,10 @@ fn bench_infer(
 fn bench_train(
     m: &ModelArg,
     compute: lowrank_model::quant::Compute,
-    batch: usize,
-    seq: usize,
-    steps: usize,
+    (batch, seq, steps): (usize, usize, usize),
     rank: usize,
     targets: &str,
-    full: bool,
+    (full, checkpoint_layers): (bool, bool),
     device: &Device,
 ) -> Result<()> {
     use rand::{Rng, SeedableRng};
@@ -333,6 +333,7 @@ fn bench_train(
         },
         lr: 1e-4,
         compute,
+        checkpoint_layers,
         ..Default::default()
     };
     let mut t = lowrank_train::Trainer::new(&lm, cfg)?;
@@ -361,7 +362,7 @@ fn bench_train(
         "{}",
         serde_json::json!({
             "mode": if full { "full" } else { "lora" }, "trainable": s.trainable_params,
-            "compute": compute.name(),
+            "compute": compute.name(), "checkpoint_layers": checkpoint_layers,
             "int8_kernel": (compute == lowrank_model::quant::Compute::Int8).then(lowrank_model::quant::kernel_name),
             "batch": batch, "seq": seq, "tokens_per_s": (tps * 10.0).round() / 10.0,
             "achieved_gflops": (tps * flops_per_token / 1e8).round() / 10.0,

@@ -108,6 +108,11 @@ pub struct TrainArgs {
     /// Skip (and count) bad records instead of stopping.
     #[arg(long)]
     pub skip_bad: bool,
+    /// Keep only each block's input and replay the block in the backward: activation memory
+    /// of [tokens, hidden] per layer instead of the whole tape, for about one more forward
+    /// pass of time; the same gradients bit for bit (LoRA only).
+    #[arg(long)]
+    pub checkpoint_layers: bool,
     /// Stop after this many seconds of training (0: no limit) [default: 0]
     #[arg(long)]
     pub time_budget: Option<f64>,
@@ -163,6 +168,7 @@ impl TrainArgs {
         c.rslora |= self.rslora;
         c.pack |= self.pack;
         c.skip_bad |= self.skip_bad;
+        c.checkpoint_layers |= self.checkpoint_layers;
         c.validate().map_err(anyhow::Error::msg)?;
         Ok(c)
     }

@@ -72,6 +72,45 @@ pub(crate) struct LayerTape {
     pub(crate) lora: LoraRec,
 }
 
+/// What the recorded forward keeps of one block.
+pub(crate) enum LayerRec {
+    /// Everything its backward needs.
+    Full(LayerTape),
+    /// Layer checkpointing: only the block's input [N, H] and the LoRA dropout stream's state
+    /// at its start; the backward replays the block's forward from them (bitwise the same
+    /// tape) just before it needs it, so one block's tape is alive at a time.
+    Input {
+        x: Tensor,
+        dropout: Option<(f64, rand_chacha::ChaCha8Rng)>,
+    },
+}
+
+/// How the decoder records for the hand-written backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Record {
+    /// Inference or autograd: no tape.
+    Off,
+    /// Every block's tape.
+    Full,
+    /// Every block's input only ([`LayerRec::Input`]).
+    Checkpoint,
+}
+
+impl Record {
+    pub(crate) fn on(self) -> bool {
+        self != Record::Off
+    }
+}
+
+impl LayerRec {
+    fn tensors(&self) -> Box<dyn Iterator<Item = &Tensor> + '_> {
+        match self {
+            LayerRec::Full(t) => Box::new(t.tensors()),
+            LayerRec::Input { x, .. } => Box::new(std::iter::once(x)),
+        }
+    }
+}
+
 impl LayerTape {
     /// Every tensor the layer keeps.
     fn tensors(&self) -> impl Iterator<Item = &Tensor> {
@@ -92,7 +131,9 @@ pub struct Tape {
     /// [N, hd/2] rotary tables at each token's position
     pub(crate) cos: Tensor,
     pub(crate) sin: Tensor,
-    pub(crate) layers: Vec<LayerTape>,
+    pub(crate) layers: Vec<LayerRec>,
+    /// The batch's adapter groups, kept to replay checkpointed blocks.
+    pub(crate) groups: Option<Vec<crate::model::Group>>,
     /// [N, H] input of the final norm, and its 1/rms
     pub(crate) x_last: Tensor,
     pub(crate) rstd_last: Tensor,
@@ -138,12 +179,14 @@ impl Llama {
     /// returns the final hidden states [N, H] (after the final norm) of the concatenated
     /// sequences, and the tape for [`Tape::backward`]. The forward is the decoder's own
     /// ([`Llama::decode`] in recording mode), so it draws LoRA dropout masks in the same order
-    /// as [`Llama::forward`] does.
+    /// as [`Llama::forward`] does. `checkpoint`: keep only each block's input and replay the
+    /// block in the backward (one more forward's work for a tape of [N, H] per layer).
     pub fn forward_tape(
         &self,
         seqs: &[&[u32]],
         adapter: &Adapter,
         dropout: Option<(f64, &mut rand_chacha::ChaCha8Rng)>,
+        checkpoint: bool,
     ) -> Result<(Tensor, Tape)> {
         // One group over every row, weight 1 (the tape's backward assumes exactly that).
         let set: AdapterSet = Arc::new(vec![(Arc::new(adapter.clone()), 1.0)]);
@@ -160,9 +203,52 @@ impl Llama {
             train: false,
             dropout,
         };
-        let (hidden, tape) = self.decode(&mut inputs, &mut opts, true)?;
+        let record = match checkpoint {
+            true => Record::Checkpoint,
+            false => Record::Full,
+        };
+        let (hidden, tape) = self.decode(&mut inputs, &mut opts, record)?;
         let tape = tape.ok_or_else(|| ModelError::Invalid("the forward kept no tape".into()))?;
         Ok((hidden, tape))
+    }
+}
+
+impl Llama {
+    /// The tape of block `l` again from its input, as the recorded forward made it (same
+    /// functions, same dropout stream): for a checkpointed layer, just before its backward.
+    #[allow(clippy::too_many_arguments)]
+    fn replay_block(
+        &self,
+        l: usize,
+        x: &Tensor,
+        spans: &[(usize, usize)],
+        cos: &Tensor,
+        sin: &Tensor,
+        groups: &Option<Vec<crate::model::Group>>,
+        dropout: Option<(f64, rand_chacha::ChaCha8Rng)>,
+    ) -> Result<LayerTape> {
+        let groups = groups
+            .as_deref()
+            .ok_or_else(|| ModelError::Invalid("a checkpointed tape without its groups".into()))?;
+        let ctxs: Vec<crate::model::SeqCtx> = spans
+            .iter()
+            .map(|&(offset, len)| crate::model::SeqCtx {
+                offset,
+                len,
+                mask: None,
+            })
+            .collect();
+        let rope = crate::model::Rope {
+            cos: cos.clone(),
+            sin: sin.clone(),
+        };
+        let mut rng = dropout.as_ref().map(|(_, r)| r.clone());
+        let mut opts = ForwardOpts {
+            train: false,
+            dropout: dropout.map(|(p, _)| p).zip(rng.as_mut()),
+        };
+        let (_, tape) = self.block(l, x, &mut [], &ctxs, &rope, groups, &mut opts, true)?;
+        tape.ok_or_else(|| ModelError::Invalid("the replayed block kept no tape".into()))
     }
 }
 
@@ -211,7 +297,7 @@ impl Tape {
         let b = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         let top = [&self.cos, &self.sin, &self.x_last, &self.rstd_last];
         top.into_iter()
-            .chain(self.layers.iter().flat_map(LayerTape::tensors))
+            .chain(self.layers.iter().flat_map(LayerRec::tensors))
             .map(b)
             .sum()
     }
@@ -219,7 +305,7 @@ impl Tape {
     /// The largest single tensor the tape holds, in elements (a t × t attention matrix of a
     /// sequence would show here).
     pub fn largest_tensor(&self) -> usize {
-        let layers = self.layers.iter().flat_map(LayerTape::tensors);
+        let layers = self.layers.iter().flat_map(LayerRec::tensors);
         layers.map(Tensor::elem_count).max().unwrap_or(0)
     }
 
@@ -239,9 +325,21 @@ impl Tape {
         let mut grads = BTreeMap::new();
         let mut dx = rms_bwd(dhidden, &self.x_last, &self.rstd_last, &w.norm)?; // [N, H]
         let mut layers = self.layers;
-        while let Some(lt) = layers.pop() {
+        while let Some(rec) = layers.pop() {
             let l = layers.len();
             let lw = &w.layers[l];
+            let lt = match rec {
+                LayerRec::Full(t) => t,
+                LayerRec::Input { x, dropout } => model.replay_block(
+                    l,
+                    &x,
+                    &self.seqs,
+                    &self.cos,
+                    &self.sin,
+                    &self.groups,
+                    dropout,
+                )?,
+            };
             // Int8 compute: the frozen part of a pack's input gradient, Σ_t dY_t·W_t, is one
             // f32 matmul of the concatenated dYs with the pack dequantized — exactly the
             // weights the forward multiplied, held in f32 for this one matmul only. Measured

@@ -14,7 +14,7 @@ use lowrank_lora::{Adapter, LoraModule, ModuleKey, Target};
 use rand::Rng;
 
 use crate::attention::causal_mask;
-use crate::backward::{heads, lora_fwd, rms_fwd, LayerTape, LoraRec, Tape};
+use crate::backward::{heads, lora_fwd, rms_fwd, LayerRec, LayerTape, LoraRec, Record, Tape};
 use crate::cache::KvCache;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
@@ -61,8 +61,8 @@ impl ForwardOpts<'_> {
 }
 
 /// Rows of the flat token matrix that share one adapter mixture.
-struct Group {
-    set: AdapterSet,
+pub(crate) struct Group {
+    pub(crate) set: AdapterSet,
     /// The rows of the flat token matrix in this group.
     rows: Vec<u32>,
     /// `None` when the group covers every token (no gather/scatter needed).
@@ -78,9 +78,9 @@ pub(crate) struct SeqCtx {
 }
 
 /// Rotary tables for every token of the batch at its own position: [N, hd/2].
-struct Rope {
-    cos: Tensor,
-    sin: Tensor,
+pub(crate) struct Rope {
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
 }
 
 #[derive(Debug, Clone)]
@@ -338,7 +338,7 @@ impl Llama {
         seqs: &mut [SeqInput<'_>],
         opts: &mut ForwardOpts<'_>,
     ) -> Result<Tensor> {
-        Ok(self.decode(seqs, opts, false)?.0)
+        Ok(self.decode(seqs, opts, Record::Off)?.0)
     }
 
     /// The decoder, written once for every use: inference (fused kernels, int8 where packed,
@@ -349,8 +349,9 @@ impl Llama {
         &self,
         seqs: &mut [SeqInput<'_>],
         opts: &mut ForwardOpts<'_>,
-        record: bool,
+        record: Record,
     ) -> Result<(Tensor, Option<Tape>)> {
+        let on = record.on();
         if seqs.is_empty() {
             return Err(ModelError::Invalid("empty batch".into()));
         }
@@ -363,7 +364,7 @@ impl Llama {
                     "a sequence in the batch has no tokens".into(),
                 ));
             }
-            if record && s.cache.is_some() {
+            if on && s.cache.is_some() {
                 return Err(ModelError::Invalid(
                     "a recorded (training) forward runs without KV caches".into(),
                 ));
@@ -412,19 +413,30 @@ impl Llama {
                 self.weights.embed.index_select(&ids, 0)?
             }
         };
-        let mut layers = record.then(|| Vec::with_capacity(self.cfg.num_layers));
+        let mut layers = record.on().then(|| Vec::with_capacity(self.cfg.num_layers));
         for l in 0..self.cfg.num_layers {
-            x = self.block(l, &x, seqs, &ctxs, &rope, &groups, opts, layers.as_mut())?;
+            // Checkpointing keeps the block's input (and the dropout stream's state there) and
+            // drops its tape; the backward replays the block from them, bitwise the same.
+            let replay = (record == Record::Checkpoint).then(|| LayerRec::Input {
+                x: x.clone(),
+                dropout: opts.dropout.as_ref().map(|(p, rng)| (*p, (**rng).clone())),
+            });
+            let (y, tape) = self.block(l, &x, seqs, &ctxs, &rope, &groups, opts, record.on())?;
+            x = y;
+            if let (Some(layers), Some(tape)) = (layers.as_mut(), tape) {
+                layers.push(replay.unwrap_or(LayerRec::Full(tape)));
+            }
         }
         for s in seqs.iter_mut() {
             if let Some(c) = s.cache.as_deref_mut() {
                 c.advance(s.tokens.len());
             }
         }
-        let (hidden, rstd) = self.norm(&x, &self.weights.norm, opts, record)?; // [N, H]
+        let (hidden, rstd) = self.norm(&x, &self.weights.norm, opts, on)?; // [N, H]
         let tape = match (layers, rstd) {
             (Some(layers), Some(rstd_last)) => Some(Tape {
                 seqs: ctxs.iter().map(|c| (c.offset, c.len)).collect(),
+                groups: (record == Record::Checkpoint).then_some(groups),
                 cos: rope.cos,
                 sin: rope.sin,
                 layers,
@@ -660,9 +672,9 @@ impl Llama {
     }
 
     /// One decoder block: x + attn(norm(x)), then + mlp(norm(x)).   x: [N, H] → [N, H]
-    /// `tape`: LoRA training records the layer's [`LayerTape`] there.
+    /// `record`: LoRA training; the layer's [`LayerTape`] is returned with the output.
     #[allow(clippy::too_many_arguments)]
-    fn block(
+    pub(crate) fn block(
         &self,
         l: usize,
         x: &Tensor,
@@ -671,12 +683,11 @@ impl Llama {
         rope: &Rope,
         groups: &[Group],
         opts: &mut ForwardOpts<'_>,
-        tape: Option<&mut Vec<LayerTape>>,
-    ) -> Result<Tensor> {
+        record: bool,
+    ) -> Result<(Tensor, Option<LayerTape>)> {
         let c = &self.cfg;
         let lw = &self.weights.layers[l];
         let key = |t| ModuleKey::new(l, t);
-        let record = tape.is_some();
         let mut lora = record.then(LoraRec::new);
         // Attention: x + o(attn(rope(q), rope(k), v)) over norm(x).
         let (h, rstd1) = self.norm(x, &lw.attn_norm, opts, record)?; // [N, H]
@@ -719,10 +730,8 @@ impl Llama {
         };
         let down = self.proj(&m, key(Target::Down), None, groups, opts, lora.as_mut())?; // [N, H]
         let x3 = (&x2 + down)?;
-        if let (Some(tape), Some(rstd1), Some(rstd2), Some(lse), Some(lora)) =
-            (tape, rstd1, rstd2, recorded, lora)
-        {
-            tape.push(LayerTape {
+        let tape = match (rstd1, rstd2, recorded, lora) {
+            (Some(rstd1), Some(rstd2), Some(lse), Some(lora)) => Some(LayerTape {
                 x: x.clone(),
                 rstd1,
                 q,
@@ -735,9 +744,10 @@ impl Llama {
                 gate,
                 up,
                 lora,
-            });
-        }
-        Ok(x3)
+            }),
+            _ => None,
+        };
+        Ok((x3, tape))
     }
 }
 

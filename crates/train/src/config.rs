@@ -80,6 +80,10 @@ pub struct TrainConfig {
     /// How the frozen base is multiplied in the forward and the backward's dX: `f32`, or
     /// `int8` (packed 8-bit blocks, QLoRA-style; LoRA, norms, attention and the loss stay f32).
     pub compute: lowrank_model::quant::Compute,
+    /// Layer checkpointing for LoRA: keep only each block's input and replay the block in the
+    /// backward — activation memory of [tokens, hidden] per layer instead of the full tape,
+    /// for about one more forward pass of time. The gradients are bitwise the same.
+    pub checkpoint_layers: bool,
 }
 
 impl Default for TrainConfig {
@@ -115,6 +119,7 @@ impl Default for TrainConfig {
             time_budget_s: 0.0,
             save_dtype: "f32".into(),
             compute: lowrank_model::quant::Compute::default(),
+            checkpoint_layers: false,
         }
     }
 }

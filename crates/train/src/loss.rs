@@ -264,17 +264,19 @@ fn head_chunks(
 
 /// One LoRA micro-batch through the hand-written backward (`lowrank_model::backward`):
 /// the summed NLL of its targets and the gradients (scaled by `grad_scale`) of every module
-/// of `adapter`, keyed by PEFT parameter name.
+/// of `adapter`, keyed by PEFT parameter name. `checkpoint`: layer checkpointing (see
+/// `Llama::forward_tape`; the same gradients, bit for bit).
 pub fn lora_batch_grads(
     model: &Llama,
     batch: &[&Sample],
     adapter: &Adapter,
     dropout: Option<(f64, &mut rand_chacha::ChaCha8Rng)>,
     grad_scale: f64,
+    checkpoint: bool,
 ) -> lowrank_model::Result<(f64, usize, BTreeMap<String, Tensor>)> {
     let (rows, targets) = target_rows(batch);
     let seqs: Vec<&[u32]> = batch.iter().map(|s| s.ids.as_slice()).collect();
-    let (hidden, tape) = model.forward_tape(&seqs, adapter, dropout)?; // [N, H]
+    let (hidden, tape) = model.forward_tape(&seqs, adapter, dropout, checkpoint)?; // [N, H]
     let mut out = BTreeMap::new();
     if rows.is_empty() {
         return Ok((0.0, 0, out));

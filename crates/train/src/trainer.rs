@@ -221,6 +221,10 @@ impl<'a> Trainer<'a> {
                     cfg.compute.name()
                 )))
             }
+            Method::Full if cfg.checkpoint_layers => return Err(TrainError::Config(
+                "--checkpoint-layers applies to LoRA training (full fine-tuning runs on autograd)"
+                    .into(),
+            )),
             Method::Full => Self::init_full(base)?,
         };
         // The base's own compute is reused when it matches (a model loaded for int8 keeps
@@ -480,7 +484,14 @@ impl<'a> Trainer<'a> {
             let gs: BTreeMap<String, Tensor> = match &self.trainable {
                 // LoRA: the hand-written backward (dX only through the frozen base).
                 Trainable::Lora { adapter, .. } => {
-                    let (n, _, gs) = lora_batch_grads(&self.model, &refs, adapter, dropout, scale)?;
+                    let (n, _, gs) = lora_batch_grads(
+                        &self.model,
+                        &refs,
+                        adapter,
+                        dropout,
+                        scale,
+                        self.cfg.checkpoint_layers,
+                    )?;
                     nll += n;
                     gs
                 }

@@ -129,8 +129,15 @@ fn loss_and_lora_grads_match_peft() {
     assert_eq!(checked, 420);
     eprintln!("loss {loss:.6} (PEFT {want_loss:.6}); worst gradient rel. error {worst:.2e}");
     // The hand-written backward the trainer uses: same loss, same gradients.
-    let (nll, targets, hand) =
-        lora_batch_grads(&lm.model, &[&s], &set_adapter(&set), None, 1.0 / m as f64).unwrap();
+    let (nll, targets, hand) = lora_batch_grads(
+        &lm.model,
+        &[&s],
+        &set_adapter(&set),
+        None,
+        1.0 / m as f64,
+        false,
+    )
+    .unwrap();
     let loss2 = nll / targets as f64;
     assert!(
         ((loss2 - want_loss) / want_loss).abs() <= 1e-4,
@@ -316,7 +323,8 @@ fn backward_agrees_with_finite_differences() {
 }
 
 /// The hand-written backward equals candle's autograd on the tiny model: every projection
-/// adapted, ragged batch with a masked prompt, with and without LoRA dropout (same masks).
+/// adapted, ragged batch with a masked prompt, with and without LoRA dropout (same masks),
+/// with and without layer checkpointing (bitwise).
 #[test]
 fn hand_written_backward_equals_autograd() {
     let model = tiny_model();
@@ -339,15 +347,23 @@ fn hand_written_backward_equals_autograd() {
         };
         let hl = batch_loss(&model, &refs, Some(set), &mut fo, true, 1.0 / m as f64).unwrap();
         let auto = hl.surrogate.unwrap().backward().unwrap();
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-        let (nll, _, hand) = lora_batch_grads(
-            &model,
-            &refs,
-            &adapter,
-            (p > 0.0).then_some((p, &mut rng)),
-            1.0 / m as f64,
-        )
-        .unwrap();
+        let hand_with = |checkpoint: bool| {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+            let d = (p > 0.0).then_some((p, &mut rng));
+            lora_batch_grads(&model, &refs, &adapter, d, 1.0 / m as f64, checkpoint).unwrap()
+        };
+        let (nll, _, hand) = hand_with(false);
+        // Layer checkpointing replays each block (and its dropout masks): bitwise the same.
+        let (nll_ck, _, hand_ck) = hand_with(true);
+        assert_eq!(nll.to_bits(), nll_ck.to_bits(), "p={p}: checkpointed loss");
+        for (name, g) in &hand {
+            let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(
+                v(g),
+                v(&hand_ck[name]),
+                "p={p} {name}: checkpointed gradient differs"
+            );
+        }
         assert!(
             (nll - hl.nll_sum).abs() <= 1e-5 * hl.nll_sum.abs(),
             "p={p}: nll {nll} vs {}",
@@ -406,7 +422,7 @@ fn int8_lora_grads_match_peft() {
     let (st, s, want_loss) = peft_case();
     let m = s.num_targets();
     let (nll, targets, hand) =
-        lora_batch_grads(&lm.model, &[&s], &adapter, None, 1.0 / m as f64).unwrap();
+        lora_batch_grads(&lm.model, &[&s], &adapter, None, 1.0 / m as f64, false).unwrap();
     let loss = nll / targets as f64;
     let loss_err = ((loss - want_loss) / want_loss).abs();
     assert!(loss_err <= 0.01, "int8 loss {loss} vs PEFT {want_loss}");
@@ -443,13 +459,16 @@ fn training_tape_grows_linearly_with_the_sequence() {
     )
     .unwrap();
     let c = &lm.model.cfg;
-    let tape_of = |t: usize| {
+    let tape_of = |t: usize, checkpoint: bool| {
         let ids: Vec<u32> = (0..t as u32).map(|i| 3 + (i * 7919) % 40000).collect();
-        let (_, tape) = lm.model.forward_tape(&[&ids], &adapter, None).unwrap();
+        let (_, tape) = lm
+            .model
+            .forward_tape(&[&ids], &adapter, None, checkpoint)
+            .unwrap();
         (tape.bytes(), tape.largest_tensor())
     };
-    let (b512, _) = tape_of(512);
-    let (b1024, largest) = tape_of(1024);
+    let (b512, _) = tape_of(512, false);
+    let (b1024, largest) = tape_of(1024, false);
     let t = 1024usize;
     // Everything kept per token and layer: x, x2, q, k, v, gate, up, the two 1/rms, the
     // log-sum-exps, o_proj's input (the fixture adapts o_proj) and the LoRA projections
@@ -483,4 +502,12 @@ fn training_tape_grows_linearly_with_the_sequence() {
         (1.99..=2.01).contains(&ratio),
         "tape grew ×{ratio:.3} from 512 to 1024 tokens"
     );
+    // Layer checkpointing keeps each block's input only: [t, H] per layer.
+    let (ck, ck_largest) = tape_of(1024, true);
+    let ck_bound = 4 * t * (h * c.num_layers + c.head_dim + h + 1);
+    assert!(
+        ck <= ck_bound,
+        "checkpointed tape {ck} B exceeds {ck_bound} B"
+    );
+    assert!(ck_largest <= t * h);
 }

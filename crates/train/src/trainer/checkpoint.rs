@@ -388,6 +388,7 @@ const FREE: &[&str] = &[
     "time_budget_s",
     "save_dtype",
     "skip_bad",
+    "checkpoint_layers",
 ];
 /// Settings the saved tensors depend on (their shapes, or PiSSA's rewritten base): never
 /// changeable on resume.
