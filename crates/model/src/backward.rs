@@ -75,13 +75,13 @@ pub(crate) struct LayerTape {
 /// What the recorded forward keeps of one block.
 pub(crate) enum LayerRec {
     /// Everything its backward needs.
-    Full(LayerTape),
+    Full(Box<LayerTape>),
     /// Layer checkpointing: only the block's input [N, H] and the LoRA dropout stream's state
     /// at its start; the backward replays the block's forward from them (bitwise the same
     /// tape) just before it needs it, so one block's tape is alive at a time.
     Input {
         x: Tensor,
-        dropout: Option<(f64, rand_chacha::ChaCha8Rng)>,
+        dropout: Option<(f64, Box<rand_chacha::ChaCha8Rng>)>,
     },
 }
 
@@ -225,7 +225,7 @@ impl Llama {
         cos: &Tensor,
         sin: &Tensor,
         groups: &Option<Vec<crate::model::Group>>,
-        dropout: Option<(f64, rand_chacha::ChaCha8Rng)>,
+        dropout: Option<(f64, Box<rand_chacha::ChaCha8Rng>)>,
     ) -> Result<LayerTape> {
         let groups = groups
             .as_deref()
@@ -242,7 +242,7 @@ impl Llama {
             cos: cos.clone(),
             sin: sin.clone(),
         };
-        let mut rng = dropout.as_ref().map(|(_, r)| r.clone());
+        let mut rng = dropout.as_ref().map(|(_, r)| (**r).clone());
         let mut opts = ForwardOpts {
             train: false,
             dropout: dropout.map(|(p, _)| p).zip(rng.as_mut()),
@@ -329,7 +329,7 @@ impl Tape {
             let l = layers.len();
             let lw = &w.layers[l];
             let lt = match rec {
-                LayerRec::Full(t) => t,
+                LayerRec::Full(t) => *t,
                 LayerRec::Input { x, dropout } => model.replay_block(
                     l,
                     &x,

@@ -419,12 +419,15 @@ impl Llama {
             // drops its tape; the backward replays the block from them, bitwise the same.
             let replay = (record == Record::Checkpoint).then(|| LayerRec::Input {
                 x: x.clone(),
-                dropout: opts.dropout.as_ref().map(|(p, rng)| (*p, (**rng).clone())),
+                dropout: opts
+                    .dropout
+                    .as_ref()
+                    .map(|(p, rng)| (*p, Box::new((**rng).clone()))),
             });
             let (y, tape) = self.block(l, &x, seqs, &ctxs, &rope, &groups, opts, record.on())?;
             x = y;
             if let (Some(layers), Some(tape)) = (layers.as_mut(), tape) {
-                layers.push(replay.unwrap_or(LayerRec::Full(tape)));
+                layers.push(replay.unwrap_or_else(|| LayerRec::Full(Box::new(tape))));
             }
         }
         for s in seqs.iter_mut() {
