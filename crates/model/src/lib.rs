@@ -25,6 +25,7 @@ pub mod ops;
 pub mod quant;
 mod rope;
 pub mod source;
+mod st;
 pub mod tokenizer;
 pub mod weights;
 

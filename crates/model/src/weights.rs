@@ -1,6 +1,5 @@
 //! The frozen base weights, in HF layout and f32, loaded from GGUF or HF safetensors.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -370,19 +369,11 @@ pub(crate) fn load_hf_with(
             msg: "no *.safetensors weights in this directory".into(),
         });
     }
-    let mut all: HashMap<String, (PathBuf, Tensor)> = HashMap::new();
-    for f in &files {
-        let ts = candle_core::safetensors::load(f, device).map_err(|e| ModelError::File {
-            path: f.clone(),
-            msg: format!("cannot read safetensors (corrupt or truncated?): {e}"),
-        })?;
-        for (k, t) in ts {
-            all.insert(k, (f.clone(), t));
-        }
-    }
-    let has_head = all.contains_key("lm_head.weight");
+    // Tensor by tensor: never the whole file in memory (see `st`).
+    let mut all = crate::st::StFiles::open(&files)?;
+    let has_head = all.contains("lm_head.weight");
     let mut take = |name: &str, shape: &[usize]| -> Result<Tensor> {
-        let (p, t) = all.remove(name).ok_or_else(|| ModelError::Tensor {
+        let (p, t) = all.take(name, device)?.ok_or_else(|| ModelError::Tensor {
             path: dir.into(),
             name: name.into(),
             msg: "missing from the safetensors files".into(),
