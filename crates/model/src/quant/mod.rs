@@ -119,18 +119,9 @@ impl QMatrix {
             )));
         }
         let out: usize = parts.iter().map(|p| p.len() / inp).sum();
-        // Output row o → (part, first row of that part).
-        let starts: Vec<usize> = parts
-            .iter()
-            .scan(0, |acc, p| {
-                let s = *acc;
-                *acc += p.len() / inp;
-                Some(s)
-            })
-            .collect();
+        let locate = part_locator(parts.iter().map(|p| p.len() / inp));
         let row_of = |o: usize| -> &[f32] {
-            let i = starts.partition_point(|&s| s <= o) - 1;
-            let r = o - starts[i];
+            let (i, r) = locate(o);
             &parts[i][r * inp..(r + 1) * inp]
         };
         let packed = QMatrix::pack_blocks(out, inp, |o, b, block| {
@@ -168,18 +159,10 @@ impl QMatrix {
             }
         }
         let out: usize = parts.iter().map(|p| p.1).sum();
-        let starts: Vec<usize> = parts
-            .iter()
-            .scan(0, |acc, p| {
-                let s = *acc;
-                *acc += p.1;
-                Some(s)
-            })
-            .collect();
+        let locate = part_locator(parts.iter().map(|p| p.1));
         Ok(QMatrix::pack_blocks(out, inp, |o, b, block| {
-            let i = starts.partition_point(|&s| s <= o) - 1;
+            let (i, r) = locate(o);
             let (raw, _, map) = parts[i];
-            let r = o - starts[i];
             let r = map.map_or(r, |m| m[r]);
             let (d, m) = fmt.decode(&raw[(r * nb + b) * bytes..(r * nb + b + 1) * bytes], block);
             (d, m, true)
@@ -1169,6 +1152,22 @@ pub(crate) fn pack_group(lw: &LayerWeights, targets: &[Target]) -> Result<Arc<QM
         parts.push(&v[l.start_offset()..l.start_offset() + w.elem_count()]);
     }
     Ok(Arc::new(QMatrix::from_parts(&parts, inp)?))
+}
+
+/// For parts stacked along the output dim with these row counts: output row → (part, row
+/// within that part).
+fn part_locator(rows: impl Iterator<Item = usize>) -> impl Fn(usize) -> (usize, usize) {
+    let starts: Vec<usize> = rows
+        .scan(0, |acc, n| {
+            let s = *acc;
+            *acc += n;
+            Some(s)
+        })
+        .collect();
+    move |o| {
+        let i = starts.partition_point(|&s| s <= o) - 1;
+        (i, o - starts[i])
+    }
 }
 
 #[cfg(test)]
