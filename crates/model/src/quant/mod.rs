@@ -380,54 +380,133 @@ impl QMatrix {
     /// so they are rounded to 256 levels (an error of at most 1/510 of a block's range, far
     /// below the 4-bit steps of the weights themselves).
     pub fn transposed(&self) -> Result<QMatrix> {
-        let mut w = self.dequantize();
         let (out, inp) = (self.out, self.inp);
         // Row o of W becomes column o of Wᵀ: the blocks of Wᵀ mix 32 rows of W, and rows with
         // small weights would get the coarse steps of the largest. Each row is normalised to
         // max |w| = 1 first and its scale multiplies the activations' column instead
         // (dY·W = (dY·diag σ)·(diag σ⁻¹·W)): the default model's worst LoRA gradient error
         // against PEFT drops from 6.7 % to (see the tests).
-        let sigma: Vec<f32> = w
-            .par_chunks_mut(inp)
-            .map(|row| {
-                let m = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-                if m > 0.0 && m.is_finite() {
-                    row.iter_mut().for_each(|v| *v /= m);
-                    m
-                } else {
-                    1.0
-                }
+        let sigma: Vec<f32> = (0..self.tiles)
+            .into_par_iter()
+            .flat_map_iter(|t| {
+                let n = TILE.min(out - t * TILE);
+                let mut rows = vec![0f32; n * inp];
+                self.tile_into(t, &mut rows);
+                rows.chunks(inp)
+                    .map(|row| {
+                        let m = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+                        if m > 0.0 && m.is_finite() {
+                            m
+                        } else {
+                            1.0
+                        }
+                    })
+                    .collect::<Vec<_>>()
             })
             .collect();
-        let mut t = vec![0f32; w.len()];
-        // 32×32 tiles keep both sides in cache.
-        const B: usize = 32;
-        t.par_chunks_mut(B * out).enumerate().for_each(|(ib, tc)| {
-            let i0 = ib * B;
-            let ni = tc.len() / out;
-            for o0 in (0..out).step_by(B) {
-                for o in o0..(o0 + B).min(out) {
-                    for di in 0..ni {
-                        tc[di * out + o] = w[o * inp + i0 + di];
+        // Wᵀ is built, rounded and packed CHUNK of its rows (W's input columns) at a time:
+        // for an untied 49152 × 2048 head, whole f32 copies of W and Wᵀ were 800 MB at once —
+        // the peak of int8 training on a 1.1 B base. Rows are packed independently, so the
+        // chunks stack into bitwise the same packing.
+        const CHUNK: usize = 256; // rows of Wᵀ; a multiple of QK and TILE
+        let (mut main, mut rest) = (vec![], vec![]);
+        for i0 in (0..inp).step_by(CHUNK) {
+            let ni = CHUNK.min(inp - i0);
+            // W[:, i0..i0+ni], row-major [out, ni], tile by tile.
+            let mut cols = vec![0f32; out * ni];
+            cols.par_chunks_mut(TILE * ni)
+                .enumerate()
+                .for_each(|(t, c)| self.tile_cols_into(t, i0, ni, c));
+            // Transposed and normalised: [ni, out], in 32 × 32 tiles (both sides in cache).
+            let mut t = vec![0f32; ni * out];
+            const B: usize = 32;
+            t.par_chunks_mut(B * out).enumerate().for_each(|(ib, tc)| {
+                let (d0, nd) = (ib * B, tc.len() / out);
+                for o0 in (0..out).step_by(B) {
+                    for o in o0..(o0 + B).min(out) {
+                        for di in 0..nd {
+                            tc[di * out + o] = cols[o * ni + d0 + di] / sigma[o];
+                        }
                     }
                 }
-            }
-        });
-        drop(w);
-        // The grid search would fail on almost every block (and cost most of the packing).
-        let mut q = QMatrix::pack_parts(&[&t], out, Some(255))?;
-        // The 8-bit rounding alone moves the default model's LoRA gradients by up to ~6 %
-        // (against < 0.2 % with exact weights); its residual, itself rounded to 4 bits, takes
-        // that down 30-fold for 0.75 more bytes per weight and one nibble matmul.
-        let approx = q.dequantize();
-        t.par_iter_mut()
-            .zip(approx.par_iter())
-            .for_each(|(v, a)| *v -= a);
-        drop(approx);
-        let r = QMatrix::pack_parts(&[&t], out, Some(15))?.with_nibbles(true);
-        q.residual = Some(Box::new(r));
+            });
+            drop(cols);
+            // The grid search would fail on almost every block (and cost most of the packing).
+            let q = QMatrix::pack_parts(&[&t], out, Some(255))?;
+            // The 8-bit rounding alone moves the default model's LoRA gradients by up to ~6 %
+            // (against < 0.2 % with exact weights); its residual, itself rounded to 4 bits,
+            // takes that down 30-fold for 0.75 more bytes per weight and one nibble matmul.
+            let approx = q.dequantize();
+            t.par_iter_mut()
+                .zip(approx.par_iter())
+                .for_each(|(v, a)| *v -= a);
+            drop(approx);
+            rest.push(QMatrix::pack_parts(&[&t], out, Some(15))?);
+            main.push(q);
+        }
+        let mut q = QMatrix::stack_rows(main)?;
+        q.residual = Some(Box::new(QMatrix::stack_rows(rest)?.with_nibbles(true)));
         q.in_scale = Some(sigma);
         Ok(q)
+    }
+
+    /// Columns i0..i0+ni of tile `t`'s rows ([≤ 16, ni], row-major), bitwise as
+    /// [`QMatrix::tile_into`]. i0 is a multiple of [`QK`].
+    fn tile_cols_into(&self, t: usize, i0: usize, ni: usize, rows: &mut [f32]) {
+        let n = rows.len() / ni;
+        let mut full = vec![0f32; n * self.inp];
+        // A tile is ≤ 16 rows: dequantizing it whole and copying the span costs little next
+        // to the transposition, and keeps one decoding routine.
+        self.tile_into(t, &mut full);
+        for (dst, src) in rows.chunks_mut(ni).zip(full.chunks(self.inp)) {
+            dst.copy_from_slice(&src[i0..i0 + ni]);
+        }
+    }
+
+    /// Matrices with the same inputs stacked along the output dim (every part but the last a
+    /// whole number of tiles, so the tiles concatenate); q as nibbles only if every part
+    /// has them.
+    fn stack_rows(parts: Vec<QMatrix>) -> Result<QMatrix> {
+        let bad = |m: &str| Err(ModelError::Invalid(format!("int8 stack: {m}")));
+        let Some(first) = parts.first() else {
+            return bad("no parts");
+        };
+        let (inp, nb) = (first.inp, first.nb);
+        let nibbles = parts.iter().all(|p| p.nibbles);
+        let n = parts.len();
+        for (k, p) in parts.iter().enumerate() {
+            if p.inp != inp || p.in_scale.is_some() || p.residual.is_some() {
+                return bad("parts of different inputs, or with scales or residuals");
+            }
+            if k + 1 < n && p.out % TILE != 0 {
+                return bad("a part that is not whole tiles before the last");
+            }
+        }
+        let mut all = QMatrix {
+            out: 0,
+            inp,
+            nb,
+            tiles: 0,
+            q: vec![],
+            d: vec![],
+            m: vec![],
+            rounded_blocks: 0,
+            qmax: 0,
+            nibbles,
+            in_scale: None,
+            residual: None,
+        };
+        for p in parts {
+            let p = p.with_nibbles(nibbles);
+            all.out += p.out;
+            all.tiles += p.tiles;
+            all.rounded_blocks += p.rounded_blocks;
+            all.qmax = all.qmax.max(p.qmax);
+            all.q.extend_from_slice(&p.q);
+            all.d.extend_from_slice(&p.d);
+            all.m.extend_from_slice(&p.m);
+        }
+        Ok(all)
     }
 
     /// y = x·Wᵀ for row-major x [rows, in] → y [rows, out].

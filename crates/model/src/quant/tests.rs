@@ -693,3 +693,59 @@ fn dequantize_matches_row_by_row() {
         }
     }
 }
+
+/// The transposed packing, built and packed in chunks of Wᵀ's rows, is bitwise the packing
+/// of the whole normalised Wᵀ at once (the plain construction), on shapes spanning several
+/// chunks with ragged tails, with rows of zeros, and in both the main and residual parts.
+#[test]
+fn transposed_packing_in_chunks_equals_the_whole() {
+    for (out, inp, seed) in [(40, 600, 3), (17, 288, 4), (96, 96, 5), (33, 544, 6)] {
+        let mut w = rand_vec(out * inp, seed);
+        w[inp..2 * inp].iter_mut().for_each(|v| *v = 0.0); // σ = 1 for an all-zero row
+        let q = QMatrix::from_f32(&w, out, inp).unwrap();
+        let t = q.transposed().unwrap();
+        // Plain: dequantize W, normalise each row, transpose, pack; the residual likewise.
+        let mut full = q.dequantize();
+        let sigma: Vec<f32> = full
+            .chunks_mut(inp)
+            .map(|row| {
+                let m = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+                if m > 0.0 && m.is_finite() {
+                    row.iter_mut().for_each(|v| *v /= m);
+                    m
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        let mut wt = vec![0f32; inp * out];
+        for o in 0..out {
+            for i in 0..inp {
+                wt[i * out + o] = full[o * inp + i];
+            }
+        }
+        let main = QMatrix::pack_parts(&[&wt], out, Some(255)).unwrap();
+        let approx = main.dequantize();
+        let res: Vec<f32> = wt.iter().zip(&approx).map(|(v, a)| v - a).collect();
+        let rest = QMatrix::pack_parts(&[&res], out, Some(15)).unwrap();
+        let b = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!((t.out, t.inp), (inp, out));
+        assert_eq!(
+            t.in_scale.as_deref(),
+            Some(sigma.as_slice()),
+            "{out}×{inp}: row scales"
+        );
+        assert_eq!(
+            b(t.dequantize()),
+            b(main.dequantize()),
+            "{out}×{inp}: 8-bit part"
+        );
+        let r = t.residual.as_ref().expect("a residual");
+        assert!(r.nibbles || !nibble_packing());
+        assert_eq!(
+            b(r.dequantize()),
+            b(rest.dequantize()),
+            "{out}×{inp}: residual"
+        );
+    }
+}
