@@ -129,6 +129,12 @@ fn resume_after_interrupt_equals_uninterrupted_and_is_deterministic() {
     assert!(part.join("checkpoint-5/trainer_state.json").exists());
     assert!(part.join("checkpoint-5/adapter_model.safetensors").exists());
     assert!(part.join("checkpoint-5/optimizer.safetensors").exists());
+    // A model card beside every saved adapter: the checkpoint's so far, the final one's.
+    let card = std::fs::read_to_string(part.join("checkpoint-5/README.md")).unwrap();
+    assert!(
+        card.contains("checkpoint at step 5") && card.contains("| 5 | "),
+        "{card}"
+    );
     let mut args = train_args(&data, &part);
     args.extend([
         "--resume".into(),
@@ -154,6 +160,21 @@ fn resume_after_interrupt_equals_uninterrupted_and_is_deterministic() {
     ok(&out);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["fingerprint"], "match");
+    let card = std::fs::read_to_string(full.join("README.md")).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(full.join("summary.json")).unwrap()).unwrap();
+    let last = format!("{:.4}", summary["final_loss"].as_f64().unwrap());
+    for want in [
+        "# LoRA adapter (final)",
+        "fingerprint: `sha256",
+        "train.jsonl",
+        "q_proj, v_proj, down_proj",
+        "## Loss curve",
+        "| 8 | ",
+        &last,
+    ] {
+        assert!(card.contains(want), "model card lacks {want:?}:\n{card}");
+    }
     assert_eq!(v["provenance"]["created"], "2023-11-14T22:13:20Z");
     let _ = std::fs::remove_dir_all(&d);
 }

@@ -1,4 +1,4 @@
-//! `merge` and `inspect`.
+//! `merge`, `export` and `inspect`.
 
 use std::path::PathBuf;
 
@@ -25,6 +25,10 @@ pub struct MergeArgs {
     /// Tensor type for --format gguf: f32 or f16.
     #[arg(long, default_value = "f32")]
     pub gguf_type: String,
+    /// --format gguf in one of llama.cpp's block formats (q8_0, q4_0, q4_1): the merged model
+    /// at its base's size and speed (norms stay f32). Overrides --gguf-type.
+    #[arg(long)]
+    pub quant: Option<String>,
 }
 
 pub fn merge(a: MergeArgs, device: &Device) -> Result<()> {
@@ -37,6 +41,12 @@ pub fn merge(a: MergeArgs, device: &Device) -> Result<()> {
             a.format
         );
     }
+    let gguf_type = match (&a.quant, a.format.as_str()) {
+        (Some(q), "gguf") if matches!(q.as_str(), "q8_0" | "q4_0" | "q4_1") => q.clone(),
+        (Some(q), "gguf") => anyhow::bail!("--quant `{q}`: use q8_0, q4_0 or q4_1"),
+        (Some(_), _) => anyhow::bail!("--quant applies to --format gguf"),
+        (None, _) => a.gguf_type.clone(),
+    };
     let lm = super::load(&a.model, device)?;
     let set = a.adapters.mixture(&lm)?.expect("non-empty");
     let merged = lm.model.merged(&set)?;
@@ -48,11 +58,72 @@ pub fn merge(a: MergeArgs, device: &Device) -> Result<()> {
                 lowrank_model::ModelSource::Gguf(p) => Some(p.as_path()),
                 _ => None,
             };
-            lowrank_model::export::save_gguf(&merged, &lm.tok, src, &a.out, &a.gguf_type)
+            lowrank_model::export::save_gguf(&merged, &lm.tok, src, &a.out, &gguf_type)
                 .with_context(|| format!("writing {}", a.out.display()))?
         }
     }
     eprintln!("merged model written to {}", a.out.display());
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct ExportArgs {
+    /// The PEFT adapter directory to export.
+    pub adapter: PathBuf,
+    /// The base the adapter belongs to (checked by shapes and fingerprint; its q/k row order
+    /// and architecture go into the file).
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// gguf-lora: llama.cpp's LoRA adapter GGUF (`llama-cli -m BASE.gguf --lora OUT`), with an
+    /// Ollama `Modelfile` beside it (`FROM` the base, `ADAPTER` the file).
+    #[arg(long, default_value = "gguf-lora")]
+    pub format: String,
+    /// The output file (.gguf).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Export even if the adapter's recorded base fingerprint differs from this base.
+    #[arg(long)]
+    pub force: bool,
+}
+
+pub fn export(a: ExportArgs, device: &Device) -> Result<()> {
+    if a.format != "gguf-lora" {
+        anyhow::bail!("--format: `{}` is not supported (gguf-lora)", a.format);
+    }
+    let lm = super::load(&a.model, device)?;
+    let (adapter, _) = lowrank_model::adapters::load_adapter(&lm.model, &a.adapter, a.force)
+        .with_context(|| format!("loading adapter {}", a.adapter.display()))?;
+    lowrank_model::export::save_gguf_lora(&lm.model, &adapter, &a.out)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    // Ollama: FROM the base (a GGUF file or a safetensors directory), ADAPTER beside it.
+    let base = match &lm.source {
+        lowrank_model::ModelSource::Gguf(p) => p.clone(),
+        lowrank_model::ModelSource::HfDir(d) => d.clone(),
+    };
+    let base = std::fs::canonicalize(&base).unwrap_or(base);
+    let file = a
+        .out
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let modelfile = format!(
+        "# Ollama: `ollama create NAME -f Modelfile`, then `ollama run NAME`.\n\
+         FROM {}\nADAPTER ./{file}\n",
+        base.display()
+    );
+    let dir = match a.out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mf = dir.join("Modelfile");
+    lowrank_lora::peft::write_file_atomically(&mf, modelfile.as_bytes())
+        .with_context(|| format!("writing {}", mf.display()))?;
+    eprintln!(
+        "llama.cpp LoRA adapter written to {} ({} modules); Ollama Modelfile: {}",
+        a.out.display(),
+        adapter.modules.len(),
+        mf.display()
+    );
     Ok(())
 }
 

@@ -120,6 +120,8 @@ enum Cmd {
     Merge(adapter_cmds::MergeArgs),
     /// Targets, ranks, parameters, sizes, fingerprint (and --svd analysis) of an adapter.
     Inspect(adapter_cmds::InspectArgs),
+    /// Write an adapter in another tool's format: llama.cpp's LoRA GGUF and an Ollama Modelfile.
+    Export(adapter_cmds::ExportArgs),
     /// Built-in niche tasks.
     #[command(subcommand)]
     Tasks(tasks::TasksCmd),
@@ -274,6 +276,7 @@ pub fn run() -> Result<ExitCode> {
         Cmd::Eval(a) => eval::run(a, &device)?,
         Cmd::Merge(a) => adapter_cmds::merge(a, &device)?,
         Cmd::Inspect(a) => adapter_cmds::inspect(a, &device)?,
+        Cmd::Export(a) => adapter_cmds::export(a, &device)?,
         Cmd::Tasks(c) => tasks::run(c)?,
         Cmd::Serve(a) => serve::serve(a, &device)?,
         Cmd::Demo(a) => {

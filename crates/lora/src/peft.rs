@@ -679,6 +679,28 @@ fn sync_dir(path: &Path) {
     }
 }
 
+/// Replace `path` with `bytes` atomically: a hidden sibling is written and flushed to disk,
+/// then renamed over it, so a crash leaves either the old file or the new one.
+pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = fs::File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
+    f.write_all(bytes).map_err(|e| io_err(&tmp, e))?;
+    f.sync_all().map_err(|e| io_err(&tmp, e))?;
+    drop(f);
+    fs::rename(&tmp, path).map_err(|e| io_err(path, e))?;
+    sync_dir(dir);
+    Ok(())
+}
+
 /// Create `dir` containing exactly `files`, atomically (see [`save_peft`]).
 pub fn write_dir_atomically(dir: &Path, files: &[(&str, &[u8])]) -> Result<()> {
     let name = dir

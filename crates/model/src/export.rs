@@ -6,6 +6,8 @@ use std::path::Path;
 use candle_core::{DType, Tensor};
 use serde_json::json;
 
+use lowrank_lora::{Adapter, Target};
+
 use crate::error::{ModelError, Result};
 use crate::model::Llama;
 use crate::tokenizer::Tok;
@@ -102,12 +104,16 @@ pub fn save_gguf(
         ModelError::Invalid("GGUF export carries the tokenizer and metadata over from a GGUF base: use a GGUF --model".into())
     })?;
     let g = crate::gguf::GgufFile::open(src)?;
+    // llama.cpp's block formats (and its `general.file_type` numbers for them).
     let (dtype, file_type) = match ty {
         "f32" => (GgmlDType::F32, 0u32),
         "f16" => (GgmlDType::F16, 1u32),
+        "q4_0" => (GgmlDType::Q4_0, 2),
+        "q4_1" => (GgmlDType::Q4_1, 3),
+        "q8_0" => (GgmlDType::Q8_0, 7),
         other => {
             return Err(ModelError::Invalid(format!(
-                "--gguf-type `{other}`: use f32 or f16"
+                "GGUF tensor type `{other}`: use f32, f16, q8_0, q4_0 or q4_1"
             )))
         }
     };
@@ -155,6 +161,13 @@ pub fn save_gguf(
     for (name, t) in &tensors {
         let t = t.to_dtype(DType::F32)?.contiguous()?;
         let d = if t.rank() == 1 { GgmlDType::F32 } else { dtype };
+        let row = t.dims().last().copied().unwrap_or(0);
+        if row % d.block_size() != 0 {
+            return Err(ModelError::Invalid(format!(
+                "{name}: rows of {row} values are not whole {ty} blocks of {}; use f16 or f32",
+                d.block_size()
+            )));
+        }
         qs.push((name.clone(), QTensor::quantize(&t, d)?));
     }
     let mut meta: Vec<(String, gguf_file::Value)> = g
@@ -166,9 +179,20 @@ pub fn save_gguf(
         .collect();
     meta.push(("general.file_type".into(), gguf_file::Value::U32(file_type)));
     meta.sort_by(|a, b| a.0.cmp(&b.0));
+    write_gguf(out, &meta, &qs)
+}
+
+/// Write a GGUF file atomically: a temp file beside `out`, fsynced, renamed over it.
+fn write_gguf(
+    out: &Path,
+    meta: &[(String, candle_core::quantized::gguf_file::Value)],
+    tensors: &[(String, candle_core::quantized::QTensor)],
+) -> Result<()> {
+    use candle_core::quantized::gguf_file;
     let meta_refs: Vec<(&str, &gguf_file::Value)> =
         meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let t_refs: Vec<(&str, &QTensor)> = qs.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t_refs: Vec<(&str, &candle_core::quantized::QTensor)> =
+        tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tmp = out.with_extension("gguf.tmp");
     let io = |e: std::io::Error| ModelError::File {
         path: out.into(),
@@ -190,4 +214,88 @@ pub fn save_gguf(
     }
     std::fs::rename(&tmp, out).map_err(io)?;
     Ok(())
+}
+
+/// llama.cpp's name of a projection's weight in block `layer`.
+fn gguf_linear(layer: usize, t: Target) -> String {
+    let n = match t {
+        Target::Q => "attn_q",
+        Target::K => "attn_k",
+        Target::V => "attn_v",
+        Target::O => "attn_output",
+        Target::Gate => "ffn_gate",
+        Target::Up => "ffn_up",
+        Target::Down => "ffn_down",
+    };
+    format!("blk.{layer}.{n}.weight")
+}
+
+/// Save `adapter` as llama.cpp's LoRA adapter GGUF, the file its `convert_lora_to_gguf.py`
+/// writes and `llama-cli --lora`, `llama_adapter_lora_init` and Ollama's `ADAPTER` load:
+/// metadata `general.architecture` (the base's), `general.type = adapter`, `adapter.type =
+/// lora`, `adapter.lora.alpha`; per adapted projection `blk.N.<tensor>.weight.lora_a` (A, [r,
+/// in]) and `.lora_b` (B, [out, r]) in f32, B's rows of q and k in the GGUF row order of the
+/// base's weights. llama.cpp scales every pair by α / r (r from A's shape): one α for the
+/// file, so a module whose own scale differs (rsLoRA, rank or alpha patterns) has the
+/// difference folded into its B — the product is the same.
+pub fn save_gguf_lora(model: &Llama, adapter: &Adapter, out: &Path) -> Result<()> {
+    use candle_core::quantized::{gguf_file::Value, GgmlDType, QTensor};
+    let c = &model.cfg;
+    let first = adapter
+        .modules
+        .values()
+        .next()
+        .ok_or_else(|| ModelError::Invalid("the adapter has no modules".into()))?;
+    let alpha = first.scale * first.a.dim(0)? as f64;
+    if !(alpha.is_finite() && alpha > 0.0) {
+        return Err(ModelError::Invalid(format!(
+            "LoRA scale {} cannot be written as llama.cpp's alpha",
+            first.scale
+        )));
+    }
+    let mut tensors = Vec::with_capacity(2 * adapter.modules.len());
+    for (k, m) in &adapter.modules {
+        let r = m.a.dim(0)?;
+        let mut b = m.b.to_dtype(DType::F32)?;
+        let fold = m.scale * r as f64 / alpha;
+        if (fold - 1.0).abs() > 1e-12 {
+            b = (b * fold)?;
+        }
+        b = match k.target {
+            Target::Q => crate::weights::hf_to_gguf_rows(&b, c.num_heads)?,
+            Target::K => crate::weights::hf_to_gguf_rows(&b, c.num_kv_heads)?,
+            _ => b,
+        };
+        let a = m.a.to_dtype(DType::F32)?;
+        let name = gguf_linear(k.layer, k.target);
+        for (suffix, t) in [("lora_a", a), ("lora_b", b)] {
+            let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+            if v.iter().any(|x| !x.is_finite()) {
+                return Err(ModelError::Invalid(format!(
+                    "{}: non-finite values in lora_{}",
+                    k.peft_prefix(),
+                    &suffix[5..]
+                )));
+            }
+            let t = t.contiguous()?;
+            tensors.push((
+                format!("{name}.{suffix}"),
+                QTensor::quantize(&t, GgmlDType::F32)?,
+            ));
+        }
+    }
+    let arch = match c.arch.as_str() {
+        "mistral" => "llama", // llama.cpp runs Mistral as llama
+        a => a,
+    };
+    let meta = vec![
+        ("adapter.lora.alpha".to_string(), Value::F32(alpha as f32)),
+        ("adapter.type".to_string(), Value::String("lora".into())),
+        (
+            "general.architecture".to_string(),
+            Value::String(arch.into()),
+        ),
+        ("general.type".to_string(), Value::String("adapter".into())),
+    ];
+    write_gguf(out, &meta, &tensors)
 }

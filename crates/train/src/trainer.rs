@@ -35,6 +35,7 @@ use crate::loss::{batch_loss, dataset_nll, lora_batch_grads};
 use crate::optim::{clip_grad_norm, lr_at, AdamW, Param};
 use crate::progress::{silent, Event};
 
+mod card;
 mod checkpoint;
 mod files;
 mod init;
@@ -611,7 +612,33 @@ impl<'a> Trainer<'a> {
         };
         let s = serde_json::to_string_pretty(&summary).expect("json");
         write_atomic(&self.out.join("summary.json"), s.as_bytes())?;
+        if !interrupted {
+            let m = card::CardMetrics {
+                steps: run.step,
+                tokens: run.tokens,
+                wall_s: elapsed,
+                first_loss: run.first_loss,
+                last_loss: run.last_loss,
+                eval_before: run.eval_before,
+                eval_after,
+                trainable_params: summary.trainable_params,
+                what: "final".into(),
+            };
+            self.write_card(&self.out, &m, &run.metrics)?;
+        }
         Ok(summary)
+    }
+
+    /// The model card (README.md) in `dir`, beside the adapter (see `card`).
+    fn write_card(&self, dir: &Path, m: &card::CardMetrics, metrics: &Path) -> Result<()> {
+        let base = match &self.base.source {
+            lowrank_model::ModelSource::Gguf(p) | lowrank_model::ModelSource::HfDir(p) => p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| p.display().to_string()),
+        };
+        let text = card::render(&self.cfg, &self.inputs, &base, m, metrics);
+        write_atomic(&dir.join("README.md"), text.as_bytes())
     }
 
     /// The adapter with the current values of the trainable tensors and lowrank provenance.

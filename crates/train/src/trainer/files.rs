@@ -23,22 +23,12 @@ pub(super) fn append_line(path: &Path, v: &serde_json::Value) -> Result<()> {
     f.write_all(line.as_bytes()).map_err(io(path))
 }
 
-/// Replace `path` with `bytes` atomically: a hidden sibling is written and flushed to disk,
-/// then renamed over it, so a crash leaves either the old file or the new one.
+/// Replace `path` with `bytes` atomically (see `lowrank_lora::peft::write_file_atomically`).
 pub(super) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-    f.write_all(bytes).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io(path))?;
-    sync_dir(dir);
-    Ok(())
+    lowrank_lora::peft::write_file_atomically(path, bytes).map_err(|e| match e {
+        lowrank_lora::LoraError::Io { path, msg } => super::TrainError::Io { path, msg },
+        other => other.into(),
+    })
 }
 
 /// Flush a directory's entries (a rename in it) to disk. Best effort: some file systems
