@@ -242,17 +242,7 @@ mod tests {
 
     /// max |a − b| / max |b|
     fn rel(a: &Tensor, b: &Tensor) -> f32 {
-        let m = |t: Tensor| -> f32 {
-            t.abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
-        m((a - b).unwrap()) / m(b.clone())
+        ops::max_abs(&(a - b).unwrap()) / ops::max_abs(b)
     }
 
     /// The blockwise training attention and its recomputing backward against candle's

@@ -608,36 +608,44 @@ impl<'a> Trainer<'a> {
             records: self.stats.records,
             truncated: self.stats.truncated,
             skipped_bad: self.stats.skipped_bad,
-            resumed_from: run.resumed_from,
+            resumed_from: run.resumed_from.clone(),
         };
         let s = serde_json::to_string_pretty(&summary).expect("json");
         write_atomic(&self.out.join("summary.json"), s.as_bytes())?;
         if !interrupted {
-            let m = card::CardMetrics {
-                steps: run.step,
-                tokens: run.tokens,
-                wall_s: elapsed,
-                first_loss: run.first_loss,
-                last_loss: run.last_loss,
-                eval_before: run.eval_before,
-                eval_after,
-                trainable_params: summary.trainable_params,
-                what: "final".into(),
-            };
-            self.write_card(&self.out, &m, &run.metrics)?;
+            self.write_card(&self.out, &run, elapsed, eval_after, "final".into())?;
         }
         Ok(summary)
     }
 
-    /// The model card (README.md) in `dir`, beside the adapter (see `card`).
-    fn write_card(&self, dir: &Path, m: &card::CardMetrics, metrics: &Path) -> Result<()> {
+    /// The model card (README.md) in `dir`, beside the adapter (see `card`): `what` it is,
+    /// and where the run stands.
+    fn write_card(
+        &self,
+        dir: &Path,
+        run: &RunState,
+        elapsed: f64,
+        eval_after: Option<f64>,
+        what: String,
+    ) -> Result<()> {
+        let m = card::CardMetrics {
+            steps: run.step,
+            tokens: run.tokens,
+            wall_s: elapsed,
+            first_loss: run.first_loss,
+            last_loss: run.last_loss,
+            eval_before: run.eval_before,
+            eval_after,
+            trainable_params: self.trainable_params(),
+            what,
+        };
         let base = match &self.base.source {
             lowrank_model::ModelSource::Gguf(p) | lowrank_model::ModelSource::HfDir(p) => p
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| p.display().to_string()),
         };
-        let text = card::render(&self.cfg, &self.inputs, &base, m, metrics);
+        let text = card::render(&self.cfg, &self.inputs, &base, &m, &run.metrics);
         write_atomic(&dir.join("README.md"), text.as_bytes())
     }
 

@@ -336,16 +336,7 @@ mod tests {
     use candle_core::Device;
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
+        crate::ops::max_abs(&(a - b).unwrap())
     }
 
     /// The fused CPU kernels equal the composed candle ops (the path other devices take:

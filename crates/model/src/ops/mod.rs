@@ -32,6 +32,13 @@ pub use rows::{
     attention_kernel_name, attention_rows, supported_attention_kernels, AttnItem, AttnKernel,
 };
 
+/// max |t| over every element (tests compare tensors by it).
+#[cfg(test)]
+pub(crate) fn max_abs(t: &Tensor) -> f32 {
+    let m = t.abs().and_then(|a| a.flatten_all()).and_then(|a| a.max(0));
+    m.and_then(|m| m.to_scalar()).expect("an f32 tensor")
+}
+
 /// y = x·Wᵀ with W frozen (no gradient for W). x: [.., in], W: [out, in].
 struct FrozenLinear {
     /// [out, in]

@@ -530,18 +530,8 @@ impl Trainer<'_> {
         let st = TrainerState::of(run, &self.cfg, &self.inputs, elapsed);
         let sp = tmp.join(STATE_FILE);
         std::fs::write(&sp, serde_json::to_string_pretty(&st).expect("json")).map_err(io(&sp))?;
-        let m = super::card::CardMetrics {
-            steps: run.step,
-            tokens: run.tokens,
-            wall_s: elapsed,
-            first_loss: run.first_loss,
-            last_loss: run.last_loss,
-            eval_before: run.eval_before,
-            eval_after: None,
-            trainable_params: self.trainable_params(),
-            what: format!("checkpoint at step {}", run.step),
-        };
-        self.write_card(&tmp, &m, &run.metrics)?;
+        let what = format!("checkpoint at step {}", run.step);
+        self.write_card(&tmp, run, elapsed, None, what)?;
         sync_tree(&tmp)?;
         if final_dir.exists() {
             // The same step saved again (a resumed run stopped before its first step).
