@@ -22,9 +22,12 @@ pub(super) struct CardMetrics {
     pub(super) what: String,
 }
 
+/// (step, value) points of a curve.
+type Curve = Vec<(u64, f64)>;
+
 /// (step, loss) and (step, eval loss) from metrics.jsonl (unreadable lines are skipped: the
 /// card reports, it does not validate).
-fn curves(metrics: &Path) -> (Vec<(u64, f64)>, Vec<(u64, f64)>) {
+fn curves(metrics: &Path) -> (Curve, Curve) {
     let text = std::fs::read_to_string(metrics).unwrap_or_default();
     let (mut train, mut eval) = (vec![], vec![]);
     for l in text.lines() {
