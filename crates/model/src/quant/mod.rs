@@ -314,24 +314,31 @@ impl QMatrix {
 
     /// The rows of tile `t` ([≤ 16, in], row-major), bitwise as [`QMatrix::row_into`].
     fn tile_into(&self, t: usize, rows: &mut [f32]) {
-        let (inp, n) = (self.inp, rows.len() / self.inp);
-        for b in 0..self.nb {
+        self.tile_span_into(t, 0, self.inp, rows);
+    }
+
+    /// Columns i0..i0+ni of tile `t`'s rows ([≤ 16, ni], row-major), decoding only the blocks
+    /// they lie in; bitwise as [`QMatrix::tile_into`]. i0 is a multiple of [`QK`].
+    fn tile_span_into(&self, t: usize, i0: usize, ni: usize, rows: &mut [f32]) {
+        let n = rows.len() / ni;
+        let end = (i0 + ni).min(self.inp);
+        for b in i0 / QK..end.div_ceil(QK) {
             let tb = t * self.nb + b;
             let (d, m) = (&self.d[tb * TILE..], &self.m[tb * TILE..]);
             for g in 0..QK / 4 {
-                let i0 = b * QK + g * 4;
-                if i0 >= inp {
+                let c0 = b * QK + g * 4;
+                if c0 >= end {
                     break;
                 }
                 for lane in 0..n {
-                    for k in 0..4.min(inp - i0) {
+                    for k in 0..4.min(end - c0) {
                         let q = if self.nibbles {
                             let b4 = self.q[tb * TB4 + (g / 2) * TILE * 4 + lane * 4 + k];
                             (b4 >> (4 * (g % 2))) & 0x0F
                         } else {
                             self.q[tb * TB + g * TILE * 4 + lane * 4 + k]
                         };
-                        rows[lane * inp + i0 + k] = d[lane].mul_add(q as f32, m[lane]);
+                        rows[lane * ni + c0 - i0 + k] = d[lane].mul_add(q as f32, m[lane]);
                     }
                 }
             }
@@ -416,7 +423,7 @@ impl QMatrix {
             let mut cols = vec![0f32; out * ni];
             cols.par_chunks_mut(TILE * ni)
                 .enumerate()
-                .for_each(|(t, c)| self.tile_cols_into(t, i0, ni, c));
+                .for_each(|(t, c)| self.tile_span_into(t, i0, ni, c));
             // Transposed and normalised: [ni, out], in 32 × 32 tiles (both sides in cache).
             let mut t = vec![0f32; ni * out];
             const B: usize = 32;
@@ -448,19 +455,6 @@ impl QMatrix {
         q.residual = Some(Box::new(QMatrix::stack_rows(rest)?.with_nibbles(true)));
         q.in_scale = Some(sigma);
         Ok(q)
-    }
-
-    /// Columns i0..i0+ni of tile `t`'s rows ([≤ 16, ni], row-major), bitwise as
-    /// [`QMatrix::tile_into`]. i0 is a multiple of [`QK`].
-    fn tile_cols_into(&self, t: usize, i0: usize, ni: usize, rows: &mut [f32]) {
-        let n = rows.len() / ni;
-        let mut full = vec![0f32; n * self.inp];
-        // A tile is ≤ 16 rows: dequantizing it whole and copying the span costs little next
-        // to the transposition, and keeps one decoding routine.
-        self.tile_into(t, &mut full);
-        for (dst, src) in rows.chunks_mut(ni).zip(full.chunks(self.inp)) {
-            dst.copy_from_slice(&src[i0..i0 + ni]);
-        }
     }
 
     /// Matrices with the same inputs stacked along the output dim (every part but the last a
