@@ -737,3 +737,95 @@ fn compare_quick_on_the_default_model() {
     }
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// `eval --predictions`: another engine's answers scored with lowrank's metrics, with clear
+/// errors for a wrong count or a bad line.
+#[test]
+fn eval_scores_predictions_made_elsewhere() {
+    let d = tmpdir("predictions");
+    let data = d.join("eval.jsonl");
+    let mut s = String::new();
+    for (q, a) in [
+        ("names?", "SELECT name FROM employees"),
+        ("ages?", "SELECT age FROM employees"),
+        ("cities?", "SELECT city FROM employees"),
+    ] {
+        s.push_str(&format!(
+            "{}\n",
+            serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+        ));
+    }
+    std::fs::write(&data, s).unwrap();
+    let preds = d.join("p.jsonl");
+    // Exact match normalises case and spacing; the third answer is wrong.
+    std::fs::write(
+        &preds,
+        "\"select name  from employees\"\n{\"prediction\": \" SELECT age FROM employees \"}\n\"SELECT 1\"\n",
+    )
+    .unwrap();
+    let (ds, ps) = (data.to_str().unwrap(), preds.to_str().unwrap());
+    let v = json(&run_ok(&[
+        "eval",
+        "--data",
+        ds,
+        "--metric",
+        "exact",
+        "--predictions",
+        ps,
+    ]));
+    assert_eq!(v["n"], 3);
+    assert_eq!(v["exact"], 66.67);
+    // One answer short: refused, naming the file and both counts.
+    std::fs::write(&preds, "\"SELECT 1\"\n\"SELECT 2\"\n").unwrap();
+    fails_with(
+        &[
+            "eval",
+            "--data",
+            ds,
+            "--metric",
+            "exact",
+            "--predictions",
+            ps,
+        ],
+        "2 predictions for 3 held-out examples",
+    );
+    std::fs::write(&preds, "\"SELECT 1\"\n{\"prediction\": 7}\n\"x\"\n").unwrap();
+    fails_with(
+        &[
+            "eval",
+            "--data",
+            ds,
+            "--metric",
+            "exact",
+            "--predictions",
+            ps,
+        ],
+        "p.jsonl:2: field `prediction` must be a string",
+    );
+    // A built-in task's held-out set: the task's own answers score 100.
+    let made = d.join("sql");
+    run_ok(&["tasks", "make", "sql", "--out", made.to_str().unwrap()]);
+    let golds: String = std::fs::read_to_string(made.join("eval.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            format!(
+                "{}\n",
+                v["messages"].as_array().unwrap().last().unwrap()["content"]
+            )
+        })
+        .collect();
+    std::fs::write(&preds, golds).unwrap();
+    let v = json(&run_ok(&[
+        "eval",
+        "--data",
+        made.join("eval.jsonl").to_str().unwrap(),
+        "--metric",
+        "exact",
+        "--predictions",
+        ps,
+    ]));
+    assert_eq!(v["exact"], 100.0);
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -1,32 +1,10 @@
 //! The official OpenAI Python client against `lowrank serve` on loopback (installed by
 //! .ci/run): list models, complete, chat, stream, and a per-request adapter mixture.
 
-use std::io::Read;
-use std::net::TcpStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-struct Server(Child);
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-INT", &self.0.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.0.kill();
-    }
-}
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures"))
-}
+use common::{copy_fixture_adapter, fixtures, Server};
+use std::process::Command;
 
 #[test]
 fn official_openai_python_client() {
@@ -39,56 +17,17 @@ fn official_openai_python_client() {
     // Adapters root with the PEFT fixture adapter under the name `tiny-lora`.
     let root = std::env::temp_dir().join(format!("lowrank-openai-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(root.join("tiny-lora")).unwrap();
-    for f in ["adapter_config.json", "adapter_model.safetensors"] {
-        std::fs::copy(
-            fixtures().join("tiny-llama-hf/peft_adapter").join(f),
-            root.join("tiny-lora").join(f),
-        )
-        .unwrap();
-    }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    copy_fixture_adapter(&root.join("tiny-lora"));
     let model = fixtures().join("tiny-llama-hf/model");
-    let child = Command::new(env!("CARGO_BIN_EXE_lowrank"))
-        .args([
-            "serve",
-            "--model",
-            model.to_str().unwrap(),
-            "--adapters",
-            root.to_str().unwrap(),
-            "--port",
-            &port.to_string(),
-            "--api-key",
-            "sk-test",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut server = Server(child);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        if let Ok(Some(st)) = server.0.try_wait() {
-            let mut e = String::new();
-            server
-                .0
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut e)
-                .unwrap();
-            panic!("server exited early ({st}): {e}");
-        }
-        assert!(Instant::now() < deadline, "server did not start");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let server = Server::start(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--adapters",
+        root.to_str().unwrap(),
+        "--api-key",
+        "sk-test",
+    ]);
+    let port = server.port;
     let script = format!(
         r#"
 import openai, sys

@@ -8,6 +8,7 @@
 //! * [`bench`]: a loopback load generator.
 
 pub mod bench;
+pub mod card;
 pub mod config;
 pub mod error;
 pub mod http;

@@ -302,6 +302,27 @@ impl Registry {
         Ok(())
     }
 
+    /// The adapter under `name` for inspection (its card), with its directory and whether it
+    /// is resident: the resident version, or a fresh load that is not kept, so that looking
+    /// at a card neither evicts adapters serving requests nor counts as a use.
+    pub fn inspect(
+        &self,
+        name: &str,
+    ) -> std::result::Result<(Arc<Adapter>, PathBuf, bool), RegistryError> {
+        let path = {
+            let inner = self.lock();
+            let e = inner.entries.get(name).ok_or_else(|| {
+                RegistryError::NotFound(format!("adapter `{name}` does not exist"))
+            })?;
+            if let Some(r) = &e.loaded {
+                return Ok((r.adapter.clone(), e.path.clone(), true));
+            }
+            e.path.clone()
+        };
+        let a = self.load_dir(name, &path)?;
+        Ok((Arc::new(a), path, false))
+    }
+
     /// The current version of `name`, loading it if needed (blocking: file I/O).
     pub fn get(&self, name: &str) -> std::result::Result<Resident, RegistryError> {
         let (path, epoch) = {

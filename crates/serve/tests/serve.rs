@@ -1234,3 +1234,137 @@ async fn deleted_adapters_leave_no_state() {
     assert_eq!(s.registry.resident_bytes(), base_bytes);
     assert_eq!(s.metrics.adapter_series(), 1, "only x has a series");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn adapter_cards_and_the_playground_page() {
+    let lm = tiny();
+    let root = adapters_dir(&lm, 1);
+    let a0 = random_adapter(&lm.model, &root.path().join("a0"), 0.3);
+    std::fs::create_dir_all(root.path().join("broken")).unwrap();
+    std::fs::write(root.path().join("broken/adapter_config.json"), b"{").unwrap();
+    std::fs::write(
+        root.path().join("fixture/README.md"),
+        "---\nbase_model: tiny\n---\n# card\n\n| setting | value |\n|---|---|\n| rank | 4 |\n\n\
+         | steps | tokens | last loss |\n|---|---|---|\n| 6 | 700 | 2.5 |\n\n\
+         | step | training loss |\n|---|---|\n| 1 | 3.0 |\n| 6 | 2.5 |\n",
+    )
+    .unwrap();
+    let s = state(
+        lm,
+        ServeConfig {
+            adapters_dir: Some(root.path().into()),
+            api_key: Some("k".into()),
+            ..Default::default()
+        },
+    );
+
+    // The page needs no key (it holds none) and forbids everything but its own API.
+    let resp = lowrank_serve::app(s.clone())
+        .oneshot(request("GET", "/", None, None))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let h = resp.headers();
+    assert!(h["content-type"].to_str().unwrap().starts_with("text/html"));
+    let csp = h["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("default-src 'none'") && csp.contains("connect-src 'self'"));
+    let page = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let page = String::from_utf8(page.to_vec()).unwrap();
+    assert!(page.contains("lowrank playground") && page.contains("/v1/chat/completions"));
+    assert!(
+        !page.contains("innerHTML"),
+        "server text must reach the page as text, never as HTML"
+    );
+
+    // Cards need the key, like the rest of the API.
+    let r = call(&s, "GET", "/v1/adapters/a0", None, None).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text);
+    let r = call(&s, "GET", "/v1/adapters/a0", None, Some("k")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let c = r.json();
+    assert_eq!(c["id"], "a0");
+    assert_eq!(c["parameters"], a0.num_params());
+    assert_eq!(c["modules"], a0.modules.len());
+    let ranks: Vec<usize> = a0.modules.values().map(|m| m.rank()).collect();
+    assert_eq!(c["rank"]["max"], *ranks.iter().max().unwrap());
+    assert_eq!(c["rank"]["min"], *ranks.iter().min().unwrap());
+    let mut targets: Vec<&str> = a0.modules.keys().map(|k| k.target.peft_name()).collect();
+    targets.sort();
+    targets.dedup();
+    let mut got: Vec<&str> = c["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    got.sort();
+    assert_eq!(got, targets);
+    let on_disk = std::fs::metadata(root.path().join("a0/adapter_model.safetensors"))
+        .unwrap()
+        .len()
+        + std::fs::metadata(root.path().join("a0/adapter_config.json"))
+            .unwrap()
+            .len();
+    assert_eq!(c["file_bytes"], on_disk);
+    assert_eq!(c["card"], serde_json::Value::Null);
+    // Looking at a card does not load the adapter for serving…
+    assert_eq!(c["loaded"], false);
+    let l = call(&s, "GET", "/v1/adapters", None, Some("k"))
+        .await
+        .json();
+    assert!(
+        l["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["loaded"] == false),
+        "{l}"
+    );
+    // …and once a request has loaded it, the card says so.
+    let r = call(
+        &s,
+        "POST",
+        "/v1/chat/completions",
+        Some(&chat_body("a0", "Hi", 2).to_string()),
+        Some("k"),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let c = call(&s, "GET", "/v1/adapters/a0", None, Some("k"))
+        .await
+        .json();
+    assert_eq!(c["loaded"], true);
+    assert_eq!(
+        c["resident_bytes"],
+        lowrank_serve::registry::adapter_bytes(&a0)
+    );
+
+    // A model card beside the adapter: its tables, and its text.
+    let c = call(&s, "GET", "/v1/adapters/fixture", None, Some("k"))
+        .await
+        .json();
+    let card = &c["card"];
+    assert_eq!(card["base_model"], "tiny");
+    assert_eq!(card["settings"]["rank"], "4");
+    assert_eq!(
+        card["results"],
+        json!([["steps", "6"], ["tokens", "700"], ["last loss", "2.5"]])
+    );
+    assert_eq!(card["loss_curve"], json!([[1, 3.0], [6, 2.5]]));
+    assert!(card["markdown"]
+        .as_str()
+        .unwrap()
+        .starts_with("---\nbase_model"));
+
+    // Unknown and unloadable adapters are clear errors; the server keeps serving.
+    let r = call(&s, "GET", "/v1/adapters/nope", None, Some("k")).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert!(r.error_message().contains("nope"));
+    let r = call(&s, "GET", "/v1/adapters/broken", None, Some("k")).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.text);
+    assert!(r.error_message().contains("broken"));
+    let r = call(&s, "GET", "/health", None, None).await;
+    assert_eq!(r.status, StatusCode::OK);
+}

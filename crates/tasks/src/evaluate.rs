@@ -142,6 +142,52 @@ fn failed(metric: Metric, ex: &GenExample, got: &str) -> bool {
     }
 }
 
+/// The metrics of `outs` (one answer per example, in order) and the failures by the first
+/// metric.
+fn score_outputs(
+    examples: &[GenExample],
+    metrics: &[Metric],
+    outs: &[String],
+) -> (Vec<(String, f64)>, Vec<Failure>) {
+    let golds: Vec<String> = examples.iter().map(|e| e.gold.clone()).collect();
+    let inputs: Vec<String> = examples.iter().map(|e| e.input.clone()).collect();
+    let scores = metrics
+        .iter()
+        .map(|m| (m.name().to_string(), score(m, outs, &golds, &inputs)))
+        .collect();
+    let primary = metrics.first().copied().unwrap_or(Metric::Exact);
+    let failures = examples
+        .iter()
+        .zip(outs)
+        .filter(|(e, o)| failed(primary, e, o))
+        .map(|(e, o)| Failure {
+            input: e.input.clone(),
+            expected: e.gold.clone(),
+            got: o.clone(),
+        })
+        .collect();
+    (scores, failures)
+}
+
+/// Score answers produced elsewhere (another engine, e.g. llama.cpp with a merged GGUF) with
+/// the same metrics as [`eval_generation`]: `predictions[i]` answers `examples[i]` (trimmed,
+/// as lowrank's own answers are).
+pub fn score_predictions(
+    examples: &[GenExample],
+    metrics: &[Metric],
+    predictions: &[String],
+) -> GenEval {
+    let outs: Vec<String> = predictions.iter().map(|p| p.trim().to_string()).collect();
+    let (scores, failures) = score_outputs(examples, metrics, &outs);
+    GenEval {
+        scores,
+        n: examples.len(),
+        failures,
+        wall_s: 0.0,
+        generated_tokens: 0,
+    }
+}
+
 /// Greedy-decode every prompt (in batches) and score; the examples decoded go to `progress`.
 pub fn eval_generation(
     lm: &LoadedModel,
@@ -186,23 +232,7 @@ pub fn eval_generation(
         });
     }
     progress(&Event::End);
-    let golds: Vec<String> = examples.iter().map(|e| e.gold.clone()).collect();
-    let inputs: Vec<String> = examples.iter().map(|e| e.input.clone()).collect();
-    let scores = metrics
-        .iter()
-        .map(|m| (m.name().to_string(), score(m, &outs, &golds, &inputs)))
-        .collect();
-    let primary = metrics.first().copied().unwrap_or(Metric::Exact);
-    let failures = examples
-        .iter()
-        .zip(&outs)
-        .filter(|(e, o)| failed(primary, e, o))
-        .map(|(e, o)| Failure {
-            input: e.input.clone(),
-            expected: e.gold.clone(),
-            got: o.clone(),
-        })
-        .collect();
+    let (scores, failures) = score_outputs(examples, metrics, &outs);
     Ok(GenEval {
         scores,
         n: examples.len(),

@@ -10,6 +10,7 @@ mod state;
 mod validate;
 
 use std::future::Future;
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -19,7 +20,7 @@ use axum::extract::{DefaultBodyLimit, Path as UrlPath, Request, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use lowrank_model::LoadedModel;
 use serde_json::{json, Value};
@@ -149,6 +150,53 @@ async fn list_adapters(
     ))
 }
 
+async fn adapter_card(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    UrlPath(name): UrlPath<String>,
+) -> std::result::Result<Json<Value>, ApiError> {
+    s.check_api(&headers)?;
+    let st = s.clone();
+    let card = tokio::task::spawn_blocking(move || {
+        let (a, dir, loaded) = st.registry.inspect(&name)?;
+        let root = st
+            .registry
+            .root()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let rel = dir.strip_prefix(&root).unwrap_or(&dir).to_path_buf();
+        Ok::<_, crate::registry::RegistryError>(crate::card::adapter_card(
+            &name, &rel, &dir, &a, loaded,
+        ))
+    })
+    .await
+    .map_err(blocking_error)?
+    .map_err(registry_error)?;
+    Ok(Json(card))
+}
+
+/// The playground: one self-contained page (inline script and style, no build step), served
+/// without a key (it holds none; it asks for the key and sends it with each API call).
+async fn playground() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                 connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; \
+                 frame-ancestors 'none'",
+            ),
+        ],
+        PLAYGROUND,
+    )
+        .into_response()
+}
+
+const PLAYGROUND: &str = include_str!("playground.html");
+
 async fn add_adapter(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -211,6 +259,7 @@ async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
 /// Metric label of a request path.
 fn endpoint_label(path: &str) -> &'static str {
     match path {
+        "/" => "/",
         "/health" => "/health",
         "/metrics" => "/metrics",
         "/v1/models" => "/v1/models",
@@ -233,13 +282,14 @@ async fn track(State(s): State<AppState>, req: Request, next: Next) -> Response 
 pub fn app(state: AppState) -> Router {
     let limit = state.cfg.body_limit;
     Router::new()
+        .route("/", get(playground))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/adapters", get(list_adapters).post(add_adapter))
-        .route("/v1/adapters/{name}", delete(del_adapter))
+        .route("/v1/adapters/{name}", get(adapter_card).delete(del_adapter))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(state.clone(), track))

@@ -1,0 +1,84 @@
+//! Shared by the integration tests that talk to a running `lowrank serve`.
+
+use std::io::Read;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures"))
+}
+
+/// A `lowrank serve` child process, stopped with SIGINT (then killed) when dropped.
+pub struct Server {
+    child: Child,
+    pub port: u16,
+}
+
+impl Server {
+    /// Start `lowrank serve --port P ARGS…` on a free loopback port and wait until it accepts
+    /// connections (panics with the server's stderr if it exits first).
+    pub fn start(args: &[&str]) -> Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(env!("CARGO_BIN_EXE_lowrank"))
+            .arg("serve")
+            .args(args)
+            .args(["--port", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut s = Server { child, port };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return s;
+            }
+            if let Ok(Some(st)) = s.child.try_wait() {
+                let mut e = String::new();
+                s.child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut e)
+                    .unwrap();
+                panic!("server exited early ({st}): {e}");
+            }
+            assert!(Instant::now() < deadline, "server did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+    }
+}
+
+/// Copy the PEFT fixture adapter (no model card) to `dir`.
+pub fn copy_fixture_adapter(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(
+            fixtures().join("tiny-llama-hf/peft_adapter").join(f),
+            dir.join(f),
+        )
+        .unwrap();
+    }
+}
