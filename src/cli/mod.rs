@@ -2,6 +2,8 @@ mod adapter_cmds;
 mod demo;
 mod eval;
 mod experiments;
+#[cfg(feature = "mpi")]
+mod mpi;
 mod progress;
 mod serve;
 mod tasks;
@@ -149,7 +151,8 @@ enum Cmd {
 /// `--adapter DIR[:scale]` (repeatable: weighted sum), `--merged`, `--force`.
 #[derive(Args, Clone, Debug, Default)]
 pub struct AdapterArgs {
-    /// A PEFT adapter directory, optionally with `:scale` (repeatable: weighted sum).
+    /// A PEFT adapter directory or object store URL (s3://bucket/prefix/NAME, gs://, az://,
+    /// http(s)://, file://), optionally with `:scale` (repeatable: weighted sum).
     #[arg(long)]
     pub adapter: Vec<String>,
     /// Fold the adapters into the weights first (no adapter latency).
@@ -163,7 +166,8 @@ pub struct AdapterArgs {
 impl AdapterArgs {
     /// The mixture to run with; with `--merged` it is folded into `lm.model` instead.
     pub fn mixture(&self, lm: &LoadedModel) -> Result<Option<lowrank_model::AdapterSet>> {
-        let set = lowrank_model::adapters::load_mixture(&lm.model, &self.adapter, self.force)
+        let specs = self.local_specs()?;
+        let set = lowrank_model::adapters::load_mixture(&lm.model, &specs, self.force)
             .context("loading adapters")?;
         // The LoRA delta runs in f32: a finite f64 scale beyond f32's range is infinite there.
         for (spec, (_, scale)) in self.adapter.iter().zip(set.iter().flat_map(|s| s.iter())) {
@@ -175,6 +179,35 @@ impl AdapterArgs {
             }
         }
         Ok(set)
+    }
+
+    /// The specs with every object store URL (`s3://…/sql[:scale]`) replaced by its verified
+    /// local copy in `$LOWRANK_HOME/adapter-cache`.
+    fn local_specs(&self) -> Result<Vec<String>> {
+        self.adapter
+            .iter()
+            .map(|spec| {
+                if !lowrank_store::is_url(spec) {
+                    return Ok(spec.clone());
+                }
+                // A `:scale` suffix comes after the URL's last `/`.
+                let (url, scale) = match spec.rsplit_once(':') {
+                    Some((u, s)) if !s.contains('/') && s.parse::<f64>().is_ok() => (u, Some(s)),
+                    _ => (spec.as_str(), None),
+                };
+                let cache = lowrank_model::fetch::lowrank_home().join("adapter-cache");
+                let f = lowrank_store::fetch_url(url, &cache, u64::MAX)
+                    .with_context(|| format!("--adapter {spec}"))?;
+                if let Some(n) = &f.note {
+                    eprintln!("warning: {n}");
+                }
+                let dir = f.dir.to_string_lossy().into_owned();
+                Ok(match scale {
+                    Some(s) => format!("{dir}:{s}"),
+                    None => dir,
+                })
+            })
+            .collect()
     }
 
     /// The adapters as given, for error messages: `DIR at scale S + …`, or `no adapter`.
@@ -244,6 +277,31 @@ pub struct GenerateArgs {
     stop: Vec<String>,
 }
 
+/// Ranks of the MPI job that started this process, if an MPI launcher did (OpenMPI,
+/// MPICH/Hydra and Intel MPI, PMI/PMIx launchers such as Slurm's srun).
+pub fn mpi_world_size() -> Option<usize> {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok()?.parse::<usize>().ok())
+        .filter(|n| *n >= 1)
+}
+
+/// Default threads of one rank of an MPI job: this host's cores shared among its ranks
+/// (N ranks × all cores each would oversubscribe the host).
+fn mpi_default_threads() -> Option<usize> {
+    mpi_world_size()?;
+    let local = [
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
+        "MPI_LOCALNRANKS",
+        "PMI_LOCAL_SIZE",
+    ]
+    .iter()
+    .find_map(|k| std::env::var(k).ok()?.parse::<usize>().ok())
+    .filter(|n| *n >= 1)?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Some((cores / local).max(1))
+}
+
 pub fn run() -> Result<ExitCode> {
     let cli = Cli::parse();
     let work = match &cli.cmd {
@@ -253,7 +311,7 @@ pub fn run() -> Result<ExitCode> {
         Cmd::Bench(c) if c.is_training() => lowrank_model::Workload::Training,
         _ => lowrank_model::Workload::Inference,
     };
-    lowrank_model::init_threads_for(cli.threads, work);
+    lowrank_model::init_threads_for(cli.threads.or_else(mpi_default_threads), work);
     let device = Device::Cpu;
     match cli.cmd {
         Cmd::Fetch => {

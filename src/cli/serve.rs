@@ -16,9 +16,15 @@ pub struct ServeArgs {
     pub model: ModelArg,
     #[command(flatten)]
     pub compute: ComputeArg,
-    /// Directory whose sub-directories are PEFT adapters, served under their names.
+    /// Where the adapters are, each sub-directory (holding adapter_config.json) served under
+    /// its name: a local directory, or an object store location (s3://bucket/prefix, gs://,
+    /// az://, http(s)://, file://; credentials from AWS_*, GOOGLE_*, AZURE_* variables),
+    /// fetched on first use into a verified local cache.
     #[arg(long)]
-    pub adapters: Option<PathBuf>,
+    pub adapters: Option<String>,
+    /// Cache for adapters from an object store [default: $LOWRANK_HOME/adapter-cache].
+    #[arg(long)]
+    pub adapter_cache: Option<PathBuf>,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -43,6 +49,11 @@ pub struct ServeArgs {
     /// Load every adapter at start instead of on first use.
     #[arg(long)]
     pub preload: bool,
+    /// On SIGTERM or Ctrl-C: seconds during which /health answers 503 ("draining") while
+    /// requests are still served, before the listener closes (in-flight requests always
+    /// finish). Set it above the readiness probe's period behind a load balancer.
+    #[arg(long, default_value_t = 0.0)]
+    pub drain_seconds: f64,
 }
 
 fn model_id(spec: &str) -> Option<String> {
@@ -57,12 +68,22 @@ pub fn serve(a: ServeArgs, device: &Device) -> Result<()> {
         port: a.port,
         api_key: a.api_key.clone(),
         admin_key: a.admin_key.clone(),
-        adapters_dir: a.adapters.clone(),
+        adapters_dir: a
+            .adapters
+            .as_ref()
+            .filter(|u| !lowrank_store::is_url(u))
+            .map(PathBuf::from),
+        adapters_url: a.adapters.clone().filter(|u| lowrank_store::is_url(u)),
+        adapter_cache: a.adapter_cache.clone(),
         max_batch: a.max_batch.max(1),
         max_adapter_bytes: a.max_adapter_bytes,
         max_queue: a.max_queue,
         preload: a.preload,
         model_id: model_id(&a.model.model),
+        drain_delay: Duration::try_from_secs_f64(a.drain_seconds)
+            .ok()
+            .filter(|d| *d <= Duration::from_secs(3600))
+            .context("--drain-seconds must be between 0 and 3600")?,
         ..Default::default()
     };
     if cfg.max_batch == 0 {
@@ -71,12 +92,35 @@ pub fn serve(a: ServeArgs, device: &Device) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let shutdown = async {
-            let _ = tokio::signal::ctrl_c().await;
-            eprintln!("shutting down: draining in-flight requests");
+            let signal = shutdown_signal().await;
+            eprintln!("{signal}: shutting down (in-flight requests finish first)");
         };
         lowrank_serve::serve(lm, cfg, shutdown).await
     })?;
     Ok(())
+}
+
+/// The first of Ctrl-C (SIGINT) and, on Unix, SIGTERM (what Kubernetes and systemd send).
+async fn shutdown_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = tokio::signal::ctrl_c() => "interrupted",
+                _ = term.recv() => "SIGTERM",
+            },
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                "interrupted"
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "interrupted"
+    }
 }
 
 #[derive(Subcommand)]

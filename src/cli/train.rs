@@ -175,10 +175,47 @@ impl TrainArgs {
 }
 
 pub fn run(a: TrainArgs, device: &Device) -> Result<()> {
+    #[cfg(feature = "mpi")]
+    {
+        if let Some(m) = super::mpi::Mpi::init() {
+            use lowrank_train::parallel::Collective;
+            let (rank, size) = (m.rank(), m.size());
+            let abort = super::mpi::Mpi::abort_handle();
+            return match run_with(a, device, Some(Box::new(m))) {
+                Ok(()) => Ok(()),
+                Err(e) if size > 1 => {
+                    // The other ranks would wait for this one forever: stop the whole job.
+                    eprintln!("error on rank {rank} of {size}: {e:#}");
+                    abort(2)
+                }
+                Err(e) => Err(e),
+            };
+        }
+    }
+    #[cfg(not(feature = "mpi"))]
+    if super::mpi_world_size().is_some_and(|n| n > 1) {
+        anyhow::bail!(
+            "started by an MPI launcher, but this lowrank was built without MPI: every rank \
+             would train alone into the same directory (build with `cargo build --release \
+             --features mpi`)"
+        );
+    }
+    run_with(a, device, None)
+}
+
+fn run_with(
+    a: TrainArgs,
+    device: &Device,
+    collective: Option<Box<dyn lowrank_train::parallel::Collective>>,
+) -> Result<()> {
     let cfg = a.to_config()?;
     let lm = super::load_for(&a.model, device, cfg.compute)?;
     let mut t = Trainer::new(&lm, cfg.clone()).context("preparing training")?;
     t.allow_changed_config(a.allow_changed_config);
+    let (rank, size) = collective.as_ref().map_or((0, 1), |c| (c.rank(), c.size()));
+    if let Some(c) = collective {
+        t.set_collective(c)?;
+    }
     let stop = Arc::new(AtomicBool::new(false));
     {
         let s = stop.clone();
@@ -189,20 +226,27 @@ pub fn run(a: TrainArgs, device: &Device) -> Result<()> {
             eprintln!("\nstopping after this step; saving a checkpoint (Ctrl-C again to abort)");
         });
     }
-    eprintln!(
-        "training {} ({} trainable parameters, {} steps) on {}",
-        match cfg.method {
-            Method::Lora => format!("LoRA r={} on {}", cfg.rank, cfg.targets.join(",")),
-            Method::Full => "all weights".into(),
-        },
-        t.trainable_params(),
-        t.total_steps(),
-        cfg.data
-            .as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default()
-    );
-    let mut bars = Bars::new(!a.quiet);
+    if rank == 0 {
+        let ranks = if size > 1 {
+            format!(", data-parallel over {size} ranks")
+        } else {
+            String::new()
+        };
+        eprintln!(
+            "training {} ({} trainable parameters, {} steps{ranks}) on {}",
+            match cfg.method {
+                Method::Lora => format!("LoRA r={} on {}", cfg.rank, cfg.targets.join(",")),
+                Method::Full => "all weights".into(),
+            },
+            t.trainable_params(),
+            t.total_steps(),
+            cfg.data
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        );
+    }
+    let mut bars = Bars::new(!a.quiet && rank == 0);
     let s = t.run_with_progress(a.resume.as_deref(), &stop, &mut |e| bars.handle(e))?;
     println!("{}", serde_json::to_string_pretty(&s)?);
     if s.interrupted {

@@ -16,6 +16,12 @@ pub struct ServeConfig {
     /// Each sub-directory holding `adapter_config.json` is served under its directory name.
     /// Admin-loaded adapter paths must lie inside it.
     pub adapters_dir: Option<PathBuf>,
+    /// Or an object store location (`s3://bucket/prefix`, `gs://`, `az://`, `http(s)://`,
+    /// `file://`): each `NAME/adapter_config.json` under it is an adapter, fetched on first
+    /// use into `adapter_cache` (verified), and admin paths are keys under it.
+    pub adapters_url: Option<String>,
+    /// Local cache for `adapters_url` (default: `$LOWRANK_HOME/adapter-cache`).
+    pub adapter_cache: Option<PathBuf>,
     /// Most sequences in one batched forward.
     pub max_batch: usize,
     /// Budget for resident adapter tensors (bytes); idle adapters are evicted LRU-first.
@@ -39,6 +45,10 @@ pub struct ServeConfig {
     /// The base model's id in the API; `None`: the model file's stem (directory name for a
     /// HF model directory).
     pub model_id: Option<String>,
+    /// After a shutdown signal: time during which `/health` reports `draining` (503) while
+    /// requests are still accepted, so that a load balancer (a Kubernetes readiness probe)
+    /// takes the replica out before its listener closes. In-flight requests always finish.
+    pub drain_delay: Duration,
 }
 
 impl Default for ServeConfig {
@@ -49,6 +59,8 @@ impl Default for ServeConfig {
             api_key: None,
             admin_key: None,
             adapters_dir: None,
+            adapters_url: None,
+            adapter_cache: None,
             max_batch: 32,
             max_adapter_bytes: 2 << 30,
             max_queue: 256,
@@ -59,6 +71,7 @@ impl Default for ServeConfig {
             prefill_tokens_per_step: 512,
             preload: false,
             model_id: None,
+            drain_delay: Duration::ZERO,
         }
     }
 }

@@ -101,6 +101,8 @@ pub struct Metrics {
     pub decode_step_tokens: AtomicU64,
     /// Requests failed because their logits were NaN or infinite.
     pub non_finite_logits: AtomicU64,
+    /// Adapter versions downloaded from the object store (cache misses).
+    pub adapter_downloads: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -122,6 +124,7 @@ impl Default for Metrics {
             decode_steps: Histogram::new(&LATENCY_BOUNDS),
             decode_step_tokens: AtomicU64::new(0),
             non_finite_logits: AtomicU64::new(0),
+            adapter_downloads: AtomicU64::new(0),
         }
     }
 }
@@ -287,6 +290,14 @@ impl Metrics {
             "counter",
             "Requests failed because the model's logits for them were NaN or infinite.",
             self.non_finite_logits.load(Ordering::Relaxed),
+        );
+        g(
+            &mut o,
+            "lowrank_adapter_downloads_total",
+            "counter",
+            "Adapter versions downloaded from the object store (loads served from the local \
+             cache are not counted).",
+            self.adapter_downloads.load(Ordering::Relaxed),
         );
         self.ttft.render(
             &mut o,

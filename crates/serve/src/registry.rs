@@ -74,6 +74,9 @@ pub struct Registry {
     model: Arc<Llama>,
     /// Canonical adapters root.
     root: Option<PathBuf>,
+    /// Or an object store: entries' paths are then keys under its prefix, fetched into its
+    /// verified cache when loaded.
+    store: Option<Arc<lowrank_store::AdapterStore>>,
     base_id: String,
     max_bytes: u64,
     base_fingerprint: OnceLock<std::result::Result<String, String>>,
@@ -92,6 +95,20 @@ pub fn adapter_bytes(a: &Adapter) -> u64 {
         .sum()
 }
 
+/// An admin-supplied key of an adapter in the store (relative, no `.`/`..` parts).
+fn store_key(path: &str) -> std::result::Result<PathBuf, RegistryError> {
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    if parts.is_empty() {
+        return Err(RegistryError::Invalid("`path` is empty".into()));
+    }
+    if path.starts_with('/') || parts.iter().any(|p| *p == "." || *p == "..") {
+        return Err(RegistryError::Invalid(format!(
+            "path `{path}` must be relative to the adapters location, without `.` or `..`"
+        )));
+    }
+    Ok(PathBuf::from(parts.join("/")))
+}
+
 /// Names usable in the API: letters, digits, `.`, `_`, `-`; not starting with `.`.
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
@@ -103,10 +120,11 @@ pub fn valid_name(name: &str) -> bool {
 }
 
 impl Registry {
-    /// Scan `root` (if any) for adapter directories; nothing is loaded yet.
+    /// Scan `root` or list `store` (if any) for adapters; nothing is loaded yet.
     pub fn new(
         model: Arc<Llama>,
         root: Option<&Path>,
+        store: Option<Arc<lowrank_store::AdapterStore>>,
         base_id: &str,
         max_bytes: u64,
         metrics: Arc<Metrics>,
@@ -120,6 +138,7 @@ impl Registry {
         let reg = Registry {
             model,
             root,
+            store,
             base_id: base_id.to_string(),
             max_bytes,
             base_fingerprint: OnceLock::new(),
@@ -141,7 +160,38 @@ impl Registry {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The object store adapters come from, if any.
+    pub fn store(&self) -> Option<&lowrank_store::AdapterStore> {
+        self.store.as_deref()
+    }
+
     fn scan(&self) -> crate::Result<()> {
+        if let Some(store) = &self.store {
+            let names = store.list().map_err(|e| {
+                crate::ServeError::Invalid(format!(
+                    "{e} (a store that cannot list, such as a plain HTTP server, can still serve \
+                     adapters added with POST /v1/adapters; start with no --adapters then)"
+                ))
+            })?;
+            let mut inner = self.lock();
+            for name in names {
+                if !valid_name(&name) || name == self.base_id {
+                    continue;
+                }
+                inner.epoch += 1;
+                let epoch = inner.epoch;
+                inner.entries.insert(
+                    name.clone(),
+                    Entry {
+                        path: PathBuf::from(name),
+                        loaded: None,
+                        last_used: 0,
+                        epoch,
+                    },
+                );
+            }
+            return Ok(());
+        }
         let Some(root) = &self.root else {
             return Ok(());
         };
@@ -250,18 +300,41 @@ impl Registry {
             .map_err(|e| e.clone())
     }
 
-    /// Load and validate an adapter directory (shapes, finiteness, base fingerprint).
-    fn load_dir(&self, name: &str, dir: &Path) -> std::result::Result<Adapter, RegistryError> {
+    /// Load and validate an adapter (shapes, finiteness, base fingerprint) from its directory,
+    /// or, with a store, from its key fetched into the cache; also returns the local directory.
+    fn load_dir(
+        &self,
+        name: &str,
+        dir: &Path,
+    ) -> std::result::Result<(Adapter, PathBuf), RegistryError> {
         let fail =
             |m: String| RegistryError::Load(format!("adapter `{name}` cannot be loaded: {m}"));
-        let a = lowrank_lora::peft::load_peft(dir, &self.model.base_shapes(), self.model.device())
-            .map_err(|e| fail(e.to_string()))?;
+        let local = match &self.store {
+            None => dir.to_path_buf(),
+            Some(st) => {
+                let f = st.fetch(&dir.to_string_lossy()).map_err(|e| match e {
+                    lowrank_store::StoreError::NotFound(m) => {
+                        RegistryError::NotFound(format!("adapter `{name}`: {m}"))
+                    }
+                    e => fail(e.to_string()),
+                })?;
+                if f.downloaded > 0 {
+                    self.metrics
+                        .adapter_downloads
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                f.dir
+            }
+        };
+        let a =
+            lowrank_lora::peft::load_peft(&local, &self.model.base_shapes(), self.model.device())
+                .map_err(|e| fail(e.to_string()))?;
         if a.provenance.base_fingerprint.is_some() {
             let fp = self.fingerprint().map_err(fail)?;
             a.check_fingerprint(fp, false)
                 .map_err(|e| fail(e.to_string()))?;
         }
-        Ok(a)
+        Ok((a, local))
     }
 
     /// Evict idle adapters (least recently used first) until `need` more bytes fit.
@@ -319,8 +392,19 @@ impl Registry {
             }
             e.path.clone()
         };
-        let a = self.load_dir(name, &path)?;
+        let (a, _) = self.load_dir(name, &path)?;
         Ok((Arc::new(a), path, false))
+    }
+
+    /// Where `path` (an entry's) lies on disk: itself, or its cached copy from the store.
+    pub fn local_dir(&self, path: &Path) -> std::result::Result<PathBuf, RegistryError> {
+        match &self.store {
+            None => Ok(path.to_path_buf()),
+            Some(st) => st
+                .fetch(&path.to_string_lossy())
+                .map(|f| f.dir)
+                .map_err(|e| RegistryError::Load(e.to_string())),
+        }
     }
 
     /// The current version of `name`, loading it if needed (blocking: file I/O).
@@ -338,7 +422,7 @@ impl Registry {
             }
             (e.path.clone(), e.epoch)
         };
-        let adapter = self.load_dir(name, &path)?;
+        let (adapter, _) = self.load_dir(name, &path)?;
         let mut inner = self.lock();
         match inner.entries.get(name) {
             None => {
@@ -449,8 +533,11 @@ impl Registry {
                 "`{name}` is the base model's id"
             )));
         }
-        let dir = self.confine(path)?;
-        let adapter = self.load_dir(name, &dir)?;
+        let dir = match &self.store {
+            Some(_) => store_key(path)?,
+            None => self.confine(path)?,
+        };
+        let (adapter, _) = self.load_dir(name, &dir)?;
         let mut inner = self.lock();
         inner.epoch += 1;
         let epoch = inner.epoch;

@@ -16,6 +16,7 @@ pub mod data;
 pub mod error;
 pub mod loss;
 pub mod optim;
+pub mod parallel;
 pub mod progress;
 pub mod trainer;
 

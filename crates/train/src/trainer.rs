@@ -33,6 +33,7 @@ use crate::config::{Method, TrainConfig};
 use crate::data::{self, LoadOptions, LoadStats, Sample};
 use crate::loss::{batch_loss, dataset_nll, lora_batch_grads};
 use crate::optim::{clip_grad_norm, lr_at, AdamW, Param};
+use crate::parallel::{share, sum_f32, sum_f64, Collective};
 use crate::progress::{silent, Event};
 
 mod card;
@@ -81,6 +82,19 @@ pub struct TrainSummary {
     /// The checkpoint this run continued from (`None`: a fresh start).
     #[serde(default)]
     pub resumed_from: Option<PathBuf>,
+    /// Processes of a data-parallel job (1: alone).
+    #[serde(default = "one")]
+    pub ranks: usize,
+    /// Seconds spent exchanging gradients with the other ranks.
+    #[serde(default)]
+    pub comm_s: f64,
+    /// sha256 of the trainable tensors' f32 values (the same on every rank of a job).
+    #[serde(default)]
+    pub params_sha256: String,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// The trainable side of a run.
@@ -109,6 +123,10 @@ pub struct Trainer<'a> {
     inputs: RunInputs,
     /// Resume even if the checkpoint's settings or inputs differ (the new ones apply).
     allow_changed_config: bool,
+    /// The other ranks of a data-parallel job (none: this process trains alone).
+    collective: Option<Box<dyn Collective>>,
+    /// Seconds spent exchanging gradients (data-parallel jobs).
+    comm_s: std::cell::Cell<f64>,
 }
 
 /// Where a run stands between optimizer steps: what a checkpoint records, and the clock.
@@ -249,7 +267,47 @@ impl<'a> Trainer<'a> {
             out,
             inputs,
             allow_changed_config: false,
+            collective: None,
+            comm_s: std::cell::Cell::new(0.0),
         })
+    }
+
+    /// Train as one rank of a data-parallel job: every global batch is split across the
+    /// ranks, their gradients summed (the same on every rank), and only rank 0 writes
+    /// (metrics, checkpoints, the adapter, the card). Every rank must run the same
+    /// settings and data; LoRA only (full fine-tuning would exchange the whole model).
+    pub fn set_collective(&mut self, c: Box<dyn Collective>) -> Result<()> {
+        if self.cfg.method == Method::Full && c.size() > 1 {
+            return Err(TrainError::Config(
+                "data-parallel training exchanges the LoRA gradients; --method full is not supported"
+                    .into(),
+            ));
+        }
+        self.collective = Some(c);
+        Ok(())
+    }
+
+    /// (rank, ranks) of this process's job.
+    fn rank_size(&self) -> (usize, usize) {
+        self.collective
+            .as_ref()
+            .map_or((0, 1), |c| (c.rank(), c.size()))
+    }
+
+    /// Does this process write the run's files (rank 0, or a lone process)?
+    fn writer(&self) -> bool {
+        self.rank_size().0 == 0
+    }
+
+    /// Is each flag set on any rank? The same answer on every rank.
+    fn agreed(&self, mine: &[bool]) -> Vec<bool> {
+        match &self.collective {
+            Some(c) if c.size() > 1 => {
+                let v: Vec<f64> = mine.iter().map(|&b| if b { 1.0 } else { 0.0 }).collect();
+                sum_f64(c.as_ref(), &v).iter().map(|&x| x > 0.0).collect()
+            }
+            _ => mine.to_vec(),
+        }
     }
 
     /// Let a resume continue from a checkpoint made with other settings or inputs (seed,
@@ -326,15 +384,17 @@ impl<'a> Trainer<'a> {
         });
         let mut interrupted = false;
         while run.step < self.total_steps {
-            if stop.load(Ordering::SeqCst) {
-                interrupted = true;
-                break;
-            }
-            if self.cfg.time_budget_s > 0.0 && run.elapsed() > self.cfg.time_budget_s {
+            let stopping = stop.load(Ordering::SeqCst);
+            let over = self.cfg.time_budget_s > 0.0 && run.elapsed() > self.cfg.time_budget_s;
+            // Every rank leaves at the same step (one would otherwise wait for the others).
+            let any = self.agreed(&[stopping, over]);
+            if any[0] || any[1] {
+                interrupted = any[0];
                 break;
             }
             let s = self.optimizer_step(&mut run)?;
             test_interrupt_hook(run.step, stop);
+            test_crash_hook(self.rank_size().0, run.step);
             self.log_step(&run, &s, progress)?;
             if self.due(self.cfg.eval_every, run.step) {
                 self.evaluate(&run, progress)?;
@@ -356,7 +416,11 @@ impl<'a> Trainer<'a> {
         progress: &mut dyn FnMut(&Event),
     ) -> Result<RunState> {
         std::fs::create_dir_all(&self.out).map_err(io(&self.out))?;
-        let swept = sweep_leftovers(&self.out)?;
+        let swept = if self.writer() {
+            sweep_leftovers(&self.out)?
+        } else {
+            vec![]
+        };
         if !swept.is_empty() {
             progress(&Event::Note(format!(
                 "removed what an interrupted run left in {}: {}",
@@ -405,7 +469,11 @@ impl<'a> Trainer<'a> {
             run.first_loss = st.first_loss;
             run.eval_before = st.eval_loss_before;
             run.dropout_rng.set_word_pos(st.dropout_rng_word_pos);
-            truncate_metrics(&run.metrics, run.step)?;
+            if self.writer() {
+                truncate_metrics(&run.metrics, run.step)?;
+            }
+        } else if !self.writer() {
+            run.eval_before = self.eval_loss(&self.eval)?;
         } else {
             // A fresh start owns the directory: an earlier run's checkpoints would be kept
             // by pruning over this run's own (higher steps) and picked by a later resume.
@@ -441,8 +509,21 @@ impl<'a> Trainer<'a> {
             .map(|&i| self.train[i].num_targets())
             .sum::<usize>()
             .max(1);
-        let (mut grads, nll, tokens) =
-            self.gradients(&batches, total_targets, &mut run.dropout_rng)?;
+        let (mut grads, nll, tokens) = match &self.collective {
+            Some(c) if c.size() > 1 => {
+                let mine: Vec<Vec<usize>> = batches
+                    .iter()
+                    .map(|b| share(b, c.rank(), c.size()))
+                    .collect();
+                // Each rank's dropout masks come from its own stream, a function of (seed,
+                // step, rank): nothing to carry between steps, so a resume is exact.
+                let mut rng = ChaCha8Rng::seed_from_u64(self.cfg.seed.wrapping_add(1));
+                rng.set_stream((run.step as u64) << 16 | c.rank() as u64);
+                let (g, nll, tokens) = self.gradients(&mine, total_targets, &mut rng)?;
+                self.exchange(c.as_ref(), g, nll, tokens)?
+            }
+            _ => self.gradients(&batches, total_targets, &mut run.dropout_rng)?,
+        };
         let loss = nll / total_targets as f64;
         let grad_norm = clip_grad_norm(&mut grads, self.cfg.grad_clip)?;
         let lr = lr_at(
@@ -466,6 +547,42 @@ impl<'a> Trainer<'a> {
         })
     }
 
+    /// Sum this rank's gradients, NLL and tokens with the other ranks' (in rank order: the
+    /// same bits on every rank). A parameter this rank has no gradient for (an empty share)
+    /// counts as zeros.
+    fn exchange(
+        &self,
+        c: &dyn Collective,
+        grads: BTreeMap<String, Tensor>,
+        nll: f64,
+        tokens: usize,
+    ) -> Result<(BTreeMap<String, Tensor>, f64, usize)> {
+        let t = Instant::now();
+        let mut flat: Vec<f32> = Vec::new();
+        for p in &self.params {
+            let n = p.var.as_tensor().elem_count();
+            match grads.get(&p.name) {
+                Some(g) => flat.extend(g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+                None => flat.extend(std::iter::repeat_n(0.0f32, n)),
+            }
+        }
+        let sum = sum_f32(c, &flat);
+        let totals = sum_f64(c, &[nll, tokens as f64]);
+        let mut out = BTreeMap::new();
+        let mut at = 0;
+        for p in &self.params {
+            let v = p.var.as_tensor();
+            let n = v.elem_count();
+            let g =
+                Tensor::from_slice(&sum[at..at + n], v.shape(), v.device())?.to_dtype(v.dtype())?;
+            out.insert(p.name.clone(), g);
+            at += n;
+        }
+        self.comm_s
+            .set(self.comm_s.get() + t.elapsed().as_secs_f64());
+        Ok((out, totals[0], totals[1] as usize))
+    }
+
     /// The gradients of (Σ NLL / `total_targets`) summed over `batches`, the Σ NLL, and the
     /// tokens seen.
     fn gradients(
@@ -477,7 +594,7 @@ impl<'a> Trainer<'a> {
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut nll = 0.0;
         let mut step_tokens = 0;
-        for b in batches {
+        for b in batches.iter().filter(|b| !b.is_empty()) {
             let refs: Vec<&Sample> = b.iter().map(|&i| &self.train[i]).collect();
             step_tokens += refs.iter().map(|s| s.ids.len()).sum::<usize>();
             let dropout = (self.cfg.dropout > 0.0).then_some((self.cfg.dropout, &mut *dropout_rng));
@@ -535,10 +652,12 @@ impl<'a> Trainer<'a> {
         s: &StepStats,
         progress: &mut dyn FnMut(&Event),
     ) -> Result<()> {
-        append_line(
-            &run.metrics,
-            &json!({"step": run.step, "loss": s.loss, "lr": s.lr, "grad_norm": s.grad_norm, "tokens": s.tokens, "elapsed": round3(s.elapsed)}),
-        )?;
+        if self.writer() {
+            append_line(
+                &run.metrics,
+                &json!({"step": run.step, "loss": s.loss, "lr": s.lr, "grad_norm": s.grad_norm, "tokens": s.tokens, "elapsed": round3(s.elapsed)}),
+            )?;
+        }
         progress(&Event::TrainStep {
             step: run.step,
             loss: s.loss,
@@ -557,7 +676,9 @@ impl<'a> Trainer<'a> {
     /// The eval loss now, into metrics.jsonl and to `progress`.
     fn evaluate(&self, run: &RunState, progress: &mut dyn FnMut(&Event)) -> Result<()> {
         if let Some(l) = self.eval_loss(&self.eval)? {
-            append_line(&run.metrics, &json!({"step": run.step, "eval_loss": l}))?;
+            if self.writer() {
+                append_line(&run.metrics, &json!({"step": run.step, "eval_loss": l}))?;
+            }
             progress(&Event::TrainEval {
                 step: run.step,
                 loss: l,
@@ -575,6 +696,7 @@ impl<'a> Trainer<'a> {
         progress: &mut dyn FnMut(&Event),
     ) -> Result<TrainSummary> {
         let elapsed = run.elapsed();
+        self.check_ranks_agree()?;
         if interrupted {
             let dir = self.save_checkpoint(&run, elapsed)?;
             progress(&Event::Interrupted {
@@ -587,11 +709,73 @@ impl<'a> Trainer<'a> {
         } else {
             self.eval_loss(&self.eval)?
         };
+        if !self.writer() {
+            return Ok(self.summary(&run, elapsed, interrupted, eval_after, 0));
+        }
         if let Some(l) = eval_after {
             append_line(&run.metrics, &json!({"step": run.step, "eval_loss": l}))?;
         }
         let output_bytes = if interrupted { 0 } else { self.save_final()? };
-        let summary = TrainSummary {
+        let summary = self.summary(&run, elapsed, interrupted, eval_after, output_bytes);
+        let s = serde_json::to_string_pretty(&summary).expect("json");
+        write_atomic(&self.out.join("summary.json"), s.as_bytes())?;
+        if !interrupted {
+            self.write_card(&self.out, &run, elapsed, eval_after, "final".into())?;
+        }
+        Ok(summary)
+    }
+
+    /// Every rank must hold bitwise the same trainable tensors (they took the same steps from
+    /// the same gradients): compared through a hash, so a broken job fails loudly instead of
+    /// saving one rank's diverged adapter.
+    fn check_ranks_agree(&self) -> Result<()> {
+        let Some(c) = self.collective.as_ref().filter(|c| c.size() > 1) else {
+            return Ok(());
+        };
+        let h = self.params_hash()?;
+        let all = c.all_gather_u64(&h);
+        let n = h.len();
+        for r in 1..c.size() {
+            if all[r * n..(r + 1) * n] != all[..n] {
+                return Err(TrainError::Config(format!(
+                    "data-parallel ranks diverged: rank {r}'s trainable tensors differ from rank 0's"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// sha256 of every trainable tensor's f32 bytes, in parameter order, as 4 words.
+    pub fn params_hash(&self) -> Result<Vec<u64>> {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        for p in &self.params {
+            h.update(p.name.as_bytes());
+            for x in p
+                .var
+                .as_tensor()
+                .flatten_all()?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?
+            {
+                h.update(x.to_le_bytes());
+            }
+        }
+        let d = h.finalize();
+        Ok(d.chunks(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect())
+    }
+
+    fn summary(
+        &self,
+        run: &RunState,
+        elapsed: f64,
+        interrupted: bool,
+        eval_after: Option<f64>,
+        output_bytes: u64,
+    ) -> TrainSummary {
+        TrainSummary {
             method: self.cfg.method.name().into(),
             steps: run.step,
             trainable_params: self.trainable_params(),
@@ -609,13 +793,17 @@ impl<'a> Trainer<'a> {
             truncated: self.stats.truncated,
             skipped_bad: self.stats.skipped_bad,
             resumed_from: run.resumed_from.clone(),
-        };
-        let s = serde_json::to_string_pretty(&summary).expect("json");
-        write_atomic(&self.out.join("summary.json"), s.as_bytes())?;
-        if !interrupted {
-            self.write_card(&self.out, &run, elapsed, eval_after, "final".into())?;
+            ranks: self.rank_size().1,
+            comm_s: round3(self.comm_s.get()),
+            params_sha256: self
+                .params_hash()
+                .map(|h| {
+                    h.iter()
+                        .map(|w| format!("{:016x}", w.swap_bytes()))
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
-        Ok(summary)
     }
 
     /// The model card (README.md) in `dir`, beside the adapter (see `card`): `what` it is,
@@ -698,6 +886,20 @@ impl<'a> Trainer<'a> {
                 lowrank_model::export::save_hf_dir(&self.model, &self.base.tok, &dir)?;
                 Ok(dir_bytes(&dir))
             }
+        }
+    }
+}
+
+/// Test hook: `LOWRANK_TEST_CRASH=RANK:STEP` kills this process (SIGABRT, no clean-up) right
+/// after optimizer step STEP when it is rank RANK of its job (0 when alone): a machine lost
+/// in the middle of a run.
+fn test_crash_hook(rank: usize, step: usize) {
+    let Ok(v) = std::env::var("LOWRANK_TEST_CRASH") else {
+        return;
+    };
+    if let Some((r, s)) = v.split_once(':') {
+        if r.parse() == Ok(rank) && s.parse() == Ok(step) {
+            std::process::abort();
         }
     }
 }

@@ -158,13 +158,14 @@ async fn adapter_card(
     s.check_api(&headers)?;
     let st = s.clone();
     let card = tokio::task::spawn_blocking(move || {
-        let (a, dir, loaded) = st.registry.inspect(&name)?;
+        let (a, path, loaded) = st.registry.inspect(&name)?;
         let root = st
             .registry
             .root()
             .map(Path::to_path_buf)
             .unwrap_or_default();
-        let rel = dir.strip_prefix(&root).unwrap_or(&dir).to_path_buf();
+        let rel = path.strip_prefix(&root).unwrap_or(&path).to_path_buf();
+        let dir = st.registry.local_dir(&path)?;
         Ok::<_, crate::registry::RegistryError>(crate::card::adapter_card(
             &name, &rel, &dir, &a, loaded,
         ))
@@ -229,9 +230,10 @@ async fn del_adapter(
 }
 
 async fn health(State(s): State<AppState>) -> Response {
-    let ok = s.scheduler.is_alive();
+    let draining = s.draining.load(Ordering::Relaxed);
+    let ok = s.scheduler.is_alive() && !draining;
     let body = json!({
-        "status": if ok { "ok" } else { "error" },
+        "status": if draining { "draining" } else if ok { "ok" } else { "error" },
         "model": s.base_id,
         "queued": s.scheduler.queued(),
         "running": s.metrics.running.load(Ordering::Relaxed),
@@ -296,13 +298,27 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serve `app(state)` on an already-bound listener until `shutdown` resolves, then drain
-/// in-flight requests and stop the scheduler.
+/// Serve `app(state)` on an already-bound listener until `shutdown` resolves; then report
+/// `draining` on `/health` for `cfg.drain_delay` while still serving, close the listener,
+/// let in-flight requests finish, and stop the scheduler.
 pub async fn serve_on(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    let st = state.clone();
+    let shutdown = async move {
+        shutdown.await;
+        st.draining.store(true, Ordering::Relaxed);
+        let d = st.cfg.drain_delay;
+        if !d.is_zero() {
+            eprintln!(
+                "lowrank serve: draining: /health answers 503 for {:.1} s, then the listener closes",
+                d.as_secs_f64()
+            );
+            tokio::time::sleep(d).await;
+        }
+    };
     axum::serve(listener, app(state.clone()))
         .with_graceful_shutdown(shutdown)
         .await?;

@@ -40,6 +40,9 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub(crate) created: u64,
     pub(crate) next_id: AtomicU64,
+    /// Set when shutdown begins: `/health` answers 503 so that load balancers stop sending
+    /// new requests, while those that still arrive are served until the listener closes.
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 impl std::ops::Deref for AppState {
@@ -97,9 +100,27 @@ impl AppState {
         }
         let model = Arc::new(model);
         let metrics = Arc::new(Metrics::default());
+        let store = match &cfg.adapters_url {
+            None => None,
+            Some(url) => {
+                let cache = cfg
+                    .adapter_cache
+                    .clone()
+                    .unwrap_or_else(|| lowrank_model::fetch::lowrank_home().join("adapter-cache"));
+                let st = lowrank_store::AdapterStore::open(url, &cache, cfg.max_adapter_bytes)
+                    .map_err(|e| ServeError::Invalid(e.to_string()))?;
+                Some(Arc::new(st))
+            }
+        };
+        if store.is_some() && cfg.adapters_dir.is_some() {
+            return Err(ServeError::Invalid(
+                "adapters come from a directory or from a store URL, not both".into(),
+            ));
+        }
         let registry = Registry::new(
             model.clone(),
             cfg.adapters_dir.as_deref(),
+            store,
             &base_id,
             cfg.max_adapter_bytes,
             metrics.clone(),
@@ -132,6 +153,7 @@ impl AppState {
             metrics,
             created: unix_now(),
             next_id: AtomicU64::new(1),
+            draining: std::sync::atomic::AtomicBool::new(false),
         })))
     }
 

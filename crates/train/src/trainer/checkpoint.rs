@@ -500,6 +500,10 @@ impl Trainer<'_> {
     pub(super) fn save_checkpoint(&self, run: &RunState, elapsed: f64) -> Result<PathBuf> {
         let name = format!("{PREFIX}{}", run.step);
         let final_dir = self.out.join(&name);
+        if !self.writer() {
+            // Rank 0 writes the job's checkpoints (all ranks hold the same state).
+            return Ok(final_dir);
+        }
         let tmp = self.out.join(format!(".{name}.partial"));
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
