@@ -1,4 +1,6 @@
 //! Shared by the integration tests that talk to a running `lowrank serve`.
+// Each test binary uses its own part of this module.
+#![allow(dead_code)]
 
 use std::io::Read;
 use std::net::TcpStream;
@@ -20,6 +22,11 @@ impl Server {
     /// Start `lowrank serve --port P ARGS…` on a free loopback port and wait until it accepts
     /// connections (panics with the server's stderr if it exits first).
     pub fn start(args: &[&str]) -> Server {
+        Self::start_env(args, &[])
+    }
+
+    /// [`start`](Self::start) with extra environment variables.
+    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Server {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -29,6 +36,7 @@ impl Server {
             .arg("serve")
             .args(args)
             .args(["--port", &port.to_string()])
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -52,6 +60,29 @@ impl Server {
             assert!(Instant::now() < deadline, "server did not start");
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+}
+
+impl Server {
+    /// Send `SIG<name>` (e.g. "TERM") to the server.
+    pub fn signal(&self, name: &str) {
+        let st = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
+    /// Wait up to `limit` for the server to exit; its exit status.
+    pub fn wait(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 }
 
