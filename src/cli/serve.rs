@@ -61,8 +61,13 @@ fn model_id(spec: &str) -> Option<String> {
 }
 
 pub fn serve(a: ServeArgs, device: &Device) -> Result<()> {
-    let mut lm = super::load(&a.model, device)?;
-    a.compute.apply(&mut lm)?;
+    // Int8 serving packs while loading: no f32 copy of the base stays resident (adapters
+    // run unmerged, from their own f32 A and B).
+    let lm = if a.compute.compute == super::ComputeKind::Int8 {
+        super::load_for(&a.model, device, lowrank_model::quant::Compute::Int8)?
+    } else {
+        super::load(&a.model, device)?
+    };
     let mut cfg = lowrank_serve::ServeConfig {
         host: a.host.clone(),
         port: a.port,
