@@ -39,16 +39,24 @@ fn manifests_pass_the_kubernetes_schemas() {
     let files = manifests();
     for version in ["1.30", "1.37"] {
         let o = validate(&files, version);
-        let out = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+        let out =
+            String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
         assert!(o.status.success(), "Kubernetes {version}:\n{out}");
-        assert_eq!(out.matches(" passed for resource ").count(), files.len(), "{out}");
+        assert_eq!(
+            out.matches(" passed for resource ").count(),
+            files.len(),
+            "{out}"
+        );
     }
     // The validator does catch mistakes: a misspelt field and a wrong type.
     let dir = std::env::temp_dir().join(format!("lowrank-k8s-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let dep = std::fs::read_to_string(k8s().join("deployment.yaml")).unwrap();
     for (what, broken) in [
-        ("misspelt field", dep.replace("readinessProbe:", "readynessProbe:")),
+        (
+            "misspelt field",
+            dep.replace("readinessProbe:", "readynessProbe:"),
+        ),
         ("wrong type", dep.replace("replicas: 2", "replicas: two")),
     ] {
         assert_ne!(broken, dep);
@@ -73,7 +81,10 @@ fn manifests_match_the_server() {
         .collect();
     assert!(flags.len() >= 8, "{flags:?}");
     for f in &flags {
-        assert!(help.contains(&format!("--{f} ")) || help.contains(&format!("--{f}\n")), "`lowrank serve` has no --{f}");
+        assert!(
+            help.contains(&format!("--{f} ")) || help.contains(&format!("--{f}\n")),
+            "`lowrank serve` has no --{f}"
+        );
     }
     // Probes, Service and server agree on the port; the autoscaler's metric is exported.
     assert!(dep.contains("\"8080\"") && dep.contains("containerPort: 8080"));

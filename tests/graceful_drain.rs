@@ -74,14 +74,25 @@ fn sigterm_drains_then_exits() {
         r#"{"model": "smollm2-135m", "prompt": "Hi", "max_tokens": 3, "temperature": 0}"#,
     );
     assert_eq!(st, 200, "{body}");
-    assert!(t0.elapsed() < Duration::from_secs(3), "the checks took longer than the drain window");
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "the checks took longer than the drain window"
+    );
 
     // The request in flight ran to its end.
     let all = long.join().unwrap();
     assert!(all.contains("data: [DONE]"), "{all}");
-    assert!(all.contains("\"completion_tokens\":200"), "the stream was cut short: {all}");
+    assert!(
+        all.contains("\"completion_tokens\":200"),
+        "the stream was cut short: {all}"
+    );
     // Then the process exits cleanly.
-    let code = server.wait(Duration::from_secs(30)).expect("the server did not exit after draining");
+    let code = server
+        .wait(Duration::from_secs(30))
+        .expect("the server did not exit after draining");
     assert!(code.success(), "exit status {code}");
-    assert!(t0.elapsed() >= Duration::from_secs(3), "exited before the drain window ended");
+    assert!(
+        t0.elapsed() >= Duration::from_secs(3),
+        "exited before the drain window ended"
+    );
 }

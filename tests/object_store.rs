@@ -25,7 +25,10 @@ impl Drop for Killed {
 
 fn script(args: &[&str]) -> String {
     let out = Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/scripts/object_store.py"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/scripts/object_store.py"
+        ))
         .args(args)
         .output()
         .unwrap();
@@ -41,13 +44,21 @@ fn script(args: &[&str]) -> String {
 /// The fixture adapter with lora_B tripled: another valid adapter, other answers.
 fn scaled_copy(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
-    std::fs::copy(from.join("adapter_config.json"), to.join("adapter_config.json")).unwrap();
+    std::fs::copy(
+        from.join("adapter_config.json"),
+        to.join("adapter_config.json"),
+    )
+    .unwrap();
     let ts = candle_core::safetensors::load(from.join("adapter_model.safetensors"), &Device::Cpu)
         .unwrap();
     let ts: HashMap<String, Tensor> = ts
         .into_iter()
         .map(|(k, t)| {
-            let t = if k.contains("lora_B") { (t * 3.0).unwrap() } else { t };
+            let t = if k.contains("lora_B") {
+                (t * 3.0).unwrap()
+            } else {
+                t
+            };
             (k, t)
         })
         .collect();
@@ -61,7 +72,10 @@ fn adapters_from_an_s3_compatible_store() {
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
-    assert!(have, "the `moto[server]` Python package is required (bash .ci/run installs it)");
+    assert!(
+        have,
+        "the `moto[server]` Python package is required (bash .ci/run installs it)"
+    );
     let root = std::env::temp_dir().join(format!("lowrank-s3-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     let local = root.join("local");
@@ -87,7 +101,14 @@ fn adapters_from_an_s3_compatible_store() {
         .port();
     let _s3 = Killed(
         Command::new("python3")
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &s3_port.to_string()])
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &s3_port.to_string(),
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -124,8 +145,7 @@ fn adapters_from_an_s3_compatible_store() {
     ];
     let server = Server::start_env(&args, &env);
     let base = format!("http://127.0.0.1:{}", server.port);
-    let first: serde_json::Value =
-        serde_json::from_str(script(&["first", &base]).trim()).unwrap();
+    let first: serde_json::Value = serde_json::from_str(script(&["first", &base]).trim()).unwrap();
     drop(server);
 
     // A fresh server over the same cache: the adapter comes from the cache.
