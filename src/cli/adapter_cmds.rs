@@ -59,7 +59,39 @@ pub fn merge(a: MergeArgs, device: &Device) -> Result<()> {
                 _ => None,
             };
             lowrank_model::export::save_gguf(&merged, &lm.tok, src, &a.out, &gguf_type)
-                .with_context(|| format!("writing {}", a.out.display()))?
+                .with_context(|| format!("writing {}", a.out.display()))?;
+            if a.quant.is_some() {
+                let keys: Vec<_> = set
+                    .iter()
+                    .flat_map(|(ad, _)| ad.modules.keys().copied())
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
+                let pairs: Vec<_> = keys
+                    .iter()
+                    .map(|k| {
+                        (
+                            lm.model.weights.layers[k.layer].linear(k.target),
+                            merged.weights.layers[k.layer].linear(k.target),
+                        )
+                    })
+                    .collect();
+                let (kept, noise) = lowrank_model::export::requant_retention(&pairs, &gguf_type)?;
+                eprintln!(
+                    "{gguf_type}: the merged weights keep {:.0} % of the adapters' change (rounding \
+                     error {noise:.2}× the change)",
+                    kept * 100.0
+                );
+                if kept < 0.8 || noise > 2.0 {
+                    eprintln!(
+                        "warning: {gguf_type} does not hold this adapter faithfully (the delta is \
+                         small against a {gguf_type} step): expect the merged model to lose much of \
+                         what the adapter learned. llama.cpp runs the adapter exactly over the base \
+                         GGUF with `lowrank export ADAPTER --format gguf-lora` (`--lora`, or Ollama's \
+                         ADAPTER), or merge with --quant q8_0"
+                    );
+                }
+            }
         }
     }
     eprintln!("merged model written to {}", a.out.display());
