@@ -100,7 +100,7 @@ pub fn merge(a: MergeArgs, device: &Device) -> Result<()> {
 
 #[derive(Args)]
 pub struct ExportArgs {
-    /// The PEFT adapter directory to export.
+    /// The PEFT adapter directory (or object store URL) to export.
     pub adapter: PathBuf,
     /// The base the adapter belongs to (checked by shapes and fingerprint; its q/k row order
     /// and architecture go into the file).
@@ -123,7 +123,8 @@ pub fn export(a: ExportArgs, device: &Device) -> Result<()> {
         anyhow::bail!("--format: `{}` is not supported (gguf-lora)", a.format);
     }
     let lm = super::load(&a.model, device)?;
-    let (adapter, _) = lowrank_model::adapters::load_adapter(&lm.model, &a.adapter, a.force)
+    let dir = super::local_adapter_dir(&a.adapter)?;
+    let (adapter, _) = lowrank_model::adapters::load_adapter(&lm.model, &dir, a.force)
         .with_context(|| format!("loading adapter {}", a.adapter.display()))?;
     lowrank_model::export::save_gguf_lora(&lm.model, &adapter, &a.out)
         .with_context(|| format!("writing {}", a.out.display()))?;
@@ -161,7 +162,7 @@ pub fn export(a: ExportArgs, device: &Device) -> Result<()> {
 
 #[derive(Args)]
 pub struct InspectArgs {
-    /// The PEFT adapter directory to inspect.
+    /// The PEFT adapter directory (or object store URL) to inspect.
     pub adapter: PathBuf,
     /// The base to check the adapter against (shapes, fingerprint, sizes).
     #[arg(long, default_value = "smollm2-135m")]
@@ -178,9 +179,10 @@ pub fn inspect(a: InspectArgs, device: &Device) -> Result<()> {
         },
         device,
     )?;
-    let (adapter, status) = lowrank_model::adapters::load_adapter(&lm.model, &a.adapter, true)
+    let dir = super::local_adapter_dir(&a.adapter)?;
+    let (adapter, status) = lowrank_model::adapters::load_adapter(&lm.model, &dir, true)
         .with_context(|| format!("loading adapter {}", a.adapter.display()))?;
-    let disk = lowrank_train::trainer::dir_bytes(&a.adapter);
+    let disk = lowrank_train::trainer::dir_bytes(&dir);
     let base = lm.file_bytes;
     let params = adapter.num_params();
     let targets = adapter.config.targets().map_err(anyhow::Error::msg)?;

@@ -10,6 +10,7 @@ mod tasks;
 mod train;
 
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -149,6 +150,21 @@ enum Cmd {
 }
 
 /// `--adapter DIR[:scale]` (repeatable: weighted sum), `--merged`, `--force`.
+/// An adapter directory as given, or, for an object store URL (`s3://bucket/prefix/sql`,
+/// gs://, az://, http(s)://, file://), its verified copy in `$LOWRANK_HOME/adapter-cache`.
+pub fn local_adapter_dir(p: &Path) -> Result<PathBuf> {
+    let s = p.to_string_lossy();
+    if !lowrank_store::is_url(&s) {
+        return Ok(p.to_path_buf());
+    }
+    let cache = lowrank_model::fetch::lowrank_home().join("adapter-cache");
+    let f = lowrank_store::fetch_url(&s, &cache, u64::MAX)?;
+    if let Some(n) = &f.note {
+        eprintln!("warning: {n}");
+    }
+    Ok(f.dir)
+}
+
 #[derive(Args, Clone, Debug, Default)]
 pub struct AdapterArgs {
     /// A PEFT adapter directory or object store URL (s3://bucket/prefix/NAME, gs://, az://,
@@ -182,7 +198,7 @@ impl AdapterArgs {
     }
 
     /// The specs with every object store URL (`s3://…/sql[:scale]`) replaced by its verified
-    /// local copy in `$LOWRANK_HOME/adapter-cache`.
+    /// local copy (see [`local_adapter_dir`]).
     fn local_specs(&self) -> Result<Vec<String>> {
         self.adapter
             .iter()
@@ -195,13 +211,10 @@ impl AdapterArgs {
                     Some((u, s)) if !s.contains('/') && s.parse::<f64>().is_ok() => (u, Some(s)),
                     _ => (spec.as_str(), None),
                 };
-                let cache = lowrank_model::fetch::lowrank_home().join("adapter-cache");
-                let f = lowrank_store::fetch_url(url, &cache, u64::MAX)
-                    .with_context(|| format!("--adapter {spec}"))?;
-                if let Some(n) = &f.note {
-                    eprintln!("warning: {n}");
-                }
-                let dir = f.dir.to_string_lossy().into_owned();
+                let dir = local_adapter_dir(Path::new(url))
+                    .with_context(|| format!("--adapter {spec}"))?
+                    .to_string_lossy()
+                    .into_owned();
                 Ok(match scale {
                     Some(s) => format!("{dir}:{s}"),
                     None => dir,
