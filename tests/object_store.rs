@@ -67,15 +67,7 @@ fn scaled_copy(from: &Path, to: &Path) {
 
 #[test]
 fn adapters_from_an_s3_compatible_store() {
-    let have = Command::new("python3")
-        .args(["-c", "import moto.server, boto3"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(
-        have,
-        "the `moto[server]` Python package is required (bash .ci/run installs it)"
-    );
+    common::require_python("moto.server, boto3", "moto[server]");
     let root = std::env::temp_dir().join(format!("lowrank-s3-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     let local = root.join("local");

@@ -8,12 +8,7 @@ use std::process::Command;
 
 #[test]
 fn official_openai_python_client() {
-    let have = Command::new("python3")
-        .args(["-c", "import openai"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(have, "the `openai` Python package is required (bash .ci/run installs it: python3 -m pip install openai)");
+    common::require_python("openai", "openai");
     // Adapters root with the PEFT fixture adapter under the name `tiny-lora`.
     let root = std::env::temp_dir().join(format!("lowrank-openai-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);

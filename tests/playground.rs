@@ -11,15 +11,7 @@ use std::process::Command;
 
 #[test]
 fn playground_in_headless_chromium() {
-    let have = Command::new("python3")
-        .args(["-c", "import selenium"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(
-        have,
-        "the `selenium` Python package is required (bash .ci/run installs it)"
-    );
+    common::require_python("selenium", "selenium");
     let chromium = std::env::var("LOWRANK_CHROMIUM").unwrap_or("/usr/bin/chromium".into());
     let driver = std::env::var("LOWRANK_CHROMEDRIVER").unwrap_or("/usr/bin/chromedriver".into());
     for p in [&chromium, &driver] {

@@ -113,3 +113,17 @@ pub fn copy_fixture_adapter(dir: &Path) {
         .unwrap();
     }
 }
+
+/// Fail (never skip) unless `python3` can import `modules` (e.g. "moto.server, boto3");
+/// `package` is what to install.
+pub fn require_python(modules: &str, package: &str) {
+    let have = Command::new("python3")
+        .args(["-c", &format!("import {modules}")])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        have,
+        "the `{package}` Python package is required (bash .ci/run installs it: python3 -m pip install '{package}')"
+    );
+}
