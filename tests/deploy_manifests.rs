@@ -27,8 +27,8 @@ fn manifests() -> Vec<PathBuf> {
 }
 
 fn validate(files: &[PathBuf], version: &str) -> std::process::Output {
-    Command::new("kubernetes-validate")
-        .args(["--strict", "-k", version])
+    Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--strict", "-k", version])
         .args(files)
         .output()
         .expect("kubernetes-validate is required (pip install kubernetes-validate; bash .ci/run installs it)")
