@@ -156,3 +156,82 @@ fn adapters_from_an_s3_compatible_store() {
     drop(server);
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// `--adapter http://…/NAME` (a plain web server: no listing needed for one adapter) gives the
+/// same completion as the directory it serves, from a verified cached copy.
+#[test]
+fn an_adapter_from_a_plain_web_server() {
+    let root = std::env::temp_dir().join(format!("lowrank-http-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    copy_fixture_adapter(&root.join("www/tiny-lora"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let _web = Killed(
+        Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                "--bind",
+                "127.0.0.1",
+                &port.to_string(),
+            ])
+            .current_dir(root.join("www"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the web server did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let model = fixtures().join("tiny-llama-hf/model");
+    let gen = |adapter: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_lowrank"))
+            .env("LOWRANK_HOME", root.join("home"))
+            .args(["generate", "--model", model.to_str().unwrap()])
+            .args([
+                "--prompt",
+                "Once upon a time",
+                "--max-tokens",
+                "8",
+                "--adapter",
+                adapter,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{adapter}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let local = gen(root.join("www/tiny-lora").to_str().unwrap());
+    let url = format!("http://127.0.0.1:{port}/tiny-lora");
+    assert_eq!(gen(&url), local);
+    // Cached: the same answer again, and an absent adapter is a clear error.
+    assert_eq!(gen(&format!("{url}:1")), local);
+    let o = Command::new(env!("CARGO_BIN_EXE_lowrank"))
+        .env("LOWRANK_HOME", root.join("home"))
+        .args([
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "x",
+        ])
+        .args(["--adapter", &format!("http://127.0.0.1:{port}/nope")])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("nope") && err.contains("no adapter there"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}

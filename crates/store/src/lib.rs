@@ -203,8 +203,12 @@ impl AdapterStore {
             }
             ObjectStoreScheme::Http => {
                 let origin = parsed.origin().ascii_serialization();
+                // An http:// URL was asked for by name: plain HTTP is what the user wants.
+                let opts =
+                    object_store::ClientOptions::new().with_allow_http(parsed.scheme() == "http");
                 object_store::http::HttpBuilder::new()
                     .with_url(origin)
+                    .with_client_options(opts)
                     .build()
                     .map(|s| Arc::new(s) as _)
             }
