@@ -259,6 +259,14 @@ impl Llama {
         seqs: &mut [SeqInput<'_>],
         opts: &mut ForwardOpts<'_>,
     ) -> Result<Vec<Option<Tensor>>> {
+        on_pool(|| self.forward_here(seqs, opts))
+    }
+
+    fn forward_here(
+        &self,
+        seqs: &mut [SeqInput<'_>],
+        opts: &mut ForwardOpts<'_>,
+    ) -> Result<Vec<Option<Tensor>>> {
         let hidden = self.forward_hidden(seqs, opts)?; // [N, H]
 
         // Every row any sequence wants goes through the head in one matmul: per-sequence head
@@ -783,4 +791,18 @@ pub(crate) fn dropout_mask(
 /// Index of the largest value in each row of [n, vocab] logits.
 pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
     Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?)
+}
+
+/// Run `f` on a worker of rayon's pool. A step makes ~120 parallel calls (every matmul and
+/// elementwise kernel); from a thread outside the pool each one injects its job, wakes the
+/// workers and puts the caller to sleep on a latch until they finish: two futex round trips
+/// per call, about a quarter of a single-stream decode step on 2 cores (perf). From a worker,
+/// the caller does its share itself and the other workers steal the rest, spinning briefly
+/// between calls before they sleep.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::scope(|_| f())
+    }
 }

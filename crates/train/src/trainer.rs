@@ -602,14 +602,12 @@ impl<'a> Trainer<'a> {
             let gs: BTreeMap<String, Tensor> = match &self.trainable {
                 // LoRA: the hand-written backward (dX only through the frozen base).
                 Trainable::Lora { adapter, .. } => {
-                    let (n, _, gs) = lora_batch_grads(
-                        &self.model,
-                        &refs,
-                        adapter,
-                        dropout,
-                        scale,
-                        self.cfg.checkpoint_layers,
-                    )?;
+                    // On a pool worker, so the step's many parallel kernels do not each
+                    // hand off from this thread and back (see `on_pool`).
+                    let (model, ckpt) = (&self.model, self.cfg.checkpoint_layers);
+                    let (n, _, gs) = lowrank_model::model::on_pool(|| {
+                        lora_batch_grads(model, &refs, adapter, dropout, scale, ckpt)
+                    })?;
                     nll += n;
                     gs
                 }
