@@ -259,7 +259,8 @@ impl Llama {
         seqs: &mut [SeqInput<'_>],
         opts: &mut ForwardOpts<'_>,
     ) -> Result<Vec<Option<Tensor>>> {
-        on_pool(|| self.forward_here(seqs, opts))
+        let rows: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+        on_pool(rows <= STAY_ROWS, || self.forward_here(seqs, opts))
     }
 
     fn forward_here(
@@ -793,16 +794,95 @@ pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
     Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?)
 }
 
+/// Steps of at most this many new rows keep the pool's other workers awake while they run
+/// (see [`on_pool`]): single-stream decoding and small batches. Larger steps spend so long in
+/// each kernel that the wake-ups do not show, and staying awake only takes cores from the
+/// server's other threads (measured: `bench serve` at 32 rows ran 3 % slower with it).
+pub const STAY_ROWS: usize = 8;
+
 /// Run `f` on a worker of rayon's pool. A step makes ~120 parallel calls (every matmul and
 /// elementwise kernel); from a thread outside the pool each one injects its job, wakes the
 /// workers and puts the caller to sleep on a latch until they finish: two futex round trips
 /// per call, about a quarter of a single-stream decode step on 2 cores (perf). From a worker,
-/// the caller does its share itself and the other workers steal the rest, spinning briefly
-/// between calls before they sleep.
-pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+/// the caller does its share itself and the other workers steal the rest.
+///
+/// Between two parallel calls the other workers still fall asleep (rayon sleeps after a few
+/// dozen idle rounds) and need a futex wake for the next call, ~10 % of a decode step. With
+/// `stay`, each other worker takes part through [`stay_near`] while `f` runs: it runs work
+/// as it appears and otherwise yields its core to the OS scheduler, never sleeping on a futex.
+/// That costs when another busy process shares the cores (two single-stream decoders on 2
+/// cores: −11 % each), so `LOWRANK_STAY=0` turns it off (`1` turns it on for every step).
+pub fn on_pool<R: Send>(stay: bool, f: impl FnOnce() -> R + Send) -> R {
     if rayon::current_thread_index().is_some() {
-        f()
-    } else {
-        rayon::scope(|_| f())
+        return f();
+    }
+    let stay = match std::env::var("LOWRANK_STAY").as_deref() {
+        Ok("0") => false,
+        Ok("1") => true,
+        _ => stay,
+    };
+    let done = std::sync::atomic::AtomicBool::new(false);
+    rayon::scope(|s| {
+        let owner = rayon::current_thread_index();
+        if stay && rayon::current_num_threads() > 1 {
+            let done = &done;
+            // The owner's own copy returns at once: run by the owner (say while it waits in
+            // a join inside `f`), it would wait for the `f` that same thread is running.
+            s.spawn_broadcast(move |_, ctx| {
+                if Some(ctx.index()) != owner {
+                    stay_near(done)
+                }
+            });
+        }
+        let r = f();
+        done.store(true, std::sync::atomic::Ordering::Release);
+        r
+    })
+}
+
+/// Until `done`: run pool work as it appears, yielding the core (not sleeping) when there is
+/// none. Work run here may itself be another caller's whole `on_pool` step; that step ends
+/// by its own `f` alone, so no wait here depends on a thread that waits here.
+fn stay_near(done: &std::sync::atomic::AtomicBool) {
+    while !done.load(std::sync::atomic::Ordering::Acquire) {
+        match rayon::yield_now() {
+            Some(rayon::Yield::Executed) => {}
+            _ => std::thread::yield_now(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod pool_tests {
+    use super::*;
+    use rayon::prelude::*;
+
+    /// `on_pool` runs `f` on a pool worker and returns its result, with and without staying,
+    /// from several outside threads at once (as a test binary's or a server's threads do),
+    /// nested, and without ever hanging.
+    #[test]
+    fn on_pool_runs_on_a_worker_and_never_hangs() {
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                std::thread::spawn(move || {
+                    for i in 0..200usize {
+                        let stay = (i + t) % 2 == 0;
+                        let (sum, idx) = on_pool(stay, || {
+                            let v: Vec<usize> = (0..1000 + i).collect();
+                            // nested: already on a worker, runs in place
+                            let inner = on_pool(true, || v.par_iter().sum::<usize>());
+                            (inner, rayon::current_thread_index())
+                        });
+                        let n = 1000 + i;
+                        assert_eq!(sum, n * (n - 1) / 2);
+                        assert!(idx.is_some(), "f ran outside the pool");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(rayon::current_thread_index().is_none());
     }
 }

@@ -605,7 +605,7 @@ impl<'a> Trainer<'a> {
                     // On a pool worker, so the step's many parallel kernels do not each
                     // hand off from this thread and back (see `on_pool`).
                     let (model, ckpt) = (&self.model, self.cfg.checkpoint_layers);
-                    let (n, _, gs) = lowrank_model::model::on_pool(|| {
+                    let (n, _, gs) = lowrank_model::model::on_pool(false, || {
                         lora_batch_grads(model, &refs, adapter, dropout, scale, ckpt)
                     })?;
                     nll += n;
