@@ -840,14 +840,31 @@ pub fn on_pool<R: Send>(stay: bool, f: impl FnOnce() -> R + Send) -> R {
     })
 }
 
+/// How long a staying worker waits with no work before it leaves (see [`stay_near`]).
+const STAY_IDLE: std::time::Duration = std::time::Duration::from_micros(500);
+
 /// Until `done`: run pool work as it appears, yielding the core (not sleeping) when there is
-/// none. Work run here may itself be another caller's whole `on_pool` step; that step ends
-/// by its own `f` alone, so no wait here depends on a thread that waits here.
+/// none, and leave once there has been no work for [`STAY_IDLE`] (a decode step's gaps
+/// between kernels are tens of µs).
+///
+/// The idle bound is what makes this wait safe. A worker takes broadcast jobs while it waits
+/// inside a join, so it can take this one while it is running one of `f`'s own jobs (it
+/// checked its broadcast queue just before the broadcast was pushed, then stole one of `f`'s
+/// jobs). Then `f` waits for that job, which cannot go on until this returns: without the
+/// bound that would hang; with it, it costs `STAY_IDLE` once, since `f`'s other work has run
+/// dry by then.
 fn stay_near(done: &std::sync::atomic::AtomicBool) {
+    let mut idle_since: Option<std::time::Instant> = None;
     while !done.load(std::sync::atomic::Ordering::Acquire) {
         match rayon::yield_now() {
-            Some(rayon::Yield::Executed) => {}
-            _ => std::thread::yield_now(),
+            Some(rayon::Yield::Executed) => idle_since = None,
+            _ => {
+                let t0 = *idle_since.get_or_insert_with(std::time::Instant::now);
+                if t0.elapsed() > STAY_IDLE {
+                    return;
+                }
+                std::thread::yield_now();
+            }
         }
     }
 }
@@ -884,5 +901,24 @@ mod pool_tests {
             t.join().unwrap();
         }
         assert!(rayon::current_thread_index().is_none());
+    }
+
+    /// A staying worker that ends up inside the very work its flag waits for (the race in
+    /// [`stay_near`]'s comment) leaves once it is idle, instead of hanging the step.
+    #[test]
+    fn stay_near_inside_its_own_step_returns() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let r = on_pool(false, || {
+                let done = std::sync::atomic::AtomicBool::new(false);
+                // `done` is set only after the join, which waits for `stay_near` itself.
+                let ((), s) = rayon::join(|| stay_near(&done), || (0..1000u64).sum::<u64>());
+                done.store(true, std::sync::atomic::Ordering::Release);
+                s
+            });
+            tx.send(r).unwrap();
+        });
+        let got = rx.recv_timeout(std::time::Duration::from_secs(20));
+        assert_eq!(got, Ok(499_500), "stay_near hung inside its own step");
     }
 }
