@@ -195,6 +195,16 @@ pub enum BenchCmd {
         /// Seconds per scenario (no new request starts after it).
         #[arg(long, default_value_t = 60)]
         time_limit: u64,
+        /// Run the scenario list this many times, round-robin, and summarize medians and
+        /// within-round ratios (for machines whose speed drifts between scenarios).
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
+        /// Leave out the base-model scenario.
+        #[arg(long)]
+        no_base: bool,
+        /// Leave out the merged-adapter scenario.
+        #[arg(long)]
+        no_merged: bool,
     },
 }
 
@@ -247,6 +257,9 @@ pub fn bench(c: BenchCmd, device: &Device) -> Result<()> {
             concurrency,
             max_tokens,
             time_limit,
+            rounds,
+            no_base,
+            no_merged,
         } => {
             let mut lm = super::load(&model, device)?;
             compute.apply(&mut lm)?;
@@ -256,6 +269,9 @@ pub fn bench(c: BenchCmd, device: &Device) -> Result<()> {
                 concurrency,
                 max_tokens,
                 time_limit: Duration::from_secs(time_limit),
+                rounds,
+                base: !no_base,
+                merged: !no_merged,
                 serve: lowrank_serve::ServeConfig {
                     model_id: model_id(&model.model),
                     ..Default::default()

@@ -6,6 +6,11 @@
 //! differ), written with `save_peft` into a temp directory that is removed afterwards. Each
 //! scenario is bounded by a request count and a time limit; clients stream over raw HTTP/1.1
 //! so time-to-first-token is measured where a user would see it.
+//!
+//! With `rounds` > 1 the scenarios run round-robin that many times, and the summary gives each
+//! scenario's median and its decode rate relative to one adapter *within each round*: on a
+//! shared machine whose speed drifts by tens of percent over minutes, only ratios of runs
+//! minutes apart mean anything.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -37,6 +42,8 @@ pub struct BenchConfig {
     pub prompt: String,
     /// Wall-clock bound per scenario: no new request starts after it.
     pub time_limit: Duration,
+    /// Times the whole list of scenarios runs, round-robin (at least 1).
+    pub rounds: usize,
     /// Rank and projections of the random adapters.
     pub rank: usize,
     pub targets: Vec<Target>,
@@ -55,6 +62,7 @@ impl Default for BenchConfig {
             max_tokens: 32,
             prompt: "Write a short story about a robot learning to paint.".into(),
             time_limit: Duration::from_secs(60),
+            rounds: 1,
             rank: 8,
             targets: vec![Target::Q, Target::V],
             serve: ServeConfig::default(),
@@ -66,6 +74,8 @@ impl Default for BenchConfig {
 #[derive(Debug, Clone)]
 pub struct BenchRow {
     pub scenario: String,
+    /// Which round of the scenario list (1-based).
+    pub round: usize,
     pub adapters: usize,
     pub requests: usize,
     pub failed: usize,
@@ -350,6 +360,7 @@ async fn scenario(
     };
     Ok(BenchRow {
         scenario: name.to_string(),
+        round: 1,
         adapters: n_adapters,
         requests: outcomes.len(),
         failed: outcomes.len() - ok.len(),
@@ -367,8 +378,9 @@ async fn scenario(
 /// The results as a text table.
 pub fn format_table(rows: &[BenchRow]) -> String {
     let mut s = format!(
-        "{:<24} {:>8} {:>6} {:>6} {:>8} {:>8} {:>9} {:>10} {:>7} {:>10} {:>10} {:>7}\n",
+        "{:<24} {:>5} {:>8} {:>6} {:>6} {:>8} {:>8} {:>9} {:>10} {:>7} {:>10} {:>10} {:>7}\n",
         "scenario",
+        "round",
         "adapters",
         "reqs",
         "failed",
@@ -383,8 +395,9 @@ pub fn format_table(rows: &[BenchRow]) -> String {
     );
     for r in rows {
         s.push_str(&format!(
-            "{:<24} {:>8} {:>6} {:>6} {:>8} {:>8.2} {:>9.1} {:>10.1} {:>7.2} {:>8.1}ms {:>8.1}ms {:>7.1}\n",
+            "{:<24} {:>5} {:>8} {:>6} {:>6} {:>8} {:>8.2} {:>9.1} {:>10.1} {:>7.2} {:>8.1}ms {:>8.1}ms {:>7.1}\n",
             r.scenario,
+            r.round,
             r.adapters,
             r.requests,
             r.failed,
@@ -396,6 +409,76 @@ pub fn format_table(rows: &[BenchRow]) -> String {
             r.ttft_p50_ms,
             r.ttft_p95_ms,
             r.mean_batch
+        ));
+    }
+    s
+}
+
+/// Median of a list: the middle value, or the mean of the two middle ones (NaN when empty).
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Per scenario (in first-seen order): the median decode and overall tok/s over its rounds and,
+/// for the unmerged scenarios, the decode rate over "unmerged, 1 adapter(s)" of the same round
+/// (median and each round's). Empty when there is nothing to summarize.
+pub fn format_summary(rows: &[BenchRow]) -> String {
+    let mut names: Vec<&str> = Vec::new();
+    for r in rows {
+        if !names.contains(&r.scenario.as_str()) {
+            names.push(&r.scenario);
+        }
+    }
+    let one = "unmerged, 1 adapter(s)";
+    let decode_of = |name: &str, round: usize| {
+        rows.iter()
+            .find(|r| r.scenario == name && r.round == round)
+            .map(|r| r.decode_tokens_per_s)
+    };
+    let rounds = rows.iter().map(|r| r.round).max().unwrap_or(0);
+    let mut s = String::new();
+    if rounds > 1 {
+        s.push_str(&format!(
+            "median over {rounds} rounds:\n{:<24} {:>10} {:>10}\n",
+            "scenario", "tok/s", "decode t/s"
+        ));
+        for &n in &names {
+            let of = |f: fn(&BenchRow) -> f64| -> Vec<f64> {
+                rows.iter().filter(|r| r.scenario == n).map(f).collect()
+            };
+            s.push_str(&format!(
+                "{:<24} {:>10.1} {:>10.1}\n",
+                n,
+                median(&of(|r| r.tokens_per_s)),
+                median(&of(|r| r.decode_tokens_per_s))
+            ));
+        }
+    }
+    for &n in names
+        .iter()
+        .filter(|n| n.starts_with("unmerged") && **n != one)
+    {
+        // Each round's ratio pairs runs minutes apart; rounds lacking either side are skipped.
+        let ratios: Vec<f64> = (1..=rounds)
+            .filter_map(|k| match (decode_of(n, k), decode_of(one, k)) {
+                (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+                _ => None,
+            })
+            .collect();
+        if ratios.is_empty() {
+            continue;
+        }
+        let each: Vec<String> = ratios.iter().map(|r| format!("{r:.3}")).collect();
+        s.push_str(&format!(
+            "decode, {n} / 1 adapter: {:.3}x (median; per round {})\n",
+            median(&ratios),
+            each.join(", ")
         ));
     }
     s
@@ -468,11 +551,6 @@ pub async fn bench_serve(lm: LoadedModel, cfg: BenchConfig) -> Result<Vec<BenchR
                 .map_err(|e| ServeError::Invalid(e.to_string()))?
         }
     };
-    if cfg.base {
-        eprintln!("bench: base model");
-        let st = make_state(model.clone(), false).await?;
-        rows.push(scenario("base (no adapter)", st, vec![base_id.clone()], 0, &cfg).await?);
-    }
     if max_n > 0 {
         // Hot-load: registering an adapter from disk into a running registry (read, validate,
         // fingerprint check, install), timed per adapter after one warm-up load.
@@ -506,25 +584,46 @@ pub async fn bench_serve(lm: LoadedModel, cfg: BenchConfig) -> Result<Vec<BenchR
             );
         }
     }
-    for &n in &cfg.adapter_counts {
-        if n == 0 {
-            continue;
-        }
-        eprintln!("bench: unmerged, {n} adapter(s)");
-        let st = make_state(model.clone(), true).await?;
-        let models: Vec<String> = names[..n].to_vec();
-        rows.push(scenario(&format!("unmerged, {n} adapter(s)"), st, models, n, &cfg).await?);
+    // The scenario list, run `rounds` times round-robin (each scenario on a fresh server).
+    let merged = match (cfg.merged, first.take()) {
+        (true, Some(a)) => Some(model.merged(&[(Arc::new(a), 1.0)])?),
+        _ => None,
+    };
+    let mut list: Vec<(String, Option<Llama>, Option<usize>)> = Vec::new();
+    if cfg.base {
+        list.push(("base (no adapter)".into(), None, None));
     }
-    if cfg.merged {
-        if let Some(a) = first.take() {
-            eprintln!("bench: merged, 1 adapter");
-            let merged = model.merged(&[(Arc::new(a), 1.0)])?;
-            let st = make_state(merged, false).await?;
-            rows.push(scenario("merged, 1 adapter", st, vec![base_id.clone()], 1, &cfg).await?);
+    for &n in cfg.adapter_counts.iter().filter(|&&n| n > 0) {
+        list.push((format!("unmerged, {n} adapter(s)"), None, Some(n)));
+    }
+    if let Some(m) = merged {
+        list.push(("merged, 1 adapter".into(), Some(m), None));
+    }
+    let rounds = cfg.rounds.max(1);
+    for round in 1..=rounds {
+        for (name, merged, unmerged) in &list {
+            eprintln!("bench: {name} (round {round} of {rounds})");
+            let mut row = match (merged, unmerged) {
+                (Some(m), _) => {
+                    let st = make_state(m.clone(), false).await?;
+                    scenario(name, st, vec![base_id.clone()], 1, &cfg).await?
+                }
+                (None, Some(n)) => {
+                    let st = make_state(model.clone(), true).await?;
+                    scenario(name, st, names[..*n].to_vec(), *n, &cfg).await?
+                }
+                (None, None) => {
+                    let st = make_state(model.clone(), false).await?;
+                    scenario(name, st, vec![base_id.clone()], 0, &cfg).await?
+                }
+            };
+            row.round = round;
+            rows.push(row);
         }
     }
     println!("{}", arithmetic_line(&model));
     println!("{}", format_table(&rows));
+    print!("{}", format_summary(&rows));
     Ok(rows)
 }
 
@@ -543,5 +642,74 @@ pub fn arithmetic_line(model: &Llama) -> String {
             lowrank_model::quant::kernel_name(),
             lowrank_model::quant::supported_kernels().join(", ")
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(name: &str, round: usize, decode: f64) -> BenchRow {
+        BenchRow {
+            scenario: name.into(),
+            round,
+            adapters: 0,
+            requests: 1,
+            failed: 0,
+            completion_tokens: 1,
+            seconds: 1.0,
+            tokens_per_s: decode / 2.0,
+            decode_tokens_per_s: decode,
+            requests_per_s: 1.0,
+            ttft_p50_ms: 1.0,
+            ttft_p95_ms: 1.0,
+            mean_batch: 1.0,
+        }
+    }
+
+    /// Ratios pair scenarios of the same round (the machine drifts between rounds), and the
+    /// medians are of each scenario's own rounds.
+    #[test]
+    fn summary_pairs_rounds() {
+        let one = "unmerged, 1 adapter(s)";
+        let many = "unmerged, 100 adapter(s)";
+        let rows = [
+            row("base (no adapter)", 1, 110.0),
+            row(one, 1, 100.0),
+            row(many, 1, 90.0),
+            row("base (no adapter)", 2, 220.0),
+            row(one, 2, 200.0),
+            row(many, 2, 190.0),
+            row("base (no adapter)", 3, 55.0),
+            row(one, 3, 50.0),
+            row(many, 3, 40.0),
+        ];
+        let s = format_summary(&rows);
+        // per round 0.9, 0.95, 0.8: median 0.9 (the ratio of medians would be 0.9 too, but
+        // the pooled mean 320/350 would not be what any round saw)
+        assert!(
+            s.contains("decode, unmerged, 100 adapter(s) / 1 adapter: 0.900x (median; per round 0.900, 0.950, 0.800)"),
+            "{s}"
+        );
+        assert!(s.contains("median over 3 rounds"), "{s}");
+        let base = s.lines().find(|l| l.starts_with("base")).unwrap();
+        assert!(base.ends_with("110.0"), "{base}");
+        // One round: no medians table, the ratio line still.
+        let s1 = format_summary(&rows[..3]);
+        assert!(!s1.contains("median over"), "{s1}");
+        assert!(s1.contains("0.900x"), "{s1}");
+        // Nothing to pair: nothing printed.
+        assert_eq!(format_summary(&rows[..1]), "");
+        // An even count of rounds: the mean of the middle two, not the upper one.
+        let s2 = format_summary(&rows[..6]);
+        assert!(
+            s2.contains(": 0.925x (median; per round 0.900, 0.950)"),
+            "{s2}"
+        );
+        assert!(
+            s2.lines()
+                .any(|l| l.starts_with("base") && l.ends_with("165.0")),
+            "{s2}"
+        );
     }
 }

@@ -5,8 +5,89 @@
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
-use super::{dot, f32s};
+use super::{dot, f32s, AttnKernel};
 use crate::error::Result;
+
+/// o[i] += Σ_k b[i·r + k]·u[k] for every output i of B [out, r], r a multiple of 8: each
+/// output's products are summed lane-wise over r's chunks of 8, then over the 8 lanes as
+/// ((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7)). That order is what eight AVX2 products reduce to
+/// with two rounds of `hadd` and one add of the halves, so [`expand8_avx2`] is bitwise this.
+/// Why not `dot` per output: with r = 8 each output is one short dot with a horizontal sum,
+/// ~30 instructions per cache line of B, too few loads in flight to stream B from memory
+/// when every row has its own adapter (measured: `examples/lora_memory.rs`).
+fn expand8_portable(o: &mut [f32], b: &[f32], u: &[f32]) {
+    let r = u.len();
+    for (o, br) in o.iter_mut().zip(b.chunks_exact(r)) {
+        let mut l = [0f32; 8];
+        for (bc, uc) in br.chunks_exact(8).zip(u.chunks_exact(8)) {
+            for j in 0..8 {
+                l[j] += bc[j] * uc[j];
+            }
+        }
+        *o += ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+    }
+}
+
+/// [`expand8_portable`] eight outputs at a time.
+///
+/// # Safety
+/// The CPU must have AVX2; `u.len()` is a multiple of 8 and `b.len() ≥ o.len()·u.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn expand8_avx2(o: &mut [f32], b: &[f32], u: &[f32]) {
+    use std::arch::x86_64::*;
+    let r = u.len();
+    let n8 = o.len() / 8 * 8;
+    let (bp, up, op) = (b.as_ptr(), u.as_ptr(), o.as_mut_ptr());
+    let mut i = 0;
+    while i < n8 {
+        // p[j]: output i+j's lane-wise sums of products over r's chunks of 8
+        let mut p = [_mm256_setzero_ps(); 8];
+        for c in (0..r).step_by(8) {
+            let uc = _mm256_loadu_ps(up.add(c));
+            for (j, pj) in p.iter_mut().enumerate() {
+                *pj = _mm256_add_ps(
+                    *pj,
+                    _mm256_mul_ps(_mm256_loadu_ps(bp.add((i + j) * r + c)), uc),
+                );
+            }
+        }
+        // hadd within 128-bit halves: [a0+a1, a2+a3, b0+b1, b2+b3 | a4+a5, a6+a7, b4+b5, b6+b7]
+        let t0 = _mm256_hadd_ps(p[0], p[1]);
+        let t1 = _mm256_hadd_ps(p[2], p[3]);
+        let t2 = _mm256_hadd_ps(p[4], p[5]);
+        let t3 = _mm256_hadd_ps(p[6], p[7]);
+        // [(a01+a23), (b01+b23), (c..), (d..) | (a45+a67), …]
+        let s0 = _mm256_hadd_ps(t0, t1);
+        let s1 = _mm256_hadd_ps(t2, t3);
+        let lo = _mm256_permute2f128_ps(s0, s1, 0x20);
+        let hi = _mm256_permute2f128_ps(s0, s1, 0x31);
+        let sum = _mm256_add_ps(lo, hi);
+        _mm256_storeu_ps(op.add(i), _mm256_add_ps(_mm256_loadu_ps(op.add(i)), sum));
+        i += 8;
+    }
+    expand8_portable(&mut o[n8..], &b[n8 * r..], u);
+}
+
+/// o += B·u (B [out, r] row-major) on `kernel`'s instruction set.
+fn expand(kernel: AttnKernel, o: &mut [f32], b: &[f32], u: &[f32]) {
+    let r = u.len();
+    if r == 0 || !r.is_multiple_of(8) {
+        for (o, br) in o.iter_mut().zip(b.chunks_exact(r.max(1))) {
+            *o += dot(br, u);
+        }
+        return;
+    }
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        AttnKernel::Avx2 | AttnKernel::Avx512 if kernel.supported() => {
+            // SAFETY: AVX2 is present (both kernels' `supported` imply it), r % 8 == 0, and
+            // b holds out·r values (checked by the caller's shapes).
+            unsafe { expand8_avx2(o, b, u) }
+        }
+        _ => expand8_portable(o, b, u),
+    }
+}
 
 /// One group of rows of a batch sharing an adapter mixture, for [`lora_gathered`]:
 /// the rows and, per adapter, (A [r, in], B [out, r], scale·weight).
@@ -77,6 +158,7 @@ pub fn lora_gathered(
             group_of[r as usize] = gi;
         }
     }
+    let kernel = AttnKernel::detect();
     let mut out = vec![0f32; n * out_features];
     out.par_chunks_mut(out_features)
         .enumerate()
@@ -91,9 +173,7 @@ pub fn lora_gathered(
                 // shrink: u = A·x [r]; expand: o += sc·B·u
                 u.clear();
                 u.extend(a.chunks_exact(inp).map(|ak| dot(ak, xr) * sc));
-                for (o, br) in o.iter_mut().zip(b.chunks_exact(r)) {
-                    *o += dot(br, &u);
-                }
+                expand(kernel, o, &b[..out_features * r], &u);
             }
         });
     drop(guards);
@@ -105,6 +185,50 @@ pub fn lora_gathered(
 mod gathered_tests {
     use super::*;
     use candle_core::Device;
+
+    /// Every expand path is bitwise the portable one (ranks 8, 16, 24; ragged output counts),
+    /// and all are within rounding of the f64 product.
+    #[test]
+    fn expand_paths_agree_bitwise() {
+        let mut seed = 7u64;
+        let mut draw = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        let mut ran = vec![];
+        for r in [8, 16, 24] {
+            for out in [1, 7, 8, 13, 64, 577] {
+                let b: Vec<f32> = (0..out * r).map(|_| draw()).collect();
+                let u: Vec<f32> = (0..r).map(|_| draw()).collect();
+                let o0: Vec<f32> = (0..out).map(|_| draw()).collect();
+                let mut want = o0.clone();
+                expand8_portable(&mut want, &b, &u);
+                for (i, w) in want.iter().enumerate() {
+                    let exact: f64 = o0[i] as f64
+                        + (0..r)
+                            .map(|k| b[i * r + k] as f64 * u[k] as f64)
+                            .sum::<f64>();
+                    assert!((*w as f64 - exact).abs() < 1e-5, "r {r} out {out} i {i}");
+                }
+                for k in AttnKernel::supported_list() {
+                    let mut got = o0.clone();
+                    expand(k, &mut got, &b, &u);
+                    let same = got
+                        .iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(
+                        same,
+                        "{} differs from portable at r {r}, out {out}",
+                        k.name()
+                    );
+                    ran.push(k.name());
+                }
+            }
+        }
+        ran.dedup();
+        eprintln!("expand paths run: {ran:?} (others unsupported on this CPU)");
+    }
 
     /// Two groups (one a two-adapter mixture), a row in no group: equals x·Aᵀ·Bᵀ·s per row.
     #[test]
