@@ -52,6 +52,71 @@ fn touch(b: &[u8]) -> u32 {
     b.iter().step_by(64).map(|&x| x as u32).sum()
 }
 
+type Views = Vec<Vec<Vec<(Tensor, Tensor)>>>;
+
+/// Every adapter's A and B copied into one f32 tensor, from a 2 MB boundary of its buffer
+/// (advised for transparent huge pages before the first touch when `advise`), as views.
+fn pooled(ads: &Views, advise: bool) -> candle_core::Result<Views> {
+    let total: usize = ads
+        .iter()
+        .flatten()
+        .flatten()
+        .map(|(a, b)| a.elem_count() + b.elem_count())
+        .sum();
+    let mut buf: Vec<f32> = Vec::with_capacity(total + HUGE / 4);
+    let p = buf.as_ptr() as usize;
+    let pad = ((p + HUGE - 1) & !(HUGE - 1)) - p;
+    if advise {
+        let len = (total * 4) & !(HUGE - 1);
+        // SAFETY: [p + pad, p + pad + len) lies inside `buf`'s allocation (capacity total +
+        // HUGE/4 floats); madvise only changes how the kernel backs those pages.
+        let rc = unsafe { libc::madvise((p + pad) as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
+        assert_eq!(rc, 0, "madvise");
+    }
+    buf.resize(pad / 4, 0.0);
+    let mut offs = Vec::new();
+    for (a, b) in ads.iter().flatten().flatten() {
+        offs.push(buf.len());
+        buf.extend(a.flatten_all()?.to_vec1::<f32>()?);
+        buf.extend(b.flatten_all()?.to_vec1::<f32>()?);
+    }
+    let n = buf.len();
+    let pool = Tensor::from_vec(buf, n, &Device::Cpu)?;
+    let mut it = offs.into_iter();
+    ads.iter()
+        .map(|layers| {
+            layers
+                .iter()
+                .map(|mods| {
+                    mods.iter()
+                        .map(|(a, b)| {
+                            let o = it.next().expect("one offset a module");
+                            let va = pool.narrow(0, o, a.elem_count())?.reshape(a.dims())?;
+                            let vb = pool
+                                .narrow(0, o + a.elem_count(), b.elem_count())?
+                                .reshape(b.dims())?;
+                            Ok((va, vb))
+                        })
+                        .collect()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// This process's anonymous memory in transparent huge pages (Linux; "?" elsewhere).
+fn huge_pages() -> String {
+    std::fs::read_to_string("/proc/self/smaps_rollup")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("AnonHugePages:"))
+                .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
+        })
+        .map(|v| format!("{v} in huge pages"))
+        .unwrap_or_else(|| "?".into())
+}
+
 /// Best ms per step of reading, per layer and module, the bytes `get` gives for each row's adapter.
 fn read<'a>(get: &(dyn Fn(usize, usize, usize) -> &'a [u8] + Sync)) -> f64 {
     best_ms(|s| {
@@ -71,7 +136,7 @@ fn main() -> candle_core::Result<()> {
     let d = Device::Cpu;
     let x = Tensor::randn(0f32, 1.0, (ROWS, HIDDEN), &d)?;
     // [adapter][layer][module] → (A [r, in], B [out, r])
-    let mut ads = Vec::new();
+    let mut ads: Views = Vec::new();
     for _ in 0..ADAPTERS {
         let mut layers = Vec::new();
         for _ in 0..LAYERS {
@@ -123,6 +188,34 @@ fn main() -> candle_core::Result<()> {
         "lora_gathered, each row its own adapter:  {:6.2} ms/step",
         run(true)
     );
+    // The same adapters as views into one tensor whose buffer is advised for huge pages.
+    for advise in [false, true] {
+        let views = pooled(&ads, advise)?;
+        let t = best_ms(|s| {
+            for l in 0..LAYERS {
+                for (m, &out) in OUTS.iter().enumerate() {
+                    let groups: Vec<LoraRows> = own
+                        .iter()
+                        .enumerate()
+                        .map(|(row, r)| {
+                            let (a, b) = &views[adapter_of(row, s)][l][m];
+                            LoraRows {
+                                rows: r,
+                                mods: vec![(a, b, 2.0)],
+                            }
+                        })
+                        .collect();
+                    let y = lora_gathered(&x, out, &groups).unwrap().expect("CPU f32");
+                    std::hint::black_box(y);
+                }
+            }
+        });
+        let name = match advise {
+            true => "lora_gathered, own adapters, one tensor, huge pages:",
+            false => "lora_gathered, own adapters, one tensor, 4 KB pages:",
+        };
+        println!("{name} {t:6.2} ms/step ({})", huge_pages());
+    }
 
     // The same bytes, read only: separate allocations, one per module (as the tensors are).
     let sep: Vec<Vec<Vec<Vec<u8>>>> = (0..ADAPTERS)
