@@ -152,27 +152,24 @@ fn main() -> candle_core::Result<()> {
     }
     let all: Vec<u32> = (0..ROWS as u32).collect();
     let own: Vec<[u32; 1]> = (0..ROWS as u32).map(|r| [r]).collect();
-    let run = |distinct: bool| {
+    // Per step and module: `lora_gathered` over the rows, each row under adapter `pick(row, s)`
+    // of `ads`; with `shared`, one group of every row under adapter 0.
+    let run = |ads: &Views, shared: bool| {
         best_ms(|s| {
             for l in 0..LAYERS {
                 for (m, &out) in OUTS.iter().enumerate() {
-                    let groups: Vec<LoraRows> = if distinct {
-                        own.iter()
-                            .enumerate()
-                            .map(|(row, r)| {
-                                let (a, b) = &ads[adapter_of(row, s)][l][m];
-                                LoraRows {
-                                    rows: r,
-                                    mods: vec![(a, b, 2.0)],
-                                }
-                            })
-                            .collect()
-                    } else {
-                        let (a, b) = &ads[0][l][m];
-                        vec![LoraRows {
-                            rows: &all,
+                    let group = |rows, ad: usize| {
+                        let (a, b) = &ads[ad][l][m];
+                        LoraRows {
+                            rows,
                             mods: vec![(a, b, 2.0)],
-                        }]
+                        }
+                    };
+                    let groups: Vec<LoraRows> = match shared {
+                        true => vec![group(&all[..], 0)],
+                        false => (0..ROWS)
+                            .map(|row| group(&own[row][..], adapter_of(row, s)))
+                            .collect(),
                     };
                     let y = lora_gathered(&x, out, &groups).unwrap().expect("CPU f32");
                     std::hint::black_box(y);
@@ -182,34 +179,16 @@ fn main() -> candle_core::Result<()> {
     };
     println!(
         "lora_gathered, one shared adapter:        {:6.2} ms/step",
-        run(false)
+        run(&ads, true)
     );
     println!(
         "lora_gathered, each row its own adapter:  {:6.2} ms/step",
-        run(true)
+        run(&ads, false)
     );
     // The same adapters as views into one tensor whose buffer is advised for huge pages.
     for advise in [false, true] {
         let views = pooled(&ads, advise)?;
-        let t = best_ms(|s| {
-            for l in 0..LAYERS {
-                for (m, &out) in OUTS.iter().enumerate() {
-                    let groups: Vec<LoraRows> = own
-                        .iter()
-                        .enumerate()
-                        .map(|(row, r)| {
-                            let (a, b) = &views[adapter_of(row, s)][l][m];
-                            LoraRows {
-                                rows: r,
-                                mods: vec![(a, b, 2.0)],
-                            }
-                        })
-                        .collect();
-                    let y = lora_gathered(&x, out, &groups).unwrap().expect("CPU f32");
-                    std::hint::black_box(y);
-                }
-            }
-        });
+        let t = run(&views, false);
         let name = match advise {
             true => "lora_gathered, own adapters, one tensor, huge pages:",
             false => "lora_gathered, own adapters, one tensor, 4 KB pages:",
