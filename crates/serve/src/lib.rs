@@ -17,7 +17,7 @@ pub mod openai;
 pub mod registry;
 pub mod scheduler;
 
-pub use bench::{bench_serve, format_table, BenchConfig, BenchRow};
+pub use bench::{bench_serve, format_summary, format_table, BenchConfig, BenchRow};
 pub use config::ServeConfig;
 pub use error::{ApiError, Result, ServeError};
 pub use http::{app, default_model_id, serve, serve_on, AppState};

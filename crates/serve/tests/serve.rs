@@ -993,7 +993,43 @@ async fn bench_runs() {
             "{r:?}"
         );
         assert!(r.ttft_p95_ms >= r.ttft_p50_ms);
+        assert_eq!(r.round, 1, "{r:?}");
     }
+}
+
+/// `rounds` runs the scenario list round-robin: each round every scenario once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bench_alternates_rounds() {
+    let cfg = lowrank_serve::BenchConfig {
+        adapter_counts: vec![1, 2],
+        base: false,
+        merged: false,
+        rounds: 2,
+        requests: 2,
+        concurrency: 2,
+        max_tokens: 3,
+        time_limit: Duration::from_secs(30),
+        rank: 4,
+        ..Default::default()
+    };
+    let rows = lowrank_serve::bench_serve(tiny(), cfg).await.unwrap();
+    let got: Vec<(&str, usize)> = rows
+        .iter()
+        .map(|r| (r.scenario.as_str(), r.round))
+        .collect();
+    let (one, two) = ("unmerged, 1 adapter(s)", "unmerged, 2 adapter(s)");
+    assert_eq!(got, [(one, 1), (two, 1), (one, 2), (two, 2)]);
+    assert!(
+        rows.iter()
+            .all(|r| r.failed == 0 && r.completion_tokens > 0),
+        "{rows:?}"
+    );
+    let summary = lowrank_serve::format_summary(&rows);
+    assert!(summary.contains("median over 2 rounds"), "{summary}");
+    assert!(
+        summary.contains("unmerged, 2 adapter(s) / 1 adapter"),
+        "{summary}"
+    );
 }
 
 /// The full benchmark on SmolLM2-135M (fetched on first use): 1 / 10 / 100 adapters, merged
