@@ -3,16 +3,19 @@
 //!
 //! Per step: 32 rows through 30 layers' q (576→576) and v (576→192) deltas of r = 8, the
 //! shapes of SmolLM2-135M. `lora_gathered` runs with one adapter shared by every row, and with
-//! each row's own adapter out of 100; then loops that only read the bytes the distinct case
-//! reads (one byte per cache line), from separate allocations as the tensors are, and from one
-//! anonymous mapping with and without the transparent-huge-page advice. Prints the best of five
-//! rounds of each, in ms per step.
+//! each row's own adapter out of 100, and out of the same adapters copied as views into one
+//! tensor whose buffer is (or is not) advised for transparent huge pages (Linux); then loops
+//! that only read the bytes the distinct case reads (one byte per cache line), from separate
+//! allocations as the tensors are, and from one anonymous mapping with and without the
+//! transparent-huge-page advice. Prints the best of five rounds of each, in ms per step.
 
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use lowrank_model::ops::{lora_gathered, LoraRows};
-use memmap2::{Advice, MmapMut};
+#[cfg(target_os = "linux")]
+use memmap2::Advice;
+use memmap2::MmapMut;
 use rayon::prelude::*;
 
 const ROWS: usize = 32;
@@ -66,6 +69,7 @@ fn pooled(ads: &Views, advise: bool) -> candle_core::Result<Views> {
     let mut buf: Vec<f32> = Vec::with_capacity(total + HUGE / 4);
     let p = buf.as_ptr() as usize;
     let pad = ((p + HUGE - 1) & !(HUGE - 1)) - p;
+    #[cfg(target_os = "linux")]
     if advise {
         let len = (total * 4) & !(HUGE - 1);
         // SAFETY: [p + pad, p + pad + len) lies inside `buf`'s allocation (capacity total +
@@ -217,6 +221,7 @@ fn main() -> candle_core::Result<()> {
         let len = ADAPTERS * per_adapter;
         let mut map = MmapMut::map_anon(len + HUGE).map_err(candle_core::Error::wrap)?;
         let start = map.as_ptr().align_offset(HUGE);
+        #[cfg(target_os = "linux")]
         if advise {
             // Before the first touch, so the faults can take huge pages.
             map.advise_range(Advice::HugePage, start, len)

@@ -69,6 +69,29 @@ unsafe fn expand8_avx2(o: &mut [f32], b: &[f32], u: &[f32]) {
     expand8_portable(&mut o[n8..], &b[n8 * r..], u);
 }
 
+/// Groups of fewer rows than this have their adapters' A and B prefetched: one or two rows
+/// do not keep an adapter in cache from one step to the next, so its bytes come from memory.
+const COLD_ROWS: usize = 4;
+
+/// Ask for every cache line of `s` ahead of its use. Why: issued all at once, the prefetches
+/// put many more misses in flight than the shrink's and expand's own loads do. Measured with
+/// `examples/lora_memory` (32 rows, each its own adapter): 9.3–10.6 → 7.7–8.0 ms a step;
+/// non-temporal hints were slower (12–15 ms). A no-op off x86-64.
+#[inline]
+fn prefetch(s: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in s.chunks(16) {
+        // SAFETY: a prefetch is a hint: it never faults and has no visible effect; SSE is
+        // part of x86-64's baseline; the address lies inside `s`.
+        unsafe {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            _mm_prefetch::<_MM_HINT_T0>(line.as_ptr() as *const i8)
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = s;
+}
+
 /// o += B·u (B [out, r] row-major) on `kernel`'s instruction set.
 fn expand(kernel: AttnKernel, o: &mut [f32], b: &[f32], u: &[f32]) {
     let r = u.len();
@@ -159,6 +182,7 @@ pub fn lora_gathered(
         }
     }
     let kernel = AttnKernel::detect();
+    let cold: Vec<bool> = groups.iter().map(|g| g.rows.len() < COLD_ROWS).collect();
     let mut out = vec![0f32; n * out_features];
     out.par_chunks_mut(out_features)
         .enumerate()
@@ -171,6 +195,10 @@ pub fn lora_gathered(
             let mut u = Vec::new();
             for &(a, b, r, sc) in &mods[gi] {
                 // shrink: u = A·x [r]; expand: o += sc·B·u
+                if cold[gi] {
+                    prefetch(a);
+                    prefetch(&b[..out_features * r]);
+                }
                 u.clear();
                 u.extend(a.chunks_exact(inp).map(|ak| dot(ak, xr) * sc));
                 expand(kernel, o, &b[..out_features * r], &u);
