@@ -62,16 +62,42 @@ impl From<ComputeKind> for lowrank_model::quant::Compute {
     }
 }
 
+/// Element type of the KV cache.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvKind {
+    /// f16 with `--compute int8`, f32 with `--compute f32`.
+    #[default]
+    Auto,
+    /// f32: the HF reference's precision.
+    F32,
+    /// f16 (llama.cpp's default): half the bytes per cached token; K and V rounded once, when
+    /// they are cached.
+    F16,
+}
+
 #[derive(Args, Clone, Debug, Default)]
 pub struct ComputeArg {
     /// How inference multiplies the frozen weights.
     #[arg(long, value_enum, default_value_t = ComputeKind::F32)]
     pub compute: ComputeKind,
+    /// Element type of the KV cache.
+    #[arg(long, value_enum, default_value_t = KvKind::Auto)]
+    pub kv_cache: KvKind,
 }
 
 impl ComputeArg {
-    /// Switch `lm` to this arithmetic (packs the weights for int8).
+    /// The KV cache type this choice runs.
+    pub fn kv_dtype(&self) -> lowrank_model::KvDtype {
+        use lowrank_model::KvDtype;
+        match (self.kv_cache, self.compute) {
+            (KvKind::F32, _) | (KvKind::Auto, ComputeKind::F32) => KvDtype::F32,
+            (KvKind::F16, _) | (KvKind::Auto, ComputeKind::Int8) => KvDtype::F16,
+        }
+    }
+
+    /// Switch `lm` to this arithmetic (packs the weights for int8) and KV cache type.
     pub fn apply(&self, lm: &mut LoadedModel) -> Result<()> {
+        lm.model.set_kv_dtype(self.kv_dtype());
         if self.compute == ComputeKind::Int8 {
             let t = std::time::Instant::now();
             lm.model
@@ -505,5 +531,31 @@ mod tests {
         let mut missing = Vec::new();
         walk(&cli, "lowrank", &mut missing);
         assert!(missing.is_empty(), "arguments without help: {missing:#?}");
+    }
+
+    /// `--kv-cache auto` follows the compute (f16 beside int8, which measured faster for
+    /// batched decode; f32 beside f32, which matches HF); an explicit type always wins, and
+    /// the flags parse on the commands that take `--compute`.
+    #[test]
+    fn kv_cache_follows_the_compute_unless_given() {
+        use super::{ComputeArg, ComputeKind, KvKind};
+        use lowrank_model::KvDtype;
+        let arg = |compute, kv_cache| ComputeArg { compute, kv_cache };
+        assert_eq!(arg(ComputeKind::F32, KvKind::Auto).kv_dtype(), KvDtype::F32);
+        assert_eq!(
+            arg(ComputeKind::Int8, KvKind::Auto).kv_dtype(),
+            KvDtype::F16
+        );
+        assert_eq!(arg(ComputeKind::Int8, KvKind::F32).kv_dtype(), KvDtype::F32);
+        assert_eq!(arg(ComputeKind::F32, KvKind::F16).kv_dtype(), KvDtype::F16);
+        use clap::Parser;
+        for cmd in [
+            &["lowrank", "generate", "--kv-cache", "f16", "--prompt", "hi"][..],
+            &["lowrank", "serve", "--compute", "int8", "--kv-cache", "f32"][..],
+            &["lowrank", "bench", "serve", "--kv-cache", "f16"][..],
+        ] {
+            super::Cli::try_parse_from(cmd).unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        }
+        assert!(super::Cli::try_parse_from(["lowrank", "serve", "--kv-cache", "q8"]).is_err());
     }
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use candle_core::Device;
 use clap::{Args, Subcommand};
-use lowrank_model::{ForwardOpts, KvCache, LogitsMode, SeqInput};
+use lowrank_model::{ForwardOpts, LogitsMode, SeqInput};
 
 use super::{ComputeArg, ModelArg};
 
@@ -304,7 +304,7 @@ fn bench_infer(
     let mut prefill = vec![];
     let mut decode = vec![];
     for _ in 0..repeats.max(1) {
-        let mut cache = KvCache::new(lm.model.cfg.num_layers);
+        let mut cache = lm.model.new_cache();
         let t = Instant::now();
         let mut logits = {
             let mut s = [SeqInput {

@@ -56,6 +56,7 @@ impl Llama {
             };
             if opts.train {
                 let qs = part(q, cx)?;
+                let (ks, vs) = (ks.to_dtype(q.dtype())?, vs.to_dtype(q.dtype())?);
                 outs.push(self.attend(&qs, &ks, &vs, cx.mask.as_ref(), true)?);
             } else {
                 items.push((cx.offset, cx.len, ks, vs));
@@ -70,6 +71,8 @@ impl Llama {
         }
         for (row, rows, ks, vs) in items {
             let qs = q.narrow(1, row, rows)?.contiguous()?;
+            // candle's ops on an f16 cache: widen it (exactly) to the queries' dtype.
+            let (ks, vs) = (ks.to_dtype(q.dtype())?, vs.to_dtype(q.dtype())?);
             let mask = causal_mask(rows, ks.dim(1)? - rows, self.device())?;
             outs.push(self.attend(&qs, &ks, &vs, mask.as_ref(), false)?);
         }

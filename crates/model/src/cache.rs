@@ -2,10 +2,53 @@
 //!
 //! Buffers grow by doubling and new tokens are written in place, so a decode step copies only
 //! its own K/V rows instead of the whole history (which `cat` would, every step, every layer).
+//!
+//! The buffers hold f32 or f16 ([`KvDtype`]); f16 halves the bytes every decode step reads
+//! per cached token (llama.cpp's default cache type). Each value is rounded once, when it is
+//! appended, so a row's cache — and its output — never depends on the batch.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
+
+/// Element type of the KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvDtype {
+    /// f32: the HF reference's precision.
+    #[default]
+    F32,
+    /// f16: K and V rounded to half precision when appended (relative error ≤ 2⁻¹¹).
+    F16,
+}
+
+impl KvDtype {
+    /// `f32` or `f16` (the flag's spelling).
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+        }
+    }
+
+    pub fn dtype(self) -> DType {
+        match self {
+            KvDtype::F32 => DType::F32,
+            KvDtype::F16 => DType::F16,
+        }
+    }
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(KvDtype::F32),
+            "f16" => Ok(KvDtype::F16),
+            _ => Err(format!("unknown KV cache type `{s}` (f32 or f16)")),
+        }
+    }
+}
 
 #[derive(Debug)]
 struct LayerKv {
@@ -13,10 +56,11 @@ struct LayerKv {
     v: Tensor,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct KvCache {
     layers: Vec<Option<LayerKv>>,
     len: usize,
+    dtype: KvDtype,
 }
 
 impl Clone for KvCache {
@@ -35,16 +79,27 @@ impl Clone for KvCache {
         KvCache {
             layers,
             len: self.len,
+            dtype: self.dtype,
         }
     }
 }
 
 impl KvCache {
+    /// An f32 cache.
     pub fn new(num_layers: usize) -> Self {
+        KvCache::with_dtype(num_layers, KvDtype::F32)
+    }
+
+    pub fn with_dtype(num_layers: usize, dtype: KvDtype) -> Self {
         KvCache {
             layers: (0..num_layers).map(|_| None).collect(),
             len: 0,
+            dtype,
         }
+    }
+
+    pub fn dtype(&self) -> KvDtype {
+        self.dtype
     }
 
     /// Tokens already cached (= the position of the next token).
@@ -66,9 +121,11 @@ impl KvCache {
     }
 
     /// Append this step's K, V ([kv_heads, t, hd]) to layer `l`; returns views of the full
-    /// K, V ([kv_heads, len + t, hd]).
+    /// K, V ([kv_heads, len + t, hd]) in the cache's dtype.
     pub(crate) fn append(&mut self, l: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let (nkv, t, hd) = k.dims3()?;
+        let dt = self.dtype.dtype();
+        let (k, v) = (&k.to_dtype(dt)?, &v.to_dtype(dt)?);
         let cur = self.len;
         let need = cur + t;
         let grow = match &self.layers[l] {
@@ -108,5 +165,59 @@ impl KvCache {
     pub fn truncate(&mut self, len: usize) -> Result<()> {
         self.len = self.len.min(len);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An f16 cache holds K and V rounded once to half precision (within 2⁻¹¹ relative), in
+    /// half the bytes of an f32 cache, and keeps what earlier steps appended when it grows.
+    #[test]
+    fn f16_cache_rounds_once_and_halves_the_bytes() {
+        let d = Device::Cpu;
+        let mut c32 = KvCache::new(1);
+        let mut c16 = KvCache::with_dtype(1, KvDtype::F16);
+        let mut all = Vec::new();
+        // 40 steps of 1..3 tokens: past the first capacity (32), so the buffers grow.
+        for step in 0..40 {
+            let t = 1 + step % 3;
+            let k = Tensor::randn(0f32, 1.0, (3, t, 8), &d).unwrap();
+            let v = (k.clone() * -2.0).unwrap();
+            let (k32, _) = c32.append(0, &k, &v).unwrap();
+            let (k16, v16) = c16.append(0, &k, &v).unwrap();
+            c32.advance(t);
+            c16.advance(t);
+            assert_eq!(k16.dtype(), DType::F16);
+            assert_eq!(v16.dtype(), DType::F16);
+            all.push(k);
+            let want = Tensor::cat(&all, 1).unwrap();
+            assert_eq!(
+                k32.to_vec3::<f32>().unwrap(),
+                want.to_vec3::<f32>().unwrap()
+            );
+            let got = k16.to_dtype(DType::F32).unwrap();
+            let err = ((&got - &want).unwrap().abs().unwrap())
+                .broadcast_div(&(want.abs().unwrap() + 1e-30).unwrap())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(err <= 1.0 / 2048.0, "step {step}: relative error {err}");
+            // Rounding happens once: the cached values are the f16 rounding of the input.
+            assert_eq!(
+                k16.to_vec3::<half::f16>().unwrap(),
+                want.to_dtype(DType::F16)
+                    .unwrap()
+                    .to_vec3::<half::f16>()
+                    .unwrap()
+            );
+        }
+        assert_eq!(c16.dtype(), KvDtype::F16);
+        assert_eq!(c16.bytes() * 2, c32.bytes());
     }
 }

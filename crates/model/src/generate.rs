@@ -325,7 +325,7 @@ pub fn generate(
             max,
         });
     }
-    let mut cache = KvCache::new(model.cfg.num_layers);
+    let mut cache = model.new_cache();
     let mut sampler = Sampler::new(params.clone());
     let mut stream = TextStream::new(tok, params.stop.clone());
     let mut ids = Vec::new();
@@ -391,7 +391,7 @@ pub fn greedy_batch(
     eos_ids: &[u32],
 ) -> Result<Vec<Vec<u32>>> {
     let n = prompts.len();
-    let mut caches: Vec<KvCache> = (0..n).map(|_| KvCache::new(model.cfg.num_layers)).collect();
+    let mut caches: Vec<KvCache> = (0..n).map(|_| model.new_cache()).collect();
     let mut outs: Vec<Vec<u32>> = vec![vec![]; n];
     let mut next: Vec<Vec<u32>> = prompts.to_vec();
     let mut active: Vec<usize> = (0..n)

@@ -29,7 +29,7 @@ mod st;
 pub mod tokenizer;
 pub mod weights;
 
-pub use cache::KvCache;
+pub use cache::{KvCache, KvDtype};
 pub use config::ModelConfig;
 pub use error::{ModelError, Result};
 pub use model::{AdapterSet, ForwardOpts, Llama, LogitsMode, SeqInput};

@@ -15,7 +15,7 @@ use rand::Rng;
 
 use crate::attention::causal_mask;
 use crate::backward::{heads, lora_fwd, rms_fwd, LayerRec, LayerTape, LoraRec, Record, Tape};
-use crate::cache::KvCache;
+use crate::cache::{KvCache, KvDtype};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::ops;
@@ -98,6 +98,8 @@ pub struct Llama {
     f32_base: bool,
     /// The base fingerprint, when taken at load time (packed loading; see `adapters.rs`).
     fingerprint: Option<String>,
+    /// Element type of the KV caches [`Llama::new_cache`] makes.
+    kv_dtype: KvDtype,
 }
 
 impl Llama {
@@ -111,7 +113,23 @@ impl Llama {
             int8: None,
             f32_base: true,
             fingerprint: None,
+            kv_dtype: KvDtype::F32,
         })
+    }
+
+    /// The element type of the KV caches [`Llama::new_cache`] makes (inference only;
+    /// training keeps no cache).
+    pub fn set_kv_dtype(&mut self, d: KvDtype) {
+        self.kv_dtype = d;
+    }
+
+    pub fn kv_dtype(&self) -> KvDtype {
+        self.kv_dtype
+    }
+
+    /// An empty KV cache for one sequence, of this model's layers and KV dtype.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::with_dtype(self.cfg.num_layers, self.kv_dtype)
     }
 
     /// A model for int8 compute only: `weights` holds placeholders for the projections, the

@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use candle_core::{Device, Tensor};
-use lowrank_model::{AdapterSet, ForwardOpts, Llama, LoadedModel, LogitsMode, SeqInput};
+use lowrank_model::{AdapterSet, ForwardOpts, KvCache, Llama, LoadedModel, LogitsMode, SeqInput};
 
 pub fn fixtures() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures"))
@@ -61,6 +61,30 @@ pub fn logits(model: &Llama, ids: &[u32], set: Option<AdapterSet>) -> Tensor {
         .pop()
         .flatten()
         .unwrap()
+}
+
+/// Logits at every position of `ids` as a server computes them: the first half prefilled
+/// into a cache of the model's KV type, then one token per step from that cache.
+pub fn cached_logits(model: &Llama, ids: &[u32], set: Option<AdapterSet>) -> Tensor {
+    let mut cache = model.new_cache();
+    let split = ids.len() / 2;
+    let mut rows = Vec::new();
+    let mut run = |tokens: &[u32], cache: &mut KvCache, mode: LogitsMode| {
+        let mut s = [SeqInput {
+            tokens,
+            cache: Some(cache),
+            adapters: set.clone(),
+            logits: mode,
+        }];
+        let out = model.forward(&mut s, &mut ForwardOpts::infer()).unwrap();
+        rows.push(out.into_iter().next().flatten().unwrap());
+    };
+    run(&ids[..split], &mut cache, LogitsMode::All);
+    for i in split..ids.len() {
+        run(&ids[i..i + 1], &mut cache, LogitsMode::Last);
+    }
+    assert_eq!(cache.len(), ids.len());
+    Tensor::cat(&rows, 0).unwrap()
 }
 
 #[path = "support/int8_paths.rs"]

@@ -263,3 +263,26 @@ fn batched_decode_mixed_with_prefill_equals_each_alone() {
         assert!(d <= 1e-4 && same, "sequence {i}: max |Δ| = {d}");
     }
 }
+
+/// What rounding K and V to f16 alone costs (f32 compute, so nothing else is rounded): logits
+/// decoded from an f16 cache (a prefill, then one token per step) stay close to HF's f32
+/// reference, with the same arg-max everywhere, while the f32 cache matches it as tightly as
+/// the uncached forward does.
+#[test]
+fn f16_cache_costs_little_against_the_hf_reference() {
+    let st = load_st(fixtures().join("smollm2-135m/logits.safetensors"));
+    let ids = ids_of(&st["input_ids"]);
+    let mut m16 = smollm().model.clone();
+    m16.set_kv_dtype(lowrank_model::KvDtype::F16);
+    let f32_kv = cached_logits(&smollm().model, &ids, None);
+    let f16_kv = cached_logits(&m16, &ids, None);
+    let want = &st["base"];
+    let (d32, same32) = compare_logits(want, &f32_kv);
+    let (d16, same16) = compare_logits(want, &f16_kv);
+    eprintln!("max |Δ logit| against HF: f32 cache {d32:.2e}, f16 cache {d16:.2e}");
+    assert!(d32 <= 1e-3 && same32, "f32 cache: max |Δ| = {d32}");
+    // 11 significant bits of K and V: logits move by ~1e-2 at most on this model, which
+    // keeps every arg-max; a cache read with the wrong element type is off by whole logits.
+    assert!(d16 <= 5e-2 && same16, "f16 cache: max |Δ| = {d16}");
+    assert!(d16 > d32, "the f16 cache rounded nothing: {d16} vs {d32}");
+}

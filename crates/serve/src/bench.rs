@@ -631,9 +631,10 @@ pub async fn bench_serve(lm: LoadedModel, cfg: BenchConfig) -> Result<Vec<BenchR
 /// (`LOWRANK_INT8_KERNEL` forces one), so figures from different CPUs are not mixed up.
 pub fn arithmetic_line(model: &Llama) -> String {
     let attention = format!(
-        "attention kernel {} (this CPU supports: {})",
+        "attention kernel {} (this CPU supports: {}), KV cache {}",
         lowrank_model::ops::attention_kernel_name(),
-        lowrank_model::ops::supported_attention_kernels().join(", ")
+        lowrank_model::ops::supported_attention_kernels().join(", "),
+        model.kv_dtype().name()
     );
     match model.compute() {
         lowrank_model::quant::Compute::F32 => format!("compute: f32; {attention}"),

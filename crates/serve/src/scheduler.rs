@@ -360,7 +360,7 @@ impl<'a> Loop<'a> {
                 prompt_tokens: r.prompt.len(),
                 input: r.prompt,
                 fed: 0,
-                cache: KvCache::new(self.model.cfg.num_layers),
+                cache: self.model.new_cache(),
                 adapters: r.adapters,
                 adapter_names: r.adapter_names,
                 request_mixture: r.request_mixture,

@@ -1,16 +1,16 @@
-//! AVX2 + FMA row kernels of [`super::rows::attention_rows`], for CPUs without AVX-512 (most
-//! laptops, AMD Zen 1–3, many servers): 16 ymm registers instead of 32 zmm, so the query rows
-//! stay in L1 rather than in registers and the output is accumulated 16 values of each head
-//! at a time. Same algorithm as the AVX-512 kernels; not bitwise equal to them (a process runs
+//! AVX2 + FMA (+ F16C, for f16 caches) row kernels of [`super::rows::attention_rows`], for
+//! CPUs without AVX-512 (most laptops, AMD Zen 1–3, many servers): 16 ymm registers instead
+//! of 32 zmm, so the query rows stay in L1 rather than in registers and the output is
+//! accumulated 16 values of each head at a time. Same algorithm as the AVX-512 kernels; not bitwise equal to them (a process runs
 //! one attention kernel, so a row's bits still never depend on its batch).
 
-use super::rows::{attend_row, AttnKv, AttnShape, RowKernel};
+use super::rows::{attend_row, AttnKv, AttnShape, KvElem, RowKernel};
 use std::arch::x86_64::*;
 
 /// The kernel for g query heads per KV head and head_dim hd: register-blocked for the common
 /// shapes (hd = 64 or 128, g ≤ 4), else the generic code compiled for AVX2 + FMA.
-pub(super) fn pick(g: usize, hd: usize) -> RowKernel {
-    super::rows::pick_row_kernel!(row, generic, g, hd, 8, 16)
+pub(super) fn pick<E: KvElem>(g: usize, hd: usize) -> RowKernel<E> {
+    super::rows::pick_row_kernel!(row, generic, E, g, hd, 8, 16)
 }
 
 /// e^x for x ≤ 0 (scores minus their max): the same Cephes expf polynomial as the AVX-512
@@ -102,18 +102,18 @@ unsafe fn softmax(p: &mut [f32]) {
     }
 }
 
-#[target_feature(enable = "avx2,fma")]
-unsafe fn generic(qv: &[f32], kv: &AttnKv, i: usize, s: &AttnShape, o: &mut [f32]) {
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn generic<E: KvElem>(qv: &[f32], kv: &AttnKv<E>, i: usize, s: &AttnShape, o: &mut [f32]) {
     attend_row(qv, kv, i, s, o)
 }
 
 /// [`attend_row`] for G query heads per KV head, head_dim = 8·C (C even): each cached K row
 /// is loaded once for the G heads (two accumulators per head hide the FMA latency); the
 /// output is built 16 values of every head at a time, 2·G accumulators in registers.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn row<const G: usize, const C: usize>(
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn row<E: KvElem, const G: usize, const C: usize>(
     qv: &[f32],
-    kv: &AttnKv,
+    kv: &AttnKv<E>,
     i: usize,
     s: &AttnShape,
     o: &mut [f32],
@@ -132,8 +132,8 @@ unsafe fn row<const G: usize, const C: usize>(
             let mut a0 = [_mm256_setzero_ps(); G];
             let mut a1 = [_mm256_setzero_ps(); G];
             for c in (0..C).step_by(2) {
-                let k0 = _mm256_loadu_ps(kp.add(c * 8));
-                let k1 = _mm256_loadu_ps(kp.add(c * 8 + 8));
+                let k0 = E::load8(kp.add(c * 8));
+                let k1 = E::load8(kp.add(c * 8 + 8));
                 for gi in 0..G {
                     let qp = q[gi].as_ptr().add(c * 8);
                     a0[gi] = _mm256_fmadd_ps(_mm256_loadu_ps(qp), k0, a0[gi]);
@@ -152,7 +152,7 @@ unsafe fn row<const G: usize, const C: usize>(
             for j in 0..len {
                 let off = kv.vs.0 + kvh * kv.vs.1 + j * kv.vs.2;
                 let vp = kv.v[off..off + hd].as_ptr().add(c * 8);
-                let (v0, v1) = (_mm256_loadu_ps(vp), _mm256_loadu_ps(vp.add(8)));
+                let (v0, v1) = (E::load8(vp), E::load8(vp.add(8)));
                 for (gi, ag) in acc.iter_mut().enumerate() {
                     let w = _mm256_set1_ps(sc[gi * len + j]);
                     ag[0] = _mm256_fmadd_ps(w, v0, ag[0]);

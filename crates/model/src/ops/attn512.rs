@@ -1,13 +1,13 @@
 //! AVX-512F row kernels of [`super::rows::attention_rows`].
 
-use super::rows::{attend_row, AttnKv, AttnShape, RowKernel};
+use super::rows::{attend_row, AttnKv, AttnShape, KvElem, RowKernel};
 use std::arch::x86_64::*;
 
 /// The kernel for g query heads per KV head and head_dim hd: register-blocked AVX-512
 /// for the common shapes (hd = 64 or 128, g ≤ 4: 4× fewer instructions than the generic
 /// code, which measured at 8 GMAC/s), else the generic code compiled for AVX-512.
-pub(super) fn pick(g: usize, hd: usize) -> RowKernel {
-    super::rows::pick_row_kernel!(row, generic, g, hd, 4, 8)
+pub(super) fn pick<E: KvElem>(g: usize, hd: usize) -> RowKernel<E> {
+    super::rows::pick_row_kernel!(row, generic, E, g, hd, 4, 8)
 }
 
 /// e^x for x ≤ 0 (scores minus their max): Cephes' expf polynomial on the reduced
@@ -81,16 +81,16 @@ unsafe fn softmax(p: &mut [f32]) {
 }
 
 #[target_feature(enable = "avx512f")]
-unsafe fn generic(qv: &[f32], kv: &AttnKv, i: usize, s: &AttnShape, o: &mut [f32]) {
+unsafe fn generic<E: KvElem>(qv: &[f32], kv: &AttnKv<E>, i: usize, s: &AttnShape, o: &mut [f32]) {
     attend_row(qv, kv, i, s, o)
 }
 
 /// [`attend_row`] with the g query rows and the output accumulators in registers; each
 /// cached K and V row is loaded once for the g heads. G heads per KV head, C = hd / 16.
 #[target_feature(enable = "avx512f")]
-unsafe fn row<const G: usize, const C: usize>(
+unsafe fn row<E: KvElem, const G: usize, const C: usize>(
     qv: &[f32],
-    kv: &AttnKv,
+    kv: &AttnKv<E>,
     i: usize,
     s: &AttnShape,
     o: &mut [f32],
@@ -112,7 +112,7 @@ unsafe fn row<const G: usize, const C: usize>(
             let krow = &kv.k[off..off + hd];
             let mut k = [_mm512_setzero_ps(); C];
             for (c, kc) in k.iter_mut().enumerate() {
-                *kc = _mm512_loadu_ps(krow.as_ptr().add(c * 16));
+                *kc = E::load16(krow.as_ptr().add(c * 16));
             }
             for (gi, qg) in q.iter().enumerate() {
                 let mut acc = _mm512_mul_ps(qg[0], k[0]);
@@ -131,7 +131,7 @@ unsafe fn row<const G: usize, const C: usize>(
             let vrow = &kv.v[off..off + hd];
             let mut v = [_mm512_setzero_ps(); C];
             for (c, vc) in v.iter_mut().enumerate() {
-                *vc = _mm512_loadu_ps(vrow.as_ptr().add(c * 16));
+                *vc = E::load16(vrow.as_ptr().add(c * 16));
             }
             for (gi, ag) in acc.iter_mut().enumerate() {
                 let w = _mm512_set1_ps(sc[gi * len + j]);

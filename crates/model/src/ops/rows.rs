@@ -3,6 +3,10 @@
 //! register-blocked kernels for common head shapes on AVX-512 ([`super::attn512`]) and on
 //! AVX2 + FMA ([`super::attn256`]), and portable code elsewhere.
 //!
+//! Caches hold f32 or f16 ([`crate::cache::KvDtype`]); each kernel is compiled for both, and
+//! widens f16 values exactly as it loads them (`vcvtph2ps`), so an f16 cache changes only
+//! the rounding of K and V, once, when they are cached.
+//!
 //! The kernel is chosen once per process ([`AttnKernel::detect`]): the best the CPU runs, or
 //! the one `LOWRANK_ATTN_KERNEL=portable|avx2|avx512` names. Without that variable a forced
 //! int8 path (`LOWRANK_INT8_KERNEL`) forces the attention kernel of the same instruction set,
@@ -49,13 +53,17 @@ pub(crate) fn attention_rows_with(
 ) -> Result<Option<Tensor>> {
     let (nh, n, hd) = q.dims3()?;
     let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    // Caches hold f32 or f16, each sequence its own (a batch may mix cached sequences with
+    // uncached f32 ones).
+    let cpu_kv = |t: &Tensor| t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F16);
     if items.is_empty()
         || !cpu_f32(q)
         || !q.is_contiguous()
         || nh % num_kv_heads != 0
         || items.iter().any(|(row, rows, k, v)| {
-            !cpu_f32(k)
-                || !cpu_f32(v)
+            !cpu_kv(k)
+                || v.dtype() != k.dtype()
+                || !v.device().is_cpu()
                 || k.stride()[2] != 1
                 || v.stride()[2] != 1
                 || k.dims() != v.dims()
@@ -79,19 +87,34 @@ pub(crate) fn attention_rows_with(
     let mut kvs = Vec::with_capacity(items.len());
     let mut row_of = Vec::new(); // output row → (item, row within item)
     for (it, ((row, rows, k, _), ((kst, kl), (vst, vl)))) in items.iter().zip(&guards).enumerate() {
-        let (Some(kd), Some(vd)) = (f32s(kst), f32s(vst)) else {
+        let ks = (kl.start_offset(), kl.stride()[0], kl.stride()[1]);
+        let vs = (vl.start_offset(), vl.stride()[0], vl.stride()[1]);
+        let (len, rows, row) = (k.dim(1)?, *rows, *row);
+        let kv = if let (Some(k), Some(v)) = (f32s(kst), f32s(vst)) {
+            AnyKv::F32(AttnKv {
+                k,
+                v,
+                ks,
+                vs,
+                len,
+                rows,
+                row,
+            })
+        } else if let (Some(k), Some(v)) = (half::f16::slice(kst), half::f16::slice(vst)) {
+            AnyKv::F16(AttnKv {
+                k,
+                v,
+                ks,
+                vs,
+                len,
+                rows,
+                row,
+            })
+        } else {
             return Ok(None);
         };
-        kvs.push(AttnKv {
-            k: kd,
-            v: vd,
-            ks: (kl.start_offset(), kl.stride()[0], kl.stride()[1]),
-            vs: (vl.start_offset(), vl.stride()[0], vl.stride()[1]),
-            len: k.dim(1)?,
-            rows: *rows,
-            row: *row,
-        });
-        row_of.extend((0..*rows).map(|i| (it, i)));
+        kvs.push(kv);
+        row_of.extend((0..rows).map(|i| (it, i)));
     }
     let shape = AttnShape {
         n,
@@ -101,17 +124,17 @@ pub(crate) fn attention_rows_with(
         scale: scale as f32,
     };
     let mut out = vec![0f32; row_of.len() * nh * hd];
-    // One kernel for every row of the process (chosen by CPU and head shape only), so a row's
-    // bits never depend on the batch.
-    let kernel = kernel.row_kernel(g, hd);
+    // One kernel per cache type for every row of the process (chosen by CPU and head shape
+    // only), so a row's bits never depend on the batch.
+    let (k32, k16) = (
+        kernel.row_kernel::<f32>(g, hd),
+        kernel.row_kernel::<half::f16>(g, hd),
+    );
     out.par_chunks_mut(nh * hd)
         .zip(&row_of)
-        .for_each(|(o, &(it, i))| match kernel {
-            // SAFETY: `AttnKernel::row_kernel` hands out a kernel only when the CPU has its
-            // instruction set; the shapes and strides were checked above, and the kernels
-            // index the slices with bounds checks.
-            Some(k) => unsafe { k(qv, &kvs[it], i, &shape, o) },
-            None => attend_row(qv, &kvs[it], i, &shape, o),
+        .for_each(|(o, &(it, i))| match &kvs[it] {
+            AnyKv::F32(kv) => run_row(k32, qv, kv, i, &shape, o),
+            AnyKv::F16(kv) => run_row(k16, qv, kv, i, &shape, o),
         });
     drop(guards);
     drop(qs);
@@ -120,6 +143,108 @@ pub(crate) fn attention_rows_with(
         (row_of.len(), nh * hd),
         q.device(),
     )?))
+}
+
+/// One sequence's cache in either element type.
+enum AnyKv<'a> {
+    F32(AttnKv<'a, f32>),
+    F16(AttnKv<'a, half::f16>),
+}
+
+/// Row i of a sequence with the chosen kernel, or the portable code (`None`).
+#[inline(always)]
+fn run_row<E: KvElem>(
+    kernel: Option<RowKernel<E>>,
+    qv: &[f32],
+    kv: &AttnKv<E>,
+    i: usize,
+    s: &AttnShape,
+    o: &mut [f32],
+) {
+    match kernel {
+        // SAFETY: `AttnKernel::row_kernel` hands out a kernel only when the CPU has its
+        // instruction set; the shapes and strides were checked by `attention_rows_with`, and
+        // the kernels index the slices with bounds checks.
+        Some(k) => unsafe { k(qv, kv, i, s, o) },
+        None => attend_row(qv, kv, i, s, o),
+    }
+}
+
+/// Element type of a KV cache the row kernels read: f32, or f16 (llama.cpp's default cache
+/// type: half the bytes per cached token). Values are widened to f32 exactly on load, so
+/// every kernel does the same arithmetic on either.
+pub(crate) trait KvElem: Copy + Send + Sync + 'static {
+    /// The cache's elements, if the storage holds this type.
+    fn slice(s: &candle_core::Storage) -> Option<&[Self]>;
+    /// `row` as f32: itself for f32, else widened into `buf` (at least `row.len()` long).
+    fn widen<'a>(row: &'a [Self], buf: &'a mut [f32]) -> &'a [f32];
+    /// 8 values from `p` as f32.
+    ///
+    /// # Safety
+    /// 8 elements are readable at `p`; the CPU has AVX2 and F16C (inlined into such kernels).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    /// 16 values from `p` as f32.
+    ///
+    /// # Safety
+    /// 16 elements are readable at `p`; the CPU has AVX-512F (inlined into such kernels).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+}
+
+impl KvElem for f32 {
+    fn slice(s: &candle_core::Storage) -> Option<&[f32]> {
+        f32s(s)
+    }
+
+    #[inline(always)]
+    fn widen<'a>(row: &'a [f32], _buf: &'a mut [f32]) -> &'a [f32] {
+        row
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_loadu_ps(p)
+    }
+}
+
+impl KvElem for half::f16 {
+    fn slice(s: &candle_core::Storage) -> Option<&[half::f16]> {
+        match s {
+            candle_core::Storage::Cpu(candle_core::CpuStorage::F16(v)) => Some(v.as_slice()),
+            _ => None,
+        }
+    }
+
+    #[inline(always)]
+    fn widen<'a>(row: &'a [half::f16], buf: &'a mut [f32]) -> &'a [f32] {
+        let buf = &mut buf[..row.len()];
+        for (b, x) in buf.iter_mut().zip(row) {
+            *b = x.to_f32();
+        }
+        buf
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const half::f16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const half::f16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    }
 }
 
 /// The attention row kernels: one per instruction set.
@@ -158,7 +283,11 @@ impl AttnKernel {
         match self {
             AttnKernel::Portable => true,
             #[cfg(target_arch = "x86_64")]
-            AttnKernel::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            AttnKernel::Avx2 => {
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            }
             #[cfg(target_arch = "x86_64")]
             AttnKernel::Avx512 => is_x86_feature_detected!("avx512f"),
             #[cfg(not(target_arch = "x86_64"))]
@@ -231,16 +360,16 @@ impl AttnKernel {
 
     /// The row kernel for g query heads per KV head and head_dim hd; `None`: the portable
     /// code ([`attend_row`]), also for a kernel this CPU cannot run.
-    fn row_kernel(self, g: usize, hd: usize) -> Option<RowKernel> {
+    fn row_kernel<E: KvElem>(self, g: usize, hd: usize) -> Option<RowKernel<E>> {
         if !self.supported() {
             return None;
         }
         match self {
             AttnKernel::Portable => None,
             #[cfg(target_arch = "x86_64")]
-            AttnKernel::Avx2 => Some(super::attn256::pick(g, hd)),
+            AttnKernel::Avx2 => Some(super::attn256::pick::<E>(g, hd)),
             #[cfg(target_arch = "x86_64")]
-            AttnKernel::Avx512 => Some(super::attn512::pick(g, hd)),
+            AttnKernel::Avx512 => Some(super::attn512::pick::<E>(g, hd)),
             #[cfg(not(target_arch = "x86_64"))]
             _ => {
                 let _ = (g, hd);
@@ -290,9 +419,9 @@ pub fn supported_attention_kernels() -> Vec<&'static str> {
 }
 
 /// One sequence's cache as slices for [`attention_rows`].
-pub(super) struct AttnKv<'a> {
-    pub(super) k: &'a [f32],
-    pub(super) v: &'a [f32],
+pub(super) struct AttnKv<'a, E> {
+    pub(super) k: &'a [E],
+    pub(super) v: &'a [E],
     /// start offset, head stride, position stride (K then V)
     pub(super) ks: (usize, usize, usize),
     pub(super) vs: (usize, usize, usize),
@@ -315,17 +444,17 @@ pub(super) struct AttnShape {
 /// (C = `$c64` vectors) or 128 (`$c128`), else `$generic`: one shape table for every
 /// instruction set's kernels.
 macro_rules! pick_row_kernel {
-    ($row:ident, $generic:ident, $g:expr, $hd:expr, $c64:literal, $c128:literal) => {
+    ($row:ident, $generic:ident, $e:ty, $g:expr, $hd:expr, $c64:literal, $c128:literal) => {
         match ($g, $hd) {
-            (1, 64) => $row::<1, $c64>,
-            (2, 64) => $row::<2, $c64>,
-            (3, 64) => $row::<3, $c64>,
-            (4, 64) => $row::<4, $c64>,
-            (1, 128) => $row::<1, $c128>,
-            (2, 128) => $row::<2, $c128>,
-            (3, 128) => $row::<3, $c128>,
-            (4, 128) => $row::<4, $c128>,
-            _ => $generic,
+            (1, 64) => $row::<$e, 1, $c64>,
+            (2, 64) => $row::<$e, 2, $c64>,
+            (3, 64) => $row::<$e, 3, $c64>,
+            (4, 64) => $row::<$e, 4, $c64>,
+            (1, 128) => $row::<$e, 1, $c128>,
+            (2, 128) => $row::<$e, 2, $c128>,
+            (3, 128) => $row::<$e, 3, $c128>,
+            (4, 128) => $row::<$e, 4, $c128>,
+            _ => $generic::<$e>,
         }
     };
 }
@@ -337,12 +466,19 @@ pub(super) use pick_row_kernel;
 /// # Safety
 /// The CPU supports the kernel's instruction set; `kv` and the shape describe `q` and the
 /// cache as [`attention_rows`] checks them.
-pub(super) type RowKernel = unsafe fn(&[f32], &AttnKv, usize, &AttnShape, &mut [f32]);
+pub(super) type RowKernel<E> = unsafe fn(&[f32], &AttnKv<E>, usize, &AttnShape, &mut [f32]);
 
 /// Row i of a sequence: every head's softmax(q·Kᵀ·scale)·V over keys 0..=p. o: [nh·hd].
 #[inline(always)]
-pub(super) fn attend_row(qv: &[f32], kv: &AttnKv, i: usize, s: &AttnShape, o: &mut [f32]) {
+pub(super) fn attend_row<E: KvElem>(
+    qv: &[f32],
+    kv: &AttnKv<E>,
+    i: usize,
+    s: &AttnShape,
+    o: &mut [f32],
+) {
     let (g, hd) = (s.g, s.hd);
+    let mut buf = vec![0f32; hd]; // one cached row widened to f32 (unused for f32 caches)
     let len = kv.len - kv.rows + i + 1; // keys this row sees
     let qrow = |h: usize| {
         let r = h * s.n + kv.row + i;
@@ -355,7 +491,7 @@ pub(super) fn attend_row(qv: &[f32], kv: &AttnKv, i: usize, s: &AttnShape, o: &m
     for kvh in 0..s.nkv {
         for j in 0..len {
             let off = kv.ks.0 + kvh * kv.ks.1 + j * kv.ks.2;
-            let krow = &kv.k[off..off + hd];
+            let krow = E::widen(&kv.k[off..off + hd], &mut buf);
             for gi in 0..g {
                 sc[gi * len + j] = dot(qrow(kvh * g + gi), krow) * s.scale;
             }
@@ -375,7 +511,7 @@ pub(super) fn attend_row(qv: &[f32], kv: &AttnKv, i: usize, s: &AttnShape, o: &m
         let oh = &mut o[kvh * g * hd..(kvh + 1) * g * hd];
         for j in 0..len {
             let off = kv.vs.0 + kvh * kv.vs.1 + j * kv.vs.2;
-            let vrow = &kv.v[off..off + hd];
+            let vrow = E::widen(&kv.v[off..off + hd], &mut buf);
             for (gi, oi) in oh.chunks_exact_mut(hd).enumerate() {
                 let w = sc[gi * len + j];
                 for (o, &v) in oi.iter_mut().zip(vrow) {
@@ -427,12 +563,19 @@ mod attention_tests {
                 continue;
             }
             for (nh, nkv, hd) in [(6, 2, 8), (9, 3, 64), (4, 4, 128), (8, 2, 64), (16, 4, 128)] {
-                attention_case(k, nh, nkv, hd);
+                // f32 caches, f16 caches, and a batch mixing both (cached f16 sequences
+                // beside uncached f32 ones).
+                use DType::{F16, F32};
+                for kv in [[F32; 4], [F16; 4], [F16, F32, F32, F16]] {
+                    attention_case(k, nh, nkv, hd, kv);
+                }
             }
         }
     }
 
-    fn attention_case(kernel: AttnKernel, nh: usize, nkv: usize, hd: usize) {
+    /// `kv`: each sequence's cache dtype (f16 caches are compared with the naive attention
+    /// over their values widened to f32).
+    fn attention_case(kernel: AttnKernel, nh: usize, nkv: usize, hd: usize, kv: [DType; 4]) {
         let d = Device::Cpu;
         let g = nh / nkv;
         // (cached, new) tokens per sequence.
@@ -442,10 +585,12 @@ mod attention_tests {
         let q = Tensor::randn(0f32, 1.0, (nh, n, hd), &d).unwrap();
         let kvs: Vec<(Tensor, Tensor)> = seqs
             .iter()
-            .map(|&(c, t)| {
+            .zip(kv)
+            .map(|(&(c, t), kv)| {
                 // A cache buffer with spare capacity, viewed up to its length (as KvCache does).
                 let k = Tensor::randn(0f32, 1.0, (nkv, c + t + 4, hd), &d).unwrap();
                 let v = Tensor::randn(0f32, 1.0, (nkv, c + t + 4, hd), &d).unwrap();
+                let (k, v) = (k.to_dtype(kv).unwrap(), v.to_dtype(kv).unwrap());
                 (
                     k.narrow(1, 0, c + t).unwrap(),
                     v.narrow(1, 0, c + t).unwrap(),
@@ -467,7 +612,8 @@ mod attention_tests {
         let qv = q.to_vec3::<f32>().unwrap();
         let mut r = 0;
         for (si, (&(c, t), (k, v))) in seqs.iter().zip(&kvs).enumerate() {
-            let (k, v) = (k.to_vec3::<f32>().unwrap(), v.to_vec3::<f32>().unwrap());
+            let widen = |t: &Tensor| t.to_dtype(DType::F32).unwrap().to_vec3::<f32>().unwrap();
+            let (k, v) = (widen(k), widen(v));
             for i in 0..t {
                 for h in 0..nh {
                     let want = naive(&qv[h][r + i], &k[h / g], &v[h / g], c + i);
@@ -475,7 +621,7 @@ mod attention_tests {
                         let x = got[r + i][h * hd + dd] as f64;
                         assert!(
                             (x - w).abs() < 1e-5,
-                            "{kernel:?} seq {si} row {i} head {h}: {x} vs {w}"
+                            "{kernel:?} {kv:?} seq {si} row {i} head {h}: {x} vs {w}"
                         );
                     }
                 }
@@ -493,7 +639,11 @@ mod attention_tests {
             .unwrap()
             .to_vec2::<f32>()
             .unwrap();
-            assert_eq!(alone, got[r..r + t].to_vec(), "{kernel:?} seq {si} alone");
+            assert_eq!(
+                alone,
+                got[r..r + t].to_vec(),
+                "{kernel:?} {kv:?} seq {si} alone"
+            );
             r += t;
         }
     }
