@@ -557,5 +557,10 @@ mod tests {
             super::Cli::try_parse_from(cmd).unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
         }
         assert!(super::Cli::try_parse_from(["lowrank", "serve", "--kv-cache", "q8"]).is_err());
+        // Zero rounds would benchmark nothing.
+        assert!(
+            super::Cli::try_parse_from(["lowrank", "bench", "serve", "--rounds", "0"]).is_err()
+        );
+        assert!(super::Cli::try_parse_from(["lowrank", "bench", "serve", "--rounds", "2"]).is_ok());
     }
 }

@@ -197,8 +197,8 @@ pub enum BenchCmd {
         time_limit: u64,
         /// Run the scenario list this many times, round-robin, and summarize medians and
         /// within-round ratios (for machines whose speed drifts between scenarios).
-        #[arg(long, default_value_t = 1)]
-        rounds: usize,
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+        rounds: u64,
         /// Leave out the base-model scenario.
         #[arg(long)]
         no_base: bool,
@@ -269,7 +269,7 @@ pub fn bench(c: BenchCmd, device: &Device) -> Result<()> {
                 concurrency,
                 max_tokens,
                 time_limit: Duration::from_secs(time_limit),
-                rounds,
+                rounds: rounds as usize,
                 base: !no_base,
                 merged: !no_merged,
                 serve: lowrank_serve::ServeConfig {
@@ -351,6 +351,7 @@ fn bench_infer(
             "int8_kernel": (lm.model.compute() == lowrank_model::quant::Compute::Int8).then(lowrank_model::quant::kernel_name),
             "cpu_int8_kernels": lowrank_model::quant::supported_kernels(),
             "attention_kernel": lowrank_model::ops::attention_kernel_name(),
+            "kv_cache": lm.model.kv_dtype().name(),
             "cpu_attention_kernels": lowrank_model::ops::supported_attention_kernels(),
         })
     );
