@@ -39,17 +39,6 @@ impl KvDtype {
     }
 }
 
-impl std::str::FromStr for KvDtype {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "f32" => Ok(KvDtype::F32),
-            "f16" => Ok(KvDtype::F16),
-            _ => Err(format!("unknown KV cache type `{s}` (f32 or f16)")),
-        }
-    }
-}
-
 #[derive(Debug)]
 struct LayerKv {
     k: Tensor,

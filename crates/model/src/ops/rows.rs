@@ -176,8 +176,8 @@ fn run_row<E: KvElem>(
 pub(crate) trait KvElem: Copy + Send + Sync + 'static {
     /// The cache's elements, if the storage holds this type.
     fn slice(s: &candle_core::Storage) -> Option<&[Self]>;
-    /// `row` as f32: itself for f32, else widened into `buf` (at least `row.len()` long).
-    fn widen<'a>(row: &'a [Self], buf: &'a mut [f32]) -> &'a [f32];
+    /// `row` as f32: itself for f32 (no copy, `buf` untouched), else widened into `buf`.
+    fn widen<'a>(row: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32];
     /// 8 values from `p` as f32.
     ///
     /// # Safety
@@ -198,7 +198,7 @@ impl KvElem for f32 {
     }
 
     #[inline(always)]
-    fn widen<'a>(row: &'a [f32], _buf: &'a mut [f32]) -> &'a [f32] {
+    fn widen<'a>(row: &'a [f32], _buf: &'a mut Vec<f32>) -> &'a [f32] {
         row
     }
 
@@ -224,8 +224,8 @@ impl KvElem for half::f16 {
     }
 
     #[inline(always)]
-    fn widen<'a>(row: &'a [half::f16], buf: &'a mut [f32]) -> &'a [f32] {
-        let buf = &mut buf[..row.len()];
+    fn widen<'a>(row: &'a [half::f16], buf: &'a mut Vec<f32>) -> &'a [f32] {
+        buf.resize(row.len(), 0.0);
         for (b, x) in buf.iter_mut().zip(row) {
             *b = x.to_f32();
         }
@@ -478,7 +478,7 @@ pub(super) fn attend_row<E: KvElem>(
     o: &mut [f32],
 ) {
     let (g, hd) = (s.g, s.hd);
-    let mut buf = vec![0f32; hd]; // one cached row widened to f32 (unused for f32 caches)
+    let mut buf = Vec::new(); // one cached row widened to f32 (never allocated for f32 caches)
     let len = kv.len - kv.rows + i + 1; // keys this row sees
     let qrow = |h: usize| {
         let r = h * s.n + kv.row + i;
