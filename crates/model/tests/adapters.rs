@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle_core::Device;
 use common::*;
 use lowrank_model::adapters::load_adapter;
-use lowrank_model::LoadedModel;
+use lowrank_model::{ForwardOpts, LoadedModel, LogitsMode, SeqInput};
 
 #[test]
 fn peft_fixture_adapter_unmerged_merged_and_gguf_export() {
@@ -112,4 +112,80 @@ fn tiny_hf_adapter_matches_peft() {
     let got = logits(&lm.model, &ids, Some(Arc::new(vec![(Arc::new(a), 1.0)])));
     let (d, same) = compare_logits(&got, &st["adapter"]);
     assert!(d <= 1e-3 && same, "max |Δ| = {d}");
+}
+
+/// Groups of one batch whose adapters adapt different projections (q only; down only; both
+/// as a two-adapter mixture): every row gets exactly its own adapters' projections. Each row
+/// equals its sequence run alone, bitwise; the mixture equals one adapter holding both
+/// module sets (the per-group target skip must look at every adapter of a mixture); and each
+/// part alone moves the logits (neither is skipped).
+#[test]
+fn groups_adapting_different_projections_each_get_theirs() {
+    use lowrank_lora::Target;
+    let m = smollm();
+    let ids = m
+        .tok
+        .encode("Each sequence is served under its own adapter.")
+        .unwrap();
+    let (a, _) = load_adapter(
+        &m.model,
+        &fixtures().join("smollm2-135m/peft_adapter"),
+        false,
+    )
+    .unwrap();
+    let only = |ts: &[Target]| {
+        let mut p = a.clone();
+        p.modules.retain(|k, _| ts.contains(&k.target));
+        Arc::new(p)
+    };
+    let (q, down, both) = (
+        only(&[Target::Q]),
+        only(&[Target::Down]),
+        only(&[Target::Q, Target::Down]),
+    );
+    let sets = [
+        Some(Arc::new(vec![(q.clone(), 1.0)])),
+        Some(Arc::new(vec![(down.clone(), 1.0)])),
+        Some(Arc::new(vec![(q, 1.0), (down, 1.0)])),
+        None,
+    ];
+    let mut seqs: Vec<SeqInput> = sets
+        .iter()
+        .map(|s| SeqInput {
+            tokens: &ids,
+            cache: None,
+            adapters: s.clone(),
+            logits: LogitsMode::All,
+        })
+        .collect();
+    let batch = m
+        .model
+        .forward(&mut seqs, &mut ForwardOpts::infer())
+        .unwrap();
+    let base = logits(&m.model, &ids, None);
+    for (i, (s, got)) in sets.iter().zip(&batch).enumerate() {
+        let alone = logits(&m.model, &ids, s.clone());
+        let got = got.as_ref().unwrap();
+        let d = (got - &alone)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(d, 0.0, "sequence {i} differs in the batch from alone");
+        let (moved, _) = compare_logits(got, &base);
+        assert_eq!(
+            moved > 1e-3,
+            s.is_some(),
+            "sequence {i}: |Δ| from base {moved}"
+        );
+    }
+    let one = logits(&m.model, &ids, Some(Arc::new(vec![(both, 1.0)])));
+    let (d, same) = compare_logits(batch[2].as_ref().unwrap(), &one);
+    assert!(
+        d < 1e-4 && same,
+        "mixture of q and down vs one adapter of both: {d}"
+    );
 }
