@@ -69,6 +69,91 @@ unsafe fn expand8_avx2(o: &mut [f32], b: &[f32], u: &[f32]) {
     expand8_portable(&mut o[n8..], &b[n8 * r..], u);
 }
 
+/// u = sc·A·x for A [r, in]: each row's sum in [`dot`]'s order (eight lane sums over x's
+/// chunks of 8, reduced as ((l0+l4)+(l1+l5))+((l2+l6)+(l3+l7)), then the tail in order), so
+/// every path is bitwise the portable one. Why a kernel: the portable shrink is r separate
+/// dots, each one serial chain of adds (and 128-bit without a target CPU); eight rows at once
+/// keep eight chains in flight and read each chunk of x once.
+fn shrink(kernel: AttnKernel, u: &mut Vec<f32>, a: &[f32], x: &[f32], sc: f32) {
+    u.clear();
+    if x.is_empty() {
+        return; // A [r, 0]: no products; an empty u makes the expand add nothing
+    }
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        AttnKernel::Avx2 | AttnKernel::Avx512 if kernel.supported() => {
+            let rows = a.len() / x.len();
+            u.resize(rows, 0.0);
+            // SAFETY: AVX2 is present (both kernels' `supported` imply it); u holds one value
+            // per whole row of a.
+            unsafe { shrink_avx2(u, a, x, sc) }
+        }
+        _ => u.extend(a.chunks_exact(x.len()).map(|ak| dot(ak, x) * sc)),
+    }
+}
+
+/// [`shrink`] with eight (then one) rows of A at a time.
+///
+/// # Safety
+/// The CPU must have AVX2; `x` is not empty and `u.len() ≤ a.len() / x.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn shrink_avx2(u: &mut [f32], a: &[f32], x: &[f32], sc: f32) {
+    let inp = x.len();
+    let mut k = 0;
+    while k + 8 <= u.len() {
+        let s = shrink_rows::<8>(a.as_ptr().add(k * inp), x);
+        for (j, v) in s.into_iter().enumerate() {
+            u[k + j] = v * sc;
+        }
+        k += 8;
+    }
+    while k < u.len() {
+        u[k] = shrink_rows::<1>(a.as_ptr().add(k * inp), x)[0] * sc;
+        k += 1;
+    }
+}
+
+/// The [`dot`]s of M consecutive rows of A (row stride `x.len()`, from `a`) with x.
+///
+/// # Safety
+/// The CPU must have AVX2; M·x.len() values are readable from `a`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn shrink_rows<const M: usize>(a: *const f32, x: &[f32]) -> [f32; M] {
+    use std::arch::x86_64::*;
+    let inp = x.len();
+    let n8 = inp / 8 * 8;
+    let xp = x.as_ptr();
+    let mut acc = [_mm256_setzero_ps(); M];
+    let mut i = 0;
+    while i < n8 {
+        let xv = _mm256_loadu_ps(xp.add(i));
+        for (j, acc) in acc.iter_mut().enumerate() {
+            // mul then add, as the portable lanes do (no fused multiply-add)
+            let av = _mm256_loadu_ps(a.add(j * inp + i));
+            *acc = _mm256_add_ps(*acc, _mm256_mul_ps(av, xv));
+        }
+        i += 8;
+    }
+    let mut out = [0f32; M];
+    for (j, o) in out.iter_mut().enumerate() {
+        // [l0+l4, l1+l5, l2+l6, l3+l7] → ((l0+l4)+(l1+l5)) + ((l2+l6)+(l3+l7))
+        let t = _mm_add_ps(
+            _mm256_castps256_ps128(acc[j]),
+            _mm256_extractf128_ps(acc[j], 1),
+        );
+        let h = _mm_hadd_ps(t, t);
+        let mut s = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+        for t in n8..inp {
+            s += *a.add(j * inp + t) * *xp.add(t);
+        }
+        *o = s;
+    }
+    out
+}
+
 /// Groups of fewer rows than this have their adapters' A and B prefetched: one or two rows
 /// do not keep an adapter in cache from one step to the next, so its bytes come from memory.
 const COLD_ROWS: usize = 4;
@@ -199,8 +284,7 @@ pub fn lora_gathered(
                     prefetch(a);
                     prefetch(&b[..out_features * r]);
                 }
-                u.clear();
-                u.extend(a.chunks_exact(inp).map(|ak| dot(ak, xr) * sc));
+                shrink(kernel, &mut u, a, xr, sc);
                 expand(kernel, o, &b[..out_features * r], &u);
             }
         });
@@ -256,6 +340,53 @@ mod gathered_tests {
         }
         ran.dedup();
         eprintln!("expand paths run: {ran:?} (others unsupported on this CPU)");
+    }
+
+    /// Every shrink path is bitwise the portable one (ragged input sizes, row counts that are
+    /// and are not multiples of 8), and all are within rounding of the f64 product.
+    #[test]
+    fn shrink_paths_agree_bitwise() {
+        let mut seed = 11u64;
+        let mut draw = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        let mut ran = vec![];
+        for r in [1, 3, 8, 9, 16, 17] {
+            for inp in [1, 7, 8, 13, 64, 577] {
+                let a: Vec<f32> = (0..r * inp).map(|_| draw()).collect();
+                let x: Vec<f32> = (0..inp).map(|_| draw()).collect();
+                let sc = draw() * 4.0;
+                let mut want = Vec::new();
+                shrink(AttnKernel::Portable, &mut want, &a, &x, sc);
+                assert_eq!(want.len(), r);
+                for (k, w) in want.iter().enumerate() {
+                    let exact: f64 = (0..inp)
+                        .map(|i| a[k * inp + i] as f64 * x[i] as f64)
+                        .sum::<f64>()
+                        * sc as f64;
+                    assert!((*w as f64 - exact).abs() < 1e-4, "r {r} in {inp} k {k}");
+                }
+                for k in AttnKernel::supported_list() {
+                    let mut got = vec![7.0; 3];
+                    shrink(k, &mut got, &a, &x, sc);
+                    let same = got.len() == r
+                        && got
+                            .iter()
+                            .zip(&want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(
+                        same,
+                        "{} differs from portable at r {r}, in {inp}",
+                        k.name()
+                    );
+                    ran.push(k.name());
+                }
+            }
+        }
+        ran.sort();
+        ran.dedup();
+        eprintln!("shrink paths run: {ran:?} (others unsupported on this CPU)");
     }
 
     /// Two groups (one a two-adapter mixture), a row in no group: equals x·Aᵀ·Bᵀ·s per row.
