@@ -9,17 +9,18 @@ use common::*;
 use lowrank_model::adapters::load_adapter;
 use lowrank_model::{ForwardOpts, LoadedModel, LogitsMode, SeqInput};
 
+/// PEFT's adapter of the fixture (every projection of every layer) for the default model.
+fn fixture_adapter() -> lowrank_lora::Adapter {
+    let dir = fixtures().join("smollm2-135m/peft_adapter");
+    load_adapter(&smollm().model, &dir, false).unwrap().0
+}
+
 #[test]
 fn peft_fixture_adapter_unmerged_merged_and_gguf_export() {
     let m = smollm();
     let st = load_st(fixtures().join("smollm2-135m/logits.safetensors"));
     let ids = ids_of(&st["input_ids"]);
-    let (a, _) = load_adapter(
-        &m.model,
-        &fixtures().join("smollm2-135m/peft_adapter"),
-        false,
-    )
-    .unwrap();
+    let a = fixture_adapter();
     assert_eq!(a.modules.len(), 210);
     let set = Arc::new(vec![(Arc::new(a), 1.0)]);
     let got = logits(&m.model, &ids, Some(set.clone()));
@@ -61,12 +62,7 @@ fn zero_b_adapter_is_bit_identical_and_mixtures_add() {
         .tok
         .encode("Serving many adapters from one base model saves memory.")
         .unwrap();
-    let (a, _) = load_adapter(
-        &m.model,
-        &fixtures().join("smollm2-135m/peft_adapter"),
-        false,
-    )
-    .unwrap();
+    let a = fixture_adapter();
     let mut zero = a.clone();
     for md in zero.modules.values_mut() {
         md.b = md.b.zeros_like().unwrap();
@@ -127,12 +123,7 @@ fn groups_adapting_different_projections_each_get_theirs() {
         .tok
         .encode("Each sequence is served under its own adapter.")
         .unwrap();
-    let (a, _) = load_adapter(
-        &m.model,
-        &fixtures().join("smollm2-135m/peft_adapter"),
-        false,
-    )
-    .unwrap();
+    let a = fixture_adapter();
     let only = |ts: &[Target]| {
         let mut p = a.clone();
         p.modules.retain(|k, _| ts.contains(&k.target));
@@ -166,14 +157,7 @@ fn groups_adapting_different_projections_each_get_theirs() {
     for (i, (s, got)) in sets.iter().zip(&batch).enumerate() {
         let alone = logits(&m.model, &ids, s.clone());
         let got = got.as_ref().unwrap();
-        let d = (got - &alone)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let (d, _) = compare_logits(got, &alone);
         assert_eq!(d, 0.0, "sequence {i} differs in the batch from alone");
         let (moved, _) = compare_logits(got, &base);
         assert_eq!(
