@@ -320,26 +320,58 @@ impl QMatrix {
     /// Columns i0..i0+ni of tile `t`'s rows ([≤ 16, ni], row-major), decoding only the blocks
     /// they lie in; bitwise as [`QMatrix::tile_into`]. i0 is a multiple of [`QK`].
     fn tile_span_into(&self, t: usize, i0: usize, ni: usize, rows: &mut [f32]) {
+        // Training dequantizes every pack on every step. Built for the baseline x86_64 CPU,
+        // `mul_add` is a call into libm per weight (a third of this function's time in a
+        // profile of `bench train --compute int8`); with FMA enabled it is one instruction,
+        // and the same exactly rounded fused operation.
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has FMA.
+            return unsafe { self.tile_span_into_fma(t, i0, ni, rows) };
+        }
+        self.tile_span_body(t, i0, ni, rows)
+    }
+
+    /// [`QMatrix::tile_span_into`] compiled with FMA.
+    ///
+    /// # Safety
+    /// The CPU has FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "fma")]
+    unsafe fn tile_span_into_fma(&self, t: usize, i0: usize, ni: usize, rows: &mut [f32]) {
+        self.tile_span_body(t, i0, ni, rows)
+    }
+
+    #[inline(always)]
+    fn tile_span_body(&self, t: usize, i0: usize, ni: usize, rows: &mut [f32]) {
         let n = rows.len() / ni;
         let end = (i0 + ni).min(self.inp);
         for b in i0 / QK..end.div_ceil(QK) {
             let tb = t * self.nb + b;
-            let (d, m) = (&self.d[tb * TILE..], &self.m[tb * TILE..]);
+            let d: &[f32; TILE] = self.d[tb * TILE..][..TILE].try_into().expect("a tile");
+            let m: &[f32; TILE] = self.m[tb * TILE..][..TILE].try_into().expect("a tile");
             for g in 0..QK / 4 {
                 let c0 = b * QK + g * 4;
                 if c0 >= end {
                     break;
                 }
+                // The group's 16 outputs × 4 inputs lie in 64 consecutive bytes (as nibbles,
+                // the group pair's bytes): decode all of them, then copy each row's part.
+                let (src, shift) = match self.nibbles {
+                    true => (&self.q[tb * TB4 + (g / 2) * TILE * 4..], 4 * (g % 2)),
+                    false => (&self.q[tb * TB + g * TILE * 4..], 0),
+                };
+                let src: &[u8; TILE * 4] = src[..TILE * 4].try_into().expect("a group");
+                let mask = if self.nibbles { 0x0F } else { 0xFF };
+                let mut v = [0f32; TILE * 4];
+                for (i, x) in v.iter_mut().enumerate() {
+                    let q = (src[i] >> shift) & mask;
+                    *x = d[i / 4].mul_add(q as f32, m[i / 4]);
+                }
+                let kn = 4.min(end - c0);
                 for lane in 0..n {
-                    for k in 0..4.min(end - c0) {
-                        let q = if self.nibbles {
-                            let b4 = self.q[tb * TB4 + (g / 2) * TILE * 4 + lane * 4 + k];
-                            (b4 >> (4 * (g % 2))) & 0x0F
-                        } else {
-                            self.q[tb * TB + g * TILE * 4 + lane * 4 + k]
-                        };
-                        rows[lane * ni + c0 - i0 + k] = d[lane].mul_add(q as f32, m[lane]);
-                    }
+                    let at = lane * ni + c0 - i0;
+                    rows[at..at + kn].copy_from_slice(&v[lane * 4..lane * 4 + kn]);
                 }
             }
         }

@@ -749,3 +749,35 @@ fn transposed_packing_in_chunks_equals_the_whole() {
         );
     }
 }
+
+/// The tile decoder (FMA-compiled where the CPU has FMA) gives bitwise what `row_into` (the
+/// reference, one weight at a time) gives, for both storages, ragged tiles and blocks, and
+/// spans that start inside the row.
+#[test]
+fn tile_decoding_is_bitwise_row_into() {
+    let (out, inp) = (37, 100);
+    for w in [q4_weights(out, inp, 3), rand_vec(out * inp, 4)] {
+        let q = QMatrix::from_f32(&w, out, inp).unwrap();
+        let mut storages = vec![q.clone().with_nibbles(false)];
+        if q.qmax <= 15 {
+            storages.push(q.clone().with_nibbles(true));
+        }
+        for q in storages {
+            let mut want = vec![0f32; out * inp];
+            for (o, row) in want.chunks_mut(inp).enumerate() {
+                q.row_into(o, row);
+            }
+            assert_eq!(bits(&q.dequantize()), bits(&want), "nibbles {}", q.nibbles);
+            let (i0, ni) = (QK, inp - QK - 5); // a span from block 1 to inside the last block
+            for t in 0..out.div_ceil(TILE) {
+                let n = TILE.min(out - t * TILE);
+                let mut got = vec![0f32; n * ni];
+                q.tile_span_into(t, i0, ni, &mut got);
+                for (lane, row) in got.chunks(ni).enumerate() {
+                    let o = t * TILE + lane;
+                    assert_eq!(bits(row), bits(&want[o * inp + i0..o * inp + i0 + ni]));
+                }
+            }
+        }
+    }
+}
