@@ -496,6 +496,13 @@ fn training_tape_grows_linearly_with_the_sequence() {
         largest < c.num_heads * t * t / 4,
         "largest tape tensor has {largest} elements"
     );
+    // Int8 compute keeps x, x2, gate and up in bf16: half their f32 bytes less than the
+    // bound (an f32 tape sits within a few KB of it).
+    let bf16_saving = 2 * t * (2 * h + 2 * c.intermediate_size) * c.num_layers;
+    assert!(
+        b1024 <= linear_bound - bf16_saving,
+        "int8 tape {b1024} B: not {bf16_saving} B below the f32 bound {linear_bound} B"
+    );
     // Twice the tokens, twice the tape (a t² term would make this ≥ 2.5 here).
     let ratio = b1024 as f64 / b512 as f64;
     assert!(
