@@ -1,4 +1,4 @@
-use super::{Activations, QMatrix, SendPtr, NR_AVX2, QK, TB, TB4, TILE};
+use super::{Activations, OutTile, QMatrix, NR_AVX2, QK, TB, TB4, TILE};
 use std::arch::x86_64::*;
 
 /// How a matrix's block sums are formed (see the module docs).
@@ -77,7 +77,7 @@ pub(super) unsafe fn quantize_block(xb: &[f32; QK], ab: &mut [i8; QK]) -> (f32, 
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA; otherwise as [`super::Kernel::run`].
-pub(super) unsafe fn run(w: &QMatrix, x: &Activations, t: usize, r0: usize, nr: usize, y: SendPtr) {
+pub(super) unsafe fn run(w: &QMatrix, x: &Activations, t: usize, r0: usize, nr: usize, y: OutTile) {
     if w.nibbles {
         by_mode::<true>(w, x, t, r0, nr, y)
     } else {
@@ -93,7 +93,7 @@ unsafe fn by_mode<const NIB: bool>(
     t: usize,
     r0: usize,
     nr: usize,
-    y: SendPtr,
+    y: OutTile,
 ) {
     match Mode::for_qmax(w.qmax) {
         Mode::Plain(8) => rows::<8, false, NIB>(w, x, t, r0, nr, y),
@@ -112,7 +112,7 @@ unsafe fn rows<const K: usize, const SIGN: bool, const NIB: bool>(
     t: usize,
     r0: usize,
     nr: usize,
-    y: SendPtr,
+    y: OutTile,
 ) {
     const _: () = assert!(NR_AVX2 == 4);
     match nr {
@@ -143,7 +143,7 @@ unsafe fn tile<const R: usize, const K: usize, const SIGN: bool, const NIB: bool
     x: &Activations,
     t: usize,
     r0: usize,
-    y: SendPtr,
+    y: OutTile,
 ) {
     const G: usize = QK / 4; // groups of 4 inputs per block
     let (nb, kp) = (w.nb, x.nb * QK);
@@ -229,7 +229,7 @@ unsafe fn tile<const R: usize, const K: usize, const SIGN: bool, const NIB: bool
     }
     let lanes = TILE.min(w.out - t * TILE);
     for (r, ar) in acc.iter().enumerate() {
-        let row = y.0.add((r0 + r) * w.out + t * TILE);
+        let row = y.row(r);
         if lanes == TILE {
             _mm256_storeu_ps(row, ar[0]);
             _mm256_storeu_ps(row.add(8), ar[1]);

@@ -4,7 +4,7 @@
 #[cfg(target_arch = "x86_64")]
 use super::{avx2, vnni, NR_AVX2, NR_VNNI};
 use super::{
-    portable::portable, quantize_act_block, Activations, QMatrix, SendPtr, NR_PORTABLE, QK,
+    portable::portable, quantize_act_block, Activations, OutTile, QMatrix, NR_PORTABLE, QK,
 };
 
 /// The name of the int8 kernel path this process uses: `"avx512vnni"`, `"avx2"` or
@@ -189,12 +189,13 @@ impl Kernel {
         quantize_act_block(xb, ab)
     }
 
-    /// Rows r0..r0+nr (nr ≤ [`Kernel::rows_per_call`]) of tile t into y.
+    /// Rows r0..r0+nr (nr ≤ [`Kernel::rows_per_call`]) of tile t into y (row r0 + r at
+    /// `y.row(r)`).
     ///
     /// # Safety
-    /// The CPU supports this kernel; `y` points at a [rows, out] buffer and `x` holds
-    /// rows ≥ r0 + nr quantized for `w`'s input dim; t < `w.tiles`; no other thread writes
-    /// these cells meanwhile.
+    /// The CPU supports this kernel; `y.row(r)` for r < nr points at min(16, out − 16t)
+    /// writable f32 that no other thread touches meanwhile; `x` holds rows ≥ r0 + nr
+    /// quantized for `w`'s input dim; t < `w.tiles`.
     pub(super) unsafe fn run(
         self,
         w: &QMatrix,
@@ -202,7 +203,7 @@ impl Kernel {
         t: usize,
         r0: usize,
         nr: usize,
-        y: SendPtr,
+        y: OutTile,
     ) {
         debug_assert!(nr >= 1 && nr <= self.rows_per_call());
         match self {

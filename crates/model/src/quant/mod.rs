@@ -587,27 +587,14 @@ impl QMatrix {
     }
 
     fn matmul_fine_with(&self, kernel: Kernel, x: &[f32], rows: usize) -> Vec<f32> {
+        assert!(
+            kernel.supported(),
+            "int8 kernel {} on this CPU",
+            kernel.name()
+        );
         assert_eq!(x.len(), rows * self.inp, "int8 matmul: input size");
-        let (inp, nb) = (self.inp, self.nb);
-        let act = Activations::quantize(kernel, x, rows, inp, nb);
-        // [x; r]: the residual rows after the rows themselves, one matmul for both limbs.
-        let mut xr = vec![0f32; 2 * rows * inp];
-        let (head, tail) = xr.split_at_mut(rows * inp);
-        head.copy_from_slice(x);
-        tail.par_chunks_mut(inp).enumerate().for_each(|(r, rr)| {
-            let (xrow, arow) = (&x[r * inp..(r + 1) * inp], &act.a[r * nb * QK..]);
-            for (i, v) in rr.iter_mut().enumerate() {
-                *v = xrow[i] - act.s[r * nb + i / QK] * arow[i] as f32;
-            }
-        });
-        drop(act);
-        let mut y = self.matmul_with(kernel, &xr, 2 * rows);
-        let (y1, y2) = y.split_at_mut(rows * self.out);
-        y1.par_iter_mut()
-            .zip(y2.par_iter())
-            .for_each(|(a, b)| *a += *b);
-        y.truncate(rows * self.out);
-        y
+        let act = Activations::quantize_fine(kernel, x, rows, self.inp, self.nb);
+        self.products(kernel, &act, rows, true)
     }
 
     /// [`QMatrix::matmul`] on a given kernel path (which the CPU must support).
@@ -618,28 +605,71 @@ impl QMatrix {
             kernel.name()
         );
         assert_eq!(x.len(), rows * self.inp, "int8 matmul: input size");
+        if rows == 0 {
+            return vec![];
+        }
+        let act = Activations::quantize(kernel, x, rows, self.inp, self.nb);
+        self.products(kernel, &act, rows, false)
+    }
+
+    /// y [rows, out] from activations quantized for this matrix (on a supported `kernel`):
+    /// one activation row per row of y, or with `limbs` two (a row's limbs, as
+    /// [`Activations::quantize_fine`] lays them out), whose products are summed as
+    /// limb 1 + limb 2 — the same f32 addition as summing two separate products, done while
+    /// the tile is in cache instead of as a pass over two [rows, out] buffers.
+    fn products(&self, kernel: Kernel, act: &Activations, rows: usize, limbs: bool) -> Vec<f32> {
         let mut y = vec![0f32; rows * self.out];
         if rows == 0 {
             return y;
         }
-        let act = Activations::quantize(kernel, x, rows, self.inp, self.nb);
+        let arows = if limbs { 2 * rows } else { rows };
         let nr_max = kernel.rows_per_call();
-        let tiles_per_unit = tile_chunk(self.tiles, rows);
+        // Every call takes whole pairs of limb rows: units start at multiples of ROW_BLOCK
+        // and calls at multiples of nr_max, both even, and arows is even with limbs.
+        const _: () = assert!(ROW_BLOCK % 2 == 0);
+        assert!(nr_max <= NR_MAX && nr_max % 2 == 0);
+        let out = self.out;
+        let tiles_per_unit = tile_chunk(self.tiles, arows);
         let tile_units = self.tiles.div_ceil(tiles_per_unit);
-        let row_units = rows.div_ceil(ROW_BLOCK);
+        let row_units = arows.div_ceil(ROW_BLOCK);
         let yp = SendPtr(y.as_mut_ptr());
         (0..row_units * tile_units).into_par_iter().for_each(|u| {
             let (ru, tu) = (u / tile_units, u % tile_units);
-            let r_end = ((ru + 1) * ROW_BLOCK).min(rows);
+            let r_end = ((ru + 1) * ROW_BLOCK).min(arows);
             let t_end = ((tu + 1) * tiles_per_unit).min(self.tiles);
+            let mut buf = [[0f32; TILE]; NR_MAX];
             for t in tu * tiles_per_unit..t_end {
+                let lanes = TILE.min(out - t * TILE);
                 let mut r0 = ru * ROW_BLOCK;
                 while r0 < r_end {
                     let nr = (r_end - r0).min(nr_max);
-                    // SAFETY: each (row, tile) output cell is written by exactly one unit,
-                    // `y` outlives the parallel loop, rows r0..r0+nr < rows exist in `act`
-                    // and `y`, t < tiles, and `kernel` is supported (asserted above).
-                    unsafe { kernel.run(self, &act, t, r0, nr, yp) };
+                    if limbs {
+                        let tile = OutTile {
+                            p: buf.as_mut_ptr() as *mut f32,
+                            ld: TILE,
+                        };
+                        // SAFETY: `buf` has NR_MAX ≥ nr rows of TILE cells and is this
+                        // unit's own; rows r0..r0+nr < arows exist in `act`; t < tiles;
+                        // `kernel` is supported (the callers assert it).
+                        unsafe { kernel.run(self, act, t, r0, nr, tile) };
+                        for (j, pair) in buf[..nr].chunks_exact(2).enumerate() {
+                            // SAFETY: row (r0 / 2 + j) < rows and lanes ≤ out − 16t, so the
+                            // cells are inside y; each (row, tile) is this unit's alone and
+                            // `y` outlives the parallel loop.
+                            let yr = unsafe { yp.get().add((r0 / 2 + j) * out + t * TILE) };
+                            for l in 0..lanes {
+                                unsafe { *yr.add(l) = pair[0][l] + pair[1][l] };
+                            }
+                        }
+                    } else {
+                        // SAFETY: as above, with the tile in `y` itself: row r0 + r < rows
+                        // at r0·out + 16t + r·out, lanes ≤ out − 16t.
+                        let tile = OutTile {
+                            p: unsafe { yp.get().add(r0 * out + t * TILE) },
+                            ld: out,
+                        };
+                        unsafe { kernel.run(self, act, t, r0, nr, tile) };
+                    }
                     r0 += nr;
                 }
             }
@@ -918,6 +948,65 @@ impl Activations {
     }
 }
 
+impl Activations {
+    /// Two-limb activations for [`QMatrix::matmul_fine`]: for each row of x, its 8-bit
+    /// blocks (x ≈ s·a, row 2r) and then those of its residual x − s·a (row 2r + 1), in
+    /// one pass over x. The residual is rounded from f32 `x − s·a` as written (a product,
+    /// then a difference), on every kernel path alike.
+    fn quantize_fine(kernel: Kernel, x: &[f32], rows: usize, inp: usize, nb: usize) -> Activations {
+        assert!(kernel.supported(), "int8 kernel {}", kernel.name());
+        assert!(x.len() >= rows * inp && nb == inp.div_ceil(QK));
+        let kp = nb * QK;
+        let mut a = vec![0i8; 2 * rows * kp];
+        let mut s = vec![0f32; 2 * rows * nb];
+        let mut sa = vec![0f32; 2 * rows * nb];
+        let mut sum = vec![0i32; 2 * rows * nb];
+        let work = |r: usize, (ar, (sr, (sar, sumr))): RowOut<'_>| {
+            let xr = &x[r * inp..(r + 1) * inp];
+            let (a1, a2) = ar.split_at_mut(kp);
+            let mut res = [0f32; QK];
+            for b in 0..nb {
+                let xb = &xr[b * QK..((b + 1) * QK).min(inp)];
+                let ab: &mut [i8; QK] = (&mut a1[b * QK..(b + 1) * QK])
+                    .try_into()
+                    .expect("QK-sized chunk");
+                // SAFETY: the CPU supports `kernel` (asserted above).
+                let (sc, total) = unsafe { kernel.quantize_block(xb, ab) };
+                sr[b] = sc;
+                sar[b] = sc * total as f32;
+                sumr[b] = total;
+                let rb = &mut res[..xb.len()];
+                for ((rv, &xv), &av) in rb.iter_mut().zip(xb).zip(ab.iter()) {
+                    *rv = xv - sc * av as f32;
+                }
+                let ab2: &mut [i8; QK] = (&mut a2[b * QK..(b + 1) * QK])
+                    .try_into()
+                    .expect("QK-sized chunk");
+                // SAFETY: as above.
+                let (sc2, total2) = unsafe { kernel.quantize_block(rb, ab2) };
+                sr[nb + b] = sc2;
+                sar[nb + b] = sc2 * total2 as f32;
+                sumr[nb + b] = total2;
+            }
+        };
+        // Each chunk is one row of x: its two activation rows, adjacent.
+        let chunks = a.chunks_mut(2 * kp).zip(
+            s.chunks_mut(2 * nb)
+                .zip(sa.chunks_mut(2 * nb).zip(sum.chunks_mut(2 * nb))),
+        );
+        if rows >= 8 {
+            chunks
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .enumerate()
+                .for_each(|(r, c)| work(r, c));
+        } else {
+            chunks.enumerate().for_each(|(r, c)| work(r, c));
+        }
+        Activations { a, s, sa, sum, nb }
+    }
+}
+
 /// One row's slices of [`Activations`] while it is being filled: (a, (s, (s·Σa, Σa))).
 type RowOut<'a> = (
     &'a mut [i8],
@@ -967,6 +1056,36 @@ struct SendPtr(*mut f32);
 // SAFETY: used only to hand disjoint output cells to the parallel units of one matmul.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer (a method, so closures capture the whole `Send` wrapper, not the field).
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Where one kernel call writes its rows × 16 outputs: row r of the call (activation row
+/// r0 + r) at `p + r·ld`, lanes 0..min(16, out − 16t). Either the matmul's own output
+/// (`ld` = out) or a small buffer whose rows are combined afterwards (two-limb products).
+#[derive(Clone, Copy)]
+struct OutTile {
+    p: *mut f32,
+    ld: usize,
+}
+
+impl OutTile {
+    /// The first output cell of the call's row r.
+    ///
+    /// # Safety
+    /// r < the call's row count; the tile was made for this call (see [`Kernel::run`]).
+    #[inline(always)]
+    unsafe fn row(self, r: usize) -> *mut f32 {
+        self.p.add(r * self.ld)
+    }
+}
+
+/// Most rows any kernel path takes per call (the size of the two-limb combine buffer).
+const NR_MAX: usize = 8;
 
 use kernel::Kernel;
 pub use kernel::{kernel_name, supported_kernels};

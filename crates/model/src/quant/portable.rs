@@ -1,6 +1,6 @@
 //! The portable kernel: plain Rust for any CPU, bitwise equal to the vector kernels.
 
-use super::{from_nibbles, Activations, QMatrix, SendPtr, QK, TB, TB4, TILE};
+use super::{from_nibbles, Activations, OutTile, QMatrix, QK, TB, TB4, TILE};
 
 /// Σ q·a of one (tile, block) for its 16 outputs, exact. Written for the auto-vectorizer:
 /// fixed-size arrays, no branches, i16 products (|q·a| ≤ 255·127 < 2¹⁵: the i16 multiply is
@@ -38,12 +38,12 @@ pub(super) unsafe fn portable(
     t: usize,
     r0: usize,
     nr: usize,
-    y: SendPtr,
+    y: OutTile,
 ) {
     let (nb, kp) = (w.nb, x.nb * QK);
     let lanes = TILE.min(w.out - t * TILE);
     let mut unpacked = [0u8; TB];
-    for r in r0..r0 + nr {
+    for (i, r) in (r0..r0 + nr).enumerate() {
         let mut acc = [0f32; TILE];
         for b in 0..nb {
             let tb = t * nb + b;
@@ -66,7 +66,7 @@ pub(super) unsafe fn portable(
                 acc[lane] = m[lane].mul_add(sa, acc[lane]);
             }
         }
-        let row = y.0.add(r * w.out + t * TILE);
+        let row = y.row(i);
         for (lane, &v) in acc.iter().enumerate().take(lanes) {
             *row.add(lane) = v;
         }

@@ -781,3 +781,35 @@ fn tile_decoding_is_bitwise_row_into() {
         }
     }
 }
+
+/// The fused two-limb product (limbs quantized in one pass, summed per tile) equals, bitwise,
+/// the two one-limb products it stands for: x's 8-bit blocks through the one-limb path, its
+/// residual x − s·a through it again, and the two results added — on every kernel path, for
+/// ragged shapes, several row units, and both weight storages.
+#[test]
+fn fine_product_is_the_sum_of_its_limb_products() {
+    for (out, inp, rows, levels) in [(37, 70, 45, 16), (48, 96, 3, 256), (5, 33, 1, 16)] {
+        let q = QMatrix::from_f32(&grid_weights(out, inp, levels, 41), out, inp).unwrap();
+        assert_eq!(q.nibbles, levels == 16 && nibble_packing());
+        let x = rand_vec(rows * inp, 42);
+        for k in Kernel::supported_list() {
+            let act = Activations::quantize(k, &x, rows, inp, q.nb);
+            let mut res = vec![0f32; rows * inp];
+            for r in 0..rows {
+                for i in 0..inp {
+                    let lim = act.s[r * q.nb + i / QK] * act.a[r * q.nb * QK + i] as f32;
+                    res[r * inp + i] = x[r * inp + i] - lim;
+                }
+            }
+            let (y1, y2) = (q.matmul_with(k, &x, rows), q.matmul_with(k, &res, rows));
+            let want: Vec<f32> = y1.iter().zip(&y2).map(|(a, b)| a + b).collect();
+            let got = q.matmul_fine_with(k, &x, rows);
+            assert_eq!(
+                bits(&got),
+                bits(&want),
+                "{} {out}x{inp}, {rows} rows: fused limbs differ from two products",
+                k.name()
+            );
+        }
+    }
+}

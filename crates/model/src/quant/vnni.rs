@@ -1,4 +1,4 @@
-use super::{Activations, QMatrix, SendPtr, QK, TB, TB4, TILE};
+use super::{Activations, OutTile, QMatrix, QK, TB, TB4, TILE};
 use std::arch::x86_64::*;
 
 /// [`super::quantize_act_block`] for a full block of 32, vectorized.
@@ -29,7 +29,7 @@ pub(super) unsafe fn quantize_block(xb: &[f32; QK], ab: &mut [i8; QK]) -> (f32, 
 ///
 /// # Safety
 /// The CPU has AVX-512 F, BW and VNNI; otherwise as [`super::Kernel::run`].
-pub(super) unsafe fn run(w: &QMatrix, x: &Activations, t: usize, r0: usize, nr: usize, y: SendPtr) {
+pub(super) unsafe fn run(w: &QMatrix, x: &Activations, t: usize, r0: usize, nr: usize, y: OutTile) {
     if w.nibbles {
         rows::<true>(w, x, t, r0, nr, y)
     } else {
@@ -45,7 +45,7 @@ unsafe fn rows<const NIB: bool>(
     t: usize,
     r0: usize,
     nr: usize,
-    y: SendPtr,
+    y: OutTile,
 ) {
     const _: () = assert!(super::NR_VNNI == 8);
     match nr {
@@ -73,7 +73,7 @@ unsafe fn tile<const R: usize, const NIB: bool>(
     x: &Activations,
     t: usize,
     r0: usize,
-    y: SendPtr,
+    y: OutTile,
 ) {
     debug_assert_eq!(NIB, w.nibbles);
     let tbytes = if NIB { TB4 } else { TB };
@@ -124,6 +124,6 @@ unsafe fn tile<const R: usize, const NIB: bool>(
         (1u16 << lanes) - 1
     };
     for (r, ar) in acc.iter().enumerate() {
-        _mm512_mask_storeu_ps(y.0.add((r0 + r) * w.out + t * TILE), mask, *ar);
+        _mm512_mask_storeu_ps(y.row(r), mask, *ar);
     }
 }

@@ -1,0 +1,77 @@
+//! Speed of the int8 matmul on the shapes training runs through it (SmolLM2-135M's
+//! projections at batch 4 × 128): `cargo run --release -p lowrank-model --example int8_matmul`.
+//!
+//! Weights are random 4-bit grids per block (as a Q4_1 GGUF's, so they pack exactly, as
+//! nibbles); activations random normal. Prints, per shape, the best of five rounds of
+//! `matmul` (one 8-bit limb, as serving runs it) and `matmul_fine` (two limbs, as training's
+//! forward runs it), in ms and in G multiply-adds per second of the integer work. The kernel
+//! path is the process's (`LOWRANK_INT8_KERNEL` forces one).
+
+use std::time::Instant;
+
+use lowrank_model::quant::{kernel_name, QMatrix};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// (name, out, in) of SmolLM2-135M's projections.
+const SHAPES: [(&str, usize, usize); 4] = [
+    ("q/o 576x576", 576, 576),
+    ("k/v 192x576", 192, 576),
+    ("gate/up 1536x576", 1536, 576),
+    ("down 576x1536", 576, 1536),
+];
+const ROWS: usize = 512;
+const ROUNDS: usize = 5;
+
+fn grid_weights(rng: &mut ChaCha8Rng, out: usize, inp: usize) -> Vec<f32> {
+    let mut w = vec![0f32; out * inp];
+    for blk in w.chunks_mut(32) {
+        // d and m exactly representable in f16, q in 0..=15: a Q4_1 block.
+        let d = half::f16::from_f32(rng.random_range(0.001f32..0.01)).to_f32();
+        let m = half::f16::from_f32(rng.random_range(-0.08f32..-0.01)).to_f32();
+        for v in blk.iter_mut() {
+            *v = d * rng.random_range(0u8..16) as f32 + m;
+        }
+    }
+    w
+}
+
+fn best_ms(mut f: impl FnMut()) -> f64 {
+    f();
+    (0..ROUNDS)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn main() {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    println!(
+        "int8 kernel: {}, {} rows, threads: {}",
+        kernel_name(),
+        ROWS,
+        rayon::current_num_threads()
+    );
+    for (name, out, inp) in SHAPES {
+        let w = QMatrix::from_f32(&grid_weights(&mut rng, out, inp), out, inp).expect("pack");
+        let x: Vec<f32> = (0..ROWS * inp)
+            .map(|_| rng.random_range(-1f32..1.0) * rng.random_range(0f32..1.0))
+            .collect();
+        let macs = (ROWS * out * inp) as f64;
+        let one = best_ms(|| {
+            std::hint::black_box(w.matmul(&x, ROWS));
+        });
+        let two = best_ms(|| {
+            std::hint::black_box(w.matmul_fine(&x, ROWS));
+        });
+        println!(
+            "{name:18} nibbles {:5}  one limb {one:7.2} ms {:6.1} GMAC/s   two limbs {two:7.2} ms {:6.1} GMAC/s",
+            w.nibble_packed(),
+            macs / one / 1e6,
+            2.0 * macs / two / 1e6
+        );
+    }
+}
