@@ -83,7 +83,10 @@ unsafe fn tile<const R: usize, const NIB: bool>(
     let abase = x.a.as_ptr().add(r0 * kp);
     let low = _mm512_set1_epi8(0x0F);
     for b in 0..nb {
+        // Two i32 sums per row (even and odd groups): one chain of 16 dependent `vpdpbusd`
+        // per row and block left the unit waiting on their latency with R ≤ 8 rows.
         let mut dot = [_mm512_setzero_si512(); R];
+        let mut dot2 = [_mm512_setzero_si512(); R];
         let qb = qbase.add(b * tbytes);
         for p in 0..QK / 8 {
             // Groups 2p and 2p + 1 (4 inputs × 16 outputs each).
@@ -99,11 +102,11 @@ unsafe fn tile<const R: usize, const NIB: bool>(
                     _mm512_loadu_si512(qb.add((2 * p + 1) * TILE * 4) as *const _),
                 )
             };
-            for (r, dr) in dot.iter_mut().enumerate() {
+            for (r, (dr, dr2)) in dot.iter_mut().zip(dot2.iter_mut()).enumerate() {
                 let ap = abase.add(r * kp + b * QK + p * 8) as *const i32;
                 let (a0, a1) = (ap.read_unaligned(), ap.add(1).read_unaligned());
                 *dr = _mm512_dpbusd_epi32(*dr, w0, _mm512_set1_epi32(a0));
-                *dr = _mm512_dpbusd_epi32(*dr, w1, _mm512_set1_epi32(a1));
+                *dr2 = _mm512_dpbusd_epi32(*dr2, w1, _mm512_set1_epi32(a1));
             }
         }
         let tb = t * nb + b;
@@ -113,7 +116,8 @@ unsafe fn tile<const R: usize, const NIB: bool>(
             let s = *x.s.get_unchecked((r0 + r) * nb + b);
             let sa = *x.sa.get_unchecked((r0 + r) * nb + b);
             let ds = _mm512_mul_ps(dv, _mm512_set1_ps(s));
-            *ar = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), ds, *ar);
+            let dot = _mm512_add_epi32(dot[r], dot2[r]); // exact: |Σ| < 2³¹
+            *ar = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), ds, *ar);
             *ar = _mm512_fmadd_ps(mv, _mm512_set1_ps(sa), *ar);
         }
     }
