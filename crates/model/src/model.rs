@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use lowrank_lora::{Adapter, LoraModule, ModuleKey, Target};
 use rand::Rng;
 
@@ -187,17 +187,6 @@ impl Llama {
         Ok(())
     }
 
-    /// Get ready for LoRA training: with int8 compute, pack Wᵀ of every frozen matrix for
-    /// the backward's dX = dY·W (f32 compute needs nothing).
-    pub fn prepare_training(&mut self) -> Result<()> {
-        if let Some(q) = self.int8.as_mut() {
-            if !q.has_transposed() {
-                Arc::make_mut(q).build_transposed()?;
-            }
-        }
-        Ok(())
-    }
-
     /// Whether the f32 weights are held (false for a model loaded for int8 compute only).
     pub fn has_f32_weights(&self) -> bool {
         self.f32_base
@@ -362,10 +351,11 @@ impl Llama {
     }
 
     /// The head's input gradient: dL/dlogits [n, vocab] → dL/dh = dL/dlogits·W [n, H]
-    /// (int8: through the head's transposed packing, when built).
+    /// (int8: W dequantized a chunk of the vocabulary at a time, see
+    /// [`head_input_grad_packed`]).
     pub fn lm_head_input_grad(&self, dlogits: &Tensor) -> Result<Tensor> {
-        if let Some(qt) = self.int8.as_ref().and_then(|q| q.head_t()) {
-            return quant::qlinear_fine(dlogits, qt);
+        if let Some(q) = &self.int8 {
+            return head_input_grad_packed(dlogits, q.head());
         }
         self.require_f32("the f32 LM head")?;
         let w = self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed);
@@ -973,5 +963,108 @@ mod pool_tests {
         });
         let got = rx.recv_timeout(std::time::Duration::from_secs(20));
         assert_eq!(got, Ok(499_500), "stay_near hung inside its own step");
+    }
+}
+
+/// dL/dh = dL/dlogits·W [n, H] from the packed head W [V, H]: W dequantized VOCAB_CHUNK rows at
+/// a time (exactly the weights the forward multiplied) for one f32 gemm each. The whole f32
+/// head is never held (49152 × 2048 × 4 B = 400 MB for a 1.1 B base), and the chunks' products
+/// are summed in order, so the result does not depend on the thread count.
+fn head_input_grad_packed(dlogits: &Tensor, w: &quant::QMatrix) -> Result<Tensor> {
+    /// Vocabulary rows per dequantized chunk (a multiple of the packing's 16-row tiles):
+    /// 4096 × 576 × 4 B = 9.4 MB for the default model.
+    const VOCAB_CHUNK: usize = 4096;
+    let (n, v) = dlogits.dims2()?;
+    let h = w.in_dim();
+    if v != w.out_dim() {
+        return Err(ModelError::Invalid(format!(
+            "head gradient: {v} logits per row for a {}-row head",
+            w.out_dim()
+        )));
+    }
+    let mut acc: Option<Tensor> = None;
+    for v0 in (0..v).step_by(VOCAB_CHUNK) {
+        let vc = VOCAB_CHUNK.min(v - v0);
+        let wc = Tensor::from_vec(w.dequantize_rows(v0, vc)?, (vc, h), dlogits.device())?;
+        let pc = dlogits.narrow(1, v0, vc)?.contiguous()?; // [n, vc]
+        let g = pc.matmul(&wc)?; // [n, H]
+        acc = Some(match acc {
+            None => g,
+            Some(a) => (a + g)?,
+        });
+    }
+    Ok(match acc {
+        Some(a) => a,
+        None => Tensor::zeros((n, h), DType::F32, dlogits.device())?,
+    })
+}
+
+#[cfg(test)]
+mod head_grad_tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// Largest |got − f64 dlogits·W| over Σ|terms| of that output: f32 accumulation error.
+    fn worst_error(got: &[f32], p: &[f32], w: &[f32], n: usize, v: usize, h: usize) -> f64 {
+        let mut worst = 0f64;
+        for r in 0..n {
+            for j in 0..h {
+                let (mut s, mut mag) = (0f64, 0f64);
+                for k in 0..v {
+                    let t = p[r * v + k] as f64 * w[k * h + j] as f64;
+                    s += t;
+                    mag += t.abs();
+                }
+                worst = worst.max((got[r * h + j] as f64 - s).abs() / mag.max(1e-30));
+            }
+        }
+        worst
+    }
+
+    /// The int8 head's input gradient is dlogits·W with W exactly the packed weights the
+    /// forward multiplies (an f64 reference of those operands, to f32 accumulation error),
+    /// over several vocabulary chunks and a ragged last one; the same check fails for a
+    /// gradient that reads the chunks one tile off, or that drops the last chunk.
+    #[test]
+    fn packed_head_gradient_is_dlogits_times_the_packed_weights() {
+        let (n, v, h) = (3, 2 * 4096 + 40, 64);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        // Q4_1-like blocks: on a 16-level grid, so packed exactly.
+        let mut w = vec![0f32; v * h];
+        for blk in w.chunks_mut(32) {
+            let d: f32 = rng.random_range(0.001..0.05);
+            let m: f32 = rng.random_range(-0.3..0.0);
+            blk.iter_mut()
+                .for_each(|x| *x = d * rng.random_range(0..16u8) as f32 + m);
+        }
+        let q = quant::QMatrix::from_f32(&w, v, h).unwrap();
+        assert_eq!(q.rounded_blocks(), 0);
+        let wd = q.dequantize();
+        let p: Vec<f32> = (0..n * v).map(|_| rng.random_range(-1f32..1.0)).collect();
+        let dl = Tensor::from_vec(p.clone(), (n, v), &Device::Cpu).unwrap();
+        let got = head_input_grad_packed(&dl, &q).unwrap();
+        assert_eq!(got.dims(), &[n, h]);
+        let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+        let e = worst_error(&got, &p, &wd, n, v, h);
+        assert!(e <= 1e-5, "head gradient off the f64 reference by {e:e}");
+        // Deliberate mistakes: rows shifted by one tile, and the last chunk missing.
+        let mut shifted = wd.clone();
+        shifted.rotate_left(16 * h);
+        assert!(worst_error(&got, &p, &shifted, n, v, h) > 1e-3);
+        let mut short = p.clone();
+        for r in 0..n {
+            short[r * v + 2 * 4096..(r + 1) * v].fill(0.0);
+        }
+        let dl_short = Tensor::from_vec(short, (n, v), &Device::Cpu).unwrap();
+        let g_short: Vec<f32> = head_input_grad_packed(&dl_short, &q)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(worst_error(&g_short, &p, &wd, n, v, h) > 1e-3);
+        // A dlogits of the wrong width is an error, not a product.
+        let bad = Tensor::zeros((n, v - 1), DType::F32, &Device::Cpu).unwrap();
+        assert!(head_input_grad_packed(&bad, &q).is_err());
     }
 }

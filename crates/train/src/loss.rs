@@ -195,9 +195,10 @@ fn head_chunks(
     let mut nll_sum = 0.0f64;
     let mut grads = Vec::new();
     let mut dw: Option<Tensor> = None;
-    // Int8's two-limb head products hold twice the rows (and the backward a scaled copy of
-    // the probabilities): smaller chunks keep that transient near f32's.
-    let chunk = if int8 { CHUNK / 4 } else { CHUNK };
+    // Int8's head products take whole chunks too: the two limbs are summed per tile, and
+    // the input gradient dequantizes the head once per chunk (4 × for 512 tokens), so
+    // smaller chunks would decode it more often.
+    let chunk = CHUNK;
     for start in (0..m).step_by(chunk) {
         let n = chunk.min(m - start);
         let hc = hd.narrow(0, start, n)?; // [n, H]

@@ -251,7 +251,6 @@ impl<'a> Trainer<'a> {
         if model.compute() != cfg.compute {
             model.set_compute(cfg.compute)?;
         }
-        model.prepare_training()?;
         Ok(Trainer {
             cfg,
             base,

@@ -76,13 +76,6 @@ pub struct QMatrix {
     /// bitwise those of the byte layout. `LOWRANK_INT8_PACKING=bytes` keeps bytes (for
     /// comparison).
     nibbles: bool,
-    /// Per input column, a factor the activations are multiplied by before quantization
-    /// (`None`: 1). A transposed packing stores W's rows normalised (see
-    /// [`QMatrix::transposed`]) and folds the normalisation back in here.
-    in_scale: Option<Vec<f32>>,
-    /// What the 8-bit rounding of a transposed packing left over, in 4 bits (nibbles): added
-    /// to every product (see [`QMatrix::transposed`]).
-    residual: Option<Box<QMatrix>>,
 }
 
 impl QMatrix {
@@ -104,13 +97,6 @@ impl QMatrix {
     /// v as one matrix), read in place: no concatenated copy (copies of the 540 MB of f32
     /// weights were a third of the default model's start-up).
     pub fn from_parts(parts: &[&[f32]], inp: usize) -> Result<QMatrix> {
-        QMatrix::pack_parts(parts, inp, None)
-    }
-
-    /// [`QMatrix::from_parts`]; `round_to`: round every block to this many steps (255 or
-    /// 15) straight away, for weights known not to be on a grid (`None`: look for each
-    /// block's exact grid first).
-    fn pack_parts(parts: &[&[f32]], inp: usize, round_to: Option<u8>) -> Result<QMatrix> {
         if inp == 0 || parts.is_empty() || parts.iter().any(|p| p.is_empty() || p.len() % inp != 0)
         {
             return Err(ModelError::Invalid(format!(
@@ -126,7 +112,7 @@ impl QMatrix {
         };
         let packed = QMatrix::pack_blocks(out, inp, |o, b, block| {
             let vals = &row_of(o)[b * QK..((b + 1) * QK).min(inp)];
-            quantize_block(vals, block, round_to)
+            quantize_block(vals, block)
         });
         Ok(packed)
     }
@@ -221,8 +207,6 @@ impl QMatrix {
             rounded_blocks: rounded,
             qmax,
             nibbles: false,
-            in_scale: None,
-            residual: None,
         };
         if qmax <= 15 && nibble_packing() {
             packed.with_nibbles(true)
@@ -296,9 +280,7 @@ impl QMatrix {
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.q.len()
-            + 4 * (self.d.len() + self.m.len() + self.in_scale.as_ref().map_or(0, Vec::len))
-            + self.residual.as_ref().map_or(0, |r| r.bytes())
+        self.q.len() + 4 * (self.d.len() + self.m.len())
     }
 
     /// The weight as this packing represents it, row-major [out, in].
@@ -310,6 +292,23 @@ impl QMatrix {
             .enumerate()
             .for_each(|(t, rows)| self.tile_into(t, rows));
         w
+    }
+
+    /// Rows r0..r0+n of the weight as this packing represents it, row-major [n, in] (bitwise
+    /// as [`QMatrix::dequantize`]'s). r0 is a multiple of 16 and r0 + n ≤ out.
+    pub fn dequantize_rows(&self, r0: usize, n: usize) -> Result<Vec<f32>> {
+        if !r0.is_multiple_of(TILE) || r0 + n > self.out {
+            return Err(ModelError::Invalid(format!(
+                "int8 rows {r0}..{} of a {}-row matrix (the first a multiple of {TILE})",
+                r0 + n,
+                self.out
+            )));
+        }
+        let mut w = vec![0f32; n * self.inp];
+        w.par_chunks_mut(TILE * self.inp)
+            .enumerate()
+            .for_each(|(t, rows)| self.tile_into(r0 / TILE + t, rows));
+        Ok(w)
     }
 
     /// The rows of tile `t` ([≤ 16, in], row-major), bitwise as [`QMatrix::row_into`].
@@ -413,166 +412,19 @@ impl QMatrix {
         Ok(x)
     }
 
-    /// Wᵀ packed: the [in, out] matrix whose rows are this one's columns, for training's
-    /// backward (dX = dY·W is `dY·(Wᵀ)ᵀ`, one int8 matmul with dY as the activations).
-    /// Its blocks run along the old output dim, across rows that each had their own scale,
-    /// so they are rounded to 256 levels (an error of at most 1/510 of a block's range, far
-    /// below the 4-bit steps of the weights themselves).
-    pub fn transposed(&self) -> Result<QMatrix> {
-        let (out, inp) = (self.out, self.inp);
-        // Row o of W becomes column o of Wᵀ: the blocks of Wᵀ mix 32 rows of W, and rows with
-        // small weights would get the coarse steps of the largest. Each row is normalised to
-        // max |w| = 1 first and its scale multiplies the activations' column instead
-        // (dY·W = (dY·diag σ)·(diag σ⁻¹·W)): the default model's worst LoRA gradient error
-        // against PEFT drops from 6.7 % to (see the tests).
-        let sigma: Vec<f32> = (0..self.tiles)
-            .into_par_iter()
-            .flat_map_iter(|t| {
-                let n = TILE.min(out - t * TILE);
-                let mut rows = vec![0f32; n * inp];
-                self.tile_into(t, &mut rows);
-                rows.chunks(inp)
-                    .map(|row| {
-                        let m = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-                        if m > 0.0 && m.is_finite() {
-                            m
-                        } else {
-                            1.0
-                        }
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        // Wᵀ is built, rounded and packed CHUNK of its rows (W's input columns) at a time:
-        // for an untied 49152 × 2048 head, whole f32 copies of W and Wᵀ were 800 MB at once —
-        // the peak of int8 training on a 1.1 B base. Rows are packed independently, so the
-        // chunks stack into bitwise the same packing.
-        const CHUNK: usize = 256; // rows of Wᵀ; a multiple of QK and TILE
-        let (mut main, mut rest) = (vec![], vec![]);
-        for i0 in (0..inp).step_by(CHUNK) {
-            let ni = CHUNK.min(inp - i0);
-            // W[:, i0..i0+ni], row-major [out, ni], tile by tile.
-            let mut cols = vec![0f32; out * ni];
-            cols.par_chunks_mut(TILE * ni)
-                .enumerate()
-                .for_each(|(t, c)| self.tile_span_into(t, i0, ni, c));
-            // Transposed and normalised: [ni, out], in 32 × 32 tiles (both sides in cache).
-            let mut t = vec![0f32; ni * out];
-            const B: usize = 32;
-            t.par_chunks_mut(B * out).enumerate().for_each(|(ib, tc)| {
-                let (d0, nd) = (ib * B, tc.len() / out);
-                for o0 in (0..out).step_by(B) {
-                    for o in o0..(o0 + B).min(out) {
-                        for di in 0..nd {
-                            tc[di * out + o] = cols[o * ni + d0 + di] / sigma[o];
-                        }
-                    }
-                }
-            });
-            drop(cols);
-            // The grid search would fail on almost every block (and cost most of the packing).
-            let q = QMatrix::pack_parts(&[&t], out, Some(255))?;
-            // The 8-bit rounding alone moves the default model's LoRA gradients by up to ~6 %
-            // (against < 0.2 % with exact weights); its residual, itself rounded to 4 bits,
-            // takes that down 30-fold for 0.75 more bytes per weight and one nibble matmul.
-            let approx = q.dequantize();
-            t.par_iter_mut()
-                .zip(approx.par_iter())
-                .for_each(|(v, a)| *v -= a);
-            drop(approx);
-            rest.push(QMatrix::pack_parts(&[&t], out, Some(15))?);
-            main.push(q);
-        }
-        let mut q = QMatrix::stack_rows(main)?;
-        q.residual = Some(Box::new(QMatrix::stack_rows(rest)?.with_nibbles(true)));
-        q.in_scale = Some(sigma);
-        Ok(q)
-    }
-
-    /// Matrices with the same inputs stacked along the output dim (every part but the last a
-    /// whole number of tiles, so the tiles concatenate); q as nibbles only if every part
-    /// has them.
-    fn stack_rows(parts: Vec<QMatrix>) -> Result<QMatrix> {
-        let bad = |m: &str| Err(ModelError::Invalid(format!("int8 stack: {m}")));
-        let Some(first) = parts.first() else {
-            return bad("no parts");
-        };
-        let (inp, nb) = (first.inp, first.nb);
-        let nibbles = parts.iter().all(|p| p.nibbles);
-        let n = parts.len();
-        for (k, p) in parts.iter().enumerate() {
-            if p.inp != inp || p.in_scale.is_some() || p.residual.is_some() {
-                return bad("parts of different inputs, or with scales or residuals");
-            }
-            if k + 1 < n && p.out % TILE != 0 {
-                return bad("a part that is not whole tiles before the last");
-            }
-        }
-        let mut all = QMatrix {
-            out: 0,
-            inp,
-            nb,
-            tiles: 0,
-            q: vec![],
-            d: vec![],
-            m: vec![],
-            rounded_blocks: 0,
-            qmax: 0,
-            nibbles,
-            in_scale: None,
-            residual: None,
-        };
-        for p in parts {
-            let p = p.with_nibbles(nibbles);
-            all.out += p.out;
-            all.tiles += p.tiles;
-            all.rounded_blocks += p.rounded_blocks;
-            all.qmax = all.qmax.max(p.qmax);
-            all.q.extend_from_slice(&p.q);
-            all.d.extend_from_slice(&p.d);
-            all.m.extend_from_slice(&p.m);
-        }
-        Ok(all)
-    }
-
     /// y = x·Wᵀ for row-major x [rows, in] → y [rows, out].
     pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
         self.matmul_limbs(x, rows, false)
     }
 
-    /// The product with the input scale and the residual applied; `fine`: two-limb
-    /// activations ([`QMatrix::matmul_fine`]).
+    /// The product on this process's kernel path; `fine`: two-limb activations
+    /// ([`QMatrix::matmul_fine`]).
     fn matmul_limbs(&self, x: &[f32], rows: usize, fine: bool) -> Vec<f32> {
         let kernel = Kernel::detect();
-        let xs = self.scaled_input(x);
-        let x = xs.as_deref().unwrap_or(x);
-        let y = match fine {
+        match fine {
             true => self.matmul_fine_with(kernel, x, rows),
             false => self.matmul_with(kernel, x, rows),
-        };
-        self.add_residual(kernel, x, rows, y)
-    }
-
-    /// y + x·Rᵀ for the [`QMatrix::residual`] R, when there is one (one-limb activations:
-    /// R is ~1/500 of the weights, so their rounding is negligible here).
-    fn add_residual(&self, kernel: Kernel, x: &[f32], rows: usize, mut y: Vec<f32>) -> Vec<f32> {
-        if let Some(r) = &self.residual {
-            let yr = r.matmul_with(kernel, x, rows);
-            y.par_iter_mut()
-                .zip(yr.par_iter())
-                .for_each(|(a, b)| *a += *b);
         }
-        y
-    }
-
-    /// x with its columns multiplied by [`QMatrix::in_scale`], when there is one.
-    fn scaled_input(&self, x: &[f32]) -> Option<Vec<f32>> {
-        let sc = self.in_scale.as_ref()?;
-        let mut xs = x.to_vec();
-        xs.par_chunks_mut(self.inp).for_each(|row| {
-            row.iter_mut().zip(sc).for_each(|(v, s)| *v *= s);
-        });
-        Some(xs)
     }
 
     /// [`QMatrix::matmul`] with activations in two 8-bit limbs: x = s·a + r, and the residual
@@ -626,8 +478,8 @@ impl QMatrix {
         let nr_max = kernel.rows_per_call();
         // Every call takes whole pairs of limb rows: units start at multiples of ROW_BLOCK
         // and calls at multiples of nr_max, both even, and arows is even with limbs.
-        const _: () = assert!(ROW_BLOCK % 2 == 0);
-        assert!(nr_max <= NR_MAX && nr_max % 2 == 0);
+        const _: () = assert!(ROW_BLOCK.is_multiple_of(2));
+        assert!(nr_max <= NR_MAX && nr_max.is_multiple_of(2));
         let out = self.out;
         let tiles_per_unit = tile_chunk(self.tiles, arows);
         let tile_units = self.tiles.div_ceil(tiles_per_unit);
@@ -656,9 +508,14 @@ impl QMatrix {
                             // SAFETY: row (r0 / 2 + j) < rows and lanes ≤ out − 16t, so the
                             // cells are inside y; each (row, tile) is this unit's alone and
                             // `y` outlives the parallel loop.
-                            let yr = unsafe { yp.get().add((r0 / 2 + j) * out + t * TILE) };
-                            for l in 0..lanes {
-                                unsafe { *yr.add(l) = pair[0][l] + pair[1][l] };
+                            let yr = unsafe {
+                                std::slice::from_raw_parts_mut(
+                                    yp.get().add((r0 / 2 + j) * out + t * TILE),
+                                    lanes,
+                                )
+                            };
+                            for (v, (a, b)) in yr.iter_mut().zip(pair[0].iter().zip(&pair[1])) {
+                                *v = a + b;
                             }
                         }
                     } else {
@@ -801,7 +658,7 @@ fn round_small(k: f32) -> f32 {
 
 /// Store one block as `w = d·q + m`; returns (d, m, exact). Blocks on an evenly spaced grid
 /// of ≤ 256 levels (every llama.cpp ≤ 8-bit block format) keep their grid, exactly.
-fn quantize_block(vals: &[f32], q: &mut [u8; QK], round_to: Option<u8>) -> (f32, f32, bool) {
+fn quantize_block(vals: &[f32], q: &mut [u8; QK]) -> (f32, f32, bool) {
     q.fill(0);
     let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
     for &v in vals {
@@ -812,9 +669,6 @@ fn quantize_block(vals: &[f32], q: &mut [u8; QK], round_to: Option<u8>) -> (f32,
         return (0.0, if lo.is_finite() { lo } else { 0.0 }, lo.is_finite());
     }
     let range = hi - lo;
-    if let Some(levels) = round_to {
-        return round_block(vals, q, lo, range, levels);
-    }
     let tiny = range * 1e-5;
     // No short circuit: a fold over the 32 values vectorizes.
     let on_grid = |step: f32| {
@@ -1218,8 +1072,6 @@ pub struct QuantModel {
     /// [layer][pack]
     layers: Vec<[Arc<QMatrix>; 4]>,
     head: Arc<QMatrix>,
-    /// Wᵀ of the head, for training's backward ([`QuantModel::build_transposed`]).
-    head_t: Option<Arc<QMatrix>>,
     /// The packed embedding, when the model holds no f32 weights (for a tied head, the head).
     embed: Option<Arc<QMatrix>>,
 }
@@ -1238,7 +1090,6 @@ impl QuantModel {
         Ok(QuantModel {
             layers,
             head,
-            head_t: None,
             embed: None,
         })
     }
@@ -1253,7 +1104,6 @@ impl QuantModel {
         QuantModel {
             layers,
             head,
-            head_t: None,
             embed: Some(embed),
         }
     }
@@ -1268,29 +1118,9 @@ impl QuantModel {
         &self.head
     }
 
-    /// The head's transposed packing, once built.
-    pub fn head_t(&self) -> Option<&QMatrix> {
-        self.head_t.as_deref()
-    }
-
     /// The packed embedding when the model keeps no f32 weights.
     pub fn embed(&self) -> Option<&QMatrix> {
         self.embed.as_deref()
-    }
-
-    /// Pack the head's Wᵀ for training's dX = dY·W, unless done. The projections need none:
-    /// the backward dequantizes each pack exactly, one at a time (see `backward.rs`), but
-    /// the head's 49152 × 576 would be a 113 MB temporary for every chunk of tokens.
-    pub fn build_transposed(&mut self) -> Result<()> {
-        if self.head_t.is_none() {
-            self.head_t = Some(Arc::new(self.head.transposed()?));
-        }
-        Ok(())
-    }
-
-    /// Whether the head's transposed packing exists.
-    pub fn has_transposed(&self) -> bool {
-        self.head_t.is_some()
     }
 
     /// Repack the group holding `target` from the layer's (merged) weights.
@@ -1314,15 +1144,14 @@ impl QuantModel {
             .chain(std::iter::once(&*self.head))
     }
 
-    /// Bytes held by the packed weights (with the transposed packings and a separate
-    /// packed embedding, when there are).
+    /// Bytes held by the packed weights (with a separate packed embedding, when there is
+    /// one).
     pub fn bytes(&self) -> usize {
-        let t = self.head_t.as_ref().map_or(0, |t| t.bytes());
         let e = match &self.embed {
             Some(e) if !Arc::ptr_eq(e, &self.head) => e.bytes(),
             _ => 0,
         };
-        self.all().map(QMatrix::bytes).sum::<usize>() + t + e
+        self.all().map(QMatrix::bytes).sum::<usize>() + e
     }
 
     /// (matrices whose q are stored as nibbles, all matrices).
