@@ -347,6 +347,26 @@ pub fn load_hf(dir: &Path, cfg: &ModelConfig, device: &Device) -> Result<Weights
     load_hf_with(dir, cfg, device, None)
 }
 
+/// Tensor `name` of an HF directory's files, checked against `shape`; in f32 when `f32`,
+/// else in its file's dtype.
+fn take_hf(
+    all: &mut crate::st::StFiles,
+    dir: &Path,
+    device: &Device,
+    name: &str,
+    shape: &[usize],
+    f32: bool,
+) -> Result<Tensor> {
+    let (p, t) = all.take(name, device)?.ok_or_else(|| ModelError::Tensor {
+        path: dir.into(),
+        name: name.into(),
+        msg: "missing from the safetensors files".into(),
+    })?;
+    let t = if f32 { t.to_dtype(DType::F32)? } else { t };
+    check_shape(&p, name, &t, shape)?;
+    Ok(t)
+}
+
 /// [`load_hf`], packing as it goes with a [`Packer`] (see [`load_gguf_with`]).
 pub(crate) fn load_hf_with(
     dir: &Path,
@@ -372,24 +392,27 @@ pub(crate) fn load_hf_with(
     // Tensor by tensor: never the whole file in memory (see `st`).
     let mut all = crate::st::StFiles::open(&files)?;
     let has_head = all.contains("lm_head.weight");
-    let mut take = |name: &str, shape: &[usize]| -> Result<Tensor> {
-        let (p, t) = all.take(name, device)?.ok_or_else(|| ModelError::Tensor {
-            path: dir.into(),
-            name: name.into(),
-            msg: "missing from the safetensors files".into(),
-        })?;
-        let t = t.to_dtype(DType::F32)?;
-        check_shape(&p, name, &t, shape)?;
-        Ok(t)
-    };
+    // The packer takes the embedding and the head in their file's dtype and converts them a
+    // chunk of rows at a time (`QMatrix::from_tensor`): whole f32 copies of a 1.1 B base's
+    // 49152 × 2048 head were 400 MB at once.
+    let packing = packer.is_some();
     let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
     let (qo, kvo) = (cfg.q_out(), cfg.kv_out());
     // Untied in the config but without a head in the files: HF ties (see below).
     let tied = cfg.tie_word_embeddings || !has_head;
-    let mut embed = take("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+    let embed_shape = [cfg.vocab_size, h];
+    let mut embed = take_hf(
+        &mut all,
+        dir,
+        device,
+        "model.embed_tokens.weight",
+        &embed_shape,
+        !packing,
+    )?;
     if let Some(p) = packer.as_mut() {
         embed = p.embed(embed, tied)?;
     }
+    let mut take = |name: &str, shape: &[usize]| take_hf(&mut all, dir, device, name, shape, true);
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for l in 0..cfg.num_layers {
         let p = format!("model.layers.{l}");
@@ -431,7 +454,15 @@ pub(crate) fn load_hf_with(
         // Some checkpoints omit the head although config says untied; HF then ties. A head
         // that is there but does not fit is an error, not a reason to tie.
         if has_head {
-            Some(take("lm_head.weight", &[cfg.vocab_size, h])?)
+            let name = "lm_head.weight";
+            Some(take_hf(
+                &mut all,
+                dir,
+                device,
+                name,
+                &embed_shape,
+                !packing,
+            )?)
         } else {
             None
         }
@@ -684,5 +715,6 @@ fn row_map(rows: usize, n_head: usize) -> Result<Vec<usize>> {
 
 /// A tensor of `t`'s shape, dtype and device that holds a single zero (stride-0 broadcast).
 fn placeholder(t: &Tensor) -> Result<Tensor> {
-    Ok(Tensor::zeros((), t.dtype(), t.device())?.broadcast_as(t.shape())?)
+    // f32 whatever the source's dtype (the embedding and head are packed from bf16 as read).
+    Ok(Tensor::zeros((), DType::F32, t.device())?.broadcast_as(t.shape())?)
 }

@@ -252,12 +252,72 @@ impl QMatrix {
                 return QMatrix::from_parts(&[data], inp);
             }
         }
+        // Another dtype (a bf16 checkpoint's embedding or head) or layout: converted and
+        // packed ROWS rows at a time, so its f32 copy is never whole (a 49152 × 2048 head is
+        // 400 MB in f32, the peak of loading a 1.1 B base for int8 training). Rows are
+        // packed independently, so the parts stack into bitwise the whole packing.
+        const ROWS: usize = 2048; // a multiple of TILE
         let (out, inp) = w.dims2()?;
-        let v = w
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        QMatrix::from_f32(&v, out, inp)
+        let parts = (0..out.max(1))
+            .step_by(ROWS)
+            .map(|r0| {
+                let n = ROWS.min(out - r0);
+                let v = w
+                    .narrow(0, r0, n)?
+                    .to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                QMatrix::from_f32(&v, n, inp)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        QMatrix::stack_rows(parts)
+    }
+
+    /// Matrices with the same inputs stacked along the output dim (every part but the last
+    /// a whole number of tiles, so the tiles concatenate); q as nibbles only if every part
+    /// has them.
+    fn stack_rows(parts: Vec<QMatrix>) -> Result<QMatrix> {
+        let bad = |m: &str| Err(ModelError::Invalid(format!("int8 stack: {m}")));
+        let Some(first) = parts.first() else {
+            return bad("no parts");
+        };
+        if parts.len() == 1 {
+            return Ok(parts.into_iter().next().expect("one part"));
+        }
+        let (inp, nb) = (first.inp, first.nb);
+        let nibbles = parts.iter().all(|p| p.nibbles);
+        let n = parts.len();
+        for (k, p) in parts.iter().enumerate() {
+            if p.inp != inp {
+                return bad("parts of different input sizes");
+            }
+            if k + 1 < n && !p.out.is_multiple_of(TILE) {
+                return bad("a part that is not whole tiles before the last");
+            }
+        }
+        let mut all = QMatrix {
+            out: 0,
+            inp,
+            nb,
+            tiles: 0,
+            q: vec![],
+            d: vec![],
+            m: vec![],
+            rounded_blocks: 0,
+            qmax: 0,
+            nibbles,
+        };
+        for p in parts {
+            let p = p.with_nibbles(nibbles);
+            all.out += p.out;
+            all.tiles += p.tiles;
+            all.rounded_blocks += p.rounded_blocks;
+            all.qmax = all.qmax.max(p.qmax);
+            all.q.extend_from_slice(&p.q);
+            all.d.extend_from_slice(&p.d);
+            all.m.extend_from_slice(&p.m);
+        }
+        Ok(all)
     }
 
     pub fn out_dim(&self) -> usize {

@@ -626,3 +626,42 @@ fn fine_product_is_the_sum_of_its_limb_products() {
         }
     }
 }
+
+/// A bf16 matrix (a checkpoint's head or embedding) packed a chunk of rows at a time is
+/// bitwise the packing of its whole f32 conversion: q, scales, offsets and storage, for a
+/// ragged last chunk, with nibbles (a 4-bit grid) and with bytes (rounded blocks).
+#[test]
+fn chunked_packing_of_bf16_equals_the_whole() {
+    for (levels, seed) in [(16, 51), (0, 52)] {
+        let (out, inp) = (2 * 2048 + 40, 64);
+        let w = match levels {
+            0 => rand_vec(out * inp, seed),
+            l => grid_weights(out, inp, l, seed),
+        };
+        let t = candle_core::Tensor::from_vec(w, (out, inp), &candle_core::Device::Cpu)
+            .unwrap()
+            .to_dtype(candle_core::DType::BF16)
+            .unwrap();
+        let got = QMatrix::from_tensor(&t).unwrap();
+        let f = t
+            .to_dtype(candle_core::DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let want = QMatrix::from_f32(&f, out, inp).unwrap();
+        assert_eq!(
+            (got.out, got.tiles, got.nb),
+            (want.out, want.tiles, want.nb)
+        );
+        assert_eq!(got.nibbles, want.nibbles, "levels {levels}");
+        assert_eq!(
+            (got.qmax, got.rounded_blocks),
+            (want.qmax, want.rounded_blocks)
+        );
+        assert!(got.q == want.q, "levels {levels}: q differ");
+        assert_eq!(bits(&got.d), bits(&want.d), "levels {levels}: scales");
+        assert_eq!(bits(&got.m), bits(&want.m), "levels {levels}: offsets");
+    }
+}
