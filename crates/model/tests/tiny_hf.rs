@@ -172,3 +172,59 @@ fn tiny_random_shapes_masks_and_cache() {
     let (d, _) = compare_logits(&full, &tr);
     assert!(d < 1e-4, "{d}");
 }
+
+/// Loading the bf16 HF fixture for int8 packs its embedding and untied head from bf16 as
+/// read (a chunk of rows at a time): bitwise the packing of the f32 load's weights, with the
+/// f32 base's fingerprint, and logits that follow the f32 model's.
+#[test]
+fn tiny_hf_int8_load_packs_the_f32_weights() {
+    use lowrank_model::quant::{Compute, QMatrix};
+    let dir = fixtures().join("tiny-llama-hf/model");
+    let f = LoadedModel::load(dir.to_str().unwrap(), &Device::Cpu).unwrap();
+    let q = LoadedModel::load_for(dir.to_str().unwrap(), &Device::Cpu, Compute::Int8).unwrap();
+    assert!(!q.model.has_f32_weights());
+    let packed = q.model.int8().expect("packed");
+    let bits = |m: &QMatrix| -> Vec<u32> { m.dequantize().iter().map(|v| v.to_bits()).collect() };
+    let head = f.model.weights.lm_head.as_ref().expect("untied head");
+    assert_eq!(
+        bits(packed.head()),
+        bits(&QMatrix::from_tensor(head).unwrap())
+    );
+    let embed = packed.embed().expect("packed embedding");
+    assert_eq!(
+        bits(embed),
+        bits(&QMatrix::from_tensor(&f.model.weights.embed).unwrap())
+    );
+    assert_eq!(
+        q.model.fingerprint().unwrap(),
+        f.model.fingerprint().unwrap()
+    );
+    let st = load_st(fixtures().join("tiny-llama-hf/logits.safetensors"));
+    let ids = ids_of(&st["input_ids"]);
+    let run_all = |m: &Llama| {
+        let mut s = [SeqInput {
+            tokens: &ids,
+            cache: None,
+            adapters: None,
+            logits: LogitsMode::All,
+        }];
+        m.forward(&mut s, &mut ForwardOpts::infer())
+            .unwrap()
+            .pop()
+            .flatten()
+            .unwrap()
+    };
+    let (want, got) = (run_all(&f.model), run_all(&q.model));
+    let scale = want
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let (d, _) = compare_logits(&got, &want);
+    assert!(
+        d <= 0.05 * scale,
+        "int8 logits off the f32 model's by {d} (max |logit| {scale})"
+    );
+}

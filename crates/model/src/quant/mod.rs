@@ -826,89 +826,64 @@ impl Activations {
     /// Quantize with `kernel`'s block quantizer (all are bitwise equal; the vector ones are
     /// faster). Panics when this CPU does not support `kernel`.
     fn quantize(kernel: Kernel, x: &[f32], rows: usize, inp: usize, nb: usize) -> Activations {
-        assert!(kernel.supported(), "int8 kernel {}", kernel.name());
-        assert!(x.len() >= rows * inp && nb == inp.div_ceil(QK));
-        let kp = nb * QK;
-        let mut a = vec![0i8; rows * kp];
-        let mut s = vec![0f32; rows * nb];
-        let mut sa = vec![0f32; rows * nb];
-        let mut sum = vec![0i32; rows * nb];
-        let work = |r: usize, (ar, (sr, (sar, sumr))): RowOut<'_>| {
-            let xr = &x[r * inp..(r + 1) * inp];
-            for (b, ab) in ar.chunks_exact_mut(QK).enumerate() {
-                let xb = &xr[b * QK..((b + 1) * QK).min(inp)];
-                let ab: &mut [i8; QK] = ab.try_into().expect("QK-sized chunk");
-                // SAFETY: the CPU supports `kernel` (asserted above).
-                let (sc, total) = unsafe { kernel.quantize_block(xb, ab) };
-                sr[b] = sc;
-                sar[b] = sc * total as f32;
-                sumr[b] = total;
-            }
-        };
-        let chunks = a.chunks_mut(kp).zip(
-            s.chunks_mut(nb)
-                .zip(sa.chunks_mut(nb).zip(sum.chunks_mut(nb))),
-        );
-        if rows >= 16 {
-            chunks
-                .collect::<Vec<_>>()
-                .into_par_iter()
-                .enumerate()
-                .for_each(|(r, c)| work(r, c));
-        } else {
-            chunks.enumerate().for_each(|(r, c)| work(r, c));
-        }
-        Activations { a, s, sa, sum, nb }
+        Activations::quantize_limbs(kernel, x, rows, inp, nb, false)
     }
-}
 
-impl Activations {
     /// Two-limb activations for [`QMatrix::matmul_fine`]: for each row of x, its 8-bit
     /// blocks (x ≈ s·a, row 2r) and then those of its residual x − s·a (row 2r + 1), in
     /// one pass over x. The residual is rounded from f32 `x − s·a` as written (a product,
     /// then a difference), on every kernel path alike.
     fn quantize_fine(kernel: Kernel, x: &[f32], rows: usize, inp: usize, nb: usize) -> Activations {
+        Activations::quantize_limbs(kernel, x, rows, inp, nb, true)
+    }
+
+    /// [`Activations::quantize`], or with `two` [`Activations::quantize_fine`].
+    fn quantize_limbs(
+        kernel: Kernel,
+        x: &[f32],
+        rows: usize,
+        inp: usize,
+        nb: usize,
+        two: bool,
+    ) -> Activations {
         assert!(kernel.supported(), "int8 kernel {}", kernel.name());
         assert!(x.len() >= rows * inp && nb == inp.div_ceil(QK));
-        let kp = nb * QK;
-        let mut a = vec![0i8; 2 * rows * kp];
-        let mut s = vec![0f32; 2 * rows * nb];
-        let mut sa = vec![0f32; 2 * rows * nb];
-        let mut sum = vec![0i32; 2 * rows * nb];
+        let (kp, limbs) = (nb * QK, if two { 2 } else { 1 });
+        let mut a = vec![0i8; limbs * rows * kp];
+        let mut s = vec![0f32; limbs * rows * nb];
+        let mut sa = vec![0f32; limbs * rows * nb];
+        let mut sum = vec![0i32; limbs * rows * nb];
+        // One row of x: its `limbs` activation rows, adjacent.
         let work = |r: usize, (ar, (sr, (sar, sumr))): RowOut<'_>| {
             let xr = &x[r * inp..(r + 1) * inp];
-            let (a1, a2) = ar.split_at_mut(kp);
-            let mut res = [0f32; QK];
+            // The block a limb quantizes: x's, then (in place) the residual.
+            let mut cur = [0f32; QK];
             for b in 0..nb {
                 let xb = &xr[b * QK..((b + 1) * QK).min(inp)];
-                let ab: &mut [i8; QK] = (&mut a1[b * QK..(b + 1) * QK])
-                    .try_into()
-                    .expect("QK-sized chunk");
-                // SAFETY: the CPU supports `kernel` (asserted above).
-                let (sc, total) = unsafe { kernel.quantize_block(xb, ab) };
-                sr[b] = sc;
-                sar[b] = sc * total as f32;
-                sumr[b] = total;
-                let rb = &mut res[..xb.len()];
-                for ((rv, &xv), &av) in rb.iter_mut().zip(xb).zip(ab.iter()) {
-                    *rv = xv - sc * av as f32;
+                let cur = &mut cur[..xb.len()];
+                cur.copy_from_slice(xb);
+                for l in 0..limbs {
+                    let ab: &mut [i8; QK] = (&mut ar[l * kp + b * QK..l * kp + (b + 1) * QK])
+                        .try_into()
+                        .expect("QK-sized chunk");
+                    // SAFETY: the CPU supports `kernel` (asserted above).
+                    let (sc, total) = unsafe { kernel.quantize_block(cur, ab) };
+                    sr[l * nb + b] = sc;
+                    sar[l * nb + b] = sc * total as f32;
+                    sumr[l * nb + b] = total;
+                    if l + 1 < limbs {
+                        for (v, &av) in cur.iter_mut().zip(ab.iter()) {
+                            *v -= sc * av as f32;
+                        }
+                    }
                 }
-                let ab2: &mut [i8; QK] = (&mut a2[b * QK..(b + 1) * QK])
-                    .try_into()
-                    .expect("QK-sized chunk");
-                // SAFETY: as above.
-                let (sc2, total2) = unsafe { kernel.quantize_block(rb, ab2) };
-                sr[nb + b] = sc2;
-                sar[nb + b] = sc2 * total2 as f32;
-                sumr[nb + b] = total2;
             }
         };
-        // Each chunk is one row of x: its two activation rows, adjacent.
-        let chunks = a.chunks_mut(2 * kp).zip(
-            s.chunks_mut(2 * nb)
-                .zip(sa.chunks_mut(2 * nb).zip(sum.chunks_mut(2 * nb))),
+        let chunks = a.chunks_mut(limbs * kp).zip(
+            s.chunks_mut(limbs * nb)
+                .zip(sa.chunks_mut(limbs * nb).zip(sum.chunks_mut(limbs * nb))),
         );
-        if rows >= 8 {
+        if limbs * rows >= 16 {
             chunks
                 .collect::<Vec<_>>()
                 .into_par_iter()
