@@ -398,7 +398,7 @@ fn int8_lora_grads_match_peft() {
     use lowrank_model::quant::Compute;
     lowrank_model::init_threads_for(None, lowrank_model::Workload::Training);
     let p = lowrank_model::fetch::ensure_default(false).unwrap();
-    let mut lm = LoadedModel::load_for(p.to_str().unwrap(), &Device::Cpu, Compute::Int8).unwrap();
+    let lm = LoadedModel::load_for(p.to_str().unwrap(), &Device::Cpu, Compute::Int8).unwrap();
     assert!(
         !lm.model.has_f32_weights(),
         "int8 loading kept the f32 base"
