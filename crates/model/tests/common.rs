@@ -32,16 +32,19 @@ pub fn ids_of(t: &Tensor) -> Vec<u32> {
         .collect()
 }
 
-/// (max |a-b|, argmax agree at every row)
-pub fn compare_logits(a: &Tensor, b: &Tensor) -> (f32, bool) {
-    let d = (a - b)
-        .unwrap()
-        .abs()
+/// max |t|
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
         .unwrap()
         .max_all()
         .unwrap()
         .to_scalar::<f32>()
-        .unwrap();
+        .unwrap()
+}
+
+/// (max |a-b|, argmax agree at every row)
+pub fn compare_logits(a: &Tensor, b: &Tensor) -> (f32, bool) {
+    let d = max_abs(&(a - b).unwrap());
     let am = a.argmax(1).unwrap().to_vec1::<u32>().unwrap();
     let bm = b.argmax(1).unwrap().to_vec1::<u32>().unwrap();
     (d, am == bm)

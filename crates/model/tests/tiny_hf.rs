@@ -201,27 +201,9 @@ fn tiny_hf_int8_load_packs_the_f32_weights() {
     );
     let st = load_st(fixtures().join("tiny-llama-hf/logits.safetensors"));
     let ids = ids_of(&st["input_ids"]);
-    let run_all = |m: &Llama| {
-        let mut s = [SeqInput {
-            tokens: &ids,
-            cache: None,
-            adapters: None,
-            logits: LogitsMode::All,
-        }];
-        m.forward(&mut s, &mut ForwardOpts::infer())
-            .unwrap()
-            .pop()
-            .flatten()
-            .unwrap()
-    };
-    let (want, got) = (run_all(&f.model), run_all(&q.model));
-    let scale = want
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let want = run(&f.model, &ids, None, LogitsMode::All);
+    let got = run(&q.model, &ids, None, LogitsMode::All);
+    let scale = max_abs(&want);
     let (d, _) = compare_logits(&got, &want);
     assert!(
         d <= 0.05 * scale,
