@@ -806,6 +806,39 @@ impl Llama {
     }
 }
 
+/// dL/dh = dL/dlogits·W [n, H] from the packed head W [V, H]: W dequantized VOCAB_CHUNK rows at
+/// a time (exactly the weights the forward multiplied) for one f32 gemm each. The whole f32
+/// head is never held (49152 × 2048 × 4 B = 400 MB for a 1.1 B base), and the chunks' products
+/// are summed in order, so the result does not depend on the thread count.
+fn head_input_grad_packed(dlogits: &Tensor, w: &quant::QMatrix) -> Result<Tensor> {
+    /// Vocabulary rows per dequantized chunk (a multiple of the packing's 16-row tiles):
+    /// 4096 × 576 × 4 B = 9.4 MB for the default model.
+    const VOCAB_CHUNK: usize = 4096;
+    let (n, v) = dlogits.dims2()?;
+    let h = w.in_dim();
+    if v != w.out_dim() {
+        return Err(ModelError::Invalid(format!(
+            "head gradient: {v} logits per row for a {}-row head",
+            w.out_dim()
+        )));
+    }
+    let mut acc: Option<Tensor> = None;
+    for v0 in (0..v).step_by(VOCAB_CHUNK) {
+        let vc = VOCAB_CHUNK.min(v - v0);
+        let wc = Tensor::from_vec(w.dequantize_rows(v0, vc)?, (vc, h), dlogits.device())?;
+        let pc = dlogits.narrow(1, v0, vc)?.contiguous()?; // [n, vc]
+        let g = pc.matmul(&wc)?; // [n, H]
+        acc = Some(match acc {
+            None => g,
+            Some(a) => (a + g)?,
+        });
+    }
+    Ok(match acc {
+        Some(a) => a,
+        None => Tensor::zeros((n, h), DType::F32, dlogits.device())?,
+    })
+}
+
 /// Inverted dropout: zero each element with probability p, scale the rest by 1/(1−p).
 fn dropout(x: &Tensor, p: f64, rng: &mut rand_chacha::ChaCha8Rng) -> Result<Tensor> {
     let mask = dropout_mask(x, p, rng)?;
@@ -964,39 +997,6 @@ mod pool_tests {
         let got = rx.recv_timeout(std::time::Duration::from_secs(20));
         assert_eq!(got, Ok(499_500), "stay_near hung inside its own step");
     }
-}
-
-/// dL/dh = dL/dlogits·W [n, H] from the packed head W [V, H]: W dequantized VOCAB_CHUNK rows at
-/// a time (exactly the weights the forward multiplied) for one f32 gemm each. The whole f32
-/// head is never held (49152 × 2048 × 4 B = 400 MB for a 1.1 B base), and the chunks' products
-/// are summed in order, so the result does not depend on the thread count.
-fn head_input_grad_packed(dlogits: &Tensor, w: &quant::QMatrix) -> Result<Tensor> {
-    /// Vocabulary rows per dequantized chunk (a multiple of the packing's 16-row tiles):
-    /// 4096 × 576 × 4 B = 9.4 MB for the default model.
-    const VOCAB_CHUNK: usize = 4096;
-    let (n, v) = dlogits.dims2()?;
-    let h = w.in_dim();
-    if v != w.out_dim() {
-        return Err(ModelError::Invalid(format!(
-            "head gradient: {v} logits per row for a {}-row head",
-            w.out_dim()
-        )));
-    }
-    let mut acc: Option<Tensor> = None;
-    for v0 in (0..v).step_by(VOCAB_CHUNK) {
-        let vc = VOCAB_CHUNK.min(v - v0);
-        let wc = Tensor::from_vec(w.dequantize_rows(v0, vc)?, (vc, h), dlogits.device())?;
-        let pc = dlogits.narrow(1, v0, vc)?.contiguous()?; // [n, vc]
-        let g = pc.matmul(&wc)?; // [n, H]
-        acc = Some(match acc {
-            None => g,
-            Some(a) => (a + g)?,
-        });
-    }
-    Ok(match acc {
-        Some(a) => a,
-        None => Tensor::zeros((n, h), DType::F32, dlogits.device())?,
-    })
 }
 
 #[cfg(test)]

@@ -713,8 +713,8 @@ fn row_map(rows: usize, n_head: usize) -> Result<Vec<usize>> {
         .collect())
 }
 
-/// A tensor of `t`'s shape, dtype and device that holds a single zero (stride-0 broadcast).
+/// An f32 tensor of `t`'s shape and device that holds a single zero (stride-0 broadcast):
+/// f32 whatever `t`'s dtype, as the embedding and head are packed from bf16 as read.
 fn placeholder(t: &Tensor) -> Result<Tensor> {
-    // f32 whatever the source's dtype (the embedding and head are packed from bf16 as read).
     Ok(Tensor::zeros((), DType::F32, t.device())?.broadcast_as(t.shape())?)
 }
