@@ -38,8 +38,8 @@ pub struct DemoArgs {
     /// Seed of the generated data, initialisation and shuffling.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Arithmetic of the frozen base (training and scoring): f32, or int8 (the base packed
-    /// in 8-bit blocks and never held in f32).
+    /// Arithmetic of the frozen base (training and scoring): f32, int8 (the base packed in
+    /// 8-bit blocks and never held in f32) or int4 (4-bit blocks).
     #[arg(long, value_enum, default_value_t = super::ComputeKind::F32)]
     pub compute: super::ComputeKind,
 }

@@ -114,8 +114,8 @@ pub fn run(a: EvalArgs, device: &Device) -> Result<()> {
         return report(&a, task.as_deref().map(|t| t.name()), &r);
     }
     let mut lm = match (a.compute.compute, a.adapters.merged) {
-        (ComputeKind::Int8, false) => {
-            super::load_for(&a.model, device, lowrank_model::quant::Compute::Int8)?
+        (c @ (ComputeKind::Int8 | ComputeKind::Int4), false) => {
+            super::load_for(&a.model, device, c.into())?
         }
         _ => {
             let mut lm = super::load(&a.model, device)?;

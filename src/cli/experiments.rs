@@ -76,7 +76,8 @@ pub struct RunArgs {
     /// A tiny budget (a few steps, ~40 held-out examples): a smoke run for CI.
     #[arg(long)]
     pub quick: bool,
-    /// Arithmetic of the frozen base in training: f32, or int8 (QLoRA-style, see `train`).
+    /// Arithmetic of the frozen base in training: f32, int8 or int4 (QLoRA-style, see
+    /// `train`).
     #[arg(long, value_enum, default_value_t = super::ComputeKind::F32)]
     pub compute: super::ComputeKind,
     /// No progress output.

@@ -51,6 +51,10 @@ pub enum ComputeKind {
     /// GGUFs; weights from ≤ 8-bit GGUF blocks are kept exactly). CPU only; several times
     /// faster for batched decoding, and QLoRA-style training on the packed base.
     Int8,
+    /// int8's kernels on 4-bit block weights: weights not already on a 16-level grid (as
+    /// Q4_0/Q4_1 GGUF blocks are) are rounded to 16 levels per block of 32, QLoRA's 4-bit
+    /// base. 0.6× int8's weight memory; the rounding changes the model (see the README).
+    Int4,
 }
 
 impl From<ComputeKind> for lowrank_model::quant::Compute {
@@ -58,6 +62,7 @@ impl From<ComputeKind> for lowrank_model::quant::Compute {
         match k {
             ComputeKind::F32 => lowrank_model::quant::Compute::F32,
             ComputeKind::Int8 => lowrank_model::quant::Compute::Int8,
+            ComputeKind::Int4 => lowrank_model::quant::Compute::Int4,
         }
     }
 }
@@ -65,7 +70,7 @@ impl From<ComputeKind> for lowrank_model::quant::Compute {
 /// Element type of the KV cache.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KvKind {
-    /// f16 with `--compute int8`, f32 with `--compute f32`.
+    /// f16 with `--compute int8` or `int4`, f32 with `--compute f32`.
     #[default]
     Auto,
     /// f32: the HF reference's precision.
@@ -91,28 +96,33 @@ impl ComputeArg {
         use lowrank_model::KvDtype;
         match (self.kv_cache, self.compute) {
             (KvKind::F32, _) | (KvKind::Auto, ComputeKind::F32) => KvDtype::F32,
-            (KvKind::F16, _) | (KvKind::Auto, ComputeKind::Int8) => KvDtype::F16,
+            (KvKind::F16, _) | (KvKind::Auto, ComputeKind::Int8 | ComputeKind::Int4) => {
+                KvDtype::F16
+            }
         }
     }
 
     /// Switch `lm` to this arithmetic (packs the weights for int8) and KV cache type.
     pub fn apply(&self, lm: &mut LoadedModel) -> Result<()> {
         lm.model.set_kv_dtype(self.kv_dtype());
-        if self.compute == ComputeKind::Int8 {
+        let compute: lowrank_model::quant::Compute = self.compute.into();
+        if compute.packed() {
             let t = std::time::Instant::now();
             lm.model
-                .set_compute(lowrank_model::quant::Compute::Int8)
-                .context("packing the weights for int8 compute")?;
+                .set_compute(compute)
+                .with_context(|| format!("packing the weights for {} compute", compute.name()))?;
             if let Some(q) = lm.model.int8() {
                 let (rounded, all) = q.rounded();
                 let (nibbles, matrices) = q.nibble_packed();
                 eprintln!(
-                    "int8 compute: packed {} in {:.1} s; {} of {} weight blocks rounded \
-                     to 8 bits (the rest kept exactly); {} of {} matrices hold 4-bit q as nibbles",
+                    "{} compute: packed {} in {:.1} s; {} of {} weight blocks rounded \
+                     to {} bits (the rest kept exactly); {} of {} matrices hold 4-bit q as nibbles",
+                    compute.name(),
                     lowrank_experiments::report::human_bytes(q.bytes() as f64),
                     t.elapsed().as_secs_f64(),
                     rounded,
                     all,
+                    q.bits().get(),
                     nibbles,
                     matrices
                 );
@@ -409,12 +419,14 @@ pub fn load_for(
     if let Some(q) = lm.model.int8() {
         let (rounded, all) = q.rounded();
         eprintln!(
-            "int8 compute: loaded and packed in {:.1} s ({}, no f32 copy of the base); {} of {} \
-             weight blocks rounded to 8 bits, the rest kept exactly",
+            "{} compute: loaded and packed in {:.1} s ({}, no f32 copy of the base); {} of {} \
+             weight blocks rounded to {} bits, the rest kept exactly",
+            compute.name(),
             t.elapsed().as_secs_f64(),
             lowrank_experiments::report::human_bytes(q.bytes() as f64),
             rounded,
-            all
+            all,
+            q.bits().get()
         );
     }
     Ok(lm)
@@ -453,8 +465,8 @@ fn generate_cmd(a: GenerateArgs, device: &Device) -> Result<()> {
     // Int8 packs while loading (no f32 copy: less memory, and a faster start), unless the
     // adapters are to be merged into the f32 weights first.
     let mut lm = match (a.compute.compute, a.adapters.merged) {
-        (ComputeKind::Int8, false) => {
-            load_for(&a.model, device, lowrank_model::quant::Compute::Int8)?
+        (c @ (ComputeKind::Int8 | ComputeKind::Int4), false) => {
+            load_for(&a.model, device, c.into())?
         }
         _ => {
             let mut lm = load(&a.model, device)?;

@@ -63,8 +63,8 @@ fn model_id(spec: &str) -> Option<String> {
 pub fn serve(a: ServeArgs, device: &Device) -> Result<()> {
     // Int8 serving packs while loading: no f32 copy of the base stays resident (adapters
     // run unmerged, from their own f32 A and B).
-    let lm = if a.compute.compute == super::ComputeKind::Int8 {
-        super::load_for(&a.model, device, lowrank_model::quant::Compute::Int8)?
+    let lm = if a.compute.compute != super::ComputeKind::F32 {
+        super::load_for(&a.model, device, a.compute.compute.into())?
     } else {
         super::load(&a.model, device)?
     };
@@ -348,7 +348,7 @@ fn bench_infer(
             "prefill_tokens": prompt_tokens, "prefill_tok_s": (med(&mut prefill) * 10.0).round() / 10.0,
             "decode_tokens": decode_tokens, "decode_tok_s": (med(&mut decode) * 10.0).round() / 10.0,
             "threads": std::env::var("RAYON_NUM_THREADS").ok(), "compute": format!("{:?}", compute.compute).to_lowercase(),
-            "int8_kernel": (lm.model.compute() == lowrank_model::quant::Compute::Int8).then(lowrank_model::quant::kernel_name),
+            "int8_kernel": lm.model.compute().packed().then(lowrank_model::quant::kernel_name),
             "cpu_int8_kernels": lowrank_model::quant::supported_kernels(),
             "attention_kernel": lowrank_model::ops::attention_kernel_name(),
             "kv_cache": lm.model.kv_dtype().name(),
@@ -429,7 +429,7 @@ fn bench_train(
         serde_json::json!({
             "mode": if full { "full" } else { "lora" }, "trainable": s.trainable_params,
             "compute": compute.name(), "checkpoint_layers": checkpoint_layers,
-            "int8_kernel": (compute == lowrank_model::quant::Compute::Int8).then(lowrank_model::quant::kernel_name),
+            "int8_kernel": compute.packed().then(lowrank_model::quant::kernel_name),
             "batch": batch, "seq": seq, "tokens_per_s": (tps * 10.0).round() / 10.0,
             "achieved_gflops": (tps * flops_per_token / 1e8).round() / 10.0,
             "peak_rss_mb": s.peak_rss_bytes / (1 << 20),

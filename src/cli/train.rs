@@ -20,8 +20,9 @@ use super::ModelArg;
 pub struct TrainArgs {
     #[command(flatten)]
     pub model: ModelArg,
-    /// Arithmetic of the frozen base: f32, or int8 (the base packed in 8-bit blocks, never
-    /// held in f32; LoRA, norms, attention and the loss stay f32) [default: f32]
+    /// Arithmetic of the frozen base: f32, int8 (the base packed in 8-bit blocks, never held
+    /// in f32; LoRA, norms, attention and the loss stay f32) or int4 (4-bit blocks, QLoRA's
+    /// base: weights not on a 16-level grid are rounded) [default: f32]
     #[arg(long, value_enum)]
     pub compute: Option<super::ComputeKind>,
     /// TOML file with the same settings (keys as below, with underscores); flags override it.

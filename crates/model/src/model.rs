@@ -19,7 +19,7 @@ use crate::cache::{KvCache, KvDtype};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::ops;
-use crate::quant::{self, Compute, QuantModel};
+use crate::quant::{self, Compute, QMatrix, QuantModel};
 use crate::rope::RopeFreqs;
 use crate::weights::Weights;
 
@@ -171,18 +171,22 @@ impl Llama {
     /// Choose how the frozen weights are multiplied (inference and LoRA training alike). Int8
     /// packs every projection and the head once (CPU only).
     pub fn set_compute(&mut self, c: Compute) -> Result<()> {
-        self.int8 = match c {
-            Compute::F32 => {
+        self.int8 = match c.bits() {
+            None => {
                 self.require_f32("f32 compute")?;
                 None
             }
-            Compute::Int8 if !self.device.is_cpu() => {
-                return Err(ModelError::Invalid(
-                    "int8 compute is implemented for the CPU only".into(),
-                ))
+            Some(_) if !self.device.is_cpu() => {
+                return Err(ModelError::Invalid(format!(
+                    "{} compute is implemented for the CPU only",
+                    c.name()
+                )))
             }
-            Compute::Int8 if self.int8.is_some() => self.int8.take(),
-            Compute::Int8 => Some(Arc::new(QuantModel::build(&self.weights)?)),
+            Some(bits) if self.int8.as_ref().is_some_and(|q| q.bits() == bits) => self.int8.take(),
+            Some(bits) => {
+                self.require_f32(&format!("{} compute", c.name()))?;
+                Some(Arc::new(QuantModel::build(&self.weights, bits)?))
+            }
         };
         Ok(())
     }
@@ -210,8 +214,8 @@ impl Llama {
     }
 
     pub fn compute(&self) -> Compute {
-        match self.int8 {
-            Some(_) => Compute::Int8,
+        match &self.int8 {
+            Some(q) => q.bits().compute(),
             None => Compute::F32,
         }
     }
@@ -223,6 +227,52 @@ impl Llama {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The f32 model of the weights the packing holds (every packed projection, the head and
+    /// a packed embedding dequantized; norms and biases as they are): what the integer
+    /// kernels multiply, up to the activations' rounding. The reference for low-bit compute
+    /// when the packing rounded the base (int4), and a way to measure what rounding did.
+    /// `None` with f32 compute.
+    pub fn dequantized(&self) -> Result<Option<Llama>> {
+        let Some(q) = &self.int8 else {
+            return Ok(None);
+        };
+        let dense = |m: &QMatrix| -> Result<Tensor> {
+            Ok(Tensor::from_vec(
+                m.dequantize(),
+                (m.out_dim(), m.in_dim()),
+                &self.device,
+            )?)
+        };
+        let mut w = self.weights.clone();
+        for (l, lw) in w.layers.iter_mut().enumerate() {
+            for ts in quant::PACKS {
+                let packed = q.pack(l, ts).ok_or_else(|| {
+                    ModelError::Invalid(format!("dequantize: layer {l} is not packed"))
+                })?;
+                let all = dense(packed)?;
+                let mut row = 0;
+                for &t in ts {
+                    let n = lw.linear(t).dim(0)?;
+                    *lw.linear_mut(t) = all.narrow(0, row, n)?.contiguous()?;
+                    row += n;
+                }
+                if row != packed.out_dim() {
+                    return Err(ModelError::Invalid(format!(
+                        "dequantize: layer {l}'s {ts:?} have {row} rows, the pack {}",
+                        packed.out_dim()
+                    )));
+                }
+            }
+        }
+        w.lm_head = Some(dense(q.head())?);
+        if let Some(e) = q.embed() {
+            w.embed = dense(e)?;
+        }
+        let mut m = Llama::new(self.cfg.clone(), w, &self.device)?;
+        m.kv_dtype = self.kv_dtype;
+        Ok(Some(m))
     }
 
     /// Shapes of the adaptable projections, for validating adapters against this base.

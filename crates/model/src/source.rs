@@ -9,7 +9,7 @@ use crate::error::{ModelError, Result};
 use crate::fetch;
 use crate::gguf::GgufFile;
 use crate::model::Llama;
-use crate::quant::Compute;
+use crate::quant::{Bits, Compute};
 use crate::tokenizer::Tok;
 use crate::weights::{self, Packer};
 
@@ -76,12 +76,13 @@ impl LoadedModel {
     /// such a model cannot switch to f32 compute or merge adapters; f32 loads as [`Self::load`].
     pub fn load_for(spec: &str, device: &Device, compute: Compute) -> Result<Self> {
         let source = ModelSource::resolve(spec)?;
-        match compute {
-            Compute::Int8 if device.is_cpu() => Self::load_packed(source, device),
-            Compute::Int8 => Err(ModelError::Invalid(
-                "int8 compute is implemented for the CPU only".into(),
-            )),
-            Compute::F32 => Self::load_source(source, device),
+        match compute.bits() {
+            Some(bits) if device.is_cpu() => Self::load_packed(source, device, bits),
+            Some(_) => Err(ModelError::Invalid(format!(
+                "{} compute is implemented for the CPU only",
+                compute.name()
+            ))),
+            None => Self::load_source(source, device),
         }
     }
 
@@ -89,8 +90,8 @@ impl LoadedModel {
         Self::load_inner(source, device, None)
     }
 
-    fn load_packed(source: ModelSource, device: &Device) -> Result<Self> {
-        let mut p = Packer::new();
+    fn load_packed(source: ModelSource, device: &Device, bits: Bits) -> Result<Self> {
+        let mut p = Packer::new(bits);
         Self::load_inner(source, device, Some(&mut p))
     }
 
@@ -103,7 +104,7 @@ impl LoadedModel {
         let build = |cfg: ModelConfig, w, packer: Option<&mut Packer>| -> Result<Llama> {
             match packer {
                 Some(p) => {
-                    let (q, fp) = std::mem::replace(p, Packer::new()).finish()?;
+                    let (q, fp) = std::mem::replace(p, Packer::new(p.bits())).finish()?;
                     Llama::from_packed(cfg, w, q, fp, device)
                 }
                 None => Llama::new(cfg, w, device),

@@ -489,16 +489,22 @@ pub(crate) struct Packer {
     samples: Vec<Sampled>,
     embed: Option<Arc<QMatrix>>,
     head: Option<Arc<QMatrix>>,
+    bits: quant::Bits,
 }
 
 impl Packer {
-    pub(crate) fn new() -> Packer {
+    pub(crate) fn new(bits: quant::Bits) -> Packer {
         Packer {
             layers: Vec::new(),
             samples: Vec::new(),
             embed: None,
             head: None,
+            bits,
         }
+    }
+
+    pub(crate) fn bits(&self) -> quant::Bits {
+        self.bits
     }
 
     fn sample(&mut self, name: &str, t: &Tensor) -> Result<()> {
@@ -510,7 +516,7 @@ impl Packer {
     /// The embedding (also the head when `tied`) → its placeholder.
     fn embed(&mut self, t: Tensor, tied: bool) -> Result<Tensor> {
         self.sample("model.embed_tokens.weight", &t)?;
-        let q = Arc::new(QMatrix::from_tensor(&t)?);
+        let q = Arc::new(QMatrix::from_tensor_bits(&t, self.bits)?);
         if tied {
             self.head = Some(q.clone());
         }
@@ -521,7 +527,7 @@ impl Packer {
     /// An untied head → its placeholder.
     fn head(&mut self, t: Tensor) -> Result<Tensor> {
         self.sample("lm_head.weight", &t)?;
-        self.head = Some(Arc::new(QMatrix::from_tensor(&t)?));
+        self.head = Some(Arc::new(QMatrix::from_tensor_bits(&t, self.bits)?));
         placeholder(&t)
     }
 
@@ -560,9 +566,10 @@ impl Packer {
                             parts[0].fmt,
                             &v,
                             parts[0].cols,
+                            self.bits,
                         )?))
                     }
-                    None => quant::pack_group(&lw, ts),
+                    None => quant::pack_group(&lw, ts, self.bits),
                 }
             })
             .collect::<Result<Vec<_>>>()?;
@@ -579,6 +586,7 @@ impl Packer {
             r.fmt,
             &[(r.bytes, r.rows, None)],
             r.cols,
+            self.bits,
         )?);
         if tied {
             self.head = Some(q.clone());
@@ -612,7 +620,7 @@ impl Packer {
         }
         self.layers.push(match packs {
             Some(p) => p,
-            None => quant::pack_layer(&lw)?,
+            None => quant::pack_layer(&lw, self.bits)?,
         });
         for t in Target::ALL {
             let w = lw.linear_mut(t);
@@ -627,7 +635,10 @@ impl Packer {
         let embed = self.embed.ok_or_else(missing)?;
         let head = self.head.ok_or_else(missing)?;
         let fp = lowrank_lora::fingerprint::fingerprint_sampled(self.samples)?;
-        Ok((QuantModel::from_packs(self.layers, head, embed), fp))
+        Ok((
+            QuantModel::from_packs(self.layers, head, embed, self.bits),
+            fp,
+        ))
     }
 }
 

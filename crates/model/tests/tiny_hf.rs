@@ -210,3 +210,55 @@ fn tiny_hf_int8_load_packs_the_f32_weights() {
         "int8 logits off the f32 model's by {d} (max |logit| {scale})"
     );
 }
+
+/// Loading the bf16 HF fixture for int4 packs bitwise what int4 compute packs from the f32
+/// load's weights (every projection group, the head and the embedding), in 0.6× int8's
+/// bytes, and its logits follow those of the f32 model of the rounded weights
+/// ([`lowrank_model::Llama::dequantized`]) as int8's follow the f32 model's.
+#[test]
+fn tiny_hf_int4_load_packs_the_f32_weights() {
+    use lowrank_model::quant::{Bits, Compute, QMatrix, PACKS};
+    let dir = fixtures().join("tiny-llama-hf/model");
+    let f = LoadedModel::load(dir.to_str().unwrap(), &Device::Cpu).unwrap();
+    let q = LoadedModel::load_for(dir.to_str().unwrap(), &Device::Cpu, Compute::Int4).unwrap();
+    assert_eq!(q.model.compute(), Compute::Int4);
+    let packed = q.model.int8().expect("packed");
+    let mut f4 = f.model.clone();
+    f4.set_compute(Compute::Int4).unwrap();
+    let mut f8 = f.model.clone();
+    f8.set_compute(Compute::Int8).unwrap();
+    let (want, eight) = (f4.int8().unwrap(), f8.int8().unwrap());
+    let bits = |m: &QMatrix| -> Vec<u32> { m.dequantize().iter().map(|v| v.to_bits()).collect() };
+    for l in 0..f.model.cfg.num_layers {
+        for ts in PACKS {
+            let got = packed.pack(l, ts).unwrap();
+            assert!(got.nibble_packed(), "layer {l} {ts:?}");
+            assert_eq!(
+                bits(got),
+                bits(want.pack(l, ts).unwrap()),
+                "layer {l} {ts:?}"
+            );
+        }
+    }
+    assert_eq!(bits(packed.head()), bits(want.head()));
+    let embed = packed.embed().expect("packed embedding");
+    assert_eq!(
+        bits(embed),
+        bits(&QMatrix::from_tensor_bits(&f.model.weights.embed, Bits::Four).unwrap())
+    );
+    let ratio = want.bytes() as f64 / eight.bytes() as f64;
+    assert!((0.55..0.65).contains(&ratio), "int4 / int8 bytes {ratio}");
+    let st = load_st(fixtures().join("tiny-llama-hf/logits.safetensors"));
+    let ids = ids_of(&st["input_ids"]);
+    let rounded = q.model.dequantized().unwrap().expect("dequantized");
+    let want = run(&rounded, &ids, None, LogitsMode::All);
+    let got = run(&q.model, &ids, None, LogitsMode::All);
+    let scale = max_abs(&want);
+    let (d, _) = compare_logits(&got, &want);
+    assert!(
+        d <= 0.05 * scale,
+        "int4 logits off the rounded f32 model's by {d} (max |logit| {scale})"
+    );
+    let (off, _) = compare_logits(&got, &run(&f.model, &ids, None, LogitsMode::All));
+    eprintln!("int4: {d} from the rounded model's logits, {off} from the original's (max {scale})");
+}

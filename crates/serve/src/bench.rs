@@ -638,8 +638,9 @@ pub fn arithmetic_line(model: &Llama) -> String {
     );
     match model.compute() {
         lowrank_model::quant::Compute::F32 => format!("compute: f32; {attention}"),
-        lowrank_model::quant::Compute::Int8 => format!(
-            "compute: int8, kernel {} (this CPU supports: {}); {attention}",
+        c @ (lowrank_model::quant::Compute::Int8 | lowrank_model::quant::Compute::Int4) => format!(
+            "compute: {}, kernel {} (this CPU supports: {}); {attention}",
+            c.name(),
             lowrank_model::quant::kernel_name(),
             lowrank_model::quant::supported_kernels().join(", ")
         ),

@@ -81,7 +81,13 @@ pub struct QMatrix {
 impl QMatrix {
     /// Pack a row-major [out, in] f32 weight.
     pub fn from_f32(w: &[f32], out: usize, inp: usize) -> Result<QMatrix> {
-        QMatrix::from_parts(&[w], inp).and_then(|q| {
+        QMatrix::from_f32_bits(w, out, inp, Bits::Eight)
+    }
+
+    /// [`QMatrix::from_f32`], rounding blocks that are not on a grid of at most `bits` bits
+    /// to that many.
+    pub fn from_f32_bits(w: &[f32], out: usize, inp: usize, bits: Bits) -> Result<QMatrix> {
+        QMatrix::from_parts_bits(&[w], inp, bits).and_then(|q| {
             if q.out == out {
                 Ok(q)
             } else {
@@ -97,6 +103,11 @@ impl QMatrix {
     /// v as one matrix), read in place: no concatenated copy (copies of the 540 MB of f32
     /// weights were a third of the default model's start-up).
     pub fn from_parts(parts: &[&[f32]], inp: usize) -> Result<QMatrix> {
+        QMatrix::from_parts_bits(parts, inp, Bits::Eight)
+    }
+
+    /// [`QMatrix::from_parts`] with blocks rounded to at most `bits` bits.
+    pub fn from_parts_bits(parts: &[&[f32]], inp: usize, bits: Bits) -> Result<QMatrix> {
         if inp == 0 || parts.is_empty() || parts.iter().any(|p| p.is_empty() || p.len() % inp != 0)
         {
             return Err(ModelError::Invalid(format!(
@@ -112,7 +123,7 @@ impl QMatrix {
         };
         let packed = QMatrix::pack_blocks(out, inp, |o, b, block| {
             let vals = &row_of(o)[b * QK..((b + 1) * QK).min(inp)];
-            quantize_block(vals, block)
+            quantize_block(vals, block, bits.top())
         });
         Ok(packed)
     }
@@ -122,11 +133,14 @@ impl QMatrix {
     /// construction with no grid search and no f32 copy (start-up of the default model's
     /// `generate --compute int8`: 1.0 s → 0.7 s with Q4_1 alone, see the README). A part is
     /// (the tensor's raw blocks, its rows, and for each output row the file row it comes from
-    /// when the rows are permuted, as q and k are from GGUF to HF order).
+    /// when the rows are permuted, as q and k are from GGUF to HF order). A block with more
+    /// levels than `bits` allows (Q8_0 under [`Bits::Four`]) is rounded from its values as
+    /// GGUF readers dequantize them, exactly as the f32 weights of the same file would be.
     pub fn from_gguf_blocks(
         fmt: BlockFormat,
         parts: &[(&[u8], usize, Option<&[usize]>)],
         inp: usize,
+        bits: Bits,
     ) -> Result<QMatrix> {
         let nb = inp / QK;
         let bytes = fmt.bytes();
@@ -150,8 +164,16 @@ impl QMatrix {
             let (i, r) = locate(o);
             let (raw, _, map) = parts[i];
             let r = map.map_or(r, |m| m[r]);
-            let (d, m) = fmt.decode(&raw[(r * nb + b) * bytes..(r * nb + b + 1) * bytes], block);
-            (d, m, true)
+            let blk = &raw[(r * nb + b) * bytes..(r * nb + b + 1) * bytes];
+            let (d, m) = fmt.decode(blk, block);
+            if block.iter().all(|&q| q <= bits.top()) {
+                return (d, m, true);
+            }
+            let mut vals = [0f32; QK];
+            for (j, v) in vals.iter_mut().enumerate() {
+                *v = fmt.value(blk, j);
+            }
+            quantize_block(&vals, block, bits.top())
         }))
     }
 
@@ -244,12 +266,17 @@ impl QMatrix {
 
     /// Pack a [out, in] tensor (any device; copied to host unless CPU f32 contiguous).
     pub fn from_tensor(w: &Tensor) -> Result<QMatrix> {
+        QMatrix::from_tensor_bits(w, Bits::Eight)
+    }
+
+    /// [`QMatrix::from_tensor`] with blocks rounded to at most `bits` bits.
+    pub fn from_tensor_bits(w: &Tensor, bits: Bits) -> Result<QMatrix> {
         if w.device().is_cpu() && w.dtype() == candle_core::DType::F32 && w.is_contiguous() {
             let (_, inp) = w.dims2()?;
             let (st, l) = w.storage_and_layout();
             if let Some(v) = crate::ops::f32s(&st) {
                 let data = &v[l.start_offset()..l.start_offset() + w.elem_count()];
-                return QMatrix::from_parts(&[data], inp);
+                return QMatrix::from_parts_bits(&[data], inp, bits);
             }
         }
         // Another dtype (a bf16 checkpoint's embedding or head) or layout: converted and
@@ -267,7 +294,7 @@ impl QMatrix {
                     .to_dtype(candle_core::DType::F32)?
                     .flatten_all()?
                     .to_vec1::<f32>()?;
-                QMatrix::from_f32(&v, n, inp)
+                QMatrix::from_f32_bits(&v, n, inp, bits)
             })
             .collect::<Result<Vec<_>>>()?;
         QMatrix::stack_rows(parts)
@@ -716,9 +743,10 @@ fn round_small(k: f32) -> f32 {
     (k + MAGIC) - MAGIC
 }
 
-/// Store one block as `w = d·q + m`; returns (d, m, exact). Blocks on an evenly spaced grid
-/// of ≤ 256 levels (every llama.cpp ≤ 8-bit block format) keep their grid, exactly.
-fn quantize_block(vals: &[f32], q: &mut [u8; QK]) -> (f32, f32, bool) {
+/// Store one block as `w = d·q + m` with `q ≤ top`; returns (d, m, exact). Blocks on an
+/// evenly spaced grid of ≤ `top + 1` levels (with 255: every llama.cpp ≤ 8-bit block format;
+/// with 15: Q4_0 and Q4_1) keep their grid, exactly; others are rounded to `top + 1` levels.
+fn quantize_block(vals: &[f32], q: &mut [u8; QK], top: u8) -> (f32, f32, bool) {
     q.fill(0);
     let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
     for &v in vals {
@@ -733,7 +761,7 @@ fn quantize_block(vals: &[f32], q: &mut [u8; QK]) -> (f32, f32, bool) {
     // No short circuit: a fold over the 32 values vectorizes.
     let on_grid = |step: f32| {
         step.is_finite()
-            && (range / step).round() <= 255.0
+            && (range / step).round() <= top as f32
             && vals
                 .iter()
                 .map(|&v| {
@@ -794,7 +822,7 @@ fn quantize_block(vals: &[f32], q: &mut [u8; QK]) -> (f32, f32, bool) {
         }
         return (step, lo, true);
     }
-    round_block(vals, q, lo, range, 255)
+    round_block(vals, q, lo, range, top)
 }
 
 /// A block that is not on a grid: `steps + 1` evenly spaced levels from its minimum to its
@@ -1068,14 +1096,67 @@ pub enum Compute {
     F32,
     /// 8-bit block weights × 8-bit block activations (CPU; llama.cpp's arithmetic).
     Int8,
+    /// 4-bit block weights × 8-bit block activations: [`Compute::Int8`]'s kernels on weights
+    /// rounded to 16 levels per block (QLoRA's 4-bit base; Q4_0 / Q4_1 blocks stay exact).
+    Int4,
 }
 
 impl Compute {
-    /// `f32` or `int8` (the flag's spelling).
+    /// `f32`, `int8` or `int4` (the flag's spelling).
     pub fn name(self) -> &'static str {
         match self {
             Compute::F32 => "f32",
             Compute::Int8 => "int8",
+            Compute::Int4 => "int4",
+        }
+    }
+
+    /// The packed weights' bits, for the packed (integer-kernel) computes.
+    pub fn bits(self) -> Option<Bits> {
+        match self {
+            Compute::F32 => None,
+            Compute::Int8 => Some(Bits::Eight),
+            Compute::Int4 => Some(Bits::Four),
+        }
+    }
+
+    /// Whether the frozen weights run packed, through the integer kernels.
+    pub fn packed(self) -> bool {
+        self.bits().is_some()
+    }
+}
+
+/// How many bits a packed weight block keeps: blocks on a grid of at most that many levels
+/// are stored exactly, the others are rounded to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bits {
+    /// 256 levels per block (q stored as bytes unless every q ≤ 15).
+    Eight,
+    /// 16 levels per block, q stored as nibbles: 24 bytes per 32 weights instead of 40.
+    Four,
+}
+
+impl Bits {
+    /// The largest q.
+    pub fn top(self) -> u8 {
+        match self {
+            Bits::Eight => 255,
+            Bits::Four => 15,
+        }
+    }
+
+    pub fn get(self) -> u32 {
+        match self {
+            Bits::Eight => 8,
+            Bits::Four => 4,
+        }
+    }
+
+    /// The compute that packs this many bits.
+    pub fn compute(self) -> Compute {
+        match self {
+            Bits::Eight => Compute::Int8,
+            Bits::Four => Compute::Int4,
         }
     }
 }
@@ -1086,7 +1167,8 @@ impl std::str::FromStr for Compute {
         match s {
             "f32" => Ok(Compute::F32),
             "int8" => Ok(Compute::Int8),
-            _ => Err(format!("unknown compute `{s}` (f32 or int8)")),
+            "int4" => Ok(Compute::Int4),
+            _ => Err(format!("unknown compute `{s}` (f32, int8 or int4)")),
         }
     }
 }
@@ -1109,23 +1191,27 @@ pub struct QuantModel {
     head: Arc<QMatrix>,
     /// The packed embedding, when the model holds no f32 weights (for a tied head, the head).
     embed: Option<Arc<QMatrix>>,
+    /// What every matrix was packed to (and what a repacked group is packed to).
+    bits: Bits,
 }
 
 impl QuantModel {
     /// Pack every frozen projection and the head (the tied embedding when there is no head).
-    pub fn build(w: &Weights) -> Result<QuantModel> {
+    pub fn build(w: &Weights, bits: Bits) -> Result<QuantModel> {
         let layers = w
             .layers
             .iter()
-            .map(pack_layer)
+            .map(|lw| pack_layer(lw, bits))
             .collect::<Result<Vec<_>>>()?;
-        let head = Arc::new(QMatrix::from_tensor(
+        let head = Arc::new(QMatrix::from_tensor_bits(
             w.lm_head.as_ref().unwrap_or(&w.embed),
+            bits,
         )?);
         Ok(QuantModel {
             layers,
             head,
             embed: None,
+            bits,
         })
     }
 
@@ -1135,12 +1221,19 @@ impl QuantModel {
         layers: Vec<[Arc<QMatrix>; 4]>,
         head: Arc<QMatrix>,
         embed: Arc<QMatrix>,
+        bits: Bits,
     ) -> QuantModel {
         QuantModel {
             layers,
             head,
             embed: Some(embed),
+            bits,
         }
+    }
+
+    /// What the weights were packed to.
+    pub fn bits(&self) -> Bits {
+        self.bits
     }
 
     /// The packed matrix of `targets` in `layer`, when they are exactly one of [`PACKS`].
@@ -1168,7 +1261,7 @@ impl QuantModel {
             .iter()
             .position(|p| p.contains(&target))
             .expect("every target is packed");
-        l[i] = pack_group(lw, PACKS[i])?;
+        l[i] = pack_group(lw, PACKS[i], self.bits)?;
         Ok(())
     }
 
@@ -1203,17 +1296,21 @@ impl QuantModel {
 }
 
 /// Every group of one layer, packed ([`PACKS`] order).
-pub fn pack_layer(lw: &LayerWeights) -> Result<[Arc<QMatrix>; 4]> {
+pub fn pack_layer(lw: &LayerWeights, bits: Bits) -> Result<[Arc<QMatrix>; 4]> {
     let v: Vec<Arc<QMatrix>> = PACKS
         .iter()
-        .map(|p| pack_group(lw, p))
+        .map(|p| pack_group(lw, p, bits))
         .collect::<Result<_>>()?;
     Ok(v.try_into().expect("four packs"))
 }
 
 /// One group's weights stacked along the output dim, packed (read in place where the
 /// tensors are contiguous f32 on the CPU, as loaded weights are).
-pub(crate) fn pack_group(lw: &LayerWeights, targets: &[Target]) -> Result<Arc<QMatrix>> {
+pub(crate) fn pack_group(
+    lw: &LayerWeights,
+    targets: &[Target],
+    bits: Bits,
+) -> Result<Arc<QMatrix>> {
     let ws: Vec<&Tensor> = targets.iter().map(|&t| lw.linear(t)).collect();
     let inp = ws[0].dims2()?.1;
     let in_place = ws.iter().all(|w| {
@@ -1227,7 +1324,7 @@ pub(crate) fn pack_group(lw: &LayerWeights, targets: &[Target]) -> Result<Arc<QM
             [one] => (*one).clone(),
             _ => Tensor::cat(&ws, 0)?,
         };
-        return Ok(Arc::new(QMatrix::from_tensor(&w)?));
+        return Ok(Arc::new(QMatrix::from_tensor_bits(&w, bits)?));
     }
     let guards: Vec<_> = ws.iter().map(|w| w.storage_and_layout()).collect();
     let mut parts = Vec::with_capacity(ws.len());
@@ -1239,7 +1336,7 @@ pub(crate) fn pack_group(lw: &LayerWeights, targets: &[Target]) -> Result<Arc<QM
         };
         parts.push(&v[l.start_offset()..l.start_offset() + w.elem_count()]);
     }
-    Ok(Arc::new(QMatrix::from_parts(&parts, inp)?))
+    Ok(Arc::new(QMatrix::from_parts_bits(&parts, inp, bits)?))
 }
 
 /// For parts stacked along the output dim with these row counts: output row → (part, row

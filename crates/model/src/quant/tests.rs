@@ -282,7 +282,7 @@ fn kernels_agree_bitwise_on_the_default_model() {
         &candle_core::Device::Cpu,
     )
     .expect("load the default model");
-    let qm = QuantModel::build(&loaded.model.weights).unwrap();
+    let qm = QuantModel::build(&loaded.model.weights, super::Bits::Eight).unwrap();
     let mut qmax = std::collections::BTreeMap::<u8, usize>::new();
     let mut nibbles = 0;
     for (i, q) in qm.all().enumerate() {
@@ -664,4 +664,91 @@ fn chunked_packing_of_bf16_equals_the_whole() {
         assert_eq!(bits(&got.d), bits(&want.d), "levels {levels}: scales");
         assert_eq!(bits(&got.m), bits(&want.m), "levels {levels}: offsets");
     }
+}
+
+/// Four-bit packing (int4 compute): blocks on a grid of ≤ 16 levels stay exact; others are
+/// rounded to 16 evenly spaced levels from the block's minimum to its maximum (error ≤ half a
+/// step, where 8 bits would be 17× finer), q stored as nibbles; a Q8_0 GGUF block packs as its
+/// dequantized values do, and a Q4_1 block as it does for 8 bits.
+#[test]
+fn four_bit_packing_rounds_to_sixteen_levels() {
+    let (out, inp) = (37, 100); // ragged tiles and blocks
+    let g = q4_weights(out, inp, 1);
+    let q = QMatrix::from_f32_bits(&g, out, inp, Bits::Four).unwrap();
+    assert_eq!(q.rounded_blocks(), 0);
+    for (a, b) in q.dequantize().iter().zip(&g) {
+        assert!((a - b).abs() <= 2e-6, "{a} vs {b}");
+    }
+    // A 32-level grid (Q5_1-like) is kept by 8 bits and rounded by 4.
+    let g8 = grid_weights(out, inp, 32, 2);
+    assert_eq!(
+        QMatrix::from_f32(&g8, out, inp).unwrap().rounded_blocks(),
+        0
+    );
+    let q = QMatrix::from_f32_bits(&g8, out, inp, Bits::Four).unwrap();
+    assert_eq!(q.rounded_blocks(), q.blocks());
+    let f = rand_vec(out * inp, 3);
+    let q = QMatrix::from_f32_bits(&f, out, inp, Bits::Four).unwrap();
+    assert_eq!(q.rounded_blocks(), q.blocks());
+    assert_eq!(q.qmax, 15);
+    assert_eq!(q.nibble_packed(), nibble_packing());
+    let deq = q.dequantize();
+    let mut worst = 0f32;
+    for o in 0..out {
+        for b in 0..inp.div_ceil(QK) {
+            let r = o * inp + b * QK..o * inp + ((b + 1) * QK).min(inp);
+            let (lo, hi) = f[r.clone()]
+                .iter()
+                .fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+            let half_step = (hi - lo) / 30.0;
+            let mut levels: Vec<u32> = deq[r.clone()].iter().map(|v| v.to_bits()).collect();
+            levels.sort_unstable();
+            levels.dedup();
+            assert!(
+                levels.len() <= 16,
+                "row {o} block {b}: {} levels",
+                levels.len()
+            );
+            for (a, w) in deq[r.clone()].iter().zip(&f[r]) {
+                assert!((a - w).abs() <= half_step * (1.0 + 1e-4), "{a} vs {w}");
+                worst = worst.max((a - w).abs() / half_step);
+            }
+        }
+    }
+    assert!(
+        worst > 0.5,
+        "no value was rounded by more than a quarter step ({worst})"
+    );
+
+    // GGUF blocks: Q8_0 under 4 bits packs as its values; Q4_1 is unchanged.
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+    let (rows, cols) = (20, 64);
+    let blocks = rows * cols / QK;
+    let mut q8raw = Vec::new();
+    let mut q41raw = Vec::new();
+    for _ in 0..blocks {
+        q8raw.extend(half::f16::from_f32(rng.random_range(0.001..0.01)).to_le_bytes());
+        q8raw.extend((0..QK).map(|_| rng.random_range(-127i8..=127) as u8));
+        q41raw.extend(half::f16::from_f32(rng.random_range(0.001..0.01)).to_le_bytes());
+        q41raw.extend(half::f16::from_f32(rng.random_range(-0.1..0.0)).to_le_bytes());
+        q41raw.extend((0..QK / 2).map(|_| rng.random::<u8>()));
+    }
+    let fields = |m: &QMatrix| (m.clone().with_nibbles(false).q, bits(&m.d), bits(&m.m));
+    let fmt = BlockFormat::Q8_0;
+    let vals: Vec<f32> = q8raw
+        .chunks_exact(fmt.bytes())
+        .flat_map(|blk| (0..QK).map(move |j| fmt.value(blk, j)))
+        .collect();
+    let from_blocks = QMatrix::from_gguf_blocks(fmt, &[(&q8raw, rows, None)], cols, Bits::Four);
+    let from_blocks = from_blocks.unwrap();
+    assert_eq!(from_blocks.qmax, 15);
+    assert_eq!(from_blocks.rounded_blocks(), blocks);
+    let from_vals = QMatrix::from_f32_bits(&vals, rows, cols, Bits::Four).unwrap();
+    assert!(fields(&from_blocks) == fields(&from_vals), "Q8_0 → 4 bits");
+    let fmt = BlockFormat::Q4_1;
+    let four = QMatrix::from_gguf_blocks(fmt, &[(&q41raw, rows, None)], cols, Bits::Four);
+    let eight = QMatrix::from_gguf_blocks(fmt, &[(&q41raw, rows, None)], cols, Bits::Eight);
+    let (four, eight) = (four.unwrap(), eight.unwrap());
+    assert_eq!(four.rounded_blocks(), 0);
+    assert!(fields(&four) == fields(&eight), "Q4_1 under 4 bits");
 }

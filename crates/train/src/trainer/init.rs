@@ -106,8 +106,9 @@ impl Trainer<'_> {
         }
         if changed_base && model.int8().is_some() {
             // The packing was made from the weights before the residual: pack them again.
+            let packed = model.compute();
             model.set_compute(Compute::F32)?;
-            model.set_compute(Compute::Int8)?;
+            model.set_compute(packed)?;
         }
         let adapter = Adapter {
             config: lc,
