@@ -116,13 +116,13 @@ impl ComputeArg {
                 let (nibbles, matrices) = q.nibble_packed();
                 eprintln!(
                     "{} compute: packed {} in {:.1} s; {} of {} weight blocks rounded \
-                     to {} bits (the rest kept exactly); {} of {} matrices hold 4-bit q as nibbles",
+                     to {} (the rest kept exactly); {} of {} matrices hold 4-bit q as nibbles",
                     compute.name(),
                     lowrank_experiments::report::human_bytes(q.bytes() as f64),
                     t.elapsed().as_secs_f64(),
                     rounded,
                     all,
-                    q.bits().get(),
+                    rounded_to(q.bits()),
                     nibbles,
                     matrices
                 );
@@ -406,6 +406,14 @@ pub fn load(m: &ModelArg, device: &Device) -> Result<LoadedModel> {
     LoadedModel::load(&m.model, device).with_context(|| format!("loading model `{}`", m.model))
 }
 
+/// What rounded blocks were rounded to, for the packing messages.
+fn rounded_to(bits: lowrank_model::quant::Bits) -> String {
+    match bits.head() == bits {
+        true => format!("{} bits", bits.get()),
+        false => format!("{} bits (the LM head to {})", bits.get(), bits.head().get()),
+    }
+}
+
 /// Load for training or evaluation with `compute`: int8 packs while loading and never holds
 /// the f32 base (say so, with the packed size).
 pub fn load_for(
@@ -420,13 +428,13 @@ pub fn load_for(
         let (rounded, all) = q.rounded();
         eprintln!(
             "{} compute: loaded and packed in {:.1} s ({}, no f32 copy of the base); {} of {} \
-             weight blocks rounded to {} bits, the rest kept exactly",
+             weight blocks rounded to {}, the rest kept exactly",
             compute.name(),
             t.elapsed().as_secs_f64(),
             lowrank_experiments::report::human_bytes(q.bytes() as f64),
             rounded,
             all,
-            q.bits().get()
+            rounded_to(q.bits())
         );
     }
     Ok(lm)

@@ -516,7 +516,8 @@ impl Packer {
     /// The embedding (also the head when `tied`) → its placeholder.
     fn embed(&mut self, t: Tensor, tied: bool) -> Result<Tensor> {
         self.sample("model.embed_tokens.weight", &t)?;
-        let q = Arc::new(QMatrix::from_tensor_bits(&t, self.bits)?);
+        let bits = if tied { self.bits.head() } else { self.bits };
+        let q = Arc::new(QMatrix::from_tensor_bits(&t, bits)?);
         if tied {
             self.head = Some(q.clone());
         }
@@ -527,7 +528,7 @@ impl Packer {
     /// An untied head → its placeholder.
     fn head(&mut self, t: Tensor) -> Result<Tensor> {
         self.sample("lm_head.weight", &t)?;
-        self.head = Some(Arc::new(QMatrix::from_tensor_bits(&t, self.bits)?));
+        self.head = Some(Arc::new(QMatrix::from_tensor_bits(&t, self.bits.head())?));
         placeholder(&t)
     }
 
@@ -586,7 +587,7 @@ impl Packer {
             r.fmt,
             &[(r.bytes, r.rows, None)],
             r.cols,
-            self.bits,
+            if tied { self.bits.head() } else { self.bits },
         )?);
         if tied {
             self.head = Some(q.clone());

@@ -355,3 +355,43 @@ fn packed_loading_matches_packing_the_f32_weights() {
     let e = m.set_compute(Compute::F32).unwrap_err().to_string();
     assert!(e.contains("int8 compute only"), "{e}");
 }
+
+/// Int4 on the default model packs exactly what int8 does: its Q4_1 projections are 4-bit
+/// already (kept exactly) and its Q8_0 embedding is the tied head, which stays 8-bit
+/// (`Bits::head`). So nothing is rounded and the logits are int8's.
+#[test]
+fn int4_keeps_the_default_model_exact() {
+    let p = lowrank_model::fetch::ensure_default(false).unwrap();
+    let load = |c| {
+        lowrank_model::LoadedModel::load_for(p.to_str().unwrap(), &candle_core::Device::Cpu, c)
+            .unwrap()
+    };
+    let (lm, lm8) = (load(Compute::Int4), load(Compute::Int8));
+    assert_eq!(lm.model.compute(), Compute::Int4);
+    let q = lm.model.int8().expect("packed");
+    assert_eq!(q.rounded().0, 0, "nothing rounded");
+    let q8 = lm8.model.int8().expect("packed");
+    for l in 0..lm.model.cfg.num_layers {
+        for ts in lowrank_model::quant::PACKS {
+            let (a, b) = (q.pack(l, ts).unwrap(), q8.pack(l, ts).unwrap());
+            assert!(a.nibble_packed(), "layer {l} {ts:?}");
+            assert!(a.dequantize() == b.dequantize(), "layer {l} {ts:?}");
+        }
+    }
+    assert!(q.head().dequantize() == q8.head().dequantize(), "head");
+    let st = load_st(fixtures().join("smollm2-135m/logits.safetensors"));
+    let ids = ids_of(&st["input_ids"]);
+    let (a, b) = (
+        logits(&lm.model, &ids, None),
+        logits(int8_model(), &ids, None),
+    );
+    // Not bitwise: two int8 runs of the same model differ in the last bits here (≈ 2e-5).
+    let diff = (&a - &b).unwrap().abs().unwrap().flatten_all().unwrap();
+    let diff = diff.max(0).unwrap().to_scalar::<f32>().unwrap();
+    let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+    let scale = scale.to_scalar::<f32>().unwrap();
+    assert!(
+        diff <= 1e-5 * scale,
+        "int4 logits off int8's by {diff} (max {scale})"
+    );
+}

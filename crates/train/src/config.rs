@@ -77,8 +77,9 @@ pub struct TrainConfig {
     pub time_budget_s: f64,
     /// dtype of the saved adapter tensors: f32 (default), f16 or bf16.
     pub save_dtype: String,
-    /// How the frozen base is multiplied in the forward and the backward's dX: `f32`, or
-    /// `int8` (packed 8-bit blocks, QLoRA-style; LoRA, norms, attention and the loss stay f32).
+    /// How the frozen base is multiplied in the forward and the backward's dX: `f32`, `int8`
+    /// (packed 8-bit blocks, QLoRA-style; LoRA, norms, attention and the loss stay f32) or
+    /// `int4` (the same on 4-bit blocks: weights not already 4-bit are rounded).
     pub compute: lowrank_model::quant::Compute,
     /// Layer checkpointing for LoRA: keep only each block's input and replay the block in the
     /// backward — activation memory of [tokens, hidden] per layer instead of the full tape,
