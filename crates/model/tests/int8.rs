@@ -358,7 +358,7 @@ fn packed_loading_matches_packing_the_f32_weights() {
 
 /// Int4 on the default model packs exactly what int8 does: its Q4_1 projections are 4-bit
 /// already (kept exactly) and its Q8_0 embedding is the tied head, which stays 8-bit
-/// (`Bits::head`). So nothing is rounded and the logits are int8's.
+/// (`Bits::head`). So nothing is rounded and the logits are int8's, bitwise.
 #[test]
 fn int4_keeps_the_default_model_exact() {
     let p = lowrank_model::fetch::ensure_default(false).unwrap();
@@ -381,17 +381,13 @@ fn int4_keeps_the_default_model_exact() {
     assert!(q.head().dequantize() == q8.head().dequantize(), "head");
     let st = load_st(fixtures().join("smollm2-135m/logits.safetensors"));
     let ids = ids_of(&st["input_ids"]);
+    let bits = |t: &Tensor| -> Vec<u32> {
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v.iter().map(|x| x.to_bits()).collect()
+    };
     let (a, b) = (
         logits(&lm.model, &ids, None),
-        logits(int8_model(), &ids, None),
+        logits(&lm8.model, &ids, None),
     );
-    // Not bitwise: two int8 runs of the same model differ in the last bits here (≈ 2e-5).
-    let diff = (&a - &b).unwrap().abs().unwrap().flatten_all().unwrap();
-    let diff = diff.max(0).unwrap().to_scalar::<f32>().unwrap();
-    let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-    let scale = scale.to_scalar::<f32>().unwrap();
-    assert!(
-        diff <= 1e-5 * scale,
-        "int4 logits off int8's by {diff} (max {scale})"
-    );
+    assert!(bits(&a) == bits(&b), "int4 logits differ from int8's");
 }
