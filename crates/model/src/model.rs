@@ -202,8 +202,9 @@ impl Llama {
             Ok(())
         } else {
             Err(ModelError::Invalid(format!(
-                "{what} needs the f32 base weights, but this model was loaded for int8 compute \
-                 only (packed while loading, to save memory); load it with f32 compute"
+                "{what} needs the f32 base weights, but this model was loaded for {} compute \
+                 only (packed while loading, to save memory); load it with f32 compute",
+                self.compute().name()
             )))
         }
     }

@@ -9,8 +9,9 @@
 //!
 //! Weights that came from a ≤ 8-bit block format (Q4_0, Q4_1, Q5_x, Q8_0: every block is an
 //! evenly spaced grid) are stored *exactly* (the grid is detected); other weights (f32, f16,
-//! k-quants) are rounded to 256 levels per block. The activation rounding is the only other
-//! loss — the same llama.cpp accepts. Each row is computed alone in a fixed order, so a row's
+//! k-quants) are rounded to 256 levels per block, or with [`Compute::Int4`] to 16 (QLoRA's
+//! 4-bit base; see [`Bits`]). The activation rounding is the only other loss — the same
+//! llama.cpp accepts. Each row is computed alone in a fixed order, so a row's
 //! result never depends on which other rows share the batch (bitwise), which is what mixed
 //! serving batches need.
 //!
