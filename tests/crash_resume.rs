@@ -61,15 +61,15 @@ fn train(data: &Path, out: &Path, extra: &[&str]) -> Command {
             "3",
             "--save-every",
             "1",
-            "--keep-checkpoints",
-            "2",
             "--threads",
             "1",
             "--quiet",
         ])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .args(extra);
+    if !extra.contains(&"--keep-checkpoints") {
+        c.args(["--keep-checkpoints", "2"]);
+    }
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
     c
 }
 
@@ -274,5 +274,40 @@ fn random_kills_leave_complete_checkpoints_and_resume_exactly() {
         child.wait().unwrap();
         finish_and_compare(&data, &out, &r, &format!("kill {kill} after {at:?}"));
     }
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// A kill between saving a checkpoint and pruning leaves one checkpoint too many (seen once
+/// in the random kills above: a kill after checkpoint-11's rename left 9, 10 and 11). A
+/// resume from the newest then saves none of its own, so it prunes on resuming. Made
+/// deterministic here: a run that keeps three, resumed with `--keep-checkpoints 2` (free to
+/// change on resume) from its newest, finishes with the newest two.
+#[test]
+fn a_resume_prunes_what_a_kill_left_unpruned() {
+    let d = tmpdir("unpruned");
+    let data = write_data(&d);
+    let out = d.join("out");
+    let o = train(&data, &out, &["--keep-checkpoints", "3"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let three = [STEPS - 3, STEPS - 2, STEPS - 1];
+    assert_eq!(assert_checkpoints_complete(&out, "before"), three);
+    let o = train(&data, &out, &["--resume", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let newest = out.join(format!("checkpoint-{}", STEPS - 1));
+    assert_eq!(s["resumed_from"].as_str(), newest.to_str());
+    assert_eq!(
+        assert_checkpoints_complete(&out, "after"),
+        [STEPS - 2, STEPS - 1]
+    );
+    assert!(
+        names(&out).iter().all(|n| !n.ends_with(".deleted")),
+        "{:?}",
+        names(&out)
+    );
     let _ = std::fs::remove_dir_all(&d);
 }

@@ -470,6 +470,7 @@ impl<'a> Trainer<'a> {
             run.dropout_rng.set_word_pos(st.dropout_rng_word_pos);
             if self.writer() {
                 truncate_metrics(&run.metrics, run.step)?;
+                self.prune_checkpoints_through(run.step)?;
             }
         } else if !self.writer() {
             run.eval_before = self.eval_loss(&self.eval)?;

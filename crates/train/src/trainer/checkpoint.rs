@@ -549,8 +549,17 @@ impl Trainer<'_> {
 
     /// Delete all but the newest `keep_checkpoints` checkpoints, each atomically.
     fn prune_checkpoints(&self) -> Result<()> {
+        self.prune_checkpoints_through(usize::MAX)
+    }
+
+    /// Delete all but the newest `keep_checkpoints` of the checkpoints at or before `step`,
+    /// each atomically. A run killed between saving a checkpoint and pruning leaves one too
+    /// many; its resume calls this with the step it resumes from, since a resumed run may
+    /// save no checkpoint of its own (and the later ones, if any, are not its to judge).
+    pub(super) fn prune_checkpoints_through(&self, step: usize) -> Result<()> {
         let keep = self.cfg.keep_checkpoints.max(1);
-        let all = list_checkpoints(&self.out)?;
+        let mut all = list_checkpoints(&self.out)?;
+        all.retain(|(s, _)| *s <= step);
         if all.len() > keep {
             for (_, name) in &all[..all.len() - keep] {
                 remove_dir_atomically(&self.out, name)?;
