@@ -430,6 +430,7 @@ fn bench_train(
             "mode": if full { "full" } else { "lora" }, "trainable": s.trainable_params,
             "compute": compute.name(), "checkpoint_layers": checkpoint_layers,
             "int8_kernel": compute.packed().then(lowrank_model::quant::kernel_name),
+            "train_product": compute.packed().then(|| lm.model.train_product().name()),
             "batch": batch, "seq": seq, "tokens_per_s": (tps * 10.0).round() / 10.0,
             "achieved_gflops": (tps * flops_per_token / 1e8).round() / 10.0,
             "peak_rss_mb": s.peak_rss_bytes / (1 << 20),

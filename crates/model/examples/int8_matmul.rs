@@ -14,16 +14,28 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 /// (name, out, in) of SmolLM2-135M's projections.
-const SHAPES: [(&str, usize, usize); 4] = [
+const SHAPES: [(&str, usize, usize); 5] = [
     ("q/o 576x576", 576, 576),
     ("k/v 192x576", 192, 576),
     ("gate/up 1536x576", 1536, 576),
     ("down 576x1536", 576, 1536),
+    ("head 49152x576", 49152, 576),
 ];
 const ROWS: usize = 512;
 const ROUNDS: usize = 5;
 
 fn grid_weights(rng: &mut ChaCha8Rng, out: usize, inp: usize) -> Vec<f32> {
+    if out > 4096 {
+        // The head: a Q8_0 block's symmetric 8-bit grid, w = d·q with q in −127..=127.
+        let mut w = vec![0f32; out * inp];
+        for blk in w.chunks_mut(32) {
+            let d = half::f16::from_f32(rng.random_range(0.0001f32..0.001)).to_f32();
+            for v in blk.iter_mut() {
+                *v = d * rng.random_range(-127i32..=127) as f32;
+            }
+        }
+        return w;
+    }
     let mut w = vec![0f32; out * inp];
     for blk in w.chunks_mut(32) {
         // d and m exactly representable in f16, q in 0..=15: a Q4_1 block.
@@ -67,8 +79,15 @@ fn main() {
         let two = best_ms(|| {
             std::hint::black_box(w.matmul_fine(&x, ROWS));
         });
+        // The alternative to the two limbs: the pack dequantized (exactly) for one f32 gemm.
+        let dev = candle_core::Device::Cpu;
+        let xt = candle_core::Tensor::from_slice(&x, (ROWS, inp), &dev).expect("x");
+        let deq = best_ms(|| {
+            let wd = candle_core::Tensor::from_vec(w.dequantize(), (out, inp), &dev).expect("w");
+            std::hint::black_box(xt.matmul(&wd.t().expect("t")).expect("gemm"));
+        });
         println!(
-            "{name:18} nibbles {:5}  one limb {one:7.2} ms {:6.1} GMAC/s   two limbs {two:7.2} ms {:6.1} GMAC/s",
+            "{name:18} nibbles {:5}  one limb {one:7.2} ms {:6.1} GMAC/s   two limbs {two:7.2} ms {:6.1} GMAC/s   dequantized f32 gemm {deq:7.2} ms",
             w.nibble_packed(),
             macs / one / 1e6,
             2.0 * macs / two / 1e6

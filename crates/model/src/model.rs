@@ -114,6 +114,8 @@ pub struct Llama {
     fingerprint: Option<String>,
     /// Element type of the KV caches [`Llama::new_cache`] makes.
     kv_dtype: KvDtype,
+    /// How training's forward multiplies the packed weights (int8/int4 compute).
+    train_product: quant::TrainProduct,
 }
 
 impl Llama {
@@ -128,6 +130,7 @@ impl Llama {
             f32_base: true,
             fingerprint: None,
             kv_dtype: KvDtype::F32,
+            train_product: quant::TrainProduct::detect(),
         })
     }
 
@@ -139,6 +142,16 @@ impl Llama {
 
     pub fn kv_dtype(&self) -> KvDtype {
         self.kv_dtype
+    }
+
+    /// How LoRA training's forward multiplies the packed weights under int8/int4 compute
+    /// (default: the faster product on this CPU's kernel path, see [`quant::TrainProduct`]).
+    pub fn set_train_product(&mut self, p: quant::TrainProduct) {
+        self.train_product = p;
+    }
+
+    pub fn train_product(&self) -> quant::TrainProduct {
+        self.train_product
     }
 
     /// An empty KV cache for one sequence, of this model's layers and KV dtype.
@@ -273,6 +286,7 @@ impl Llama {
         }
         let mut m = Llama::new(self.cfg.clone(), w, &self.device)?;
         m.kv_dtype = self.kv_dtype;
+        m.train_product = self.train_product;
         Ok(Some(m))
     }
 
@@ -392,11 +406,11 @@ impl Llama {
         ops::linear(h, w)
     }
 
-    /// The head in training: [`Llama::lm_head`], with two-limb activations under int8
-    /// compute (see `QMatrix::matmul_fine`).
+    /// The head in training: [`Llama::lm_head`], by the training product under int8
+    /// compute (see [`quant::TrainProduct`]).
     pub fn lm_head_train(&self, h: &Tensor) -> Result<Tensor> {
         match &self.int8 {
-            Some(q) if !h.track_op() => quant::qlinear_fine(h, q.head()),
+            Some(q) if !h.track_op() => quant::qlinear_train(h, q.head(), self.train_product),
             _ => self.lm_head(h),
         }
     }
@@ -593,10 +607,9 @@ impl Llama {
         let w = self.weights.layers[key.layer].linear(key.target);
         // [N, out]
         let y = match self.packed(key.layer, &[key.target], x, opts) {
-            // Training: two-limb activations (see QMatrix::matmul_fine). Measured against the
-            // pack dequantized for one f32 gemm (exact): 180–190 vs 175 tok/s, both within
-            // 0.3 % of PEFT's gradients.
-            Some(q) if rec.is_some() => quant::qlinear_fine(x, q)?,
+            // Training: the faster of two-limb activations and the dequantized pack on this
+            // CPU (see quant::TrainProduct).
+            Some(q) if rec.is_some() => quant::qlinear_train(x, q, self.train_product)?,
             Some(q) => quant::qlinear(x, q)?,
             None => {
                 self.require_f32("an f32 projection")?;
@@ -653,9 +666,9 @@ impl Llama {
                 })
                 .collect();
         };
-        // [N, Σ out] (training: two-limb activations, see QMatrix::matmul_fine)
+        // [N, Σ out] (training: see quant::TrainProduct)
         let y = match rec.is_some() {
-            true => quant::qlinear_fine(x, q)?,
+            true => quant::qlinear_train(x, q, self.train_product)?,
             false => quant::qlinear(x, q)?,
         };
         let mut off = 0;

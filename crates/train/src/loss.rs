@@ -195,9 +195,9 @@ fn head_chunks(
     let mut nll_sum = 0.0f64;
     let mut grads = Vec::new();
     let mut dw: Option<Tensor> = None;
-    // Int8's head products take whole chunks too: the two limbs are summed per tile, and
-    // the input gradient dequantizes the head once per chunk (4 × for 512 tokens), so
-    // smaller chunks would decode it more often.
+    // Int8's head products take whole chunks too: the input gradient (and the forward's
+    // logits, where the training product dequantizes: see quant::TrainProduct) decode the
+    // head once per chunk (4 × for 512 tokens), so smaller chunks would decode it more often.
     let chunk = CHUNK;
     for start in (0..m).step_by(chunk) {
         let n = chunk.min(m - start);

@@ -1007,9 +1007,11 @@ const NR_MAX: usize = 8;
 
 use kernel::Kernel;
 pub use kernel::{kernel_name, supported_kernels};
+pub use train::{qlinear_train, TrainProduct};
 
 mod kernel;
 mod portable;
+mod train;
 
 #[cfg(target_arch = "x86_64")]
 mod vnni;
