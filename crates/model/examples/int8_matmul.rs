@@ -86,8 +86,11 @@ fn main() {
             let wd = candle_core::Tensor::from_vec(w.dequantize(), (out, inp), &dev).expect("w");
             std::hint::black_box(xt.matmul(&wd.t().expect("t")).expect("gemm"));
         });
+        let decode = best_ms(|| {
+            std::hint::black_box(w.dequantize());
+        });
         println!(
-            "{name:18} nibbles {:5}  one limb {one:7.2} ms {:6.1} GMAC/s   two limbs {two:7.2} ms {:6.1} GMAC/s   dequantized f32 gemm {deq:7.2} ms",
+            "{name:18} nibbles {:5}  one limb {one:7.2} ms {:6.1} GMAC/s   two limbs {two:7.2} ms {:6.1} GMAC/s   dequantized f32 gemm {deq:7.2} ms (decoding {decode:6.2} ms)",
             w.nibble_packed(),
             macs / one / 1e6,
             2.0 * macs / two / 1e6

@@ -407,6 +407,31 @@ impl QMatrix {
     /// Columns i0..i0+ni of tile `t`'s rows ([≤ 16, ni], row-major), decoding only the blocks
     /// they lie in; bitwise as [`QMatrix::tile_into`]. i0 is a multiple of [`QK`].
     fn tile_span_into(&self, t: usize, i0: usize, ni: usize, rows: &mut [f32]) {
+        self.tile_span_with(Kernel::detect(), t, i0, ni, rows)
+    }
+
+    /// [`QMatrix::tile_span_into`] by the decoder of a kernel path: the AVX2 one on the
+    /// SIMD paths, the scalar body on the portable path (all bitwise equal).
+    fn tile_span_with(&self, kernel: Kernel, t: usize, i0: usize, ni: usize, rows: &mut [f32]) {
+        assert!(
+            t < self.tiles
+                && i0.is_multiple_of(QK)
+                && ni > 0
+                && i0 + ni <= self.inp
+                && rows.len().is_multiple_of(ni)
+                && rows.len() / ni <= TILE.min(self.out - t * TILE),
+            "int8 tile {t} span {i0}+{ni} into {} values",
+            rows.len()
+        );
+        #[cfg(target_arch = "x86_64")]
+        if kernel != Kernel::Portable
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has AVX2 and FMA; the bounds are asserted above.
+            return unsafe { avx2::tile_span_into(self, t, i0, ni, rows) };
+        }
+        let _ = kernel;
         // Training dequantizes every pack on every step. Built for the baseline x86_64 CPU,
         // `mul_add` is a call into libm per weight (a third of this function's time in a
         // profile of `bench train --compute int8`); with FMA enabled it is one instruction,

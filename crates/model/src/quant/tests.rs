@@ -563,9 +563,10 @@ fn dequantize_matches_row_by_row() {
     }
 }
 
-/// The tile decoder (FMA-compiled where the CPU has FMA) gives bitwise what `row_into` (the
-/// reference, one weight at a time) gives, for both storages, ragged tiles and blocks, and
-/// spans that start inside the row.
+/// The tile decoders (AVX2 on the SIMD paths, the scalar body FMA-compiled where the CPU has
+/// FMA on the portable one) give bitwise what `row_into` (the reference, one weight at a
+/// time) gives, for both storages, ragged tiles and blocks, and spans that start inside the
+/// row and end inside a group of four.
 #[test]
 fn tile_decoding_is_bitwise_row_into() {
     let (out, inp) = (37, 100);
@@ -584,11 +585,19 @@ fn tile_decoding_is_bitwise_row_into() {
             let (i0, ni) = (QK, inp - QK - 5); // a span from block 1 to inside the last block
             for t in 0..out.div_ceil(TILE) {
                 let n = TILE.min(out - t * TILE);
-                let mut got = vec![0f32; n * ni];
-                q.tile_span_into(t, i0, ni, &mut got);
-                for (lane, row) in got.chunks(ni).enumerate() {
-                    let o = t * TILE + lane;
-                    assert_eq!(bits(row), bits(&want[o * inp + i0..o * inp + i0 + ni]));
+                for k in Kernel::supported_list() {
+                    let mut got = vec![0f32; n * ni];
+                    q.tile_span_with(k, t, i0, ni, &mut got);
+                    for (lane, row) in got.chunks(ni).enumerate() {
+                        let o = t * TILE + lane;
+                        assert_eq!(
+                            bits(row),
+                            bits(&want[o * inp + i0..o * inp + i0 + ni]),
+                            "{} decoder, nibbles {}, row {o}",
+                            k.name(),
+                            q.nibbles
+                        );
+                    }
                 }
             }
         }
