@@ -22,7 +22,9 @@ fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
         } else if matches!(
             p.extension().and_then(|x| x.to_str()),
             Some("rs" | "py" | "sh" | "toml")
-        ) || p.parent().is_some_and(|d| d.ends_with(".ci"))
+        ) || p
+            .parent()
+            .is_some_and(|d| d.file_name() == Some(std::ffi::OsStr::new(".ci")))
         {
             out.push(p);
         }

@@ -55,8 +55,11 @@ pub fn loss_curves_svg(
     Ok(())
 }
 
+/// (step, loss) points of one curve.
+pub type Curve = Vec<(f64, f64)>;
+
 /// (train loss by step, eval loss by step) from a metrics.jsonl.
-pub fn read_metrics(path: &Path) -> (Vec<(f64, f64)>, Vec<(f64, f64)>) {
+pub fn read_metrics(path: &Path) -> (Curve, Curve) {
     let mut train = vec![];
     let mut eval = vec![];
     if let Ok(text) = std::fs::read_to_string(path) {

@@ -160,6 +160,7 @@ fn main() -> candle_core::Result<()> {
     // of `ads`; with `shared`, one group of every row under adapter 0.
     let run = |ads: &Views, shared: bool| {
         best_ms(|s| {
+            #[allow(clippy::needless_range_loop)] // l indexes every adapter's layers
             for l in 0..LAYERS {
                 for (m, &out) in OUTS.iter().enumerate() {
                     let group = |rows, ad: usize| {

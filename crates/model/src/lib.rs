@@ -159,7 +159,11 @@ mod tests {
         assert_eq!(std::env::var("RAYON_NUM_THREADS").unwrap(), n.to_string());
         // The winner's workload decided candle's pool: Training (even k) switched it off.
         let candle = std::env::var("CANDLE_NUM_THREADS").ok();
-        assert_eq!(candle.as_deref() == Some("1"), n % 2 == 0, "{candle:?}");
+        assert_eq!(
+            candle.as_deref() == Some("1"),
+            n.is_multiple_of(2),
+            "{candle:?}"
+        );
         assert_eq!(rayon::current_num_threads(), n);
         assert!(
             rayon::ThreadPoolBuilder::new().build_global().is_err(),

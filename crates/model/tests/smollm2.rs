@@ -98,7 +98,7 @@ fn greedy_reproduces_hf() {
         let g = generate(&m.model, &m.tok, &prompt, None, &params, &eos, &mut |_| {}).unwrap();
         assert_eq!(g.ids, want);
         // Batched greedy decoding gives the same tokens (EOS excluded there).
-        let b = greedy_batch(&m.model, &[prompt.clone()], &[None], 24, &eos).unwrap();
+        let b = greedy_batch(&m.model, std::slice::from_ref(&prompt), &[None], 24, &eos).unwrap();
         let want_no_eos: Vec<u32> = want.iter().copied().filter(|t| !eos.contains(t)).collect();
         assert_eq!(b[0], want_no_eos);
     }

@@ -165,6 +165,7 @@ impl Kind {
     }
 
     /// One streamed chunk; `role` only on a chat stream's first chunk.
+    #[allow(clippy::too_many_arguments)] // the fields of OpenAI's chunk object
     pub fn chunk(
         self,
         id: &str,

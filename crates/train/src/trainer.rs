@@ -97,7 +97,8 @@ fn one() -> usize {
     1
 }
 
-/// The trainable side of a run.
+/// The trainable side of a run. One per trainer, so the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 enum Trainable {
     Lora { adapter: Adapter, set: AdapterSet },
     Full,

@@ -28,7 +28,7 @@ fn snapshot(lm: &LoadedModel) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
-fn data(dir: &PathBuf) -> PathBuf {
+fn data(dir: &std::path::Path) -> PathBuf {
     let mut s = String::new();
     for i in 0..16 {
         s.push_str(&serde_json::json!({"prompt": format!("Repeat after me: {i}"), "completion": format!(" {i} {i} {i}")}).to_string());

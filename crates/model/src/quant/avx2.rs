@@ -167,7 +167,7 @@ unsafe fn tile<const R: usize, const K: usize, const SIGN: bool, const NIB: bool
                     let pp = qb.add((g / 2) * TILE * 4);
                     let v0 = _mm256_loadu_si256(pp as *const __m256i);
                     let v1 = _mm256_loadu_si256(pp.add(32) as *const __m256i);
-                    if g % 2 == 0 {
+                    if g.is_multiple_of(2) {
                         (_mm256_and_si256(v0, low), _mm256_and_si256(v1, low))
                     } else {
                         (
@@ -256,7 +256,7 @@ unsafe fn tile<const R: usize, const K: usize, const SIGN: bool, const NIB: bool
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn tile_span_into(w: &QMatrix, t: usize, i0: usize, ni: usize, rows: &mut [f32]) {
     let n = rows.len() / ni;
-    debug_assert!(n <= TILE && rows.len() == n * ni && i0 % QK == 0);
+    debug_assert!(n <= TILE && rows.len() == n * ni && i0.is_multiple_of(QK));
     let end = (i0 + ni).min(w.inp);
     let out = rows.as_mut_ptr();
     let low = _mm256_set1_epi32(0x0F);

@@ -53,6 +53,10 @@ const NR_PORTABLE: usize = 8;
 /// Rows per parallel work unit (bounds the activation bytes re-read per weight tile).
 const ROW_BLOCK: usize = 64;
 
+/// One GGUF tensor for [`QMatrix::from_gguf_blocks`]: its raw blocks, its rows, and for each
+/// output row the file row it comes from (when the rows are permuted).
+pub type GgufPart<'a> = (&'a [u8], usize, Option<&'a [usize]>);
+
 /// An [out, in] weight in 8-bit blocks, packed for the kernel:
 /// `q[tile][block][group of 4 inputs][16 outputs][4]`, `d`, `m`: `[tile][block][16]`.
 #[derive(Debug, Clone)]
@@ -139,14 +143,14 @@ impl QMatrix {
     /// GGUF readers dequantize them, exactly as the f32 weights of the same file would be.
     pub fn from_gguf_blocks(
         fmt: BlockFormat,
-        parts: &[(&[u8], usize, Option<&[usize]>)],
+        parts: &[GgufPart<'_>],
         inp: usize,
         bits: Bits,
     ) -> Result<QMatrix> {
         let nb = inp / QK;
         let bytes = fmt.bytes();
         let bad = |msg: String| Err(ModelError::Invalid(format!("{fmt:?} pack: {msg}")));
-        if inp == 0 || inp % QK != 0 {
+        if inp == 0 || !inp.is_multiple_of(QK) {
             return bad(format!("{inp} inputs are not whole blocks of {QK}"));
         }
         for (raw, rows, map) in parts {
