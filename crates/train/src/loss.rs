@@ -218,15 +218,21 @@ fn head_chunks(
             .par_chunks_mut(v)
             .zip(tg.par_iter())
             .map(|(row, &t)| {
-                // f32 exp (one per logit), f64 sums: the log-sum-exp stays accurate to ~1e-7.
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                // f32 exp (one per logit, vectorized), f64 sums: the log-sum-exp stays
+                // accurate to ~1e-7.
+                let (max, finite) = row.iter().fold((f32::NEG_INFINITY, true), |(m, f), &x| {
+                    (m.max(x), f & x.is_finite())
+                });
                 let target = row[t as usize];
-                let mut sum = 0f64;
-                for x in row.iter_mut() {
-                    let e = (*x - max).exp();
-                    *x = e;
-                    sum += e as f64;
-                }
+                let sum = match finite {
+                    true => lowrank_model::ops::exp_shifted_in_place(row, max),
+                    // A non-finite logit: libm's exp, so that NaN and ∞ reach the loss as they
+                    // are (the vector exp clamps its argument).
+                    false => row.iter_mut().fold(0f64, |s, x| {
+                        *x = (*x - max).exp();
+                        s + *x as f64
+                    }),
+                };
                 let lse = max as f64 + sum.ln();
                 if want_grad {
                     let k = (grad_scale / sum) as f32;

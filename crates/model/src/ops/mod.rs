@@ -29,7 +29,8 @@ mod rows;
 pub use fused::{block_probs, block_softmax, silu_mul, silu_mul_bwd, softmax_bwd};
 pub use lora::{lora_gathered, LoraRows};
 pub use rows::{
-    attention_kernel_name, attention_rows, supported_attention_kernels, AttnItem, AttnKernel,
+    attention_kernel_name, attention_rows, exp_shifted_in_place, supported_attention_kernels,
+    AttnItem, AttnKernel,
 };
 
 /// max |t| over every element (tests compare tensors by it).

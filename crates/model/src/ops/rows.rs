@@ -405,6 +405,22 @@ pub(crate) fn exp_affine(dst: &mut [f32], src: &[f32], a: f32, b: f32) -> f32 {
     }
 }
 
+/// row[j] = e^(row[j] − shift) in place, for shift ≥ max(row) (a softmax row); returns
+/// Σ row[j] summed in f64 (per 1024 values, then across them). The vector exp of [`exp_affine`], through an
+/// L1-resident copy of 1024 values at a time. The training loss exponentiates 49152 logits per
+/// token with it: with libm's scalar `expf` that was 2.5 % of an f32 step on an AVX2 CPU.
+pub fn exp_shifted_in_place(row: &mut [f32], shift: f32) -> f64 {
+    let mut tmp = [0f32; 1024];
+    let mut sum = 0f64;
+    for c in row.chunks_mut(tmp.len()) {
+        let t = &mut tmp[..c.len()];
+        t.copy_from_slice(c);
+        exp_affine(c, t, 1.0, -shift);
+        sum += c.iter().map(|&e| e as f64).sum::<f64>();
+    }
+    sum
+}
+
 /// The attention kernel this process uses: `"avx512"`, `"avx2"` or `"portable"`.
 pub fn attention_kernel_name() -> &'static str {
     AttnKernel::detect().name()
@@ -670,7 +686,8 @@ mod attention_tests {
             }
             out
         }
-        let kernels: [(AttnKernel, unsafe fn(&[f32; 16]) -> [f32; 16]); 2] =
+        type Run16 = unsafe fn(&[f32; 16]) -> [f32; 16];
+        let kernels: [(AttnKernel, Run16); 2] =
             [(AttnKernel::Avx512, run512), (AttnKernel::Avx2, run256)];
         let mut ran = 0;
         for (k, run) in kernels {
@@ -736,6 +753,32 @@ mod attention_tests {
                     k.name()
                 );
             }
+        }
+    }
+
+    /// The loss's in-place exp over rows longer than its 1024-value copy (and with every kind
+    /// of tail): each value within f32 exp accuracy of f64's, the f64 sum the values' own.
+    #[test]
+    fn shifted_exp_in_place_covers_long_rows() {
+        for n in [1, 7, 1023, 1024, 1025, 3000, 49152] {
+            let row: Vec<f32> = (0..n).map(|i| ((i * 7919) % 613) as f32 * -0.031).collect();
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut got = row.clone();
+            let sum = super::exp_shifted_in_place(&mut got, max);
+            let mut want_sum = 0f64;
+            for (i, (g, x)) in got.iter().zip(&row).enumerate() {
+                let want = (*x as f64 - max as f64).exp();
+                assert!(
+                    (*g as f64 - want).abs() <= 4e-7 * want,
+                    "n={n} [{i}]: {g} vs {want}"
+                );
+                want_sum += *g as f64;
+            }
+            // The values' own sum in f64 (per 1024-value chunk, then across chunks).
+            assert!(
+                (sum - want_sum).abs() <= 1e-13 * want_sum,
+                "n={n}: sum {sum} vs {want_sum}"
+            );
         }
     }
 
