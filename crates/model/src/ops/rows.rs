@@ -761,7 +761,10 @@ mod attention_tests {
     #[test]
     fn shifted_exp_in_place_covers_long_rows() {
         for n in [1, 7, 1023, 1024, 1025, 3000, 49152] {
-            let row: Vec<f32> = (0..n).map(|i| ((i * 7919) % 613) as f32 * -0.031).collect();
+            // Logits of both signs, so the shift (the row's max) is not zero.
+            let row: Vec<f32> = (0..n)
+                .map(|i| 3.7 - ((i * 7919) % 613) as f32 * 0.031)
+                .collect();
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut got = row.clone();
             let sum = super::exp_shifted_in_place(&mut got, max);
