@@ -22,6 +22,7 @@ use crate::attention::{train_attention_bwd, ATTN_BLOCK};
 use crate::error::{ModelError, Result};
 use crate::model::{dropout_mask, AdapterSet, ForwardOpts, Llama, LogitsMode, SeqInput};
 use crate::ops;
+use crate::ops::gemm::{matmul_frozen, BLayout};
 
 /// Gradients of one LoRA module: dA [r, in], dB [out, r].
 pub struct LoraGrads {
@@ -379,7 +380,7 @@ impl Tape {
                     [one] => (*one).clone(),
                     _ => Tensor::cat(dys, 1)?,
                 };
-                Ok(dy.matmul(&w)?) // [N, in]
+                Ok(matmul_frozen(&dy, &w, BLayout::Rows)?) // [N, in]
             };
             // Input gradient of one projection (dY·W₀ unless `int8` adds it per pack, plus the
             // LoRA path), recording dA/dB.
@@ -392,7 +393,7 @@ impl Tape {
                 let needed = l > 0 || !matches!(t, Target::Q | Target::K | Target::V);
                 // dY·W₀: [N, in]
                 let mut dxp = if needed && !int8 {
-                    Some(dy.matmul(lw.linear(t))?)
+                    Some(matmul_frozen(dy, lw.linear(t), BLayout::Rows)?)
                 } else {
                     None
                 };

@@ -424,7 +424,11 @@ impl Llama {
         }
         self.require_f32("the f32 LM head")?;
         let w = self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed);
-        Ok(dlogits.matmul(w)?)
+        Ok(ops::gemm::matmul_frozen(
+            dlogits,
+            w,
+            ops::gemm::BLayout::Rows,
+        )?)
     }
 
     /// The decoder up to (and including) the final norm: [N, H] over all sequences' new tokens.
@@ -891,7 +895,7 @@ fn head_input_grad_packed(dlogits: &Tensor, w: &quant::QMatrix) -> Result<Tensor
         let vc = VOCAB_CHUNK.min(v - v0);
         let wc = Tensor::from_vec(w.dequantize_rows(v0, vc)?, (vc, h), dlogits.device())?;
         let pc = dlogits.narrow(1, v0, vc)?.contiguous()?; // [n, vc]
-        let g = pc.matmul(&wc)?; // [n, H]
+        let g = ops::gemm::matmul_frozen(&pc, &wc, ops::gemm::BLayout::Rows)?; // [n, H]
         acc = Some(match acc {
             None => g,
             Some(a) => (a + g)?,

@@ -13,6 +13,7 @@ use std::path::Path;
 use candle_core::{Tensor, D};
 use lowrank_lora::Adapter;
 use lowrank_model::model::AdapterSet;
+use lowrank_model::ops::gemm::{matmul_frozen, BLayout};
 use lowrank_model::{ForwardOpts, Llama, LoadedModel, LogitsMode, SeqInput};
 use rayon::prelude::*;
 
@@ -203,7 +204,7 @@ fn head_chunks(
         let n = chunk.min(m - start);
         let hc = hd.narrow(0, start, n)?; // [n, H]
         let logits = match &wd {
-            Some(wd) => hc.matmul(&wd.t()?)?,
+            Some(wd) => matmul_frozen(&hc, wd, BLayout::Cols)?,
             None if want_grad => model.lm_head_train(&hc)?,
             None => model.lm_head(&hc)?,
         }; // [n, V]
@@ -248,7 +249,7 @@ fn head_chunks(
         if want_grad {
             let p = Tensor::from_vec(data, (n, v), hd.device())?; // dL/dlogits [n, V]
             grads.push(match &wd {
-                Some(wd) => p.matmul(wd)?,
+                Some(wd) => matmul_frozen(&p, wd, BLayout::Rows)?,
                 None => model.lm_head_input_grad(&p)?,
             }); // dL/dh [n, H]
             if want_dw {

@@ -23,6 +23,7 @@ mod attn256;
 #[cfg(target_arch = "x86_64")]
 mod attn512;
 mod fused;
+pub mod gemm;
 mod lora;
 mod rows;
 
@@ -93,7 +94,7 @@ impl CustomOp1 for FrozenLinear {
         let dims = g.dims().to_vec();
         let out = dims[dims.len() - 1];
         let rows = g.elem_count() / out;
-        let dx = g.reshape((rows, out))?.matmul(&self.w)?;
+        let dx = gemm::matmul_frozen(&g.reshape((rows, out))?, &self.w, gemm::BLayout::Rows)?;
         let mut new_dims = dims;
         let last = new_dims.len() - 1;
         new_dims[last] = self.w.dim(1)?;
@@ -147,7 +148,9 @@ pub fn plain_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let inp = dims[dims.len() - 1];
     let rows = x.elem_count() / inp;
     let x2 = x.reshape((rows, inp))?;
-    let y = if rows == 1 || rows > SMALL_BATCH {
+    let y = if rows > SMALL_BATCH {
+        gemm::matmul_frozen(&x2, w, gemm::BLayout::Cols)?
+    } else if rows == 1 {
         x2.matmul(&w.t()?)?
     } else {
         // (W·xᵀ)ᵀ rather than x·Wᵀ for a few rows (batched decode): the gemm crate repacks its

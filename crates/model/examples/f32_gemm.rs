@@ -1,0 +1,87 @@
+//! The f32 products of a training step (SmolLM2-135M, 4 × 128 tokens): candle's matmul
+//! against `ops::gemm`'s AVX2 kernel, per shape, GFLOP/s and max relative difference.
+//!
+//! `cargo run --release -p lowrank-model --example f32_gemm`
+//! (`RAYON_NUM_THREADS=1 CANDLE_NUM_THREADS=1` for one core).
+
+use candle_core::{Device, Tensor};
+use lowrank_model::ops::gemm::{gemm_avx2, BLayout};
+use std::time::Instant;
+
+fn secs(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let s = Instant::now();
+    for _ in 0..reps {
+        f();
+    }
+    s.elapsed().as_secs_f64() / reps as f64
+}
+
+fn main() {
+    let d = Device::Cpu;
+    let r = |s: &[usize]| Tensor::randn(0f32, 1f32, s, &d).unwrap();
+    let (h, i, kv, v) = (576, 1536, 192, 49152);
+    // (name, m, k, n, layout): forward x·Wᵀ (W [n, k]) and backward dY·W (W [k, n]).
+    let shapes = [
+        ("fwd q/o", 512, h, h, BLayout::Cols),
+        ("fwd k/v", 512, h, kv, BLayout::Cols),
+        ("fwd gate/up", 512, h, i, BLayout::Cols),
+        ("fwd down", 512, i, h, BLayout::Cols),
+        ("bwd q/o", 512, h, h, BLayout::Rows),
+        ("bwd k/v", 512, kv, h, BLayout::Rows),
+        ("bwd gate/up", 512, i, h, BLayout::Rows),
+        ("bwd down", 512, h, i, BLayout::Rows),
+        ("head fwd", 128, h, v, BLayout::Cols),
+        ("head bwd", 128, v, h, BLayout::Rows),
+    ];
+    let (mut tc, mut to) = (0.0, 0.0);
+    let only = std::env::var("SHAPE").ok();
+    let reps_env: Option<usize> = std::env::var("REPS").ok().and_then(|v| v.parse().ok());
+    for (name, m, k, n, layout) in shapes {
+        if only.as_deref().is_some_and(|o| !name.contains(o)) {
+            continue;
+        }
+        let a = r(&[m, k]);
+        let w = match layout {
+            BLayout::Cols => r(&[n, k]),
+            BLayout::Rows => r(&[k, n]),
+        };
+        let wt = match layout {
+            BLayout::Cols => w.t().unwrap(),
+            BLayout::Rows => w.clone(),
+        };
+        let reps = reps_env.unwrap_or(if n > 10000 || k > 10000 { 3 } else { 20 });
+        let sc = secs(reps, || {
+            let _ = a.matmul(&wt).unwrap();
+        });
+        let av = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let wv = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut c = vec![0f32; m * n];
+        let so = secs(reps, || gemm_avx2(m, n, k, &av, &wv, layout, &mut c));
+        let refc = a
+            .matmul(&wt)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let diff = c
+            .iter()
+            .zip(&refc)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        let fl = 2.0 * (m * k * n) as f64;
+        println!(
+            "{name:12} {m:4}x{k:5}x{n:5}  candle {:7.2} ms {:6.1} GF/s   avx2 {:7.2} ms {:6.1} GF/s  ({:.2}x)  max|diff| {diff:.2e}",
+            sc * 1e3,
+            fl / sc / 1e9,
+            so * 1e3,
+            fl / so / 1e9,
+            sc / so
+        );
+        let count = if name.starts_with("head") { 4.0 } else { 30.0 };
+        tc += sc * count;
+        to += so * count;
+    }
+    println!("one of each per layer (30) + 4 head chunks: candle {tc:.3} s, avx2 {to:.3} s");
+}

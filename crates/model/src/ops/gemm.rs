@@ -1,0 +1,632 @@
+//! f32 matrix products with a frozen weight on AVX2 + FMA: C = A·B, B a row-major weight
+//! read either as it is (`dX = dY·W`) or transposed (`y = x·Wᵀ`).
+//!
+//! Why our own: an f32 training step is ≈ 91–95 % such products, and candle's gemm (the
+//! `gemm` crate) reached 55–75 % of one core's FMA peak on them on an AVX2-only AMD EPYC and
+//! 1.6× that on two cores (`cargo run --release -p lowrank-model --example step_gemms`).
+//! This is the usual blocked design (Goto / BLIS): a 6 × 16 register tile of twelve ymm
+//! accumulators, the weight packed a KC × NC block at a time into 16-column panels shared by
+//! the threads, the activations packed per thread into 6-row panels, the threads splitting
+//! C's rows. Packing copies each operand once per call (B) or once per NC block (A), which
+//! is small next to 2·m·k·n FLOPs for the shapes training has (m ≥ 128 rows).
+//!
+//! Results are not bitwise equal to candle's (another summation order); tests bound the
+//! difference against an f64 product. `LOWRANK_F32_GEMM=candle|avx2` forces a path.
+
+use candle_core::{DType, Tensor};
+use rayon::prelude::*;
+
+/// Rows of x from which [`matmul_frozen`] runs [`gemm_avx2`]: with fewer, repacking the
+/// weight on every call costs more than the product (decoding a few rows takes candle's
+/// path, see `ops::plain_linear`).
+pub const MIN_ROWS: usize = 64;
+
+/// Rows of C one micro-kernel call computes.
+const MR: usize = 6;
+/// Columns of C one micro-kernel call computes (two ymm registers).
+const NR: usize = 16;
+/// Depth of one packed block: a 16-column panel of B (16 KiB) stays in L1.
+const KC: usize = 320;
+/// Rows of A one pass over a packed block takes: 120 × 256 × 4 = 120 KiB stays in L2
+/// while the panels of B go by.
+const MC: usize = 144;
+/// Columns of B packed at a time (per thread): 256 × 1024 × 4 = 1 MiB, in L3.
+const NC: usize = 1024;
+
+/// How B is stored: a row-major weight W read as B = W (`Rows`: B[k][n] = w[k·n_dim + n])
+/// or as B = Wᵀ (`Cols`: B[k][n] = w[n·k_dim + k]).
+#[derive(Clone, Copy, Debug)]
+pub enum BLayout {
+    Rows,
+    Cols,
+}
+
+/// The f32 product path: chosen once per process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmKernel {
+    /// candle's matmul (the `gemm` crate; its own AVX-512 path where the CPU has one).
+    Candle,
+    /// This module's AVX2 + FMA kernel.
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+impl GemmKernel {
+    pub fn name(self) -> &'static str {
+        match self {
+            GemmKernel::Candle => "candle",
+            #[cfg(target_arch = "x86_64")]
+            GemmKernel::Avx2 => "avx2",
+        }
+    }
+
+    fn supported(self) -> bool {
+        match self {
+            GemmKernel::Candle => true,
+            #[cfg(target_arch = "x86_64")]
+            GemmKernel::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+        }
+    }
+
+    /// The default on this CPU: AVX2 where it runs and the CPU has no AVX-512 (there the
+    /// `gemm` crate's 16-wide kernels have twice the lanes), else candle.
+    fn auto() -> GemmKernel {
+        #[cfg(target_arch = "x86_64")]
+        if GemmKernel::Avx2.supported() && !is_x86_feature_detected!("avx512f") {
+            return GemmKernel::Avx2;
+        }
+        GemmKernel::Candle
+    }
+
+    /// The choice from `LOWRANK_F32_GEMM`'s value, with the warning to print, if any.
+    fn choose(forced: Option<&str>) -> (GemmKernel, Option<String>) {
+        let auto = GemmKernel::auto();
+        let pick = match forced.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+            None | Some("") | Some("auto") => return (auto, None),
+            Some("candle") => Some(GemmKernel::Candle),
+            #[cfg(target_arch = "x86_64")]
+            Some("avx2") => Some(GemmKernel::Avx2),
+            _ => None,
+        };
+        match pick {
+            Some(k) if k.supported() => (k, None),
+            Some(k) => (
+                auto,
+                Some(format!(
+                    "LOWRANK_F32_GEMM={}: this CPU cannot run it; using {}",
+                    k.name(),
+                    auto.name()
+                )),
+            ),
+            None => (
+                auto,
+                Some(format!(
+                    "LOWRANK_F32_GEMM={}: unknown (candle, avx2); using {}",
+                    forced.unwrap_or_default(),
+                    auto.name()
+                )),
+            ),
+        }
+    }
+
+    /// This process's path, decided once (`LOWRANK_F32_GEMM=candle|avx2` forces one; a
+    /// path the CPU cannot run or an unknown name prints one warning and the default runs).
+    pub fn detect() -> GemmKernel {
+        static K: std::sync::OnceLock<GemmKernel> = std::sync::OnceLock::new();
+        *K.get_or_init(|| {
+            let forced = std::env::var("LOWRANK_F32_GEMM").ok();
+            let (k, warning) = GemmKernel::choose(forced.as_deref());
+            if let Some(w) = warning {
+                eprintln!("lowrank: warning: {w}");
+            }
+            k
+        })
+    }
+}
+
+/// x·Wᵀ (`Cols`: W [n, k]) or x·W (`Rows`: W [k, n]) for x [m, k] and a frozen f32 weight
+/// W, on this process's f32 path ([`GemmKernel::detect`]). candle's matmul takes other
+/// devices and dtypes, a non-contiguous W, fewer than [`MIN_ROWS`] rows, and mismatched
+/// shapes (whose error it reports). x: [m, k] → [m, n]
+pub fn matmul_frozen(x: &Tensor, w: &Tensor, layout: BLayout) -> candle_core::Result<Tensor> {
+    #[cfg(target_arch = "x86_64")]
+    if GemmKernel::detect() == GemmKernel::Avx2 {
+        if let Some(y) = matmul_avx2(x, w, layout)? {
+            return Ok(y);
+        }
+    }
+    match layout {
+        BLayout::Cols => x.matmul(&w.t()?),
+        BLayout::Rows => x.matmul(w),
+    }
+}
+
+/// [`matmul_frozen`] on [`gemm_avx2`], or `None` where candle's path must take it.
+#[cfg(target_arch = "x86_64")]
+fn matmul_avx2(x: &Tensor, w: &Tensor, layout: BLayout) -> candle_core::Result<Option<Tensor>> {
+    let plain = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && t.rank() == 2;
+    if !plain(x) || !plain(w) || !w.is_contiguous() || x.dim(0)? < MIN_ROWS {
+        return Ok(None);
+    }
+    let (m, k) = x.dims2()?;
+    let (n, kw) = match layout {
+        BLayout::Cols => w.dims2()?,
+        BLayout::Rows => {
+            let (kw, n) = w.dims2()?;
+            (n, kw)
+        }
+    };
+    if kw != k {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    // Not zero-filled first: the product writes every element (a memset of each output
+    // was ≈ 3 % of a training step).
+    let mut c: Vec<f32> = Vec::with_capacity(m * n);
+    {
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (Some(xv), Some(wv)) = (super::f32s(&xs), super::f32s(&ws)) else {
+            return Ok(None);
+        };
+        let xv = &xv[xl.start_offset()..][..m * k];
+        let wv = &wv[wl.start_offset()..][..k * n];
+        // SAFETY: c has room for m·n floats, and gemm_raw writes each of them.
+        unsafe {
+            gemm_raw(m, n, k, xv, wv, layout, c.as_mut_ptr());
+            c.set_len(m * n);
+        }
+    }
+    Ok(Some(Tensor::from_vec(c, (m, n), x.device())?))
+}
+
+/// C [m, n] = A [m, k] · B [k, n], A and C row-major and contiguous, B = `w` read by
+/// `layout`. Runs on the current rayon pool. Panics if a slice is shorter than its shape
+/// (callers pass tensors' own buffers) or if the CPU lacks AVX2 + FMA.
+///
+/// The threads split C's columns (whole 16-column panels): each packs only its own panels
+/// of B, so no thread waits for another's packing. A is read in place, six rows at a time.
+#[cfg(target_arch = "x86_64")]
+pub fn gemm_avx2(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    w: &[f32],
+    layout: BLayout,
+    c: &mut [f32],
+) {
+    assert!(c.len() >= m * n);
+    // SAFETY: c holds m·n floats.
+    unsafe { gemm_raw(m, n, k, a, w, layout, c.as_mut_ptr()) }
+}
+
+/// [`gemm_avx2`] into m·n floats at `c`, each written (none read), so `c` may be
+/// uninitialised.
+///
+/// # Safety
+/// `c` points at m·n writable floats that nothing else accesses during the call.
+#[cfg(target_arch = "x86_64")]
+unsafe fn gemm_raw(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    w: &[f32],
+    layout: BLayout,
+    c: *mut f32,
+) {
+    assert!(GemmKernel::Avx2.supported(), "gemm_avx2 needs AVX2 + FMA");
+    assert!(a.len() >= m * k && w.len() >= k * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        std::ptr::write_bytes(c, 0, m * n);
+        return;
+    }
+    let panels = n.div_ceil(NR);
+    let threads = rayon::current_num_threads().clamp(1, panels);
+    let cp = SendPtr(c);
+    (0..threads).into_par_iter().for_each(|t| {
+        let (p0, p1) = (panels * t / threads, panels * (t + 1) / threads);
+        let mut buf = Aligned::new(KC.div_ceil(8) * 8 * NC);
+        let cp = &cp;
+        for jc in (p0 * NR..(p1 * NR).min(n)).step_by(NC) {
+            let nc = NC.min(p1 * NR - jc).min(n - jc);
+            for (pc, kc) in even_blocks(k, KC, 8) {
+                let bp = buf.slice(nc.div_ceil(NR) * NR * kc);
+                // SAFETY: AVX2 + FMA asserted above.
+                unsafe { pack_block(w, layout, k, n, pc, kc, jc, nc, bp) };
+                let bp: &[f32] = bp;
+                for (ic, mc) in even_blocks(m, MC, MR) {
+                    for (jp, panel) in bp.chunks_exact(NR * kc).enumerate() {
+                        let j = jc + jp * NR;
+                        let nr = NR.min(n - j);
+                        for i in (ic..ic + mc).step_by(MR) {
+                            let mr = MR.min(ic + mc - i);
+                            // SAFETY: AVX2 + FMA asserted above; A's rows i..i+mr hold k
+                            // floats from column pc + kc ≤ k on; the panel holds kc × 16
+                            // floats from a 64-byte boundary (kc·16 floats apart); C's tile
+                            // (rows i..i+mr, columns j..j+nr, stride n) lies inside c and
+                            // inside this thread's columns, which no other thread writes.
+                            unsafe {
+                                kernel_6x16(
+                                    kc,
+                                    a.as_ptr().add(i * k + pc),
+                                    k,
+                                    panel,
+                                    cp.0.add(i * n + j),
+                                    n,
+                                    mr,
+                                    nr,
+                                    pc > 0,
+                                )
+                            };
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// `len` cut into the fewest blocks of at most `max`, as even as whole multiples of `unit`
+/// make them (a last short block of 64 after two of 256 would run the kernel at a fraction
+/// of its speed): (start, length) pairs.
+fn even_blocks(len: usize, max: usize, unit: usize) -> impl Iterator<Item = (usize, usize)> {
+    let count = len.div_ceil(max).max(1);
+    let size = len.div_ceil(count).div_ceil(unit) * unit;
+    (0..len)
+        .step_by(size.max(1))
+        .map(move |s| (s, size.min(len - s)))
+}
+
+/// C's base pointer, shared by threads that write disjoint columns.
+struct SendPtr(*mut f32);
+// SAFETY: the threads of `gemm_avx2` write disjoint column ranges of C through it, and the
+// parallel loop ends before the borrow of C does.
+unsafe impl Sync for SendPtr {}
+
+/// A reusable f32 buffer whose slices start on a 64-byte boundary (the kernel's aligned
+/// loads need 32).
+struct Aligned(Vec<f32>);
+
+impl Aligned {
+    fn new(len: usize) -> Aligned {
+        Aligned(vec![0.0; len + 16])
+    }
+    fn slice(&mut self, len: usize) -> &mut [f32] {
+        let off = self.0.as_ptr().align_offset(64).min(15);
+        &mut self.0[off..off + len]
+    }
+}
+
+/// Packs B's rows pc..pc+kc, columns j0..j0+nc into 16-column panels of kc × 16 floats
+/// each, one after the other: panel p holds dst[p·16·kc + kk·16 + jj] = B[pc+kk][j0+16p+jj],
+/// zero past column j0 + nc.
+///
+/// # Safety
+/// The CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pack_block(
+    w: &[f32],
+    layout: BLayout,
+    k: usize,
+    n: usize,
+    pc: usize,
+    kc: usize,
+    j0: usize,
+    nc: usize,
+    dst: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    match layout {
+        BLayout::Rows => {
+            // Row by row: each of B's rows is read front to back (the weight comes from
+            // memory, and a sequential stream is what the prefetchers follow best).
+            for kk in 0..kc {
+                let row = &w[(pc + kk) * n + j0..][..nc];
+                for (p, src) in row.chunks(NR).enumerate() {
+                    let d = &mut dst[(p * kc + kk) * NR..][..NR];
+                    if src.len() == NR {
+                        _mm256_storeu_ps(d.as_mut_ptr(), _mm256_loadu_ps(src.as_ptr()));
+                        _mm256_storeu_ps(d[8..].as_mut_ptr(), _mm256_loadu_ps(src[8..].as_ptr()));
+                    } else {
+                        d[..src.len()].copy_from_slice(src);
+                        d[src.len()..].fill(0.0);
+                    }
+                }
+            }
+        }
+        BLayout::Cols => {
+            // B[k][j] = W[j][k]: 8 × 8 blocks of W's rows transposed in registers.
+            let full = kc / 8 * 8;
+            for (p, panel) in dst.chunks_exact_mut(NR * kc).enumerate() {
+                let nr = NR.min(nc - p * NR);
+                for h in 0..2 {
+                    let rows: [Option<&[f32]>; 8] = std::array::from_fn(|r| {
+                        let jj = h * 8 + r;
+                        (jj < nr).then(|| &w[(j0 + p * NR + jj) * k + pc..][..kc])
+                    });
+                    for kb in (0..full).step_by(8) {
+                        let r = rows.map(|row| match row {
+                            Some(s) => _mm256_loadu_ps(s[kb..].as_ptr()),
+                            None => _mm256_setzero_ps(),
+                        });
+                        for (kk, v) in transpose8(r).into_iter().enumerate() {
+                            _mm256_storeu_ps(panel[(kb + kk) * NR + h * 8..].as_mut_ptr(), v);
+                        }
+                    }
+                    for kk in full..kc {
+                        for (r, row) in rows.iter().enumerate() {
+                            panel[kk * NR + h * 8 + r] = row.map_or(0.0, |s| s[kk]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The transpose of an 8 × 8 block held as eight rows: out[i][r] = rows[r][i].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn transpose8(r: [std::arch::x86_64::__m256; 8]) -> [std::arch::x86_64::__m256; 8] {
+    use std::arch::x86_64::*;
+    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    [
+        _mm256_permute2f128_ps::<0x20>(u0, u4),
+        _mm256_permute2f128_ps::<0x20>(u1, u5),
+        _mm256_permute2f128_ps::<0x20>(u2, u6),
+        _mm256_permute2f128_ps::<0x20>(u3, u7),
+        _mm256_permute2f128_ps::<0x31>(u0, u4),
+        _mm256_permute2f128_ps::<0x31>(u1, u5),
+        _mm256_permute2f128_ps::<0x31>(u2, u6),
+        _mm256_permute2f128_ps::<0x31>(u3, u7),
+    ]
+}
+
+/// C[0..mr, 0..nr] (row stride ldc) = (C if `add` else 0) + A[0..mr, 0..kc]·B, A read in
+/// place (row stride lda), B a packed kc × 16 panel. Rows past mr repeat row mr − 1 (their
+/// results are dropped), so A is never read past its last row.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `a` points at mr ≥ 1 rows of kc readable floats, `lda` apart;
+/// `b` holds kc·16 floats from a 32-byte boundary; `c` points at mr ≤ 6 rows of nr ≤ 16
+/// writable floats, `ldc` apart.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_6x16(
+    kc: usize,
+    a: *const f32,
+    lda: usize,
+    b: &[f32],
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    nr: usize,
+    add: bool,
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(b.len() >= kc * NR && (1..=MR).contains(&mr) && nr <= NR);
+    let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+    let rows: [*const f32; MR] = std::array::from_fn(|i| a.add(i.min(mr - 1) * lda));
+    // C's tile is read (or written) only after the loop: start bringing its lines in now.
+    for i in 0..mr {
+        _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc + NR - 1) as *const i8);
+    }
+    let mut pb = b.as_ptr();
+    for kk in 0..kc {
+        let b0 = _mm256_load_ps(pb);
+        let b1 = _mm256_load_ps(pb.add(8));
+        for (row, &pa) in acc.iter_mut().zip(&rows) {
+            let ai = _mm256_broadcast_ss(&*pa.add(kk));
+            row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
+            row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
+        }
+        pb = pb.add(NR);
+    }
+    if mr == MR && nr == NR {
+        for (i, row) in acc.iter().enumerate() {
+            let p = c.add(i * ldc);
+            let (mut v0, mut v1) = (row[0], row[1]);
+            if add {
+                v0 = _mm256_add_ps(v0, _mm256_loadu_ps(p));
+                v1 = _mm256_add_ps(v1, _mm256_loadu_ps(p.add(8)));
+            }
+            _mm256_storeu_ps(p, v0);
+            _mm256_storeu_ps(p.add(8), v1);
+        }
+    } else {
+        let mut tmp = [0f32; MR * NR];
+        for (i, row) in acc.iter().enumerate() {
+            _mm256_storeu_ps(tmp.as_mut_ptr().add(i * NR), row[0]);
+            _mm256_storeu_ps(tmp.as_mut_ptr().add(i * NR + 8), row[1]);
+        }
+        for i in 0..mr {
+            let p = c.add(i * ldc);
+            for j in 0..nr {
+                let v = tmp[i * NR + j];
+                *p.add(j) = if add { *p.add(j) + v } else { v };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values of both signs in [-1, 1).
+    fn fill(len: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// C = A·B in f64, and Σ|a||b| per element (the scale of f32's accumulation error).
+    fn reference(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[f32],
+        w: &[f32],
+        l: BLayout,
+    ) -> Vec<(f64, f64)> {
+        let b = |kk: usize, j: usize| match l {
+            BLayout::Rows => w[kk * n + j],
+            BLayout::Cols => w[j * k + kk],
+        } as f64;
+        let mut c = Vec::with_capacity(m * n);
+        for i in 0..m {
+            for j in 0..n {
+                let (mut s, mut mag) = (0f64, 0f64);
+                for kk in 0..k {
+                    let p = a[i * k + kk] as f64 * b(kk, j);
+                    s += p;
+                    mag += p.abs();
+                }
+                c.push((s, mag));
+            }
+        }
+        c
+    }
+
+    /// Every element of the AVX2 product within f32 accumulation error of the f64 one, for
+    /// shapes whose edges fall inside a register tile (m % 6, n % 16), inside an 8-wide
+    /// transpose (k % 8), across depth blocks (k > KC, accumulated through C) and column
+    /// blocks (n > NC), in both layouts and on 1–3 threads (a thread's column range that
+    /// starts or ends mid-block). A wrong transpose, a lost depth block or a tile written
+    /// at the wrong place is off by O(1), far outside the bound.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_product_matches_f64_on_ragged_shapes() {
+        if !GemmKernel::Avx2.supported() {
+            eprintln!("skipped: this CPU has no AVX2 + FMA (nothing to test)");
+            return;
+        }
+        let shapes = [
+            (1, 1, 1),
+            (7, 17, 9),
+            (13, 33, 700),
+            (64, 48, 320),
+            (65, 1040, 37),
+            (130, 100, 641),
+            (6, 2100, 16),
+        ];
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for (m, n, k) in shapes {
+                for l in [BLayout::Rows, BLayout::Cols] {
+                    let a = fill(m * k, (m * 31 + k) as u64);
+                    let w = fill(k * n, (n * 17 + k) as u64);
+                    let mut c = vec![f32::NAN; m * n];
+                    pool.install(|| gemm_avx2(m, n, k, &a, &w, l, &mut c));
+                    for (idx, (got, (want, mag))) in
+                        c.iter().zip(reference(m, n, k, &a, &w, l)).enumerate()
+                    {
+                        let bound = 1e-6 * mag + 1e-30;
+                        assert!(
+                            (*got as f64 - want).abs() <= bound,
+                            "{m}×{n}×{k} {l:?} on {threads} threads: C[{}][{}] = {got}, f64 {want}",
+                            idx / n,
+                            idx % n
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// k = 0 is a zero matrix (C's old values gone), not whatever C held.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn empty_depth_writes_zeros() {
+        if !GemmKernel::Avx2.supported() {
+            eprintln!("skipped: this CPU has no AVX2 + FMA (nothing to test)");
+            return;
+        }
+        let mut c = vec![5f32; 12];
+        gemm_avx2(3, 4, 0, &[], &[], BLayout::Rows, &mut c);
+        assert_eq!(c, vec![0f32; 12]);
+    }
+
+    /// The tensor entry point gives candle's product (to accumulation error) on both paths
+    /// and both sides of MIN_ROWS, and falls back to candle (its error) on a shape mismatch.
+    #[test]
+    fn matmul_frozen_agrees_with_candle() {
+        let dev = candle_core::Device::Cpu;
+        for m in [MIN_ROWS - 1, MIN_ROWS + 7] {
+            let x = Tensor::new(fill(m * 40, 3), &dev)
+                .unwrap()
+                .reshape((m, 40))
+                .unwrap();
+            let w = Tensor::new(fill(24 * 40, 4), &dev)
+                .unwrap()
+                .reshape((24, 40))
+                .unwrap();
+            let want = x.matmul(&w.t().unwrap()).unwrap();
+            let got = matmul_frozen(&x, &w, BLayout::Cols).unwrap();
+            let d = (got - &want).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
+            let dy = Tensor::new(fill(m * 24, 5), &dev)
+                .unwrap()
+                .reshape((m, 24))
+                .unwrap();
+            let want = dy.matmul(&w).unwrap();
+            let got = matmul_frozen(&dy, &w, BLayout::Rows).unwrap();
+            let d = (got - &want).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
+            // x [m, 40] against W [24, 40] read as rows: k = 24 ≠ 40.
+            assert!(matmul_frozen(&x, &w, BLayout::Rows).is_err());
+        }
+    }
+
+    /// `LOWRANK_F32_GEMM`: the default, each forced path, and a warning for an unknown name.
+    #[test]
+    fn forced_paths_and_unknown_names() {
+        let auto = GemmKernel::auto();
+        assert_eq!(GemmKernel::choose(None), (auto, None));
+        assert_eq!(GemmKernel::choose(Some(" Auto ")), (auto, None));
+        assert_eq!(
+            GemmKernel::choose(Some("candle")),
+            (GemmKernel::Candle, None)
+        );
+        #[cfg(target_arch = "x86_64")]
+        if GemmKernel::Avx2.supported() {
+            assert_eq!(GemmKernel::choose(Some("AVX2")), (GemmKernel::Avx2, None));
+        }
+        let (k, w) = GemmKernel::choose(Some("mkl"));
+        assert_eq!(k, auto);
+        assert!(w.unwrap().contains("LOWRANK_F32_GEMM=mkl"));
+    }
+}
