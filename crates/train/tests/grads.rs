@@ -594,3 +594,104 @@ fn training_tape_grows_linearly_with_the_sequence() {
     );
     assert!(ck_largest <= t * h);
 }
+
+/// The child of [`f32_gemm_paths_agree_on_a_long_batch`] that it runs once per path.
+const GEMM_CHILD: &str = "f32_gemm_path_child";
+
+/// The f32 gemm paths (`LOWRANK_F32_GEMM=candle|avx2`) give the same loss and LoRA
+/// gradients, to f32 accumulation error, on batches long enough (≥ `ops::gemm::MIN_ROWS`
+/// rows) to take our AVX2 product in every frozen projection, its dX and the head: 149 and
+/// 75 tokens (a ragged last register tile; hidden 576 is two depth blocks, the vocabulary
+/// many column blocks). The PEFT case above is too short to reach it. Each path runs in
+/// its own process (the path is chosen once per process), writing what it computed.
+#[test]
+fn f32_gemm_paths_agree_on_a_long_batch() {
+    let avx2 = cfg!(target_arch = "x86_64")
+        && std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("fma");
+    if !avx2 {
+        eprintln!("skipped: this CPU runs only candle's f32 path (nothing to compare)");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("lowrank-gemm-paths-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |path: &str| -> std::collections::HashMap<String, Tensor> {
+        let file = dir.join(format!("{path}.safetensors"));
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([GEMM_CHILD, "--exact", "--ignored", "--nocapture"])
+            .env("LOWRANK_F32_GEMM", path)
+            .env("LOWRANK_GEMM_CHILD_OUT", &file)
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{path}: {log}");
+        assert!(
+            log.contains("1 passed"),
+            "{path}: the child did not run:\n{log}"
+        );
+        candle_core::safetensors::load(&file, &Device::Cpu).unwrap()
+    };
+    let (ours, candle) = (run("avx2"), run("candle"));
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(ours.len(), candle.len());
+    let l = |m: &std::collections::HashMap<String, Tensor>| m["loss"].to_vec1::<f64>().unwrap()[0];
+    let (lo, lc) = (l(&ours), l(&candle));
+    assert!(
+        ((lo - lc) / lc).abs() <= 1e-6,
+        "loss {lo} (avx2) vs {lc} (candle)"
+    );
+    let mut worst = 0f64;
+    for (name, want) in candle.iter().filter(|(n, _)| *n != "loss") {
+        let e = rel_frob(&ours[name], want);
+        worst = worst.max(e);
+        assert!(
+            e <= 1e-4,
+            "{name}: relative Frobenius error {e} between the paths"
+        );
+    }
+    eprintln!("loss {lo:.7} vs {lc:.7}; worst gradient difference {worst:.2e}");
+}
+
+#[test]
+#[ignore = "run in its own process by f32_gemm_paths_agree_on_a_long_batch"]
+fn f32_gemm_path_child() {
+    use lowrank_model::ops::gemm::GemmKernel;
+    let want = std::env::var("LOWRANK_F32_GEMM").unwrap();
+    assert_eq!(
+        GemmKernel::detect().name(),
+        want,
+        "the forced path did not run"
+    );
+    lowrank_model::init_threads_for(None, lowrank_model::Workload::Training);
+    let p = lowrank_model::fetch::ensure_default(false).unwrap();
+    let lm = LoadedModel::load(p.to_str().unwrap(), &Device::Cpu).unwrap();
+    let (adapter, _) = lowrank_model::adapters::load_adapter(
+        &lm.model,
+        &fixtures().join("smollm2-135m/peft_adapter"),
+        false,
+    )
+    .unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let sample = |len: usize, rng: &mut rand::rngs::StdRng| {
+        let ids: Vec<u32> = (0..len)
+            .map(|_| rand::Rng::random_range(rng, 0..49152u32))
+            .collect();
+        let labels = ids.iter().map(|&t| t as i64).collect();
+        Sample {
+            ids,
+            labels,
+            line: 1,
+        }
+    };
+    let (a, b) = (sample(149, &mut rng), sample(75, &mut rng));
+    let (nll, targets, grads) =
+        lora_batch_grads(&lm.model, &[&a, &b], &adapter, None, 1.0 / 224.0, false).unwrap();
+    let mut out: std::collections::HashMap<String, Tensor> = grads.into_iter().collect();
+    out.insert(
+        "loss".into(),
+        Tensor::new(&[nll / targets as f64], &Device::Cpu).unwrap(),
+    );
+    let file = std::env::var("LOWRANK_GEMM_CHILD_OUT").unwrap();
+    candle_core::safetensors::save(&out, file).unwrap();
+}

@@ -25,13 +25,13 @@ pub const MIN_ROWS: usize = 64;
 const MR: usize = 6;
 /// Columns of C one micro-kernel call computes (two ymm registers).
 const NR: usize = 16;
-/// Depth of one packed block: a 16-column panel of B (16 KiB) stays in L1.
+/// Depth of one packed block: a 16-column panel of B (20 KiB) stays in L1.
 const KC: usize = 320;
-/// Rows of A one pass over a packed block takes: 120 × 256 × 4 = 120 KiB stays in L2
-/// while the panels of B go by.
+/// Rows of A one pass over a packed block takes (144 × 320 × 4 = 180 KiB, from L2 or L3).
 const MC: usize = 144;
-/// Columns of B packed at a time (per thread): 256 × 1024 × 4 = 1 MiB, in L3.
-const NC: usize = 1024;
+/// Columns of B packed at a time (per thread): 320 × 256 × 4 = 320 KiB, written and read
+/// in L2 (a block of 1024 columns went to L3, and packing it was ≈ 2× slower).
+const NC: usize = 256;
 
 /// How B is stored: a row-major weight W read as B = W (`Rows`: B[k][n] = w[k·n_dim + n])
 /// or as B = Wᵀ (`Cols`: B[k][n] = w[n·k_dim + k]).
@@ -144,11 +144,54 @@ pub fn matmul_frozen(x: &Tensor, w: &Tensor, layout: BLayout) -> candle_core::Re
 /// [`matmul_frozen`] on [`gemm_avx2`], or `None` where candle's path must take it.
 #[cfg(target_arch = "x86_64")]
 fn matmul_avx2(x: &Tensor, w: &Tensor, layout: BLayout) -> candle_core::Result<Option<Tensor>> {
-    let plain = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && t.rank() == 2;
-    if !plain(x) || !plain(w) || !w.is_contiguous() || x.dim(0)? < MIN_ROWS {
+    if !(x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() == 2) {
         return Ok(None);
     }
     let (m, k) = x.dims2()?;
+    let x = x.contiguous()?;
+    let c = {
+        let (xs, xl) = x.storage_and_layout();
+        let Some(xv) = super::f32s(&xs) else {
+            return Ok(None);
+        };
+        product_avx2(&xv[xl.start_offset()..][..m * k], m, k, w, layout)?
+    };
+    c.map(|(c, n)| Tensor::from_vec(c, (m, n), x.device()))
+        .transpose()
+}
+
+/// x·Wᵀ or x·W (by `layout`) for x given as m rows of k floats, on this process's f32 path:
+/// the product's m·n floats and n, or `None` where candle's path must take it (another
+/// path, fewer than [`MIN_ROWS`] rows, W not a contiguous f32 CPU matrix with k on the
+/// product's inner side).
+pub fn product_f32(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &Tensor,
+    layout: BLayout,
+) -> candle_core::Result<Option<(Vec<f32>, usize)>> {
+    #[cfg(target_arch = "x86_64")]
+    if GemmKernel::detect() == GemmKernel::Avx2 {
+        return product_avx2(x, m, k, w, layout);
+    }
+    let _ = (x, m, k, w, layout);
+    Ok(None)
+}
+
+/// [`product_f32`] on [`gemm_avx2`].
+#[cfg(target_arch = "x86_64")]
+fn product_avx2(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &Tensor,
+    layout: BLayout,
+) -> candle_core::Result<Option<(Vec<f32>, usize)>> {
+    let plain = w.device().is_cpu() && w.dtype() == DType::F32 && w.rank() == 2;
+    if !plain || !w.is_contiguous() || m < MIN_ROWS || x.len() < m * k {
+        return Ok(None);
+    }
     let (n, kw) = match layout {
         BLayout::Cols => w.dims2()?,
         BLayout::Rows => {
@@ -159,25 +202,20 @@ fn matmul_avx2(x: &Tensor, w: &Tensor, layout: BLayout) -> candle_core::Result<O
     if kw != k {
         return Ok(None);
     }
-    let x = x.contiguous()?;
+    let (ws, wl) = w.storage_and_layout();
+    let Some(wv) = super::f32s(&ws) else {
+        return Ok(None);
+    };
+    let wv = &wv[wl.start_offset()..][..k * n];
     // Not zero-filled first: the product writes every element (a memset of each output
     // was ≈ 3 % of a training step).
     let mut c: Vec<f32> = Vec::with_capacity(m * n);
-    {
-        let (xs, xl) = x.storage_and_layout();
-        let (ws, wl) = w.storage_and_layout();
-        let (Some(xv), Some(wv)) = (super::f32s(&xs), super::f32s(&ws)) else {
-            return Ok(None);
-        };
-        let xv = &xv[xl.start_offset()..][..m * k];
-        let wv = &wv[wl.start_offset()..][..k * n];
-        // SAFETY: c has room for m·n floats, and gemm_raw writes each of them.
-        unsafe {
-            gemm_raw(m, n, k, xv, wv, layout, c.as_mut_ptr());
-            c.set_len(m * n);
-        }
+    // SAFETY: c has room for m·n floats, and gemm_raw writes each of them.
+    unsafe {
+        gemm_raw(m, n, k, &x[..m * k], wv, layout, c.as_mut_ptr());
+        c.set_len(m * n);
     }
-    Ok(Some(Tensor::from_vec(c, (m, n), x.device())?))
+    Ok(Some((c, n)))
 }
 
 /// C [m, n] = A [m, k] · B [k, n], A and C row-major and contiguous, B = `w` read by
@@ -232,8 +270,9 @@ unsafe fn gemm_raw(
         let (p0, p1) = (panels * t / threads, panels * (t + 1) / threads);
         let mut buf = Aligned::new(KC.div_ceil(8) * 8 * NC);
         let cp = &cp;
-        for jc in (p0 * NR..(p1 * NR).min(n)).step_by(NC) {
-            let nc = NC.min(p1 * NR - jc).min(n - jc);
+        let (c0, c1) = (p0 * NR, (p1 * NR).min(n));
+        for (jc, nc) in even_blocks(c1 - c0, NC, NR) {
+            let jc = c0 + jc;
             for (pc, kc) in even_blocks(k, KC, 8) {
                 let bp = buf.slice(nc.div_ceil(NR) * NR * kc);
                 // SAFETY: AVX2 + FMA asserted above.
@@ -323,12 +362,21 @@ unsafe fn pack_block(
     dst: &mut [f32],
 ) {
     use std::arch::x86_64::*;
+    const AHEAD: usize = 6;
     match layout {
         BLayout::Rows => {
             // Row by row: each of B's rows is read front to back (the weight comes from
             // memory, and a sequential stream is what the prefetchers follow best).
             for kk in 0..kc {
                 let row = &w[(pc + kk) * n + j0..][..nc];
+                // The weight streams from memory in short row segments (nc of n columns),
+                // which the hardware prefetchers pick up late: ask for rows ahead.
+                if kk + AHEAD < kc {
+                    let ahead = w[(pc + kk + AHEAD) * n + j0..].as_ptr();
+                    for off in (0..nc).step_by(NR) {
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.add(off) as *const i8);
+                    }
+                }
                 for (p, src) in row.chunks(NR).enumerate() {
                     let d = &mut dst[(p * kc + kk) * NR..][..NR];
                     if src.len() == NR {
@@ -342,28 +390,37 @@ unsafe fn pack_block(
             }
         }
         BLayout::Cols => {
-            // B[k][j] = W[j][k]: 8 × 8 blocks of W's rows transposed in registers.
+            // B[k][j] = W[j][k]: 8 × 8 blocks of W's rows transposed in registers. Rows past
+            // nc (a ragged last panel) read as zeros through a zero row.
+            let zeros = [0f32; KC + 8];
             let full = kc / 8 * 8;
+            let panels = nc.div_ceil(NR);
             for (p, panel) in dst.chunks_exact_mut(NR * kc).enumerate() {
                 let nr = NR.min(nc - p * NR);
-                for h in 0..2 {
-                    let rows: [Option<&[f32]>; 8] = std::array::from_fn(|r| {
-                        let jj = h * 8 + r;
-                        (jj < nr).then(|| &w[(j0 + p * NR + jj) * k + pc..][..kc])
-                    });
-                    for kb in (0..full).step_by(8) {
-                        let r = rows.map(|row| match row {
-                            Some(s) => _mm256_loadu_ps(s[kb..].as_ptr()),
-                            None => _mm256_setzero_ps(),
+                let rows: [&[f32]; NR] = std::array::from_fn(|jj| match jj < nr {
+                    true => &w[(j0 + p * NR + jj) * k + pc..][..kc],
+                    false => &zeros[..kc],
+                });
+                // The next panel's rows, to prefetch while this one is transposed.
+                let next = (p + 1 < panels).then(|| w[(j0 + (p + 1) * NR) * k + pc..].as_ptr());
+                for kb in (0..full).step_by(8) {
+                    if let Some(nx) = next.filter(|_| kb % NR == 0) {
+                        for jj in 0..NR.min(nc - (p + 1) * NR) {
+                            _mm_prefetch::<_MM_HINT_T0>(nx.add(jj * k + kb) as *const i8);
+                        }
+                    }
+                    for h in 0..2 {
+                        let r: [__m256; 8] = std::array::from_fn(|i| {
+                            _mm256_loadu_ps(rows[h * 8 + i][kb..].as_ptr())
                         });
                         for (kk, v) in transpose8(r).into_iter().enumerate() {
                             _mm256_storeu_ps(panel[(kb + kk) * NR + h * 8..].as_mut_ptr(), v);
                         }
                     }
-                    for kk in full..kc {
-                        for (r, row) in rows.iter().enumerate() {
-                            panel[kk * NR + h * 8 + r] = row.map_or(0.0, |s| s[kk]);
-                        }
+                }
+                for kk in full..kc {
+                    for (jj, row) in rows.iter().enumerate() {
+                        panel[kk * NR + jj] = row[kk];
                     }
                 }
             }

@@ -57,8 +57,21 @@ impl CustomOp1 for FrozenLinear {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        // Rebuild a plain tensor view of the input (one copy of the activations, small next
-        // to the matmul), multiply with candle's gemm, hand the result back as storage.
+        let dims = layout.shape().dims();
+        let inp = dims[dims.len() - 1];
+        // Our f32 gemm reads the input where it lies and its output becomes the storage.
+        if let (CpuStorage::F32(v), Some((a, b))) = (storage, layout.contiguous_offsets()) {
+            let rows = (b - a) / inp.max(1);
+            if let Some((y, out)) =
+                gemm::product_f32(&v[a..b], rows, inp, &self.w, gemm::BLayout::Cols)?
+            {
+                let mut out_dims = dims.to_vec();
+                *out_dims.last_mut().expect("rank ≥ 1") = out;
+                return Ok((CpuStorage::F32(y), Shape::from(out_dims)));
+            }
+        }
+        // Else rebuild a plain tensor view of the input (one copy of the activations, small
+        // next to the matmul), multiply with candle's gemm, hand the result back as storage.
         let x = match storage {
             CpuStorage::F32(v) => match layout.contiguous_offsets() {
                 Some((a, b)) => {
