@@ -212,7 +212,7 @@ fn product_avx2(
     let mut c: Vec<f32> = Vec::with_capacity(m * n);
     // SAFETY: c has room for m·n floats, and gemm_raw writes each of them.
     unsafe {
-        gemm_raw(m, n, k, &x[..m * k], wv, layout, c.as_mut_ptr());
+        gemm_raw(m, n, k, &x[..m * k], wv, layout, c.as_mut_ptr(), n);
         c.set_len(m * n);
     }
     Ok(Some((c, n)))
@@ -236,16 +236,19 @@ pub fn gemm_avx2(
 ) {
     assert!(c.len() >= m * n);
     // SAFETY: c holds m·n floats.
-    unsafe { gemm_raw(m, n, k, a, w, layout, c.as_mut_ptr()) }
+    unsafe { gemm_raw(m, n, k, a, w, layout, c.as_mut_ptr(), n) }
 }
 
-/// [`gemm_avx2`] into m·n floats at `c`, each written (none read), so `c` may be
-/// uninitialised.
+/// [`gemm_avx2`] into C's m rows of n floats at `c`, rows `ldc` ≥ n floats apart; each of
+/// those floats is written (none read), so they may be uninitialised, and the floats
+/// between rows are not touched.
 ///
 /// # Safety
-/// `c` points at m·n writable floats that nothing else accesses during the call.
+/// `c` points at m rows of n writable floats, `ldc` apart, that nothing else accesses
+/// during the call.
 #[cfg(target_arch = "x86_64")]
-unsafe fn gemm_raw(
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_raw(
     m: usize,
     n: usize,
     k: usize,
@@ -253,14 +256,18 @@ unsafe fn gemm_raw(
     w: &[f32],
     layout: BLayout,
     c: *mut f32,
+    ldc: usize,
 ) {
     assert!(GemmKernel::Avx2.supported(), "gemm_avx2 needs AVX2 + FMA");
     assert!(a.len() >= m * k && w.len() >= k * n);
     if m == 0 || n == 0 {
         return;
     }
+    assert!(ldc >= n);
     if k == 0 {
-        std::ptr::write_bytes(c, 0, m * n);
+        for i in 0..m {
+            std::ptr::write_bytes(c.add(i * ldc), 0, n);
+        }
         return;
     }
     let panels = n.div_ceil(NR);
@@ -287,7 +294,7 @@ unsafe fn gemm_raw(
                             // SAFETY: AVX2 + FMA asserted above; A's rows i..i+mr hold k
                             // floats from column pc + kc ≤ k on; the panel holds kc × 16
                             // floats from a 64-byte boundary (kc·16 floats apart); C's tile
-                            // (rows i..i+mr, columns j..j+nr, stride n) lies inside c and
+                            // (rows i..i+mr, columns j..j+nr, stride ldc) lies inside c and
                             // inside this thread's columns, which no other thread writes.
                             unsafe {
                                 kernel_6x16(
@@ -295,8 +302,8 @@ unsafe fn gemm_raw(
                                     a.as_ptr().add(i * k + pc),
                                     k,
                                     panel,
-                                    cp.0.add(i * n + j),
-                                    n,
+                                    cp.0.add(i * ldc + j),
+                                    ldc,
                                     mr,
                                     nr,
                                     pc > 0,

@@ -397,10 +397,26 @@ impl QMatrix {
             )));
         }
         let mut w = vec![0f32; n * self.inp];
-        w.par_chunks_mut(TILE * self.inp)
+        self.dequantize_rows_into(r0, &mut w)?;
+        Ok(w)
+    }
+
+    /// [`QMatrix::dequantize_rows`] into `out` (its length n·in gives n), every float of it
+    /// written: a caller can reuse one buffer for every chunk.
+    pub fn dequantize_rows_into(&self, r0: usize, out: &mut [f32]) -> Result<()> {
+        let n = out.len() / self.inp.max(1);
+        if !r0.is_multiple_of(TILE) || r0 + n > self.out || n * self.inp != out.len() {
+            return Err(ModelError::Invalid(format!(
+                "int8 rows {r0}..{} of a {}-row matrix (the first a multiple of {TILE}) into {} floats",
+                r0 + n,
+                self.out,
+                out.len()
+            )));
+        }
+        out.par_chunks_mut(TILE * self.inp)
             .enumerate()
             .for_each(|(t, rows)| self.tile_into(r0 / TILE + t, rows));
-        Ok(w)
+        Ok(())
     }
 
     /// The rows of tile `t` ([≤ 16, in], row-major), bitwise as [`QMatrix::row_into`].

@@ -112,6 +112,10 @@ fn dequantized_linear(x: &Tensor, w: &QMatrix) -> Result<Tensor> {
 fn dequantized_linear_chunked(x: &Tensor, w: &QMatrix, rows: usize) -> Result<Tensor> {
     let (out, inp) = (w.out_dim(), w.in_dim());
     let rows = rows.max(super::TILE) / super::TILE * super::TILE;
+    #[cfg(target_arch = "x86_64")]
+    if let Some(y) = dequantized_linear_avx2(x, w, rows)? {
+        return Ok(y);
+    }
     let mut parts = Vec::with_capacity(out.div_ceil(rows));
     for r0 in (0..out).step_by(rows) {
         let n = rows.min(out - r0);
@@ -119,6 +123,66 @@ fn dequantized_linear_chunked(x: &Tensor, w: &QMatrix, rows: usize) -> Result<Te
         parts.push(crate::ops::linear(x, &wc)?); // [n_x, n]
     }
     crate::backward::cat_or_single(parts, 1)
+}
+
+/// [`dequantized_linear_chunked`] on the AVX2 f32 gemm, or `None` where the candle path must
+/// take it (another f32 path, a tracked x, fewer than `MIN_ROWS` rows). Each chunk is
+/// dequantized into one reused per-thread buffer and multiplied straight into its columns
+/// of the output: no zero-filled chunk, no tensor per chunk, no concatenation (together
+/// ≈ 8 % of an int8 step's time on AVX2 before).
+#[cfg(target_arch = "x86_64")]
+fn dequantized_linear_avx2(x: &Tensor, w: &QMatrix, rows: usize) -> Result<Option<Tensor>> {
+    use crate::ops::gemm::{gemm_raw, BLayout, GemmKernel, MIN_ROWS};
+    use std::cell::RefCell;
+    thread_local! {
+        /// The dequantized chunk (at most CHUNK_BYTES), kept between calls.
+        static CHUNK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    }
+    let (out, inp) = (w.out_dim(), w.in_dim());
+    let plain = x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && x.rank() == 2;
+    if GemmKernel::detect() != GemmKernel::Avx2 || !plain || x.track_op() {
+        return Ok(None);
+    }
+    let (m, k) = x.dims2()?;
+    if m < MIN_ROWS || k != inp {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let (xs, xl) = x.storage_and_layout();
+    let Some(xv) = crate::ops::f32s(&xs) else {
+        return Ok(None);
+    };
+    let xv = &xv[xl.start_offset()..][..m * inp];
+    let mut y: Vec<f32> = Vec::with_capacity(m * out);
+    CHUNK.with(|chunk| -> Result<()> {
+        let mut chunk = chunk.borrow_mut();
+        for r0 in (0..out).step_by(rows) {
+            let n = rows.min(out - r0);
+            if chunk.len() < n * inp {
+                chunk.resize(n * inp, 0.0);
+            }
+            let wc = &mut chunk[..n * inp];
+            w.dequantize_rows_into(r0, wc)?;
+            // SAFETY: y has room for m rows of `out` floats; this chunk writes columns
+            // r0..r0+n of each (r0 + n ≤ out), and the chunks together write every column.
+            unsafe {
+                gemm_raw(
+                    m,
+                    n,
+                    inp,
+                    xv,
+                    wc,
+                    BLayout::Cols,
+                    y.as_mut_ptr().add(r0),
+                    out,
+                )
+            };
+        }
+        Ok(())
+    })?;
+    // SAFETY: every float of the m·out written above (the loop covers 0..out).
+    unsafe { y.set_len(m * out) };
+    Ok(Some(Tensor::from_vec(y, (m, out), x.device())?))
 }
 
 #[cfg(test)]
@@ -132,41 +196,44 @@ mod tests {
     fn dequantized_product_multiplies_the_packed_weights() {
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-        let (out, inp, n) = (88, 96, 5);
-        let wv: Vec<f32> = (0..out * inp)
-            .map(|_| rng.random_range(-1f32..1.0))
-            .collect();
-        let xv: Vec<f32> = (0..n * inp).map(|_| rng.random_range(-2f32..2.0)).collect();
-        let w = QMatrix::from_f32(&wv, out, inp).unwrap();
-        let wd = w.dequantize();
-        let x = Tensor::from_slice(&xv, (n, inp), &candle_core::Device::Cpu).unwrap();
-        let want: Vec<f64> = (0..n * out)
-            .map(|k| {
-                let (r, o) = (k / out, k % out);
-                (0..inp)
-                    .map(|i| xv[r * inp + i] as f64 * wd[o * inp + i] as f64)
-                    .sum()
-            })
-            .collect();
-        let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
-        let off = |y: &Tensor| -> f64 {
-            let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
-            assert_eq!(y.len(), want.len());
-            y.iter()
-                .zip(&want)
-                .fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()))
-                / scale
-        };
-        for rows in [16, 32, 48, 1 << 20] {
-            let y = dequantized_linear_chunked(&x, &w, rows).unwrap();
-            assert_eq!(y.dims(), &[n, out]);
-            assert!(off(&y) < 1e-6, "chunks of {rows} rows: off by {}", off(&y));
+        // A few rows (candle's product) and enough for the f32 gemm path's own.
+        for n in [5, crate::ops::gemm::MIN_ROWS + 3] {
+            let (out, inp) = (88, 96);
+            let wv: Vec<f32> = (0..out * inp)
+                .map(|_| rng.random_range(-1f32..1.0))
+                .collect();
+            let xv: Vec<f32> = (0..n * inp).map(|_| rng.random_range(-2f32..2.0)).collect();
+            let w = QMatrix::from_f32(&wv, out, inp).unwrap();
+            let wd = w.dequantize();
+            let x = Tensor::from_slice(&xv, (n, inp), &candle_core::Device::Cpu).unwrap();
+            let want: Vec<f64> = (0..n * out)
+                .map(|k| {
+                    let (r, o) = (k / out, k % out);
+                    (0..inp)
+                        .map(|i| xv[r * inp + i] as f64 * wd[o * inp + i] as f64)
+                        .sum()
+                })
+                .collect();
+            let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+            let off = |y: &Tensor| -> f64 {
+                let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+                assert_eq!(y.len(), want.len());
+                y.iter()
+                    .zip(&want)
+                    .fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()))
+                    / scale
+            };
+            for rows in [16, 32, 48, 1 << 20] {
+                let y = dequantized_linear_chunked(&x, &w, rows).unwrap();
+                assert_eq!(y.dims(), &[n, out]);
+                assert!(off(&y) < 1e-6, "chunks of {rows} rows: off by {}", off(&y));
+            }
+            let y = qlinear_train(&x, &w, TrainProduct::Dequantized).unwrap();
+            assert!(off(&y) < 1e-6);
+            let limbs = qlinear_train(&x, &w, TrainProduct::Limbs).unwrap();
+            let e = off(&limbs);
+            assert!(e > 0.0 && e < 1e-4, "two limbs off by {e}");
         }
-        let y = qlinear_train(&x, &w, TrainProduct::Dequantized).unwrap();
-        assert!(off(&y) < 1e-6);
-        let limbs = qlinear_train(&x, &w, TrainProduct::Limbs).unwrap();
-        let e = off(&limbs);
-        assert!(e > 0.0 && e < 1e-4, "two limbs off by {e}");
     }
 
     #[test]
