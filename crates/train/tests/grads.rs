@@ -81,8 +81,8 @@ fn peft_case() -> (std::collections::HashMap<String, Tensor>, Sample, f64) {
     (st, s, want_loss)
 }
 
-#[test]
-fn loss_and_lora_grads_match_peft() {
+/// The default model (f32, training's thread set-up) and PEFT's adapter of the fixtures.
+fn default_model_and_peft_adapter() -> (LoadedModel, Adapter) {
     lowrank_model::init_threads_for(None, lowrank_model::Workload::Training);
     let p = lowrank_model::fetch::ensure_default(false).unwrap();
     let lm = LoadedModel::load(p.to_str().unwrap(), &Device::Cpu).unwrap();
@@ -92,6 +92,12 @@ fn loss_and_lora_grads_match_peft() {
         false,
     )
     .unwrap();
+    (lm, adapter)
+}
+
+#[test]
+fn loss_and_lora_grads_match_peft() {
+    let (lm, adapter) = default_model_and_peft_adapter();
     let (adapter, vars) = as_vars(&adapter);
     let (st, s, want_loss) = peft_case();
     let m = s.num_targets();
@@ -663,15 +669,7 @@ fn f32_gemm_path_child() {
         want,
         "the forced path did not run"
     );
-    lowrank_model::init_threads_for(None, lowrank_model::Workload::Training);
-    let p = lowrank_model::fetch::ensure_default(false).unwrap();
-    let lm = LoadedModel::load(p.to_str().unwrap(), &Device::Cpu).unwrap();
-    let (adapter, _) = lowrank_model::adapters::load_adapter(
-        &lm.model,
-        &fixtures().join("smollm2-135m/peft_adapter"),
-        false,
-    )
-    .unwrap();
+    let (lm, adapter) = default_model_and_peft_adapter();
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let sample = |len: usize, rng: &mut rand::rngs::StdRng| {
         let ids: Vec<u32> = (0..len)
