@@ -374,6 +374,11 @@ impl Tape {
             let pack = |ts: &[Target]| model.int8().and_then(|q| q.pack(l, ts));
             let base_dx = |ts: &[Target], dys: &[&Tensor]| -> Result<Tensor> {
                 let q = pack(ts).expect("checked by the caller");
+                // Decoded a chunk at a time into each chunk's dY columns where the f32 gemm
+                // is ours; else the whole pack, once, for candle's matmul.
+                if let Some(dx) = crate::quant::dequantized_input_grad(dys, q)? {
+                    return Ok(dx); // [N, in]
+                }
                 let w =
                     Tensor::from_vec(q.dequantize(), (q.out_dim(), q.in_dim()), dys[0].device())?;
                 let dy = match dys {

@@ -890,6 +890,9 @@ fn head_input_grad_packed(dlogits: &Tensor, w: &quant::QMatrix) -> Result<Tensor
             w.out_dim()
         )));
     }
+    if let Some(dh) = quant::dequantized_input_grad(&[dlogits], w)? {
+        return Ok(dh);
+    }
     let mut acc: Option<Tensor> = None;
     for v0 in (0..v).step_by(VOCAB_CHUNK) {
         let vc = VOCAB_CHUNK.min(v - v0);

@@ -95,6 +95,26 @@ fn default_model_and_peft_adapter() -> (LoadedModel, Adapter) {
     (lm, adapter)
 }
 
+/// [`default_model_and_peft_adapter`] with the base packed for int8 compute.
+fn int8_default_model_and_peft_adapter() -> (LoadedModel, Adapter) {
+    lowrank_model::init_threads_for(None, lowrank_model::Workload::Training);
+    let p = lowrank_model::fetch::ensure_default(false).unwrap();
+    let lm = LoadedModel::load_for(
+        p.to_str().unwrap(),
+        &Device::Cpu,
+        lowrank_model::quant::Compute::Int8,
+    )
+    .unwrap();
+    assert!(lm.model.int8().is_some(), "the base is not packed");
+    let (adapter, _) = lowrank_model::adapters::load_adapter(
+        &lm.model,
+        &fixtures().join("smollm2-135m/peft_adapter"),
+        false,
+    )
+    .unwrap();
+    (lm, adapter)
+}
+
 #[test]
 fn loss_and_lora_grads_match_peft() {
     let (lm, adapter) = default_model_and_peft_adapter();
@@ -610,6 +630,11 @@ const GEMM_CHILD: &str = "f32_gemm_path_child";
 /// 75 tokens (a ragged last register tile; hidden 576 is two depth blocks, the vocabulary
 /// many column blocks). The PEFT case above is too short to reach it. Each path runs in
 /// its own process (the path is chosen once per process), writing what it computed.
+///
+/// Both computes: with int8 the base's dX and the head's input gradient decode the packs a
+/// chunk of rows at a time into our gemm's depth (`quant::dequantized_input_grad`, several
+/// targets per pack, the head in several chunks), where candle's path multiplies the whole
+/// dequantized pack.
 #[test]
 fn f32_gemm_paths_agree_on_a_long_batch() {
     let avx2 = cfg!(target_arch = "x86_64")
@@ -621,11 +646,20 @@ fn f32_gemm_paths_agree_on_a_long_batch() {
     }
     let dir = std::env::temp_dir().join(format!("lowrank-gemm-paths-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    for compute in ["f32", "int8"] {
+        gemm_paths_agree(&dir, compute);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// One compute's half of [`f32_gemm_paths_agree_on_a_long_batch`].
+fn gemm_paths_agree(dir: &std::path::Path, compute: &str) {
     let run = |path: &str| -> std::collections::HashMap<String, Tensor> {
-        let file = dir.join(format!("{path}.safetensors"));
+        let file = dir.join(format!("{compute}-{path}.safetensors"));
         let out = std::process::Command::new(std::env::current_exe().unwrap())
             .args([GEMM_CHILD, "--exact", "--ignored", "--nocapture"])
             .env("LOWRANK_F32_GEMM", path)
+            .env("LOWRANK_GEMM_CHILD_COMPUTE", compute)
             .env("LOWRANK_GEMM_CHILD_OUT", &file)
             .output()
             .unwrap();
@@ -639,24 +673,28 @@ fn f32_gemm_paths_agree_on_a_long_batch() {
         candle_core::safetensors::load(&file, &Device::Cpu).unwrap()
     };
     let (ours, candle) = (run("avx2"), run("candle"));
-    std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(ours.len(), candle.len());
     let l = |m: &std::collections::HashMap<String, Tensor>| m["loss"].to_vec1::<f64>().unwrap()[0];
     let (lo, lc) = (l(&ours), l(&candle));
     assert!(
         ((lo - lc) / lc).abs() <= 1e-6,
-        "loss {lo} (avx2) vs {lc} (candle)"
+        "{compute}: loss {lo} (avx2) vs {lc} (candle)"
     );
+    // int8 stores the tape in bf16: where the paths' f32 sums differ in the last bits, a
+    // stored activation near a bf16 rounding boundary rounds the other way (2⁻⁹ relative),
+    // so its paths differ more (measured 2.8e-4 worst; f32 8.6e-6) — still 20× below what
+    // separates int8's gradients from f32's (6.8e-3), and far below a wrong product's.
+    let bound = if compute == "int8" { 1e-3 } else { 1e-4 };
     let mut worst = 0f64;
     for (name, want) in candle.iter().filter(|(n, _)| *n != "loss") {
         let e = rel_frob(&ours[name], want);
         worst = worst.max(e);
         assert!(
-            e <= 1e-4,
-            "{name}: relative Frobenius error {e} between the paths"
+            e <= bound,
+            "{compute}: {name}: relative Frobenius error {e} between the paths"
         );
     }
-    eprintln!("loss {lo:.7} vs {lc:.7}; worst gradient difference {worst:.2e}");
+    eprintln!("{compute}: loss {lo:.7} vs {lc:.7}; worst gradient difference {worst:.2e}");
 }
 
 #[test]
@@ -669,7 +707,14 @@ fn f32_gemm_path_child() {
         want,
         "the forced path did not run"
     );
-    let (lm, adapter) = default_model_and_peft_adapter();
+    let (lm, adapter) = match std::env::var("LOWRANK_GEMM_CHILD_COMPUTE")
+        .unwrap()
+        .as_str()
+    {
+        "f32" => default_model_and_peft_adapter(),
+        "int8" => int8_default_model_and_peft_adapter(),
+        other => panic!("unknown compute {other}"),
+    };
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let sample = |len: usize, rng: &mut rand::rngs::StdRng| {
         let ids: Vec<u32> = (0..len)

@@ -214,7 +214,18 @@ fn product_avx2(
     let mut c: Vec<f32> = Vec::with_capacity(m * n);
     // SAFETY: c has room for m·n floats, and gemm_raw writes each of them.
     unsafe {
-        gemm_raw(m, n, k, &x[..m * k], wv, layout, c.as_mut_ptr(), n);
+        gemm_raw(
+            m,
+            n,
+            k,
+            &x[..m * k],
+            k,
+            wv,
+            layout,
+            c.as_mut_ptr(),
+            n,
+            false,
+        );
         c.set_len(m * n);
     }
     Ok(Some((c, n)))
@@ -238,16 +249,18 @@ pub fn gemm_avx2(
 ) {
     assert!(c.len() >= m * n);
     // SAFETY: c holds m·n floats.
-    unsafe { gemm_raw(m, n, k, a, w, layout, c.as_mut_ptr(), n) }
+    unsafe { gemm_raw(m, n, k, a, k, w, layout, c.as_mut_ptr(), n, false) }
 }
 
-/// [`gemm_avx2`] into C's m rows of n floats at `c`, rows `ldc` ≥ n floats apart; each of
-/// those floats is written (none read), so they may be uninitialised, and the floats
-/// between rows are not touched.
+/// [`gemm_avx2`] with strides: A's m rows of k floats lie `lda` ≥ k floats apart (a block
+/// of a wider matrix's columns), and C's m rows of n floats at `c` lie `ldc` ≥ n apart.
+/// Without `accumulate` each of C's floats is written (none read), so they may be
+/// uninitialised; with it the product is added to them (a sum over depth chunks, e.g. of
+/// a weight decoded a chunk of rows at a time). The floats between rows are not touched.
 ///
 /// # Safety
-/// `c` points at m rows of n writable floats, `ldc` apart, that nothing else accesses
-/// during the call.
+/// `c` points at m rows of n writable floats, `ldc` apart (initialised where `accumulate`),
+/// that nothing else accesses during the call.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_raw(
@@ -255,20 +268,24 @@ pub(crate) unsafe fn gemm_raw(
     n: usize,
     k: usize,
     a: &[f32],
+    lda: usize,
     w: &[f32],
     layout: BLayout,
     c: *mut f32,
     ldc: usize,
+    accumulate: bool,
 ) {
     assert!(GemmKernel::Avx2.supported(), "gemm_avx2 needs AVX2 + FMA");
-    assert!(a.len() >= m * k && w.len() >= k * n);
+    assert!(w.len() >= k * n);
     if m == 0 || n == 0 {
         return;
     }
-    assert!(ldc >= n);
+    assert!(lda >= k && a.len() >= (m - 1) * lda + k && ldc >= n);
     if k == 0 {
-        for i in 0..m {
-            std::ptr::write_bytes(c.add(i * ldc), 0, n);
+        if !accumulate {
+            for i in 0..m {
+                std::ptr::write_bytes(c.add(i * ldc), 0, n);
+            }
         }
         return;
     }
@@ -293,22 +310,22 @@ pub(crate) unsafe fn gemm_raw(
                         let nr = NR.min(n - j);
                         for i in (ic..ic + mc).step_by(MR) {
                             let mr = MR.min(ic + mc - i);
-                            // SAFETY: AVX2 + FMA asserted above; A's rows i..i+mr hold k
-                            // floats from column pc + kc ≤ k on; the panel holds kc × 16
+                            // SAFETY: AVX2 + FMA asserted above; A's rows i..i+mr (lda
+                            // apart) hold k floats, columns pc..pc + kc ≤ k; the panel holds kc × 16
                             // floats from a 64-byte boundary (kc·16 floats apart); C's tile
                             // (rows i..i+mr, columns j..j+nr, stride ldc) lies inside c and
                             // inside this thread's columns, which no other thread writes.
                             unsafe {
                                 kernel_6x16(
                                     kc,
-                                    a.as_ptr().add(i * k + pc),
-                                    k,
+                                    a.as_ptr().add(i * lda + pc),
+                                    lda,
                                     panel,
                                     cp.0.add(i * ldc + j),
                                     ldc,
                                     mr,
                                     nr,
-                                    pc > 0,
+                                    pc > 0 || accumulate,
                                 )
                             };
                         }
@@ -628,6 +645,64 @@ mod tests {
                             idx % n
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// With strides and `accumulate`, the raw entry point adds A's column block times B into
+    /// a block of a wider C and leaves everything else alone: a product over a column block
+    /// of a wider A (lda > k) in two depth halves, the second added to the first, equals
+    /// the whole product; the floats beside C's block keep their values.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn strided_accumulating_products_sum_depth_chunks() {
+        if !GemmKernel::Avx2.supported() {
+            eprintln!("skipped: this CPU has no AVX2 + FMA (nothing to test)");
+            return;
+        }
+        for (m, n, k, split) in [(7, 21, 40, 16), (70, 35, 700, 336), (13, 40, 9, 1)] {
+            for l in [BLayout::Rows, BLayout::Cols] {
+                let (lda, a_off, ldc, c_off) = (k + 5, 3, n + 7, 2);
+                let a_wide = fill((m - 1) * lda + a_off + k, (m + n) as u64);
+                let a_block: Vec<f32> = (0..m)
+                    .flat_map(|i| a_wide[a_off + i * lda..][..k].to_vec())
+                    .collect();
+                let w = fill(k * n, (k * 3) as u64);
+                // W's rows (Rows: depth rows; Cols: every row's depth columns) split in two.
+                let (w1, w2): (Vec<f32>, Vec<f32>) = match l {
+                    BLayout::Rows => (w[..split * n].to_vec(), w[split * n..].to_vec()),
+                    BLayout::Cols => (
+                        (0..n).flat_map(|j| w[j * k..][..split].to_vec()).collect(),
+                        (0..n)
+                            .flat_map(|j| w[j * k + split..][..k - split].to_vec())
+                            .collect(),
+                    ),
+                };
+                let mut c = vec![-7f32; (m - 1) * ldc + c_off + n + 3];
+                // SAFETY: c holds m rows of n floats from c_off, ldc apart (and then some).
+                unsafe {
+                    let cp = c.as_mut_ptr().add(c_off);
+                    let a = &a_wide[a_off..];
+                    gemm_raw(m, n, split, a, lda, &w1, l, cp, ldc, false);
+                    let a2 = &a_wide[a_off + split..];
+                    gemm_raw(m, n, k - split, a2, lda, &w2, l, cp, ldc, true);
+                }
+                let want = reference(m, n, k, &a_block, &w, l);
+                for (idx, v) in c.iter().enumerate() {
+                    let (i, j) = (
+                        (idx.wrapping_sub(c_off)) / ldc,
+                        (idx.wrapping_sub(c_off)) % ldc,
+                    );
+                    if idx < c_off || i >= m || j >= n {
+                        assert_eq!(*v, -7.0, "{m}×{n}×{k} {l:?}: float {idx} outside C touched");
+                        continue;
+                    }
+                    let (want, mag) = want[i * n + j];
+                    assert!(
+                        (*v as f64 - want).abs() <= 1e-6 * mag + 1e-30,
+                        "{m}×{n}×{k} {l:?}: C[{i}][{j}] = {v}, f64 {want}"
+                    );
                 }
             }
         }

@@ -92,6 +92,13 @@ impl TrainProduct {
 /// default model is 9.4 MB): the whole f32 weight is never held for a big head or MLP pack.
 const CHUNK_BYTES: usize = 16 << 20;
 
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    /// A dequantized chunk of a weight (at most CHUNK_BYTES), kept between calls: decoding
+    /// into fresh zero-filled buffers cost page faults and memsets on every product.
+    static CHUNK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Training's forward product y = x·Wᵀ through the packed `w` by `product`.
 /// x: [n, in] (f32, CPU) → [n, out]
 pub fn qlinear_train(x: &Tensor, w: &QMatrix, product: TrainProduct) -> Result<Tensor> {
@@ -133,11 +140,6 @@ fn dequantized_linear_chunked(x: &Tensor, w: &QMatrix, rows: usize) -> Result<Te
 #[cfg(target_arch = "x86_64")]
 fn dequantized_linear_avx2(x: &Tensor, w: &QMatrix, rows: usize) -> Result<Option<Tensor>> {
     use crate::ops::gemm::{gemm_raw, BLayout, GemmKernel, MIN_ROWS};
-    use std::cell::RefCell;
-    thread_local! {
-        /// The dequantized chunk (at most CHUNK_BYTES), kept between calls.
-        static CHUNK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    }
     let (out, inp) = (w.out_dim(), w.in_dim());
     let plain = x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && x.rank() == 2;
     if GemmKernel::detect() != GemmKernel::Avx2 || !plain || x.track_op() {
@@ -171,10 +173,12 @@ fn dequantized_linear_avx2(x: &Tensor, w: &QMatrix, rows: usize) -> Result<Optio
                     n,
                     inp,
                     xv,
+                    inp,
                     wc,
                     BLayout::Cols,
                     y.as_mut_ptr().add(r0),
                     out,
+                    false,
                 )
             };
         }
@@ -183,6 +187,129 @@ fn dequantized_linear_avx2(x: &Tensor, w: &QMatrix, rows: usize) -> Result<Optio
     // SAFETY: every float of the m·out written above (the loop covers 0..out).
     unsafe { y.set_len(m * out) };
     Ok(Some(Tensor::from_vec(y, (m, out), x.device())?))
+}
+
+/// The frozen part of an input gradient through the packed `w`: dX = Σ_t dY_t·W_t [N, in],
+/// where the pack's rows are the targets' weights one after another and `dys[t]` [N, out_t]
+/// is the gradient of the t-th (`dys` together span the pack's rows: [N, out]). W is
+/// decoded a chunk of rows at a time (exactly the weights the forward multiplied) into one
+/// reused per-thread buffer, and each chunk's product is added straight into dX: neither
+/// the f32 pack, nor the concatenated dYs, nor a partial sum per chunk is ever built. The
+/// chunks are summed in row order, so the result does not depend on the thread count.
+///
+/// `None` where this path does not run (another f32 gemm path, fewer than `MIN_ROWS`
+/// rows, a dY that is not an f32 CPU matrix): the caller multiplies another way.
+pub fn dequantized_input_grad(dys: &[&Tensor], w: &QMatrix) -> Result<Option<Tensor>> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let rows = CHUNK_BYTES / (4 * w.in_dim().max(1));
+        dequantized_input_grad_avx2(dys, w, rows)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (dys, w);
+        Ok(None)
+    }
+}
+
+/// [`dequantized_input_grad`] with chunks of `rows` pack rows (rounded down to whole tiles).
+#[cfg(target_arch = "x86_64")]
+fn dequantized_input_grad_avx2(
+    dys: &[&Tensor],
+    w: &QMatrix,
+    rows: usize,
+) -> Result<Option<Tensor>> {
+    use crate::error::ModelError;
+    use crate::ops::gemm::{gemm_raw, BLayout, GemmKernel, MIN_ROWS};
+    let (out, inp) = (w.out_dim(), w.in_dim());
+    let plain =
+        |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && t.rank() == 2;
+    let Some(first) = dys.first() else {
+        return Err(ModelError::Invalid("input gradient of no targets".into()));
+    };
+    if GemmKernel::detect() != GemmKernel::Avx2 || !dys.iter().all(|d| plain(d)) {
+        return Ok(None);
+    }
+    let m = first.dim(0)?;
+    let mut cols = Vec::with_capacity(dys.len());
+    for d in dys {
+        let (rm, c) = d.dims2()?;
+        if rm != m {
+            return Err(ModelError::Invalid(format!(
+                "input gradient: dY blocks of {m} and {rm} rows"
+            )));
+        }
+        cols.push(c);
+    }
+    if cols.iter().sum::<usize>() != out {
+        return Err(ModelError::Invalid(format!(
+            "input gradient: dY of {:?} columns for a {out}-row pack",
+            cols
+        )));
+    }
+    if m < MIN_ROWS {
+        return Ok(None);
+    }
+    let dys: Vec<Tensor> = dys
+        .iter()
+        .map(|d| d.contiguous())
+        .collect::<candle_core::Result<_>>()?;
+    let guards: Vec<_> = dys.iter().map(|d| d.storage_and_layout()).collect();
+    let mut views: Vec<&[f32]> = Vec::with_capacity(guards.len());
+    for ((s, l), &c) in guards.iter().zip(&cols) {
+        let Some(v) = crate::ops::f32s(s) else {
+            return Ok(None);
+        };
+        views.push(&v[l.start_offset()..][..m * c]);
+    }
+    let rows = rows.max(super::TILE) / super::TILE * super::TILE;
+    let mut dx: Vec<f32> = Vec::with_capacity(m * inp);
+    let mut written = false;
+    CHUNK.with(|chunk| -> Result<()> {
+        let mut chunk = chunk.borrow_mut();
+        for r0 in (0..out).step_by(rows) {
+            let n = rows.min(out - r0);
+            if chunk.len() < n * inp {
+                chunk.resize(n * inp, 0.0);
+            }
+            let wc = &mut chunk[..n * inp];
+            w.dequantize_rows_into(r0, wc)?;
+            // The chunk's rows r0..r0+n fall in one or more targets' blocks [off, off + c).
+            let mut off = 0;
+            for (dy, &c) in views.iter().zip(&cols) {
+                let (a, b) = (r0.max(off), (r0 + n).min(off + c));
+                if a < b {
+                    // SAFETY: dx has room for m rows of `inp` floats, all written by the
+                    // first product (written = false) and added to by the rest; dY's block
+                    // from column a − off holds m rows of b − a floats, c apart.
+                    unsafe {
+                        gemm_raw(
+                            m,
+                            inp,
+                            b - a,
+                            &dy[a - off..],
+                            c,
+                            &wc[(a - r0) * inp..(b - r0) * inp],
+                            BLayout::Rows,
+                            dx.as_mut_ptr(),
+                            inp,
+                            written,
+                        )
+                    };
+                    written = true;
+                }
+                off += c;
+            }
+        }
+        Ok(())
+    })?;
+    if !written {
+        dx.resize(m * inp, 0.0); // a pack of no rows: dX = 0
+    }
+    // SAFETY: the first product wrote every float of the m·inp (or the resize did).
+    unsafe { dx.set_len(m * inp) };
+    drop(guards);
+    Ok(Some(Tensor::from_vec(dx, (m, inp), first.device())?))
 }
 
 #[cfg(test)]
@@ -234,6 +361,78 @@ mod tests {
             let e = off(&limbs);
             assert!(e > 0.0 && e < 1e-4, "two limbs off by {e}");
         }
+    }
+
+    /// The input gradient through a pack of several targets is Σ_t dY_t·W_t of the weights
+    /// the packing holds, in f64 up to f32 accumulation error, whatever the chunking: target
+    /// blocks (40, 24, 32 rows) that start inside chunks, a ragged last chunk. A chunk's
+    /// product written instead of added, or a dY block read at the wrong column, fails it.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn input_grad_decodes_chunks_into_each_targets_columns() {
+        use crate::ops::gemm::{GemmKernel, MIN_ROWS};
+        use rand::{Rng, SeedableRng};
+        if GemmKernel::detect() != GemmKernel::Avx2 {
+            eprintln!("skipped: the AVX2 f32 gemm does not run here (nothing to test)");
+            return;
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let (m, inp, cols) = (MIN_ROWS + 3, 72, [40usize, 24, 32]);
+        let out: usize = cols.iter().sum();
+        let wv: Vec<f32> = (0..out * inp)
+            .map(|_| rng.random_range(-1f32..1.0))
+            .collect();
+        let w = QMatrix::from_f32(&wv, out, inp).unwrap();
+        let wd = w.dequantize();
+        let dev = candle_core::Device::Cpu;
+        let dys: Vec<Tensor> = cols
+            .iter()
+            .map(|&c| {
+                let v: Vec<f32> = (0..m * c).map(|_| rng.random_range(-2f32..2.0)).collect();
+                Tensor::from_vec(v, (m, c), &dev).unwrap()
+            })
+            .collect();
+        let dyv: Vec<Vec<f32>> = dys
+            .iter()
+            .map(|d| d.flatten_all().unwrap().to_vec1().unwrap())
+            .collect();
+        let mut want = vec![0f64; m * inp];
+        let mut off = 0;
+        for (d, &c) in dyv.iter().zip(&cols) {
+            for r in 0..m {
+                for o in 0..c {
+                    for i in 0..inp {
+                        want[r * inp + i] += d[r * c + o] as f64 * wd[(off + o) * inp + i] as f64;
+                    }
+                }
+            }
+            off += c;
+        }
+        let scale = want.iter().fold(0f64, |a, v| a.max(v.abs()));
+        let refs: Vec<&Tensor> = dys.iter().collect();
+        for rows in [16, 32, 48, 1 << 20] {
+            let got = dequantized_input_grad_avx2(&refs, &w, rows)
+                .unwrap()
+                .unwrap();
+            assert_eq!(got.dims(), &[m, inp]);
+            let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+            let e = got
+                .iter()
+                .zip(&want)
+                .fold(0f64, |a, (g, w)| a.max((*g as f64 - w).abs()))
+                / scale;
+            assert!(e < 1e-6, "chunks of {rows} rows: off by {e}");
+        }
+        // The public entry point, and its refusals: a dY of the wrong width is an error,
+        // too few rows go back to the caller.
+        assert!(dequantized_input_grad(&refs, &w).unwrap().is_some());
+        assert!(dequantized_input_grad(&refs[..2], &w).is_err());
+        let few: Vec<Tensor> = dys
+            .iter()
+            .map(|d| d.narrow(0, 0, MIN_ROWS - 1).unwrap())
+            .collect();
+        let few: Vec<&Tensor> = few.iter().collect();
+        assert!(dequantized_input_grad(&few, &w).unwrap().is_none());
     }
 
     #[test]
