@@ -22,6 +22,11 @@ fn main() {
     let d = Device::Cpu;
     let r = |s: &[usize]| Tensor::randn(0f32, 1f32, s, &d).unwrap();
     let (h, i, kv, v) = (576, 1536, 192, 49152);
+    // Rows per head chunk (the loss's: 256 of a 4 × 128 batch); HEAD_ROWS= to compare.
+    let hr: usize = std::env::var("HEAD_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
     // (name, m, k, n, layout): forward x·Wᵀ (W [n, k]) and backward dY·W (W [k, n]).
     let shapes = [
         ("fwd q/o", 512, h, h, BLayout::Cols),
@@ -32,8 +37,8 @@ fn main() {
         ("bwd k/v", 512, kv, h, BLayout::Rows),
         ("bwd gate/up", 512, i, h, BLayout::Rows),
         ("bwd down", 512, h, i, BLayout::Rows),
-        ("head fwd", 128, h, v, BLayout::Cols),
-        ("head bwd", 128, v, h, BLayout::Rows),
+        ("head fwd", hr, h, v, BLayout::Cols),
+        ("head bwd", hr, v, h, BLayout::Rows),
     ];
     let (mut tc, mut to) = (0.0, 0.0);
     let only = std::env::var("SHAPE").ok();
@@ -86,9 +91,9 @@ fn main() {
             sc / so
         );
         // Per step: q, o, k, v, gate and up twice each per layer (2 × 30), down once (30),
-        // the head in 4 chunks.
+        // the head in 512 / HEAD_ROWS chunks.
         let count = match name {
-            n if n.starts_with("head") => 4.0,
+            n if n.starts_with("head") => 512.0 / hr as f64,
             n if n.ends_with("down") => 30.0,
             _ => 60.0,
         };

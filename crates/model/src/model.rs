@@ -415,6 +415,15 @@ impl Llama {
         }
     }
 
+    /// [`Llama::lm_head_train`]'s logits as a row-major vector [n·vocab], for the loss to
+    /// work on in place (no tensor, and no copy out of one, on our f32 gemm).
+    pub fn lm_head_train_vec(&self, h: &Tensor) -> Result<Vec<f32>> {
+        match &self.int8 {
+            Some(q) if !h.track_op() => quant::qlinear_train_vec(h, q.head(), self.train_product),
+            _ => Ok(self.lm_head(h)?.flatten_all()?.to_vec1()?),
+        }
+    }
+
     /// The head's input gradient: dL/dlogits [n, vocab] → dL/dh = dL/dlogits·W [n, H]
     /// (int8: W dequantized a chunk of the vocabulary at a time, see
     /// [`head_input_grad_packed`]).

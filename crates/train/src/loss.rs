@@ -10,18 +10,29 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use lowrank_lora::Adapter;
 use lowrank_model::model::AdapterSet;
-use lowrank_model::ops::gemm::{matmul_frozen, BLayout};
+use lowrank_model::ops::gemm::{matmul_frozen, matmul_frozen_vec, BLayout};
 use lowrank_model::{ForwardOpts, Llama, LoadedModel, LogitsMode, SeqInput};
 use rayon::prelude::*;
 
 use crate::data::{load_jsonl, LoadOptions, Sample, IGNORE};
 use crate::error::TrainError;
 
-/// Rows per head chunk: 128 × 49152 × 4 B = 25 MB of logits at a time.
-const CHUNK: usize = 128;
+/// Most bytes of logits one head chunk holds (256 rows of the default model's 49152-word
+/// vocabulary take 50 MB). Every chunk packs (f32) or decodes (int8) the whole head for
+/// its logits and again for its input gradient: 113 MB of f32 head read per product for
+/// the default model, which at 128-row chunks was ≈ 5 % of an f32 step.
+const CHUNK_LOGITS_BYTES: usize = 64 << 20;
+
+/// Rows per head chunk for m rows of a `vocab`-word head: as many as CHUNK_LOGITS_BYTES
+/// allow (at least 64, where our gemm runs), split evenly (512 rows: two of 256, not 341
+/// and 171).
+fn chunk_rows(m: usize, vocab: usize) -> usize {
+    let max = (CHUNK_LOGITS_BYTES / (4 * vocab.max(1))).max(64);
+    m.div_ceil(m.div_ceil(max).max(1)).max(1)
+}
 
 pub struct HeadLoss {
     /// Σ NLL over the targets (f64 for stable accumulation).
@@ -198,18 +209,18 @@ fn head_chunks(
     let mut dw: Option<Tensor> = None;
     // Int8's head products take whole chunks too: the input gradient (and the forward's
     // logits, where the training product dequantizes: see quant::TrainProduct) decode the
-    // head once per chunk (4 × for 512 tokens), so smaller chunks would decode it more often.
-    let chunk = CHUNK;
+    // head once per chunk (2 × for 512 tokens), so smaller chunks would decode it more often.
+    let chunk = chunk_rows(m, model.cfg.vocab_size);
     for start in (0..m).step_by(chunk) {
         let n = chunk.min(m - start);
         let hc = hd.narrow(0, start, n)?; // [n, H]
-        let logits = match &wd {
-            Some(wd) => matmul_frozen(&hc, wd, BLayout::Cols)?,
-            None if want_grad => model.lm_head_train(&hc)?,
-            None => model.lm_head(&hc)?,
-        }; // [n, V]
-        let v = logits.dim(D::Minus1)?;
-        let mut data = logits.flatten_all()?.to_vec1::<f32>()?;
+                                          // The logits [n, V], row-major, as the floats the loop below rewrites in place.
+        let mut data = match &wd {
+            Some(wd) => matmul_frozen_vec(&hc, wd, BLayout::Cols)?,
+            None if want_grad => model.lm_head_train_vec(&hc)?,
+            None => model.lm_head(&hc)?.flatten_all()?.to_vec1::<f32>()?,
+        };
+        let v = data.len() / n;
         let tg = &targets[start..start + n];
         // Per row: log-sum-exp, NLL, and (softmax − onehot)·scale in place. The rows' NLLs
         // are collected in order and summed serially: rayon's own `sum` associates the f64
@@ -302,4 +313,27 @@ pub fn lora_batch_grads(
         out.insert(format!("{p}.lora_B.weight"), g.b);
     }
     Ok((hc.nll_sum, targets.len(), out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunk_rows;
+
+    /// Head chunks: even, within the logits budget (or 64 rows, where a vocabulary is so big
+    /// that the budget holds fewer), and covering every row.
+    #[test]
+    fn head_chunks_are_even_and_bounded() {
+        for (m, vocab, want) in [
+            (512, 49152, 256),
+            (100, 49152, 100),
+            (2048, 49152, 293),
+            (1000, 1 << 20, 63),
+            (5, 32000, 5),
+        ] {
+            let c = chunk_rows(m, vocab);
+            assert_eq!(c, want, "{m} rows of a {vocab}-word head");
+            assert!(c * 4 * vocab <= super::CHUNK_LOGITS_BYTES || c <= 64);
+            assert!(m.div_ceil(c) * c >= m);
+        }
+    }
 }

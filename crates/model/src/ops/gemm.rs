@@ -143,23 +143,44 @@ pub fn matmul_frozen(x: &Tensor, w: &Tensor, layout: BLayout) -> candle_core::Re
     }
 }
 
+/// [`matmul_frozen`] as a row-major vector [m·n] (for a caller that works on the floats
+/// in place: no tensor, and no copy out of one, on our path).
+pub fn matmul_frozen_vec(x: &Tensor, w: &Tensor, layout: BLayout) -> candle_core::Result<Vec<f32>> {
+    #[cfg(target_arch = "x86_64")]
+    if GemmKernel::detect() == GemmKernel::Avx2 {
+        if let Some((c, _)) = tensor_product_avx2(x, w, layout)? {
+            return Ok(c);
+        }
+    }
+    matmul_frozen(x, w, layout)?.flatten_all()?.to_vec1()
+}
+
 /// [`matmul_frozen`] on [`gemm_avx2`], or `None` where candle's path must take it.
 #[cfg(target_arch = "x86_64")]
 fn matmul_avx2(x: &Tensor, w: &Tensor, layout: BLayout) -> candle_core::Result<Option<Tensor>> {
+    let m = x.dim(0)?;
+    tensor_product_avx2(x, w, layout)?
+        .map(|(c, n)| Tensor::from_vec(c, (m, n), x.device()))
+        .transpose()
+}
+
+/// [`product_avx2`] of a tensor x [m, k]: C's m·n floats and n.
+#[cfg(target_arch = "x86_64")]
+fn tensor_product_avx2(
+    x: &Tensor,
+    w: &Tensor,
+    layout: BLayout,
+) -> candle_core::Result<Option<(Vec<f32>, usize)>> {
     if !(x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() == 2) {
         return Ok(None);
     }
     let (m, k) = x.dims2()?;
     let x = x.contiguous()?;
-    let c = {
-        let (xs, xl) = x.storage_and_layout();
-        let Some(xv) = super::f32s(&xs) else {
-            return Ok(None);
-        };
-        product_avx2(&xv[xl.start_offset()..][..m * k], m, k, w, layout)?
+    let (xs, xl) = x.storage_and_layout();
+    let Some(xv) = super::f32s(&xs) else {
+        return Ok(None);
     };
-    c.map(|(c, n)| Tensor::from_vec(c, (m, n), x.device()))
-        .transpose()
+    product_avx2(&xv[xl.start_offset()..][..m * k], m, k, w, layout)
 }
 
 /// x·Wᵀ or x·W (by `layout`) for x given as m rows of k floats, on this process's f32 path:

@@ -1052,7 +1052,7 @@ const NR_MAX: usize = 8;
 
 use kernel::Kernel;
 pub use kernel::{kernel_name, supported_kernels};
-pub use train::{dequantized_input_grad, qlinear_train, TrainProduct};
+pub use train::{dequantized_input_grad, qlinear_train, qlinear_train_vec, TrainProduct};
 
 mod kernel;
 mod portable;

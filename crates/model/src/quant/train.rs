@@ -108,6 +108,19 @@ pub fn qlinear_train(x: &Tensor, w: &QMatrix, product: TrainProduct) -> Result<T
     }
 }
 
+/// [`qlinear_train`] as a row-major vector [n·out] (no tensor, and no copy out of one,
+/// where the dequantized product runs on our gemm).
+pub fn qlinear_train_vec(x: &Tensor, w: &QMatrix, product: TrainProduct) -> Result<Vec<f32>> {
+    #[cfg(target_arch = "x86_64")]
+    if product == TrainProduct::Dequantized {
+        let rows = CHUNK_BYTES / (4 * w.in_dim().max(1));
+        if let Some(y) = dequantized_linear_avx2(x, w, rows)? {
+            return Ok(y);
+        }
+    }
+    Ok(qlinear_train(x, w, product)?.flatten_all()?.to_vec1()?)
+}
+
 /// x·Wᵀ with W dequantized a chunk of whole 16-row tiles at a time, the chunks' outputs
 /// side by side. x: [n, in] → [n, out]
 fn dequantized_linear(x: &Tensor, w: &QMatrix) -> Result<Tensor> {
@@ -121,7 +134,7 @@ fn dequantized_linear_chunked(x: &Tensor, w: &QMatrix, rows: usize) -> Result<Te
     let rows = rows.max(super::TILE) / super::TILE * super::TILE;
     #[cfg(target_arch = "x86_64")]
     if let Some(y) = dequantized_linear_avx2(x, w, rows)? {
-        return Ok(y);
+        return Ok(Tensor::from_vec(y, (x.dim(0)?, out), x.device())?);
     }
     let mut parts = Vec::with_capacity(out.div_ceil(rows));
     for r0 in (0..out).step_by(rows) {
@@ -132,13 +145,13 @@ fn dequantized_linear_chunked(x: &Tensor, w: &QMatrix, rows: usize) -> Result<Te
     crate::backward::cat_or_single(parts, 1)
 }
 
-/// [`dequantized_linear_chunked`] on the AVX2 f32 gemm, or `None` where the candle path must
-/// take it (another f32 path, a tracked x, fewer than `MIN_ROWS` rows). Each chunk is
+/// [`dequantized_linear_chunked`] on the AVX2 f32 gemm (the product's n·out floats), or
+/// `None` where the candle path must take it (another f32 path, a tracked x, fewer than `MIN_ROWS` rows). Each chunk is
 /// dequantized into one reused per-thread buffer and multiplied straight into its columns
 /// of the output: no zero-filled chunk, no tensor per chunk, no concatenation (together
 /// ≈ 8 % of an int8 step's time on AVX2 before).
 #[cfg(target_arch = "x86_64")]
-fn dequantized_linear_avx2(x: &Tensor, w: &QMatrix, rows: usize) -> Result<Option<Tensor>> {
+fn dequantized_linear_avx2(x: &Tensor, w: &QMatrix, rows: usize) -> Result<Option<Vec<f32>>> {
     use crate::ops::gemm::{gemm_raw, BLayout, GemmKernel, MIN_ROWS};
     let (out, inp) = (w.out_dim(), w.in_dim());
     let plain = x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && x.rank() == 2;
@@ -155,6 +168,7 @@ fn dequantized_linear_avx2(x: &Tensor, w: &QMatrix, rows: usize) -> Result<Optio
         return Ok(None);
     };
     let xv = &xv[xl.start_offset()..][..m * inp];
+    let rows = rows.max(super::TILE) / super::TILE * super::TILE; // chunks start on tiles
     let mut y: Vec<f32> = Vec::with_capacity(m * out);
     CHUNK.with(|chunk| -> Result<()> {
         let mut chunk = chunk.borrow_mut();
@@ -186,7 +200,7 @@ fn dequantized_linear_avx2(x: &Tensor, w: &QMatrix, rows: usize) -> Result<Optio
     })?;
     // SAFETY: every float of the m·out written above (the loop covers 0..out).
     unsafe { y.set_len(m * out) };
-    Ok(Some(Tensor::from_vec(y, (m, out), x.device())?))
+    Ok(Some(y))
 }
 
 /// The frozen part of an input gradient through the packed `w`: dX = Σ_t dY_t·W_t [N, in],
@@ -357,6 +371,14 @@ mod tests {
             }
             let y = qlinear_train(&x, &w, TrainProduct::Dequantized).unwrap();
             assert!(off(&y) < 1e-6);
+            // The vector form is the same floats; chunks not of whole tiles start on tiles.
+            let yv = qlinear_train_vec(&x, &w, TrainProduct::Dequantized).unwrap();
+            assert_eq!(yv, y.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            #[cfg(target_arch = "x86_64")]
+            if let Some(v) = dequantized_linear_avx2(&x, &w, 20).unwrap() {
+                let v = Tensor::from_vec(v, (n, out), x.device()).unwrap();
+                assert!(off(&v) < 1e-6, "chunks of 20 rows: off by {}", off(&v));
+            }
             let limbs = qlinear_train(&x, &w, TrainProduct::Limbs).unwrap();
             let e = off(&limbs);
             assert!(e > 0.0 && e < 1e-4, "two limbs off by {e}");
