@@ -83,29 +83,17 @@ fn peft_case() -> (std::collections::HashMap<String, Tensor>, Sample, f64) {
 
 /// The default model (f32, training's thread set-up) and PEFT's adapter of the fixtures.
 fn default_model_and_peft_adapter() -> (LoadedModel, Adapter) {
-    lowrank_model::init_threads_for(None, lowrank_model::Workload::Training);
-    let p = lowrank_model::fetch::ensure_default(false).unwrap();
-    let lm = LoadedModel::load(p.to_str().unwrap(), &Device::Cpu).unwrap();
-    let (adapter, _) = lowrank_model::adapters::load_adapter(
-        &lm.model,
-        &fixtures().join("smollm2-135m/peft_adapter"),
-        false,
-    )
-    .unwrap();
-    (lm, adapter)
+    default_model_and_peft_adapter_for(lowrank_model::quant::Compute::F32)
 }
 
-/// [`default_model_and_peft_adapter`] with the base packed for int8 compute.
-fn int8_default_model_and_peft_adapter() -> (LoadedModel, Adapter) {
+/// [`default_model_and_peft_adapter`] loaded for `compute` (int8: the base packed).
+fn default_model_and_peft_adapter_for(
+    compute: lowrank_model::quant::Compute,
+) -> (LoadedModel, Adapter) {
     lowrank_model::init_threads_for(None, lowrank_model::Workload::Training);
     let p = lowrank_model::fetch::ensure_default(false).unwrap();
-    let lm = LoadedModel::load_for(
-        p.to_str().unwrap(),
-        &Device::Cpu,
-        lowrank_model::quant::Compute::Int8,
-    )
-    .unwrap();
-    assert!(lm.model.int8().is_some(), "the base is not packed");
+    let lm = LoadedModel::load_for(p.to_str().unwrap(), &Device::Cpu, compute).unwrap();
+    assert_eq!(lm.model.compute(), compute);
     let (adapter, _) = lowrank_model::adapters::load_adapter(
         &lm.model,
         &fixtures().join("smollm2-135m/peft_adapter"),
@@ -712,7 +700,7 @@ fn f32_gemm_path_child() {
         .as_str()
     {
         "f32" => default_model_and_peft_adapter(),
-        "int8" => int8_default_model_and_peft_adapter(),
+        "int8" => default_model_and_peft_adapter_for(lowrank_model::quant::Compute::Int8),
         other => panic!("unknown compute {other}"),
     };
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);

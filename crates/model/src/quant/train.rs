@@ -99,6 +99,32 @@ thread_local! {
     static CHUNK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Runs `f(r0, n, rows)` on rows r0..r0+n of `w` decoded (exactly) into this thread's
+/// reused buffer, for chunks of `rows` rows (rounded down to whole tiles, where chunks
+/// must start) in order over the whole pack.
+#[cfg(target_arch = "x86_64")]
+fn for_decoded_chunks(
+    w: &QMatrix,
+    rows: usize,
+    mut f: impl FnMut(usize, usize, &[f32]) -> Result<()>,
+) -> Result<()> {
+    let (out, inp) = (w.out_dim(), w.in_dim());
+    let rows = rows.max(super::TILE) / super::TILE * super::TILE;
+    CHUNK.with(|chunk| -> Result<()> {
+        let mut chunk = chunk.borrow_mut();
+        for r0 in (0..out).step_by(rows) {
+            let n = rows.min(out - r0);
+            if chunk.len() < n * inp {
+                chunk.resize(n * inp, 0.0);
+            }
+            let wc = &mut chunk[..n * inp];
+            w.dequantize_rows_into(r0, wc)?;
+            f(r0, n, wc)?;
+        }
+        Ok(())
+    })
+}
+
 /// Training's forward product y = x·Wᵀ through the packed `w` by `product`.
 /// x: [n, in] (f32, CPU) → [n, out]
 pub fn qlinear_train(x: &Tensor, w: &QMatrix, product: TrainProduct) -> Result<Tensor> {
@@ -168,34 +194,24 @@ fn dequantized_linear_avx2(x: &Tensor, w: &QMatrix, rows: usize) -> Result<Optio
         return Ok(None);
     };
     let xv = &xv[xl.start_offset()..][..m * inp];
-    let rows = rows.max(super::TILE) / super::TILE * super::TILE; // chunks start on tiles
     let mut y: Vec<f32> = Vec::with_capacity(m * out);
-    CHUNK.with(|chunk| -> Result<()> {
-        let mut chunk = chunk.borrow_mut();
-        for r0 in (0..out).step_by(rows) {
-            let n = rows.min(out - r0);
-            if chunk.len() < n * inp {
-                chunk.resize(n * inp, 0.0);
-            }
-            let wc = &mut chunk[..n * inp];
-            w.dequantize_rows_into(r0, wc)?;
-            // SAFETY: y has room for m rows of `out` floats; this chunk writes columns
-            // r0..r0+n of each (r0 + n ≤ out), and the chunks together write every column.
-            unsafe {
-                gemm_raw(
-                    m,
-                    n,
-                    inp,
-                    xv,
-                    inp,
-                    wc,
-                    BLayout::Cols,
-                    y.as_mut_ptr().add(r0),
-                    out,
-                    false,
-                )
-            };
-        }
+    for_decoded_chunks(w, rows, |r0, n, wc| {
+        // SAFETY: y has room for m rows of `out` floats; this chunk writes columns
+        // r0..r0+n of each (r0 + n ≤ out), and the chunks together write every column.
+        unsafe {
+            gemm_raw(
+                m,
+                n,
+                inp,
+                xv,
+                inp,
+                wc,
+                BLayout::Cols,
+                y.as_mut_ptr().add(r0),
+                out,
+                false,
+            )
+        };
         Ok(())
     })?;
     // SAFETY: every float of the m·out written above (the loop covers 0..out).
@@ -276,44 +292,34 @@ fn dequantized_input_grad_avx2(
         };
         views.push(&v[l.start_offset()..][..m * c]);
     }
-    let rows = rows.max(super::TILE) / super::TILE * super::TILE;
     let mut dx: Vec<f32> = Vec::with_capacity(m * inp);
     let mut written = false;
-    CHUNK.with(|chunk| -> Result<()> {
-        let mut chunk = chunk.borrow_mut();
-        for r0 in (0..out).step_by(rows) {
-            let n = rows.min(out - r0);
-            if chunk.len() < n * inp {
-                chunk.resize(n * inp, 0.0);
+    for_decoded_chunks(w, rows, |r0, n, wc| {
+        // The chunk's rows r0..r0+n fall in one or more targets' blocks [off, off + c).
+        let mut off = 0;
+        for (dy, &c) in views.iter().zip(&cols) {
+            let (a, b) = (r0.max(off), (r0 + n).min(off + c));
+            if a < b {
+                // SAFETY: dx has room for m rows of `inp` floats, all written by the
+                // first product (written = false) and added to by the rest; dY's block
+                // from column a − off holds m rows of b − a floats, c apart.
+                unsafe {
+                    gemm_raw(
+                        m,
+                        inp,
+                        b - a,
+                        &dy[a - off..],
+                        c,
+                        &wc[(a - r0) * inp..(b - r0) * inp],
+                        BLayout::Rows,
+                        dx.as_mut_ptr(),
+                        inp,
+                        written,
+                    )
+                };
+                written = true;
             }
-            let wc = &mut chunk[..n * inp];
-            w.dequantize_rows_into(r0, wc)?;
-            // The chunk's rows r0..r0+n fall in one or more targets' blocks [off, off + c).
-            let mut off = 0;
-            for (dy, &c) in views.iter().zip(&cols) {
-                let (a, b) = (r0.max(off), (r0 + n).min(off + c));
-                if a < b {
-                    // SAFETY: dx has room for m rows of `inp` floats, all written by the
-                    // first product (written = false) and added to by the rest; dY's block
-                    // from column a − off holds m rows of b − a floats, c apart.
-                    unsafe {
-                        gemm_raw(
-                            m,
-                            inp,
-                            b - a,
-                            &dy[a - off..],
-                            c,
-                            &wc[(a - r0) * inp..(b - r0) * inp],
-                            BLayout::Rows,
-                            dx.as_mut_ptr(),
-                            inp,
-                            written,
-                        )
-                    };
-                    written = true;
-                }
-                off += c;
-            }
+            off += c;
         }
         Ok(())
     })?;
