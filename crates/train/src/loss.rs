@@ -214,7 +214,8 @@ fn head_chunks(
     for start in (0..m).step_by(chunk) {
         let n = chunk.min(m - start);
         let hc = hd.narrow(0, start, n)?; // [n, H]
-                                          // The logits [n, V], row-major, as the floats the loop below rewrites in place.
+
+        // The logits [n, V], row-major: the floats the loop below rewrites in place.
         let mut data = match &wd {
             Some(wd) => matmul_frozen_vec(&hc, wd, BLayout::Cols)?,
             None if want_grad => model.lm_head_train_vec(&hc)?,
