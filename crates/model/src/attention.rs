@@ -5,7 +5,7 @@
 
 use candle_core::{Device, Tensor};
 
-use crate::backward::{cat_or_single, unheads};
+use crate::backward::cat_or_single;
 use crate::error::Result;
 use crate::model::{ForwardOpts, Llama, SeqCtx, SeqInput};
 use crate::ops;
@@ -155,7 +155,10 @@ pub(crate) fn train_attention(
             lses.push(lse.reshape((nkv, g, b))?);
         }
     }
-    Ok((unheads(&cat_or_single(outs, 1)?)?, cat_or_single(lses, 2)?))
+    Ok((
+        ops::unheads(&cat_or_single(outs, 1)?)?,
+        cat_or_single(lses, 2)?,
+    ))
 }
 
 /// Backward of [`train_attention`] for the output gradient d_o: each block's probabilities
@@ -306,7 +309,7 @@ mod tests {
             .unwrap()
             .backward()
             .unwrap();
-        let want_out = unheads(&out).unwrap();
+        let want_out = ops::unheads(&out).unwrap();
         let g_of = |x: &Var| grads.get(x.as_tensor()).unwrap().clone();
         let (wq, wk, wv) = (g_of(&qv), g_of(&kv), g_of(&vv));
         for block in [1, 3, 4, 5, 12, ATTN_BLOCK] {

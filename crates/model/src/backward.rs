@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use lowrank_lora::{Adapter, LoraModule, ModuleKey, Target};
 
 use crate::attention::{train_attention_bwd, ATTN_BLOCK};
@@ -159,33 +159,6 @@ pub struct Tape {
     /// [N, H] input of the final norm, and its 1/rms
     pub(crate) x_last: Tensor,
     pub(crate) rstd_last: Tensor,
-}
-
-/// RMSNorm forward keeping 1/rms.   x: [N, H] → ([N, H], [N, 1])
-pub(crate) fn rms_fwd(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
-    let rstd = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?; // [N, 1]
-    let y = x.broadcast_mul(&rstd)?.broadcast_mul(w)?;
-    Ok((y, rstd))
-}
-
-/// RMSNorm backward: y = x·r·w, r = (mean(x²)+ε)^(−½)  ⇒  dx = r·g − x·r³·mean(g⊙x), g = dy⊙w.
-fn rms_bwd(dy: &Tensor, x: &Tensor, rstd: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let g = dy.broadcast_mul(w)?; // [N, H]
-    let dot = (&g * x)?.mean_keepdim(D::Minus1)?; // [N, 1]
-    let coef = (dot * rstd.powf(3.0)?)?; // [N, 1]
-    Ok((g.broadcast_mul(rstd)? - x.broadcast_mul(&coef)?)?)
-}
-
-/// [N, n·hd] → [n, N, hd]
-pub(crate) fn heads(t: &Tensor, n: usize, hd: usize) -> Result<Tensor> {
-    let rows = t.dim(0)?;
-    Ok(t.reshape((rows, n, hd))?.transpose(0, 1)?.contiguous()?)
-}
-
-/// [n, N, hd] → [N, n·hd]
-pub(crate) fn unheads(t: &Tensor) -> Result<Tensor> {
-    let (n, rows, hd) = t.dims3()?;
-    Ok(t.transpose(0, 1)?.reshape((rows, n * hd))?)
 }
 
 pub(crate) fn cat_or_single(mut parts: Vec<Tensor>, dim: usize) -> Result<Tensor> {
@@ -345,7 +318,7 @@ impl Tape {
         let scale = 1.0 / (hd as f64).sqrt();
         let neg_sin = self.sin.neg()?; // the rotation's transpose is the rotation by −θ
         let mut grads = BTreeMap::new();
-        let mut dx = rms_bwd(dhidden, &self.x_last, &self.rstd_last, &w.norm)?; // [N, H]
+        let mut dx = ops::rms_bwd(dhidden, &self.x_last, &self.rstd_last, &w.norm, None)?; // [N, H]
         let mut layers = self.layers;
         while let Some(rec) = layers.pop() {
             let l = layers.len();
@@ -409,7 +382,7 @@ impl Tape {
                     })?;
                     let (gr, dxl) = lora_bwd(m, tape, &x()?, dy)?;
                     dxp = match dxp {
-                        Some(d) => Some((d + dxl)?),
+                        Some(d) => Some(ops::add(&d, &dxl)?),
                         None if needed => Some(dxl),
                         None => None,
                     };
@@ -425,7 +398,7 @@ impl Tape {
                     for p in parts.into_iter().flatten() {
                         acc = Some(match acc {
                             None => p,
-                            Some(a) => (a + p)?,
+                            Some(a) => ops::add(&a, &p)?,
                         });
                     }
                     Ok(acc)
@@ -444,12 +417,7 @@ impl Tape {
             let dm = some(sum(vec![part], base)?)?;
             let (dgate, dup) = ops::silu_mul_bwd(&lt.gate, &lt.up, &dm)?; // [N, I] each
             drop(dm);
-            let h2 = || -> Result<Tensor> {
-                Ok(lt
-                    .x2
-                    .broadcast_mul(&lt.rstd2)?
-                    .broadcast_mul(&lw.mlp_norm)?)
-            };
+            let h2 = || ops::rms_apply(&lt.x2, &lt.rstd2, &lw.mlp_norm);
             let gu = [Target::Gate, Target::Up];
             let int8 = pack(&gu).is_some();
             let base = match int8 {
@@ -461,7 +429,7 @@ impl Tape {
                 proj_bwd(Target::Up, int8, &h2, &dup)?,
             ];
             let dh2 = some(sum(parts, base)?)?;
-            let dx2 = (&dy + rms_bwd(&dh2, &lt.x2, &lt.rstd2, &lw.mlp_norm)?)?; // [N, H]
+            let dx2 = ops::rms_bwd(&dh2, &lt.x2, &lt.rstd2, &lw.mlp_norm, Some(&dy))?; // [N, H]
 
             // Attention: x2 = x + o(attn).
             let attn = || {
@@ -476,20 +444,15 @@ impl Tape {
             };
             let part = proj_bwd(Target::O, int8, &attn, &dx2)?;
             let da = some(sum(vec![part], base)?)?; // [N, nh·hd]
-            let da = heads(&da, nh, hd)?; // [nh, N, hd]
+            let da = ops::heads(&da, nh, hd)?; // [nh, N, hd]
             let (dq, dk, dv) = train_attention_bwd(
                 &lt.q, &lt.k, &lt.v, &lt.lse, &da, &self.seqs, scale, ATTN_BLOCK,
             )?;
             drop(da);
             let dq = ops::rope(&dq, &self.cos, &neg_sin, false)?; // [nh, N, hd]
             let dk = ops::rope(&dk, &self.cos, &neg_sin, false)?; // [nkv, N, hd]
-            let h1 = || -> Result<Tensor> {
-                Ok(lt
-                    .x
-                    .broadcast_mul(&lt.rstd1)?
-                    .broadcast_mul(&lw.attn_norm)?)
-            };
-            let (dq, dk, dv) = (unheads(&dq)?, unheads(&dk)?, unheads(&dv)?);
+            let h1 = || ops::rms_apply(&lt.x, &lt.rstd1, &lw.attn_norm);
+            let (dq, dk, dv) = (ops::unheads(&dq)?, ops::unheads(&dk)?, ops::unheads(&dv)?);
             let qkv = [Target::Q, Target::K, Target::V];
             let int8 = pack(&qkv).is_some();
             // Layer 0: nothing below needs the input gradient (only the LoRA grads).
@@ -503,7 +466,9 @@ impl Tape {
                 proj_bwd(Target::V, int8, &h1, &dv)?,
             ];
             dx = match sum(parts, base)? {
-                Some(dh1) if l > 0 => (dx2 + rms_bwd(&dh1, &lt.x, &lt.rstd1, &lw.attn_norm)?)?,
+                Some(dh1) if l > 0 => {
+                    ops::rms_bwd(&dh1, &lt.x, &lt.rstd1, &lw.attn_norm, Some(&dx2))?
+                }
                 _ => dx2, // layer 0: nothing below needs it
             };
         }

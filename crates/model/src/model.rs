@@ -14,7 +14,7 @@ use lowrank_lora::{Adapter, LoraModule, ModuleKey, Target};
 use rand::Rng;
 
 use crate::attention::causal_mask;
-use crate::backward::{heads, lora_fwd, rms_fwd, LayerRec, LayerTape, LoraRec, Record, Tape};
+use crate::backward::{lora_fwd, LayerRec, LayerTape, LoraRec, Record, Tape};
 use crate::cache::{KvCache, KvDtype};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
@@ -796,7 +796,7 @@ impl Llama {
     ) -> Result<(Tensor, Option<Tensor>)> {
         let eps = self.cfg.rms_norm_eps;
         if record {
-            let (y, rstd) = rms_fwd(x, w, eps)?;
+            let (y, rstd) = ops::rms_fwd(x, w, eps)?;
             return Ok((y, Some(rstd)));
         }
         Ok((ops::rms_norm(x, w, eps, opts.train)?, None))
@@ -834,16 +834,16 @@ impl Llama {
             .expect("three projections");
         // Heads first, rotary embedding once for the whole batch (each token at its own position).
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        let q = ops::rope(&heads(&q, nh, hd)?, &rope.cos, &rope.sin, opts.train)?; // [nh, N, hd]
-        let k = ops::rope(&heads(&k, nkv, hd)?, &rope.cos, &rope.sin, opts.train)?; // [nkv, N, hd]
-        let v = heads(&v, nkv, hd)?; // [nkv, N, hd]
+        let q = ops::rope(&ops::heads(&q, nh, hd)?, &rope.cos, &rope.sin, opts.train)?; // [nh, N, hd]
+        let k = ops::rope(&ops::heads(&k, nkv, hd)?, &rope.cos, &rope.sin, opts.train)?; // [nkv, N, hd]
+        let v = ops::heads(&v, nkv, hd)?; // [nkv, N, hd]
         let (attn, recorded) = self.attention(l, &q, &k, &v, seqs, ctxs, opts, record)?; // [N, nh·hd]
         let o = self.proj(&attn, key(Target::O), None, groups, opts, lora.as_mut())?; // [N, H]
                                                                                       // An adapted o_proj needs its input in the backward: keep it (cheaper than a second
                                                                                       // attention pass).
         let attn_kept = lora.as_ref().is_some_and(|r| r.contains_key(&Target::O));
         let attn = attn_kept.then_some(attn);
-        let x2 = (x + o)?;
+        let x2 = ops::add(x, &o)?;
         // MLP: x2 + down(silu(gate)·up) over norm(x2).
         let (h, rstd2) = self.norm(&x2, &lw.mlp_norm, opts, record)?; // [N, H]
         let gate_up = [(Target::Gate, None), (Target::Up, None)];
@@ -860,7 +860,7 @@ impl Llama {
             ops::silu_mul(&gate, &up)?
         };
         let down = self.proj(&m, key(Target::Down), None, groups, opts, lora.as_mut())?; // [N, H]
-        let x3 = (&x2 + down)?;
+        let x3 = ops::add(&x2, &down)?;
         let tape = match (rstd1, rstd2, recorded, lora) {
             (Some(rstd1), Some(rstd2), Some(lse), Some(lora)) => Some(LayerTape {
                 x: x.clone(),

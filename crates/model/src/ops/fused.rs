@@ -43,14 +43,12 @@ impl candle_core::CustomOp2 for SiluMul {
         ul: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (g, u) = (slice(gs, gl, self.name())?, slice(us, ul, self.name())?);
-        let mut out = vec![0f32; g.len()];
-        out.par_chunks_mut(EW_CHUNK)
-            .zip(g.par_chunks(EW_CHUNK).zip(u.par_chunks(EW_CHUNK)))
-            .for_each(|(o, (g, u))| {
-                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                    *o = g / (1.0 + (-g).exp()) * u;
-                }
-            });
+        let out = super::par_new(g.len(), EW_CHUNK, |i, o| {
+            let (g, u) = (&g[i * EW_CHUNK..][..o.len()], &u[i * EW_CHUNK..][..o.len()]);
+            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                *o = g / (1.0 + (-g).exp()) * u;
+            }
+        });
         Ok((CpuStorage::F32(out), gl.shape().clone()))
     }
 }
@@ -82,19 +80,15 @@ impl candle_core::CustomOp3 for SiluMulBwd {
         let n = self.name();
         let (g, u, d) = (slice(gs, gl, n)?, slice(us, ul, n)?, slice(ds, dl, n)?);
         // Output [2, ..]: dg then du, so each half is a contiguous view.
-        let mut out = vec![0f32; 2 * g.len()];
-        let (dg, du) = out.split_at_mut(g.len());
-        dg.par_chunks_mut(EW_CHUNK)
-            .zip(du.par_chunks_mut(EW_CHUNK))
-            .zip(g.par_chunks(EW_CHUNK))
-            .zip(u.par_chunks(EW_CHUNK).zip(d.par_chunks(EW_CHUNK)))
-            .for_each(|(((dg, du), g), (u, d))| {
-                for i in 0..g.len() {
-                    let s = 1.0 / (1.0 + (-g[i]).exp());
-                    dg[i] = d[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-                    du[i] = d[i] * g[i] * s;
-                }
-            });
+        let out = super::par_new2(g.len(), EW_CHUNK, |c, dg, du| {
+            let (at, len) = (c * EW_CHUNK, dg.len());
+            let (g, u, d) = (&g[at..][..len], &u[at..][..len], &d[at..][..len]);
+            for i in 0..g.len() {
+                let s = 1.0 / (1.0 + (-g[i]).exp());
+                dg[i] = d[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                du[i] = d[i] * g[i] * s;
+            }
+        });
         let mut dims = vec![2];
         dims.extend_from_slice(gl.dims());
         Ok((CpuStorage::F32(out), Shape::from(dims)))
@@ -249,14 +243,11 @@ impl candle_core::CustomOp2 for BlockProbs {
                 l.dims()
             );
         }
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(e)
-            .zip(x.par_chunks(e).zip(lse.par_iter()))
-            .enumerate()
-            .for_each(|(r, (o, (x, &lse)))| {
-                let n = self.start + r % self.q + 1;
-                exp_affine(&mut o[..n], &x[..n], self.scale, -lse);
-            });
+        // Zero past each row's diagonal.
+        let out = super::par_new(x.len(), e, |r, o| {
+            let n = self.start + r % self.q + 1;
+            exp_affine(&mut o[..n], &x[r * e..][..n], self.scale, -lse[r]);
+        });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 }
@@ -303,15 +294,13 @@ impl candle_core::CustomOp2 for SoftmaxBwd {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (p, dp) = (slice(ps, pl, self.name())?, slice(ds, dl, self.name())?);
         let n = *pl.dims().last().unwrap_or(&1);
-        let mut out = vec![0f32; p.len()];
-        out.par_chunks_mut(n)
-            .zip(p.par_chunks(n).zip(dp.par_chunks(n)))
-            .for_each(|(o, (p, d))| {
-                let dot: f32 = p.iter().zip(d).map(|(p, d)| p * d).sum();
-                for ((o, &p), &d) in o.iter_mut().zip(p).zip(d) {
-                    *o = p * (d - dot) * self.scale;
-                }
-            });
+        let out = super::par_new(p.len(), n, |r, o| {
+            let (p, d) = (&p[r * n..][..o.len()], &dp[r * n..][..o.len()]);
+            let dot: f32 = p.iter().zip(d).map(|(p, d)| p * d).sum();
+            for ((o, &p), &d) in o.iter_mut().zip(p).zip(d) {
+                *o = p * (d - dot) * self.scale;
+            }
+        });
         Ok((CpuStorage::F32(out), pl.shape().clone()))
     }
 }

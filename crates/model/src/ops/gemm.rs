@@ -375,16 +375,33 @@ struct SendPtr(*mut f32);
 unsafe impl Sync for SendPtr {}
 
 /// A reusable f32 buffer whose slices start on a 64-byte boundary (the kernel's aligned
-/// loads need 32).
+/// loads need 32). Each thread keeps its buffer between products (taken at the start of a
+/// product's task and put back when it ends): a fresh zeroed 330 KB per call and thread
+/// cost a memset each time, ≈ 0.4 % of a training step on two cores.
 struct Aligned(Vec<f32>);
+
+thread_local! {
+    static PACK_BUFFER: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
 
 impl Aligned {
     fn new(len: usize) -> Aligned {
-        Aligned(vec![0.0; len + 16])
+        let kept = PACK_BUFFER.with(|b| b.take());
+        match kept.len() >= len + 16 {
+            true => Aligned(kept),
+            false => Aligned(vec![0.0; len + 16]),
+        }
     }
     fn slice(&mut self, len: usize) -> &mut [f32] {
         let off = self.0.as_ptr().align_offset(64).min(15);
         &mut self.0[off..off + len]
+    }
+}
+
+impl Drop for Aligned {
+    fn drop(&mut self) {
+        let v = std::mem::take(&mut self.0);
+        PACK_BUFFER.with(|b| b.set(v));
     }
 }
 
