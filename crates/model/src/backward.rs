@@ -124,7 +124,7 @@ impl LayerTape {
         if dtype == self.gate.dtype() {
             return Ok(self);
         }
-        let cast = |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?) };
+        let cast = |t: Tensor| ops::cast(&t, dtype);
         Ok(LayerTape {
             x: cast(self.x)?,
             x2: cast(self.x2)?,

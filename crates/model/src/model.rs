@@ -684,12 +684,13 @@ impl Llama {
             true => quant::qlinear_train(x, q, self.train_product)?,
             false => quant::qlinear(x, q)?,
         };
-        let mut off = 0;
+        let widths = targets
+            .iter()
+            .map(|&(t, _)| self.weights.layers[layer].linear(t).dim(0))
+            .collect::<candle_core::Result<Vec<usize>>>()?;
+        let parts = ops::split_cols(&y, &widths)?; // [N, out] each
         let mut outs = Vec::with_capacity(targets.len());
-        for &(t, b) in targets {
-            let n = self.weights.layers[layer].linear(t).dim(0)?;
-            let part = y.narrow(1, off, n)?.contiguous()?; // [N, out]
-            off += n;
+        for (&(t, b), part) in targets.iter().zip(parts) {
             let key = ModuleKey::new(layer, t);
             outs.push(self.proj_finish(x, part, key, b, groups, opts, rec.as_deref_mut())?);
         }

@@ -5,7 +5,8 @@
 //! * [`fused`]: fused CPU kernels of the recorded training pass and its backward (SiLU·up,
 //!   causal softmax) — one parallel pass instead of several candle ops;
 //! * [`norm`]: the same for the training RMSNorm, its backward and the residual sums;
-//! * [`heads`]: parallel copies between a projection's rows and attention's heads;
+//! * [`layout`]: parallel copies into another layout (a projection's rows, attention's heads,
+//!   a pack's targets) or element type (the tape's bf16);
 //! * [`rows`]: inference attention over the new rows of a ragged batch, each against its own
 //!   KV cache, bitwise independent of the batch;
 //! * [`lora`]: the gathered LoRA delta of a mixed-adapter batch (S-LoRA's BGMV).
@@ -26,13 +27,13 @@ mod attn256;
 mod attn512;
 mod fused;
 pub mod gemm;
-mod heads;
+mod layout;
 mod lora;
 mod norm;
 mod rows;
 
 pub use fused::{block_probs, block_softmax, silu_mul, silu_mul_bwd, softmax_bwd};
-pub use heads::{heads, unheads};
+pub use layout::{cast, heads, split_cols, unheads};
 pub use lora::{lora_gathered, LoraRows};
 pub use norm::{add, rms_apply, rms_bwd, rms_fwd};
 pub use rows::{
