@@ -34,15 +34,9 @@ fn gather_rows(
     })
 }
 
-/// The f32 data of a contiguous CPU tensor, for `f`; `None` for anything else, and for a
-/// tensor in an autograd graph (full fine-tuning: candle's copy keeps it differentiable).
+/// The f32 data of `t` for `f` ([`super::with_slices`] of one tensor).
 fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
-    let plain = t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous();
-    if !plain || t.track_op() {
-        return None;
-    }
-    let (s, l) = t.storage_and_layout();
-    super::f32s(&s).map(|v| f(&v[l.start_offset()..][..t.elem_count()]))
+    super::with_slices(&[t], |s| f(s[0]))
 }
 
 /// [N, n·hd] → [n, N, hd]

@@ -309,6 +309,26 @@ fn par_new_in(
     v
 }
 
+/// Runs `f` on the f32 slices of `ts` (each contiguous, on the CPU, f32), or returns `None`
+/// when one of them is not such a tensor, or is part of an autograd graph (full
+/// fine-tuning: the result must stay differentiable, so candle's ops take it).
+pub(crate) fn with_slices<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Option<R> {
+    let guards: Vec<_> = ts
+        .iter()
+        .map(|t| {
+            let ok = t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous();
+            let ok = ok && !t.track_op();
+            ok.then(|| t.storage_and_layout())
+        })
+        .collect::<Option<Vec<_>>>()?;
+    let slices: Vec<&[f32]> = guards
+        .iter()
+        .zip(ts)
+        .map(|((s, l), t)| f32s(s).map(|v| &v[l.start_offset()..][..t.elem_count()]))
+        .collect::<Option<Vec<_>>>()?;
+    Some(f(&slices))
+}
+
 pub(crate) fn f32s(s: &candle_core::Storage) -> Option<&[f32]> {
     match s {
         candle_core::Storage::Cpu(CpuStorage::F32(v)) => Some(v.as_slice()),

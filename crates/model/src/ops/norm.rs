@@ -11,33 +11,13 @@
 //! RMSNorm: y = x·r·w with r = (mean(x²) + ε)^(−½) per row; its backward, for g = dy⊙w,
 //! dx = r·g − x·r³·mean(g⊙x).
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{Tensor, D};
 use rayon::prelude::*;
 
 use crate::error::Result;
 
 /// Rows per parallel task (576-wide rows: 36 KB of input a task).
 const ROWS_PER_TASK: usize = 16;
-
-/// Runs `f` on the f32 slices of `ts` (each contiguous, on the CPU, f32), or returns `None`
-/// when one of them is not such a tensor, or is part of an autograd graph (full
-/// fine-tuning: the result must stay differentiable, so candle's ops take it).
-fn with_slices<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Option<R> {
-    let guards: Vec<_> = ts
-        .iter()
-        .map(|t| {
-            let ok = t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous();
-            let ok = ok && !t.track_op();
-            ok.then(|| t.storage_and_layout())
-        })
-        .collect::<Option<Vec<_>>>()?;
-    let slices: Vec<&[f32]> = guards
-        .iter()
-        .zip(ts)
-        .map(|((s, l), t)| super::f32s(s).map(|v| &v[l.start_offset()..][..t.elem_count()]))
-        .collect::<Option<Vec<_>>>()?;
-    Some(f(&slices))
-}
 
 /// A fresh vector of `rows` rows of `width` floats; `f(i, row)` writes row i (rows in
 /// parallel tasks of [`ROWS_PER_TASK`] when the work is large enough).
@@ -58,7 +38,7 @@ fn rows_width(t: &Tensor) -> Result<(usize, usize)> {
 /// RMSNorm keeping 1/rms.   x: [N, H], w: [H] → (y [N, H], r [N, 1])
 pub fn rms_fwd(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
     let (rows, h) = rows_width(x)?;
-    let fused = with_slices(&[x, w], |s| {
+    let fused = super::with_slices(&[x, w], |s| {
         let (xs, ws) = (s[0], s[1]);
         let r: Vec<f32> = (0..rows)
             .into_par_iter()
@@ -95,7 +75,7 @@ fn inv_rms(x: &[f32], eps: f64) -> f32 {
 /// it).   x: [N, H], r: [N, 1], w: [H] → [N, H]
 pub fn rms_apply(x: &Tensor, r: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (rows, h) = rows_width(x)?;
-    let fused = with_slices(&[x, r, w], |s| {
+    let fused = super::with_slices(&[x, r, w], |s| {
         let (xs, rs, ws) = (s[0], s[1], s[2]);
         par_rows(rows, h, |i, out| {
             let (x, ri) = (&xs[i * h..][..h], rs[i]);
@@ -125,7 +105,7 @@ pub fn rms_bwd(
     let mut ts = vec![dy, x, r, w];
     ts.extend(res);
     let fused = same.then(|| {
-        with_slices(&ts, |s| {
+        super::with_slices(&ts, |s| {
             let (dys, xs, rs, ws) = (s[0], s[1], s[2], s[3]);
             let res = s.get(4);
             par_rows(rows, h, |i, out| {
@@ -171,7 +151,7 @@ pub fn rms_bwd(
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if a.shape() == b.shape() && a.rank() > 0 {
         let (rows, width) = rows_width(a)?;
-        let fused = with_slices(&[a, b], |s| {
+        let fused = super::with_slices(&[a, b], |s| {
             par_rows(rows, width, |i, out| {
                 let (a, b) = (&s[0][i * width..][..width], &s[1][i * width..][..width]);
                 for ((o, &a), &b) in out.iter_mut().zip(a).zip(b) {
