@@ -128,6 +128,53 @@ fn blocks(t: usize, block: usize) -> impl Iterator<Item = (usize, usize)> {
         .map(move |p0| (p0, block.max(1).min(t - p0)))
 }
 
+/// One work unit of the training attention: a block of `b` query rows from position `p0`
+/// of the span (`off`, `t`) of the flat batch.
+#[derive(Clone, Copy)]
+struct Unit {
+    off: usize,
+    t: usize,
+    p0: usize,
+    b: usize,
+}
+
+/// Every block of every span, in order (an empty span has none).
+fn units(spans: &[(usize, usize)], block: usize) -> Vec<Unit> {
+    spans
+        .iter()
+        .flat_map(|&(off, t)| blocks(t, block).map(move |(p0, b)| Unit { off, t, p0, b }))
+        .collect()
+}
+
+/// Runs `unit` over `units` on the CPU's threads a round of one unit a thread at a time,
+/// handing the results to `sink` in order (on other devices, one after the other). Why:
+/// the blocks' products are small batched matmuls that candle's gemm runs on one thread,
+/// so one block after another left the other core idle (≈ 5 % of a 4 × 128 step's
+/// samples were such single-threaded products); rounds bound the results held at once
+/// (a 2048-token span's blocks' dK and dV parts) to one a thread.
+fn in_rounds<U: Sync, T: Send>(
+    device: &Device,
+    units: &[U],
+    unit: impl Fn(&U) -> Result<T> + Sync,
+    mut sink: impl FnMut(&U, T) -> Result<()>,
+) -> Result<()> {
+    use rayon::prelude::*;
+    let width = match device.is_cpu() {
+        true => rayon::current_num_threads().max(1),
+        false => 1,
+    };
+    for round in units.chunks(width) {
+        let done: Vec<Result<T>> = match round.len() {
+            1 => vec![unit(&round[0])],
+            _ => round.par_iter().map(&unit).collect(),
+        };
+        for (u, r) in round.iter().zip(done) {
+            sink(u, r?)?;
+        }
+    }
+    Ok(())
+}
+
 /// Causal grouped-query attention of LoRA training, per sequence (offset, length) of the
 /// flat batch and per block of `block` query positions (flash-attention's memory layout:
 /// only each row's log-sum-exp is kept for the backward, never the t × t probabilities).
@@ -144,17 +191,21 @@ pub(crate) fn train_attention(
     let nkv = k.dim(0)?;
     let g = nh / nkv;
     let (mut outs, mut lses) = (vec![], vec![]);
-    for &(off, t) in spans {
-        for (p0, b) in blocks(t, block) {
-            let e = p0 + b; // keys 0..e are visible to some row of the block
-                            // query heads grouped by KV head: [nkv, g·b, hd]
-            let qb = q.narrow(1, off + p0, b)?.reshape((nkv, g * b, hd))?;
-            let sc = qb.matmul(&k.narrow(1, off, e)?.t()?)?; // [nkv, g·b, e]
-            let (p, lse) = ops::block_softmax(&sc, b, p0, scale)?;
-            outs.push(p.matmul(&v.narrow(1, off, e)?)?.reshape((nh, b, hd))?); // [nh, b, hd]
-            lses.push(lse.reshape((nkv, g, b))?);
-        }
-    }
+    let units = units(spans, block);
+    let unit = |&Unit { off, p0, b, .. }: &Unit| -> Result<(Tensor, Tensor)> {
+        let e = p0 + b; // keys 0..e are visible to some row of the block
+                        // query heads grouped by KV head: [nkv, g·b, hd]
+        let qb = q.narrow(1, off + p0, b)?.reshape((nkv, g * b, hd))?;
+        let sc = qb.matmul(&k.narrow(1, off, e)?.t()?)?; // [nkv, g·b, e]
+        let (p, lse) = ops::block_softmax(&sc, b, p0, scale)?;
+        let out = p.matmul(&v.narrow(1, off, e)?)?.reshape((nh, b, hd))?; // [nh, b, hd]
+        Ok((out, lse.reshape((nkv, g, b))?))
+    };
+    in_rounds(q.device(), &units, unit, |_, (out, lse)| {
+        outs.push(out);
+        lses.push(lse);
+        Ok(())
+    })?;
     Ok((
         ops::unheads(&cat_or_single(outs, 1)?)?,
         cat_or_single(lses, 2)?,
@@ -192,28 +243,42 @@ pub(crate) fn train_attention_bwd(
             None => part,
         })
     };
-    for &(off, t) in spans {
-        let (mut dk, mut dv) = (None, None);
-        for (p0, b) in blocks(t, block) {
-            let e = p0 + b;
-            let rows = |x: &Tensor| -> Result<Tensor> {
-                Ok(x.narrow(1, off + p0, b)?.reshape((nkv, g * b, hd))?) // [nkv, g·b, hd]
-            };
-            let (qb, dob) = (rows(q)?, rows(d_o)?);
-            let (kp, vp) = (k.narrow(1, off, e)?, v.narrow(1, off, e)?); // [nkv, e, hd]
-            let lb = lse.narrow(2, off + p0, b)?.reshape((nkv, g * b))?;
-            let p = ops::block_probs(&qb.matmul(&kp.t()?)?, &lb, b, p0, scale)?; // [nkv, g·b, e]
-            dv = Some(add_prefix(dv, p.t()?.matmul(&dob)?, t)?);
-            let dp = dob.matmul(&vp.t()?)?; // [nkv, g·b, e]
-            let ds = ops::softmax_bwd(&p, &dp, scale)?;
-            drop((p, dp));
-            dqs.push(ds.matmul(&kp)?.reshape((nh, b, hd))?); // [nh, b, hd]
-            dk = Some(add_prefix(dk, ds.t()?.matmul(&qb)?, t)?);
-        }
-        let none = || crate::error::ModelError::Invalid("an empty sequence in the batch".into());
-        dks.push(dk.ok_or_else(none)?);
-        dvs.push(dv.ok_or_else(none)?);
+    if spans.iter().any(|&(_, t)| t == 0) {
+        let e = "an empty sequence in the batch";
+        return Err(crate::error::ModelError::Invalid(e.into()));
     }
+    let units = units(spans, block);
+    let unit = |&Unit { off, p0, b, .. }: &Unit| -> Result<(Tensor, Tensor, Tensor)> {
+        let e = p0 + b;
+        let rows = |x: &Tensor| -> Result<Tensor> {
+            Ok(x.narrow(1, off + p0, b)?.reshape((nkv, g * b, hd))?) // [nkv, g·b, hd]
+        };
+        let (qb, dob) = (rows(q)?, rows(d_o)?);
+        let (kp, vp) = (k.narrow(1, off, e)?, v.narrow(1, off, e)?); // [nkv, e, hd]
+        let lb = lse.narrow(2, off + p0, b)?.reshape((nkv, g * b))?;
+        let p = ops::block_probs(&qb.matmul(&kp.t()?)?, &lb, b, p0, scale)?; // [nkv, g·b, e]
+        let dv = p.t()?.matmul(&dob)?; // [nkv, e, hd]
+        let dp = dob.matmul(&vp.t()?)?; // [nkv, g·b, e]
+        let ds = ops::softmax_bwd(&p, &dp, scale)?;
+        drop((p, dp));
+        let dq = ds.matmul(&kp)?.reshape((nh, b, hd))?; // [nh, b, hd]
+        let dk = ds.t()?.matmul(&qb)?; // [nkv, e, hd]
+        Ok((dq, dk, dv))
+    };
+    // Each span's dK and dV are summed over its blocks in block order (as one loop would).
+    let (mut dk, mut dv) = (None, None);
+    in_rounds(q.device(), &units, unit, |u, (dq, dkb, dvb)| {
+        if u.p0 == 0 {
+            dks.extend(dk.take());
+            dvs.extend(dv.take());
+        }
+        dqs.push(dq);
+        dk = Some(add_prefix(dk.take(), dkb, u.t)?);
+        dv = Some(add_prefix(dv.take(), dvb, u.t)?);
+        Ok(())
+    })?;
+    dks.extend(dk);
+    dvs.extend(dv);
     Ok((
         cat_or_single(dqs, 1)?,
         cat_or_single(dks, 1)?,

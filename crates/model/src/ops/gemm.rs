@@ -311,10 +311,10 @@ pub(crate) unsafe fn gemm_raw(
         return;
     }
     let panels = n.div_ceil(NR);
-    let threads = rayon::current_num_threads().clamp(1, panels);
+    let tasks = column_tasks(panels, rayon::current_num_threads());
     let cp = SendPtr(c);
-    (0..threads).into_par_iter().for_each(|t| {
-        let (p0, p1) = (panels * t / threads, panels * (t + 1) / threads);
+    (0..tasks).into_par_iter().for_each(|t| {
+        let (p0, p1) = (panels * t / tasks, panels * (t + 1) / tasks);
         let mut buf = Aligned::new(KC.div_ceil(8) * 8 * NC);
         let cp = &cp;
         let (c0, c1) = (p0 * NR, (p1 * NR).min(n));
@@ -355,6 +355,20 @@ pub(crate) unsafe fn gemm_raw(
             }
         }
     });
+}
+
+/// How many column tasks a product of `panels` 16-column panels is cut into: about four
+/// a thread, of at most NC columns each. Why not one a thread: a worker that wakes late (a
+/// futex wake-up between this VM's cores took 0.1–1 ms) left the other idle once its fixed
+/// half was done; 21 % of a training step's 4 ms windows had one busy thread, half of
+/// them inside this gemm. With several tasks the early thread takes the late one's share
+/// (rayon runs a task itself that no thief has taken).
+fn column_tasks(panels: usize, threads: usize) -> usize {
+    let per = panels.div_ceil(4 * threads.max(1)).clamp(1, NC / NR);
+    match threads {
+        0 | 1 => panels.div_ceil(NC / NR).max(1),
+        _ => panels.div_ceil(per),
+    }
 }
 
 /// `len` cut into the fewest blocks of at most `max`, as even as whole multiples of `unit`
@@ -741,6 +755,32 @@ mod tests {
                         (*v as f64 - want).abs() <= 1e-6 * mag + 1e-30,
                         "{m}×{n}×{k} {l:?}: C[{i}][{j}] = {v}, f64 {want}"
                     );
+                }
+            }
+        }
+    }
+
+    /// Column tasks: several a thread where there are panels enough (so a late thread's
+    /// share goes to the other), none wider than a packed block, none empty, and one a
+    /// block on one thread.
+    #[test]
+    fn column_tasks_are_several_a_thread_and_at_most_a_block() {
+        for threads in [1, 2, 3, 8] {
+            for panels in [1, 2, 5, 12, 36, 96, 3072] {
+                let tasks = column_tasks(panels, threads);
+                assert!(
+                    (1..=panels).contains(&tasks),
+                    "{panels} panels, {threads} threads"
+                );
+                // The widest task (panels·(t+1)/tasks − panels·t/tasks) fits one block.
+                assert!(panels.div_ceil(tasks) <= NC / NR, "{panels}/{tasks}");
+                if threads > 1 {
+                    assert!(
+                        tasks >= panels.min(2 * threads),
+                        "{panels} panels, {threads} threads: {tasks}"
+                    );
+                } else {
+                    assert_eq!(tasks, panels.div_ceil(NC / NR));
                 }
             }
         }
