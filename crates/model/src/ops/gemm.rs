@@ -311,7 +311,7 @@ pub(crate) unsafe fn gemm_raw(
         return;
     }
     let panels = n.div_ceil(NR);
-    let tasks = column_tasks(panels, rayon::current_num_threads());
+    let tasks = column_tasks(panels, m * k, rayon::current_num_threads());
     let cp = SendPtr(c);
     (0..tasks).into_par_iter().for_each(|t| {
         let (p0, p1) = (panels * t / tasks, panels * (t + 1) / tasks);
@@ -357,19 +357,27 @@ pub(crate) unsafe fn gemm_raw(
     });
 }
 
-/// How many column tasks a product of `panels` 16-column panels is cut into: about four
-/// a thread, of at most NC columns each. Why not one a thread: a worker that wakes late (a
-/// futex wake-up between this VM's cores took 0.1–1 ms) left the other idle once its fixed
-/// half was done; 21 % of a training step's 4 ms windows had one busy thread, half of
-/// them inside this gemm. With several tasks the early thread takes the late one's share
-/// (rayon runs a task itself that no thief has taken).
-fn column_tasks(panels: usize, threads: usize) -> usize {
-    let per = panels.div_ceil(4 * threads.max(1)).clamp(1, NC / NR);
-    match threads {
-        0 | 1 => panels.div_ceil(NC / NR).max(1),
-        _ => panels.div_ceil(per),
+/// How many column tasks a product of `panels` 16-column panels, whose A holds `a_len`
+/// floats, is cut into: about four a thread, of at most NC columns each. Why not one a
+/// thread: a worker that wakes late (a futex wake-up between this VM's cores took 0.1–1
+/// ms) left the other idle once its fixed half was done; 21 % of a training step's 4 ms
+/// windows had one busy thread, half of them inside this gemm, and 8.5 % with these tasks.
+/// With several tasks the early thread takes the late one's share (rayon runs a task
+/// itself that no thief has taken). But each task reads all of A: past [`A_SHARED_BYTES`]
+/// (the head's input gradient, 256 × 49152 floats) A comes from memory each time, and one
+/// task a thread was faster (101–122 ms against 128–140 ms, four alternating runs of
+/// `SHAPE="head bwd" cargo run --release -p lowrank-model --example f32_gemm`).
+fn column_tasks(panels: usize, a_len: usize, threads: usize) -> usize {
+    let threads = threads.max(1);
+    if threads == 1 || a_len * 4 > A_SHARED_BYTES {
+        // One task a thread, each at most NC columns wide blocks of its own.
+        return threads.min(panels).max(1);
     }
+    panels.div_ceil(panels.div_ceil(4 * threads).clamp(1, NC / NR))
 }
+
+/// The largest A whose rereads (one a column task) stay in the last-level cache.
+const A_SHARED_BYTES: usize = 8 << 20;
 
 /// `len` cut into the fewest blocks of at most `max`, as even as whole multiples of `unit`
 /// make them (a last short block of 64 after two of 256 would run the kernel at a fraction
@@ -761,26 +769,24 @@ mod tests {
     }
 
     /// Column tasks: several a thread where there are panels enough (so a late thread's
-    /// share goes to the other), none wider than a packed block, none empty, and one a
-    /// block on one thread.
+    /// share goes to the other), none wider than a packed block, none empty; one a thread
+    /// on one thread or for an A too large to reread.
     #[test]
-    fn column_tasks_are_several_a_thread_and_at_most_a_block() {
+    fn column_tasks_are_several_a_thread_unless_a_is_large() {
+        let small = 512 * 576;
         for threads in [1, 2, 3, 8] {
             for panels in [1, 2, 5, 12, 36, 96, 3072] {
-                let tasks = column_tasks(panels, threads);
-                assert!(
-                    (1..=panels).contains(&tasks),
-                    "{panels} panels, {threads} threads"
-                );
-                // The widest task (panels·(t+1)/tasks − panels·t/tasks) fits one block.
-                assert!(panels.div_ceil(tasks) <= NC / NR, "{panels}/{tasks}");
+                let tasks = column_tasks(panels, small, threads);
+                let what = format!("{panels} panels, {threads} threads: {tasks}");
+                assert!((1..=panels).contains(&tasks), "{what}");
+                let big = column_tasks(panels, A_SHARED_BYTES / 4 + 1, threads);
+                assert_eq!(big, threads.min(panels), "{what}");
                 if threads > 1 {
-                    assert!(
-                        tasks >= panels.min(2 * threads),
-                        "{panels} panels, {threads} threads: {tasks}"
-                    );
+                    // The widest task (panels·(t+1)/tasks − panels·t/tasks) fits one block.
+                    assert!(panels.div_ceil(tasks) <= NC / NR, "{what}");
+                    assert!(tasks >= panels.min(2 * threads), "{what}");
                 } else {
-                    assert_eq!(tasks, panels.div_ceil(NC / NR));
+                    assert_eq!(tasks, 1, "{what}");
                 }
             }
         }
