@@ -123,21 +123,18 @@ pub fn cast(t: &Tensor, dtype: DType) -> Result<Tensor> {
         let cast = match (&*s, dtype) {
             (candle_core::Storage::Cpu(CpuStorage::F32(v)), DType::BF16) => {
                 let v = &v[l.start_offset()..][..n];
-                let v: Vec<bf16> = v
-                    .par_iter()
-                    .with_min_len(CAST_TASK)
-                    .map(|&x| bf16::from_f32(x))
-                    .collect();
-                Some(Tensor::from_vec(v, shape, dev))
+                let mut out = vec![bf16::ZERO; n];
+                out.par_chunks_mut(CAST_TASK)
+                    .enumerate()
+                    .for_each(|(c, o)| to_bf16(&v[c * CAST_TASK..][..o.len()], o));
+                Some(Tensor::from_vec(out, shape, dev))
             }
             (candle_core::Storage::Cpu(CpuStorage::BF16(v)), DType::F32) => {
                 let v = &v[l.start_offset()..][..n];
-                let v: Vec<f32> = v
-                    .par_iter()
-                    .with_min_len(CAST_TASK)
-                    .map(|x| x.to_f32())
-                    .collect();
-                Some(Tensor::from_vec(v, shape, dev))
+                let out = super::par_new(n, CAST_TASK, |c, o| {
+                    to_f32(&v[c * CAST_TASK..][..o.len()], o)
+                });
+                Some(Tensor::from_vec(out, shape, dev))
             }
             _ => None,
         };
@@ -146,6 +143,71 @@ pub fn cast(t: &Tensor, dtype: DType) -> Result<Tensor> {
         }
     }
     Ok(t.to_dtype(dtype)?)
+}
+
+/// dst = src rounded to bf16 as half's `bf16::from_f32` rounds (to nearest, ties to even;
+/// a NaN stays a quiet NaN with its sign and top payload bits), 8 lanes at a time on AVX2.
+/// Why vector code: half's scalar conversion was ≈ 2.3 % of an int8 training step's
+/// samples on an AVX2 EPYC (the tape's casts).
+fn to_bf16(src: &[f32], dst: &mut [bf16]) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 checked; the lengths are equal (asserted inside).
+        done = unsafe { avx2::to_bf16(src, dst) };
+    }
+    for (d, &x) in dst[done..].iter_mut().zip(&src[done..]) {
+        *d = bf16::from_f32(x);
+    }
+}
+
+/// dst = src widened to f32 (exact: bf16 is f32's top half).
+fn to_f32(src: &[bf16], dst: &mut [f32]) {
+    for (d, x) in dst.iter_mut().zip(src) {
+        *d = f32::from_bits((x.to_bits() as u32) << 16);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use half::bf16;
+    use std::arch::x86_64::*;
+
+    /// The first 8·⌊n/8⌋ elements of [`super::to_bf16`]; returns how many it wrote.
+    ///
+    /// # Safety
+    /// The CPU has AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn to_bf16(src: &[f32], dst: &mut [bf16]) -> usize {
+        assert_eq!(src.len(), dst.len());
+        let full = src.len() / 8 * 8;
+        let (abs_mask, inf) = (
+            _mm256_set1_epi32(0x7FFF_FFFF),
+            _mm256_set1_epi32(0x7F80_0000),
+        );
+        let (half_ulp, one, quiet) = (
+            _mm256_set1_epi32(0x7FFF),
+            _mm256_set1_epi32(1),
+            _mm256_set1_epi32(0x0040),
+        );
+        for at in (0..full).step_by(8) {
+            let x = _mm256_loadu_si256(src.as_ptr().add(at) as *const __m256i);
+            let nan = _mm256_cmpgt_epi32(_mm256_and_si256(x, abs_mask), inf);
+            let top = _mm256_srli_epi32::<16>(x);
+            // (x + 0x7FFF + lsb) >> 16: up past the halfway point, ties to the even side.
+            let bump = _mm256_add_epi32(half_ulp, _mm256_and_si256(top, one));
+            let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(x, bump));
+            let r = _mm256_blendv_epi8(rounded, _mm256_or_si256(top, quiet), nan);
+            // Eight 32-bit lanes (each < 2¹⁶) to eight u16: pack within 128-bit halves,
+            // then bring the two halves' low quarters together.
+            let packed = _mm256_permute4x64_epi64::<0b1000>(_mm256_packus_epi32(r, r));
+            _mm_storeu_si128(
+                dst.as_mut_ptr().add(at) as *mut __m128i,
+                _mm256_castsi256_si128(packed),
+            );
+        }
+        full
+    }
 }
 
 #[cfg(test)]
@@ -218,8 +280,16 @@ mod tests {
             f32::INFINITY,
             f32::NEG_INFINITY,
             1e-40,
+            // Ties (low half exactly 0x8000): to the even side, down then up.
+            f32::from_bits(0x3F80_8000),
+            f32::from_bits(0x3F81_8000),
+            f32::from_bits(0xBF81_8000),
+            // The largest finite float rounds to infinity; NaNs with low payloads only.
+            f32::MAX,
+            f32::from_bits(0x7F80_0001),
+            f32::from_bits(0xFF80_8000),
         ]);
-        let x = Tensor::from_vec(v, 100_006, &Device::Cpu).unwrap();
+        let x = Tensor::from_vec(v.clone(), v.len(), &Device::Cpu).unwrap();
         let bits = |t: &Tensor| -> Vec<u32> {
             match t.dtype() {
                 DType::F32 => t
