@@ -31,7 +31,6 @@ mod layout;
 mod lora;
 mod norm;
 mod rows;
-mod silu;
 
 pub use fused::{block_probs, block_softmax, silu_mul, silu_mul_bwd, softmax_bwd};
 pub use layout::{cast, heads, split_cols, unheads};
