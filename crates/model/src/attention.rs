@@ -9,6 +9,7 @@ use crate::backward::cat_or_single;
 use crate::error::Result;
 use crate::model::{ForwardOpts, Llama, SeqCtx, SeqInput};
 use crate::ops;
+use crate::ops::gemm::bmm;
 
 impl Llama {
     /// Causal grouped-query attention of every sequence over its own keys (and KV cache).
@@ -196,9 +197,9 @@ pub(crate) fn train_attention(
         let e = p0 + b; // keys 0..e are visible to some row of the block
                         // query heads grouped by KV head: [nkv, g·b, hd]
         let qb = q.narrow(1, off + p0, b)?.reshape((nkv, g * b, hd))?;
-        let sc = qb.matmul(&k.narrow(1, off, e)?.t()?)?; // [nkv, g·b, e]
+        let sc = bmm(&qb, &k.narrow(1, off, e)?.t()?)?; // [nkv, g·b, e]
         let (p, lse) = ops::block_softmax(&sc, b, p0, scale)?;
-        let out = p.matmul(&v.narrow(1, off, e)?)?.reshape((nh, b, hd))?; // [nh, b, hd]
+        let out = bmm(&p, &v.narrow(1, off, e)?)?.reshape((nh, b, hd))?; // [nh, b, hd]
         Ok((out, lse.reshape((nkv, g, b))?))
     };
     in_rounds(q.device(), &units, unit, |_, (out, lse)| {
@@ -256,13 +257,13 @@ pub(crate) fn train_attention_bwd(
         let (qb, dob) = (rows(q)?, rows(d_o)?);
         let (kp, vp) = (k.narrow(1, off, e)?, v.narrow(1, off, e)?); // [nkv, e, hd]
         let lb = lse.narrow(2, off + p0, b)?.reshape((nkv, g * b))?;
-        let p = ops::block_probs(&qb.matmul(&kp.t()?)?, &lb, b, p0, scale)?; // [nkv, g·b, e]
-        let dv = p.t()?.matmul(&dob)?; // [nkv, e, hd]
-        let dp = dob.matmul(&vp.t()?)?; // [nkv, g·b, e]
+        let p = ops::block_probs(&bmm(&qb, &kp.t()?)?, &lb, b, p0, scale)?; // [nkv, g·b, e]
+        let dv = bmm(&p.t()?, &dob)?; // [nkv, e, hd]
+        let dp = bmm(&dob, &vp.t()?)?; // [nkv, g·b, e]
         let ds = ops::softmax_bwd(&p, &dp, scale)?;
         drop((p, dp));
-        let dq = ds.matmul(&kp)?.reshape((nh, b, hd))?; // [nh, b, hd]
-        let dk = ds.t()?.matmul(&qb)?; // [nkv, e, hd]
+        let dq = bmm(&ds, &kp)?.reshape((nh, b, hd))?; // [nh, b, hd]
+        let dk = bmm(&ds.t()?, &qb)?; // [nkv, e, hd]
         Ok((dq, dk, dv))
     };
     // Each span's dK and dV are summed over its blocks in block order (as one loop would).

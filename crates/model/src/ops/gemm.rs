@@ -155,6 +155,81 @@ pub fn matmul_frozen_vec(x: &Tensor, w: &Tensor, layout: BLayout) -> candle_core
     matmul_frozen(x, w, layout)?.flatten_all()?.to_vec1()
 }
 
+/// a·b for a [B, m, k] and b [B, k, n] (candle's batched matmul) on this process's f32
+/// path: the blockwise training attention's products (q·kᵀ, p·v and their gradients),
+/// whose B is a view of a row-major matrix (k's or v's rows of a span: `Cols` or `Rows`).
+/// On an AVX2-only EPYC this ran q·kᵀ 1.4–1.5× and p·v, dS·k 1.0–1.5× as fast as candle's
+/// gemm (`cargo run --release -p lowrank-model --example attn_bmm`). Other devices,
+/// dtypes and layouts, a transposed A and fewer than [`MIN_ROWS`] rows take candle's matmul.
+/// a: [B, m, k], b: [B, k, n] → [B, m, n]
+pub fn bmm(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    #[cfg(target_arch = "x86_64")]
+    if GemmKernel::detect() == GemmKernel::Avx2 {
+        if let Some(c) = bmm_avx2(a, b)? {
+            return Ok(c);
+        }
+    }
+    a.matmul(b)
+}
+
+/// [`bmm`] on [`gemm_raw`], or `None` where candle's path must take it.
+#[cfg(target_arch = "x86_64")]
+fn bmm_avx2(a: &Tensor, b: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && t.rank() == 3;
+    if !f32_cpu(a) || !f32_cpu(b) {
+        return Ok(None);
+    }
+    let ((nb, m, k), (nb2, k2, n)) = (a.dims3()?, b.dims3()?);
+    if nb != nb2 || k != k2 || nb == 0 || k == 0 {
+        return Ok(None);
+    }
+    let (sa, sb) = (a.stride(), b.stride());
+    // A is read in place, row by row: a transposed A (pᵀ·dO, dSᵀ·Q) stays on candle's
+    // gemm, which reads it as it is. Taken here as (dOᵀ·p)ᵀ, with dOᵀ and the result
+    // copied, it ran at 0.8–0.9× candle's speed (`--example attn_bmm`).
+    if sa[2] != 1 || sa[1] < k || m < MIN_ROWS {
+        return Ok(None);
+    }
+    // B as a view of row-major rows: [k rows of n] (`Rows`) or [n rows of k] (`Cols`).
+    let layout = match (sb[1], sb[2]) {
+        (r, 1) if r == n || k == 1 => BLayout::Rows,
+        (1, r) if r == k || n == 1 => BLayout::Cols,
+        _ => return Ok(None),
+    };
+    let (as_, al) = a.storage_and_layout();
+    let (bs, bl) = b.storage_and_layout();
+    let (Some(av), Some(bv)) = (super::f32s(&as_), super::f32s(&bs)) else {
+        return Ok(None);
+    };
+    let (lda, per_c) = (sa[1], m * n);
+    let mut c: Vec<f32> = Vec::with_capacity(nb * per_c);
+    for i in 0..nb {
+        let a0 = al.start_offset() + i * sa[0];
+        let b0 = bl.start_offset() + i * sb[0];
+        let (ai, bi) = (&av[a0..][..(m - 1) * lda + k], &bv[b0..][..k * n]);
+        // SAFETY: c has room for nb·m·n floats; this call writes batch i's m rows of n
+        // (row stride n) from i·m·n, every one of them.
+        unsafe {
+            gemm_raw(
+                m,
+                n,
+                k,
+                ai,
+                lda,
+                bi,
+                layout,
+                c.as_mut_ptr().add(i * per_c),
+                n,
+                false,
+            )
+        };
+    }
+    // SAFETY: the loop wrote all nb·m·n floats.
+    unsafe { c.set_len(nb * per_c) };
+    drop((as_, bs));
+    Ok(Some(Tensor::from_vec(c, (nb, m, n), a.device())?))
+}
+
 /// [`matmul_frozen`] on [`gemm_avx2`], or `None` where candle's path must take it.
 #[cfg(target_arch = "x86_64")]
 fn matmul_avx2(x: &Tensor, w: &Tensor, layout: BLayout) -> candle_core::Result<Option<Tensor>> {
@@ -833,6 +908,69 @@ mod tests {
             assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
             // x [m, 40] against W [24, 40] read as rows: k = 24 ≠ 40.
             assert!(matmul_frozen(&x, &w, BLayout::Rows).is_err());
+        }
+    }
+
+    /// The batched product of the training attention on our path, for each view it is given
+    /// (B as kᵀ of a span of rows, as v's rows, and A as a transposed p), against an f64
+    /// product of the same logical matrices; other layouts and short A take candle's.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn bmm_matches_f64_on_attention_views() {
+        if !GemmKernel::Avx2.supported() {
+            eprintln!("skipped: this CPU has no AVX2 + FMA (nothing to test)");
+            return;
+        }
+        let dev = candle_core::Device::Cpu;
+        let t = |v: Vec<f32>, s: (usize, usize, usize)| {
+            Tensor::new(v, &dev).unwrap().reshape(s).unwrap()
+        };
+        let check = |a: &Tensor, b: &Tensor| {
+            let got = bmm_avx2(a, b).unwrap().expect("our path takes this layout");
+            let (av, bv) = (a.to_vec3::<f32>().unwrap(), b.to_vec3::<f32>().unwrap());
+            let gv = got.to_vec3::<f32>().unwrap();
+            let (nb, m, k) = a.dims3().unwrap();
+            let n = b.dim(2).unwrap();
+            assert_eq!(got.dims3().unwrap(), (nb, m, n));
+            for bi in 0..nb {
+                for i in 0..m {
+                    for j in 0..n {
+                        let (mut s, mut mag) = (0f64, 0f64);
+                        for kk in 0..k {
+                            let p = av[bi][i][kk] as f64 * bv[bi][kk][j] as f64;
+                            s += p;
+                            mag += p.abs();
+                        }
+                        let d = (gv[bi][i][j] as f64 - s).abs();
+                        assert!(d <= 1e-6 * mag + 1e-30, "[{bi},{i},{j}] {d} of {mag}");
+                    }
+                }
+            }
+        };
+        let (nkv, rows, hd, e, m) = (3, 150, 64, 101, 70);
+        let keys = t(fill(nkv * rows * hd, 11), (nkv, rows, hd)); // k or v [nkv, N, hd]
+        let span = keys.narrow(1, 7, e).unwrap(); // [nkv, e, hd], rows 7..7+e
+        let q = t(fill(nkv * m * hd, 12), (nkv, m, hd));
+        let p = t(fill(nkv * m * e, 13), (nkv, m, e));
+        check(&q, &span.t().unwrap()); // q·kᵀ: B read as columns
+        check(&p, &span); // p·v: B read as rows
+                          // A with a row stride wider than its rows (a column block of a wider matrix).
+        check(
+            &t(fill(nkv * m * 110, 14), (nkv, m, 110))
+                .narrow(2, 3, e)
+                .unwrap(),
+            &span,
+        );
+        // B neither rows nor columns of a row-major matrix, a transposed A (pᵀ·dO) and an A
+        // of too few rows: None, and `bmm` gives candle's product.
+        let odd = keys.narrow(2, 0, 40).unwrap(); // rows 64 apart, 40 used
+        let short = q.narrow(1, 0, MIN_ROWS - 1).unwrap();
+        let wide = t(fill(nkv * m * rows, 15), (nkv, m, rows));
+        let pt = p.t().unwrap();
+        for (a, b) in [(&wide, &odd), (&pt, &q), (&short, &span.t().unwrap())] {
+            assert!(bmm_avx2(a, b).unwrap().is_none());
+            let want = a.matmul(b).unwrap().to_vec3::<f32>().unwrap();
+            assert_eq!(bmm(a, b).unwrap().to_vec3::<f32>().unwrap(), want);
         }
     }
 
