@@ -160,7 +160,7 @@ pub fn matmul_frozen_vec(x: &Tensor, w: &Tensor, layout: BLayout) -> candle_core
 /// whose B is a view of a row-major matrix (k's or v's rows of a span: `Cols` or `Rows`).
 /// On an AVX2-only EPYC this ran q·kᵀ 1.4–1.5× and p·v, dS·k 1.0–1.5× as fast as candle's
 /// gemm (`cargo run --release -p lowrank-model --example attn_bmm`). Other devices,
-/// dtypes and layouts, a transposed A and fewer than [`MIN_ROWS`] rows take candle's matmul.
+/// dtypes and layouts, and fewer than [`MIN_ROWS`] rows take candle's matmul.
 /// a: [B, m, k], b: [B, k, n] → [B, m, n]
 pub fn bmm(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     #[cfg(target_arch = "x86_64")]
@@ -184,10 +184,15 @@ fn bmm_avx2(a: &Tensor, b: &Tensor) -> candle_core::Result<Option<Tensor>> {
         return Ok(None);
     }
     let (sa, sb) = (a.stride(), b.stride());
-    // A is read in place, row by row: a transposed A (pᵀ·dO, dSᵀ·Q) stays on candle's
-    // gemm, which reads it as it is. Taken here as (dOᵀ·p)ᵀ, with dOᵀ and the result
-    // copied, it ran at 0.8–0.9× candle's speed (`--example attn_bmm`).
-    if sa[2] != 1 || sa[1] < k || m < MIN_ROWS {
+    // A read in place: rows of a row-major matrix, or (pᵀ·dO, dSᵀ·Q) the transpose of
+    // one, read column-wise by the kernel (taken instead as (dOᵀ·p)ᵀ, with dOᵀ and the
+    // result copied, it had run at 0.8–0.9× candle's speed).
+    let (at, lda) = match (sa[1], sa[2]) {
+        (r, 1) if r >= k || m == 1 => (false, r.max(k)),
+        (1, r) if r >= m || k == 1 => (true, r.max(m)),
+        _ => return Ok(None),
+    };
+    if m < MIN_ROWS {
         return Ok(None);
     }
     // B as a view of row-major rows: [k rows of n] (`Rows`) or [n rows of k] (`Cols`).
@@ -201,27 +206,24 @@ fn bmm_avx2(a: &Tensor, b: &Tensor) -> candle_core::Result<Option<Tensor>> {
     let (Some(av), Some(bv)) = (super::f32s(&as_), super::f32s(&bs)) else {
         return Ok(None);
     };
-    let (lda, per_c) = (sa[1], m * n);
+    let per_c = m * n;
+    let a_len = match at {
+        false => (m - 1) * lda + k,
+        true => (k - 1) * lda + m,
+    };
     let mut c: Vec<f32> = Vec::with_capacity(nb * per_c);
     for i in 0..nb {
         let a0 = al.start_offset() + i * sa[0];
         let b0 = bl.start_offset() + i * sb[0];
-        let (ai, bi) = (&av[a0..][..(m - 1) * lda + k], &bv[b0..][..k * n]);
+        let (ai, bi) = (&av[a0..][..a_len], &bv[b0..][..k * n]);
         // SAFETY: c has room for nb·m·n floats; this call writes batch i's m rows of n
         // (row stride n) from i·m·n, every one of them.
         unsafe {
-            gemm_raw(
-                m,
-                n,
-                k,
-                ai,
-                lda,
-                bi,
-                layout,
-                c.as_mut_ptr().add(i * per_c),
-                n,
-                false,
-            )
+            let ci = c.as_mut_ptr().add(i * per_c);
+            match at {
+                false => gemm_core::<false>(m, n, k, ai, lda, bi, layout, ci, n, false),
+                true => gemm_core::<true>(m, n, k, ai, lda, bi, layout, ci, n, false),
+            }
         };
     }
     // SAFETY: the loop wrote all nb·m·n floats.
@@ -371,12 +373,38 @@ pub(crate) unsafe fn gemm_raw(
     ldc: usize,
     accumulate: bool,
 ) {
+    gemm_core::<false>(m, n, k, a, lda, w, layout, c, ldc, accumulate)
+}
+
+/// [`gemm_raw`] with A given either as m rows of k floats `lda` apart (`AT` false) or as
+/// its transpose: k rows of m floats `lda` ≥ m apart (`AT` true, A[i][kk] = a[kk·lda + i],
+/// as pᵀ in the attention's dV = pᵀ·dO), read in place either way.
+///
+/// # Safety
+/// As [`gemm_raw`].
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_core<const AT: bool>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    w: &[f32],
+    layout: BLayout,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
     assert!(GemmKernel::Avx2.supported(), "gemm_avx2 needs AVX2 + FMA");
     assert!(w.len() >= k * n);
     if m == 0 || n == 0 {
         return;
     }
-    assert!(lda >= k && a.len() >= (m - 1) * lda + k && ldc >= n);
+    match AT {
+        false => assert!(lda >= k && a.len() >= (m - 1) * lda + k && ldc >= n),
+        true => assert!(k == 0 || (lda >= m && a.len() >= (k - 1) * lda + m && ldc >= n)),
+    }
     if k == 0 {
         if !accumulate {
             for i in 0..m {
@@ -412,9 +440,12 @@ pub(crate) unsafe fn gemm_raw(
                             // (rows i..i+mr, columns j..j+nr, stride ldc) lies inside c and
                             // inside this thread's columns, which no other thread writes.
                             unsafe {
-                                kernel_6x16(
+                                kernel_6x16::<AT>(
                                     kc,
-                                    a.as_ptr().add(i * lda + pc),
+                                    a.as_ptr().add(match AT {
+                                        false => i * lda + pc,
+                                        true => pc * lda + i,
+                                    }),
                                     lda,
                                     panel,
                                     cp.0.add(i * ldc + j),
@@ -623,17 +654,18 @@ unsafe fn transpose8(r: [std::arch::x86_64::__m256; 8]) -> [std::arch::x86_64::_
 }
 
 /// C[0..mr, 0..nr] (row stride ldc) = (C if `add` else 0) + A[0..mr, 0..kc]·B, A read in
-/// place (row stride lda), B a packed kc × 16 panel. Rows past mr repeat row mr − 1 (their
-/// results are dropped), so A is never read past its last row.
+/// place (row stride lda; with `AT`, A's transpose: A[i][kk] at a[kk·lda + i]), B a packed
+/// kc × 16 panel. Rows past mr repeat row mr − 1 (their results are dropped), so A is never
+/// read past its last row.
 ///
 /// # Safety
-/// The CPU has AVX2 and FMA; `a` points at mr ≥ 1 rows of kc readable floats, `lda` apart;
-/// `b` holds kc·16 floats from a 32-byte boundary; `c` points at mr ≤ 6 rows of nr ≤ 16
-/// writable floats, `ldc` apart.
+/// The CPU has AVX2 and FMA; `a` points at mr ≥ 1 rows of kc readable floats, `lda` apart
+/// (with `AT`: kc rows of mr readable floats, `lda` apart); `b` holds kc·16 floats from a
+/// 32-byte boundary; `c` points at mr ≤ 6 rows of nr ≤ 16 writable floats, `ldc` apart.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn kernel_6x16(
+unsafe fn kernel_6x16<const AT: bool>(
     kc: usize,
     a: *const f32,
     lda: usize,
@@ -647,7 +679,11 @@ unsafe fn kernel_6x16(
     use std::arch::x86_64::*;
     debug_assert!(b.len() >= kc * NR && (1..=MR).contains(&mr) && nr <= NR);
     let mut acc = [[_mm256_setzero_ps(); 2]; MR];
-    let rows: [*const f32; MR] = std::array::from_fn(|i| a.add(i.min(mr - 1) * lda));
+    // Row i's first float, and the step from one depth to the next.
+    let (rows, step): ([*const f32; MR], usize) = match AT {
+        false => (std::array::from_fn(|i| a.add(i.min(mr - 1) * lda)), 1),
+        true => (std::array::from_fn(|i| a.add(i.min(mr - 1))), lda),
+    };
     // C's tile is read (or written) only after the loop: start bringing its lines in now.
     for i in 0..mr {
         _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc) as *const i8);
@@ -658,7 +694,7 @@ unsafe fn kernel_6x16(
         let b0 = _mm256_load_ps(pb);
         let b1 = _mm256_load_ps(pb.add(8));
         for (row, &pa) in acc.iter_mut().zip(&rows) {
-            let ai = _mm256_broadcast_ss(&*pa.add(kk));
+            let ai = _mm256_broadcast_ss(&*pa.add(kk * step));
             row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
             row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
         }
@@ -954,20 +990,25 @@ mod tests {
         let p = t(fill(nkv * m * e, 13), (nkv, m, e));
         check(&q, &span.t().unwrap()); // q·kᵀ: B read as columns
         check(&p, &span); // p·v: B read as rows
-                          // A with a row stride wider than its rows (a column block of a wider matrix).
+        check(&p.t().unwrap(), &q); // pᵀ·dO: A read as columns of p [nkv, m, e]
+                                    // pᵀ of a column block of a wider p (A's columns further apart than its rows).
+        let pw = t(fill(nkv * m * 130, 16), (nkv, m, 130))
+            .narrow(2, 20, e)
+            .unwrap();
+        check(&pw.t().unwrap(), &q);
+        // A with a row stride wider than its rows (a column block of a wider matrix).
         check(
             &t(fill(nkv * m * 110, 14), (nkv, m, 110))
                 .narrow(2, 3, e)
                 .unwrap(),
             &span,
         );
-        // B neither rows nor columns of a row-major matrix, a transposed A (pᵀ·dO) and an A
-        // of too few rows: None, and `bmm` gives candle's product.
+        // B neither rows nor columns of a row-major matrix, and an A of too few rows: None,
+        // and `bmm` gives candle's product.
         let odd = keys.narrow(2, 0, 40).unwrap(); // rows 64 apart, 40 used
         let short = q.narrow(1, 0, MIN_ROWS - 1).unwrap();
         let wide = t(fill(nkv * m * rows, 15), (nkv, m, rows));
-        let pt = p.t().unwrap();
-        for (a, b) in [(&wide, &odd), (&pt, &q), (&short, &span.t().unwrap())] {
+        for (a, b) in [(&wide, &odd), (&short, &span.t().unwrap())] {
             assert!(bmm_avx2(a, b).unwrap().is_none());
             let want = a.matmul(b).unwrap().to_vec3::<f32>().unwrap();
             assert_eq!(bmm(a, b).unwrap().to_vec3::<f32>().unwrap(), want);
