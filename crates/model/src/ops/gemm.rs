@@ -221,8 +221,8 @@ fn bmm_avx2(a: &Tensor, b: &Tensor) -> candle_core::Result<Option<Tensor>> {
         unsafe {
             let ci = c.as_mut_ptr().add(i * per_c);
             match at {
-                false => gemm_core::<false>(m, n, k, ai, lda, bi, layout, ci, n, false),
-                true => gemm_core::<true>(m, n, k, ai, lda, bi, layout, ci, n, false),
+                false => gemm_raw::<false>(m, n, k, ai, lda, bi, layout, ci, n, false),
+                true => gemm_raw::<true>(m, n, k, ai, lda, bi, layout, ci, n, false),
             }
         };
     }
@@ -312,7 +312,7 @@ fn product_avx2(
     let mut c: Vec<f32> = Vec::with_capacity(m * n);
     // SAFETY: c has room for m·n floats, and gemm_raw writes each of them.
     unsafe {
-        gemm_raw(
+        gemm_raw::<false>(
             m,
             n,
             k,
@@ -347,11 +347,13 @@ pub fn gemm_avx2(
 ) {
     assert!(c.len() >= m * n);
     // SAFETY: c holds m·n floats.
-    unsafe { gemm_raw(m, n, k, a, k, w, layout, c.as_mut_ptr(), n, false) }
+    unsafe { gemm_raw::<false>(m, n, k, a, k, w, layout, c.as_mut_ptr(), n, false) }
 }
 
 /// [`gemm_avx2`] with strides: A's m rows of k floats lie `lda` ≥ k floats apart (a block
 /// of a wider matrix's columns), and C's m rows of n floats at `c` lie `ldc` ≥ n apart.
+/// With `AT`, A is given as its transpose instead: k rows of m floats `lda` ≥ m apart
+/// (A[i][kk] = a[kk·lda + i], as pᵀ in the attention's dV = pᵀ·dO), read in place too.
 /// Without `accumulate` each of C's floats is written (none read), so they may be
 /// uninitialised; with it the product is added to them (a sum over depth chunks, e.g. of
 /// a weight decoded a chunk of rows at a time). The floats between rows are not touched.
@@ -361,30 +363,7 @@ pub fn gemm_avx2(
 /// that nothing else accesses during the call.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_raw(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    lda: usize,
-    w: &[f32],
-    layout: BLayout,
-    c: *mut f32,
-    ldc: usize,
-    accumulate: bool,
-) {
-    gemm_core::<false>(m, n, k, a, lda, w, layout, c, ldc, accumulate)
-}
-
-/// [`gemm_raw`] with A given either as m rows of k floats `lda` apart (`AT` false) or as
-/// its transpose: k rows of m floats `lda` ≥ m apart (`AT` true, A[i][kk] = a[kk·lda + i],
-/// as pᵀ in the attention's dV = pᵀ·dO), read in place either way.
-///
-/// # Safety
-/// As [`gemm_raw`].
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_core<const AT: bool>(
+pub(crate) unsafe fn gemm_raw<const AT: bool>(
     m: usize,
     n: usize,
     k: usize,
@@ -855,9 +834,9 @@ mod tests {
                 unsafe {
                     let cp = c.as_mut_ptr().add(c_off);
                     let a = &a_wide[a_off..];
-                    gemm_raw(m, n, split, a, lda, &w1, l, cp, ldc, false);
+                    gemm_raw::<false>(m, n, split, a, lda, &w1, l, cp, ldc, false);
                     let a2 = &a_wide[a_off + split..];
-                    gemm_raw(m, n, k - split, a2, lda, &w2, l, cp, ldc, true);
+                    gemm_raw::<false>(m, n, k - split, a2, lda, &w2, l, cp, ldc, true);
                 }
                 let want = reference(m, n, k, &a_block, &w, l);
                 for (idx, v) in c.iter().enumerate() {

@@ -199,7 +199,7 @@ fn dequantized_linear_avx2(x: &Tensor, w: &QMatrix, rows: usize) -> Result<Optio
         // SAFETY: y has room for m rows of `out` floats; this chunk writes columns
         // r0..r0+n of each (r0 + n ≤ out), and the chunks together write every column.
         unsafe {
-            gemm_raw(
+            gemm_raw::<false>(
                 m,
                 n,
                 inp,
@@ -304,7 +304,7 @@ fn dequantized_input_grad_avx2(
                 // first product (written = false) and added to by the rest; dY's block
                 // from column a − off holds m rows of b − a floats, c apart.
                 unsafe {
-                    gemm_raw(
+                    gemm_raw::<false>(
                         m,
                         inp,
                         b - a,
