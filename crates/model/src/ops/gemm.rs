@@ -157,10 +157,11 @@ pub fn matmul_frozen_vec(x: &Tensor, w: &Tensor, layout: BLayout) -> candle_core
 
 /// a·b for a [B, m, k] and b [B, k, n] (candle's batched matmul) on this process's f32
 /// path: the blockwise training attention's products (q·kᵀ, p·v and their gradients),
-/// whose B is a view of a row-major matrix (k's or v's rows of a span: `Cols` or `Rows`).
-/// On an AVX2-only EPYC this ran q·kᵀ 1.4–1.5× and p·v, dS·k 1.0–1.5× as fast as candle's
-/// gemm (`cargo run --release -p lowrank-model --example attn_bmm`). Other devices,
-/// dtypes and layouts, and fewer than [`MIN_ROWS`] rows take candle's matmul.
+/// whose B is a view of a row-major matrix (k's or v's rows of a span: `Cols` or `Rows`)
+/// and whose A is one too, or its transpose (pᵀ·dO, dSᵀ·q). On an AVX2-only EPYC this ran
+/// each of them 1.2–1.7× as fast as candle's gemm (`cargo run --release -p lowrank-model
+/// --example attn_bmm`). Other devices, dtypes and layouts, and fewer than [`MIN_ROWS`]
+/// rows take candle's matmul.
 /// a: [B, m, k], b: [B, k, n] → [B, m, n]
 pub fn bmm(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     #[cfg(target_arch = "x86_64")]
@@ -188,8 +189,8 @@ fn bmm_avx2(a: &Tensor, b: &Tensor) -> candle_core::Result<Option<Tensor>> {
     // one, read column-wise by the kernel (taken instead as (dOᵀ·p)ᵀ, with dOᵀ and the
     // result copied, it had run at 0.8–0.9× candle's speed).
     let (at, lda) = match (sa[1], sa[2]) {
-        (r, 1) if r >= k || m == 1 => (false, r.max(k)),
-        (1, r) if r >= m || k == 1 => (true, r.max(m)),
+        (r, 1) if r >= k => (false, r),
+        (1, r) if r >= m => (true, r),
         _ => return Ok(None),
     };
     if m < MIN_ROWS {
