@@ -10,7 +10,7 @@ use candle_core::Device;
 use lowrank_model::LoadedModel;
 use lowrank_train::data::{load_jsonl, DataError, LoadOptions};
 use proptest::prelude::*;
-use proptest::test_runner::Config;
+use proptest::test_runner::{Config, RngSeed};
 
 fn tiny() -> LoadedModel {
     let p = concat!(
@@ -28,6 +28,10 @@ fn config(cases: u32) -> Config {
         cases,
         // Nothing is written into the source tree; a failure prints its (shrunk) input.
         failure_persistence: None,
+        // The same inputs on every run: with a random seed the check that both outcomes
+        // come up failed about one run in 70 (47 of 1000 mutated files loaded, 50 needed),
+        // a draw of the generator rather than a fault of the reader.
+        rng_seed: RngSeed::Fixed(0x5EED_10AD),
         ..Config::default()
     }
 }
