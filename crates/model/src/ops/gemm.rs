@@ -988,6 +988,9 @@ mod tests {
         let odd = keys.narrow(2, 0, 40).unwrap(); // rows 64 apart, 40 used
         let short = q.narrow(1, 0, MIN_ROWS - 1).unwrap();
         let wide = t(fill(nkv * m * rows, 15), (nkv, m, rows));
+        // Shapes that do not multiply: candle's error, not a product.
+        assert!(bmm(&q, &span).is_err()); // [3, 70, 64]·[3, 101, 64]
+        assert!(bmm(&q, &q.narrow(0, 0, 2).unwrap().t().unwrap()).is_err()); // 3 and 2 batches
         for (a, b) in [(&wide, &odd), (&short, &span.t().unwrap())] {
             assert!(bmm_avx2(a, b).unwrap().is_none());
             let want = a.matmul(b).unwrap().to_vec3::<f32>().unwrap();
