@@ -612,9 +612,9 @@ fn training_tape_grows_linearly_with_the_sequence() {
 /// The child of [`f32_gemm_paths_agree_on_a_long_batch`] that it runs once per path.
 const GEMM_CHILD: &str = "f32_gemm_path_child";
 
-/// The f32 gemm paths (`LOWRANK_F32_GEMM=candle|avx2`) give the same loss and LoRA
-/// gradients, to f32 accumulation error, on batches long enough (≥ `ops::gemm::MIN_ROWS`
-/// rows) to take our AVX2 product in every frozen projection, its dX and the head: 149 and
+/// The f32 gemm paths (`LOWRANK_F32_GEMM=candle|avx2|avx512`, each this CPU runs) give the
+/// same loss and LoRA gradients, to f32 accumulation error, on batches long enough (≥
+/// `ops::gemm::MIN_ROWS` rows) to take our product in every frozen projection, its dX and the head: 149 and
 /// 75 tokens (a ragged last register tile; hidden 576 is two depth blocks, the vocabulary
 /// many column blocks). The PEFT case above is too short to reach it. Each path runs in
 /// its own process (the path is chosen once per process), writing what it computed.
@@ -660,13 +660,35 @@ fn gemm_paths_agree(dir: &std::path::Path, compute: &str) {
         );
         candle_core::safetensors::load(&file, &Device::Cpu).unwrap()
     };
-    let (ours, candle) = (run("avx2"), run("candle"));
+    let candle = run("candle");
+    let avx512 = cfg!(target_arch = "x86_64") && std::is_x86_feature_detected!("avx512f");
+    if !avx512 {
+        eprintln!("{compute}: the avx512 path skipped: this CPU has no AVX-512");
+    }
+    let ours: &[&str] = if avx512 {
+        &["avx2", "avx512"]
+    } else {
+        &["avx2"]
+    };
+    for path in ours {
+        let ours = run(path);
+        paths_agree(compute, path, &ours, &candle);
+    }
+}
+
+/// The loss and every LoRA gradient of our path's run against candle's.
+fn paths_agree(
+    compute: &str,
+    path: &str,
+    ours: &std::collections::HashMap<String, Tensor>,
+    candle: &std::collections::HashMap<String, Tensor>,
+) {
     assert_eq!(ours.len(), candle.len());
     let l = |m: &std::collections::HashMap<String, Tensor>| m["loss"].to_vec1::<f64>().unwrap()[0];
-    let (lo, lc) = (l(&ours), l(&candle));
+    let (lo, lc) = (l(ours), l(candle));
     assert!(
         ((lo - lc) / lc).abs() <= 1e-6,
-        "{compute}: loss {lo} (avx2) vs {lc} (candle)"
+        "{compute}: loss {lo} ({path}) vs {lc} (candle)"
     );
     // int8 stores the tape in bf16: where the paths' f32 sums differ in the last bits, a
     // stored activation near a bf16 rounding boundary rounds the other way (2⁻⁹ relative),
@@ -679,10 +701,10 @@ fn gemm_paths_agree(dir: &std::path::Path, compute: &str) {
         worst = worst.max(e);
         assert!(
             e <= bound,
-            "{compute}: {name}: relative Frobenius error {e} between the paths"
+            "{compute}: {name}: relative Frobenius error {e} between {path} and candle"
         );
     }
-    eprintln!("{compute}: loss {lo:.7} vs {lc:.7}; worst gradient difference {worst:.2e}");
+    eprintln!("{compute} {path}: loss {lo:.7} vs {lc:.7}; worst gradient difference {worst:.2e}");
 }
 
 #[test]

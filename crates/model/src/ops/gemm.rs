@@ -1,24 +1,27 @@
-//! f32 matrix products with a frozen weight on AVX2 + FMA: C = A·B, B a row-major weight
-//! read either as it is (`dX = dY·W`) or transposed (`y = x·Wᵀ`).
+//! f32 matrix products with a frozen weight on AVX2 + FMA or AVX-512: C = A·B, B a
+//! row-major weight read either as it is (`dX = dY·W`) or transposed (`y = x·Wᵀ`).
 //!
 //! Why our own: an f32 training step is ≈ 91–95 % such products, and candle's gemm (the
 //! `gemm` crate) reached 55–75 % of one core's FMA peak on them on an AVX2-only AMD EPYC and
-//! 1.6× that on two cores (`cargo run --release -p lowrank-model --example step_gemms`).
-//! This is the usual blocked design (Goto / BLIS): a 6 × 16 register tile of twelve ymm
-//! accumulators; the weight packed a KC × NC block at a time (in L2) into 16-column panels;
-//! the activations read in place, six rows at a time; the threads splitting C's columns, so
-//! each packs only its own part of the weight and none waits for another. Packing copies
-//! the weight once per call, small next to 2·m·k·n FLOPs for the shapes training has
-//! (m ≥ 128 rows); below [`MIN_ROWS`] rows candle's path runs. With this kernel a 4 × 128
-//! step's products ran 1.15–1.22× as fast as with candle's (`--example f32_gemm`).
+//! 1.6× that on two cores (`cargo run --release -p lowrank-model --example step_gemms`),
+//! and 55–83 % of the two cores' peak on an AVX-512 EPYC (`--example f32_gemm`).
+//! This is the usual blocked design (Goto / BLIS): a register tile of accumulators (6 × 16
+//! in twelve ymm registers, or 12 × 32 in twenty-four zmm); the weight packed a KC × NC
+//! block at a time (in L2) into panels as wide as the tile; the activations read in place,
+//! a tile's rows at a time; the threads splitting C's columns, so each packs only its own
+//! part of the weight and none waits for another. Packing copies the weight once per call,
+//! small next to 2·m·k·n FLOPs for the shapes training has (m ≥ 128 rows); below
+//! [`MIN_ROWS`] rows candle's path runs. With the AVX2 kernel a 4 × 128 step's products ran
+//! 1.15–1.22× as fast as with candle's on the AVX2 EPYC, with the AVX-512 one 1.22× on the
+//! AVX-512 EPYC (each shape 1.1–1.4×, 370–430 GFLOP/s on two cores).
 //!
 //! Results are not bitwise equal to candle's (another summation order); tests bound the
-//! difference against an f64 product. `LOWRANK_F32_GEMM=candle|avx2` forces a path.
+//! difference against an f64 product. `LOWRANK_F32_GEMM=candle|avx2|avx512` forces a path.
 
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
-/// Rows of x from which [`matmul_frozen`] runs [`gemm_avx2`]: with fewer, repacking the
+/// Rows of x from which [`matmul_frozen`] runs [`gemm_f32`]: with fewer, repacking the
 /// weight on every call costs more than the product (decoding a few rows takes candle's
 /// path, see `ops::plain_linear`).
 pub const MIN_ROWS: usize = 64;
@@ -34,6 +37,8 @@ const MC: usize = 144;
 /// Columns of B packed at a time (per thread): 320 × 256 × 4 = 320 KiB, written and read
 /// in L2 (a block of 1024 columns went to L3, and packing it was ≈ 2× slower).
 const NC: usize = 256;
+/// The deepest packed block of any kernel.
+const KC_MAX: usize = KC;
 
 /// How B is stored: a row-major weight W read as B = W (`Rows`: B[k][n] = w[k·n_dim + n])
 /// or as B = Wᵀ (`Cols`: B[k][n] = w[n·k_dim + k]).
@@ -48,9 +53,12 @@ pub enum BLayout {
 pub enum GemmKernel {
     /// candle's matmul (the `gemm` crate; its own AVX-512 path where the CPU has one).
     Candle,
-    /// This module's AVX2 + FMA kernel.
+    /// This module's AVX2 + FMA kernel (6 × 16 tile of ymm registers).
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// This module's AVX-512 kernel (12 × 32 tile of zmm registers), same blocking.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
 }
 
 impl GemmKernel {
@@ -59,7 +67,14 @@ impl GemmKernel {
             GemmKernel::Candle => "candle",
             #[cfg(target_arch = "x86_64")]
             GemmKernel::Avx2 => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            GemmKernel::Avx512 => "avx512",
         }
+    }
+
+    /// Whether this path is one of this module's kernels (not candle's matmul).
+    pub fn is_own(self) -> bool {
+        self != GemmKernel::Candle
     }
 
     fn supported(self) -> bool {
@@ -67,15 +82,20 @@ impl GemmKernel {
             GemmKernel::Candle => true,
             #[cfg(target_arch = "x86_64")]
             GemmKernel::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "x86_64")]
+            GemmKernel::Avx512 => {
+                GemmKernel::Avx2.supported() && is_x86_feature_detected!("avx512f")
+            }
         }
     }
 
-    /// The default on this CPU: AVX2 where it runs and the CPU has no AVX-512 (there the
-    /// `gemm` crate's 16-wide kernels have twice the lanes), else candle.
+    /// The default on this CPU: our widest kernel that runs here, else candle.
     fn auto() -> GemmKernel {
         #[cfg(target_arch = "x86_64")]
-        if GemmKernel::Avx2.supported() && !is_x86_feature_detected!("avx512f") {
-            return GemmKernel::Avx2;
+        for k in [GemmKernel::Avx512, GemmKernel::Avx2] {
+            if k.supported() {
+                return k;
+            }
         }
         GemmKernel::Candle
     }
@@ -88,6 +108,8 @@ impl GemmKernel {
             Some("candle") => Some(GemmKernel::Candle),
             #[cfg(target_arch = "x86_64")]
             Some("avx2") => Some(GemmKernel::Avx2),
+            #[cfg(target_arch = "x86_64")]
+            Some("avx512") => Some(GemmKernel::Avx512),
             _ => None,
         };
         match pick {
@@ -103,7 +125,7 @@ impl GemmKernel {
             None => (
                 auto,
                 Some(format!(
-                    "LOWRANK_F32_GEMM={}: unknown (candle, avx2); using {}",
+                    "LOWRANK_F32_GEMM={}: unknown (candle, avx2, avx512); using {}",
                     forced.unwrap_or_default(),
                     auto.name()
                 )),
@@ -111,7 +133,7 @@ impl GemmKernel {
         }
     }
 
-    /// This process's path, decided once (`LOWRANK_F32_GEMM=candle|avx2` forces one; a
+    /// This process's path, decided once (`LOWRANK_F32_GEMM=candle|avx2|avx512` forces one; a
     /// path the CPU cannot run or an unknown name prints one warning and the default runs).
     pub fn detect() -> GemmKernel {
         static K: std::sync::OnceLock<GemmKernel> = std::sync::OnceLock::new();
@@ -132,8 +154,8 @@ impl GemmKernel {
 /// shapes (whose error it reports). x: [m, k] → [m, n]
 pub fn matmul_frozen(x: &Tensor, w: &Tensor, layout: BLayout) -> candle_core::Result<Tensor> {
     #[cfg(target_arch = "x86_64")]
-    if GemmKernel::detect() == GemmKernel::Avx2 {
-        if let Some(y) = matmul_avx2(x, w, layout)? {
+    if GemmKernel::detect().is_own() {
+        if let Some(y) = matmul_own(x, w, layout)? {
             return Ok(y);
         }
     }
@@ -147,8 +169,8 @@ pub fn matmul_frozen(x: &Tensor, w: &Tensor, layout: BLayout) -> candle_core::Re
 /// in place: no tensor, and no copy out of one, on our path).
 pub fn matmul_frozen_vec(x: &Tensor, w: &Tensor, layout: BLayout) -> candle_core::Result<Vec<f32>> {
     #[cfg(target_arch = "x86_64")]
-    if GemmKernel::detect() == GemmKernel::Avx2 {
-        if let Some((c, _)) = tensor_product_avx2(x, w, layout)? {
+    if GemmKernel::detect().is_own() {
+        if let Some((c, _)) = tensor_product_own(x, w, layout)? {
             return Ok(c);
         }
     }
@@ -165,17 +187,17 @@ pub fn matmul_frozen_vec(x: &Tensor, w: &Tensor, layout: BLayout) -> candle_core
 /// a: [B, m, k], b: [B, k, n] → [B, m, n]
 pub fn bmm(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     #[cfg(target_arch = "x86_64")]
-    if GemmKernel::detect() == GemmKernel::Avx2 {
-        if let Some(c) = bmm_avx2(a, b)? {
+    if GemmKernel::detect().is_own() {
+        if let Some(c) = bmm_own(GemmKernel::detect(), a, b)? {
             return Ok(c);
         }
     }
     a.matmul(b)
 }
 
-/// [`bmm`] on [`gemm_raw`], or `None` where candle's path must take it.
+/// [`bmm`] on our `kernel`, or `None` where candle's path must take it.
 #[cfg(target_arch = "x86_64")]
-fn bmm_avx2(a: &Tensor, b: &Tensor) -> candle_core::Result<Option<Tensor>> {
+fn bmm_own(kernel: GemmKernel, a: &Tensor, b: &Tensor) -> candle_core::Result<Option<Tensor>> {
     let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && t.rank() == 3;
     if !f32_cpu(a) || !f32_cpu(b) {
         return Ok(None);
@@ -222,8 +244,8 @@ fn bmm_avx2(a: &Tensor, b: &Tensor) -> candle_core::Result<Option<Tensor>> {
         unsafe {
             let ci = c.as_mut_ptr().add(i * per_c);
             match at {
-                false => gemm_raw::<false>(m, n, k, ai, lda, bi, layout, ci, n, false),
-                true => gemm_raw::<true>(m, n, k, ai, lda, bi, layout, ci, n, false),
+                false => gemm_raw_on::<false>(kernel, m, n, k, ai, lda, bi, layout, ci, n, false),
+                true => gemm_raw_on::<true>(kernel, m, n, k, ai, lda, bi, layout, ci, n, false),
             }
         };
     }
@@ -233,18 +255,18 @@ fn bmm_avx2(a: &Tensor, b: &Tensor) -> candle_core::Result<Option<Tensor>> {
     Ok(Some(Tensor::from_vec(c, (nb, m, n), a.device())?))
 }
 
-/// [`matmul_frozen`] on [`gemm_avx2`], or `None` where candle's path must take it.
+/// [`matmul_frozen`] on [`gemm_f32`], or `None` where candle's path must take it.
 #[cfg(target_arch = "x86_64")]
-fn matmul_avx2(x: &Tensor, w: &Tensor, layout: BLayout) -> candle_core::Result<Option<Tensor>> {
+fn matmul_own(x: &Tensor, w: &Tensor, layout: BLayout) -> candle_core::Result<Option<Tensor>> {
     let m = x.dim(0)?;
-    tensor_product_avx2(x, w, layout)?
+    tensor_product_own(x, w, layout)?
         .map(|(c, n)| Tensor::from_vec(c, (m, n), x.device()))
         .transpose()
 }
 
-/// [`product_avx2`] of a tensor x [m, k]: C's m·n floats and n.
+/// [`product_own`] of a tensor x [m, k]: C's m·n floats and n.
 #[cfg(target_arch = "x86_64")]
-fn tensor_product_avx2(
+fn tensor_product_own(
     x: &Tensor,
     w: &Tensor,
     layout: BLayout,
@@ -258,7 +280,7 @@ fn tensor_product_avx2(
     let Some(xv) = super::f32s(&xs) else {
         return Ok(None);
     };
-    product_avx2(&xv[xl.start_offset()..][..m * k], m, k, w, layout)
+    product_own(&xv[xl.start_offset()..][..m * k], m, k, w, layout)
 }
 
 /// x·Wᵀ or x·W (by `layout`) for x given as m rows of k floats, on this process's f32 path:
@@ -273,16 +295,16 @@ pub fn product_f32(
     layout: BLayout,
 ) -> candle_core::Result<Option<(Vec<f32>, usize)>> {
     #[cfg(target_arch = "x86_64")]
-    if GemmKernel::detect() == GemmKernel::Avx2 {
-        return product_avx2(x, m, k, w, layout);
+    if GemmKernel::detect().is_own() {
+        return product_own(x, m, k, w, layout);
     }
     let _ = (x, m, k, w, layout);
     Ok(None)
 }
 
-/// [`product_f32`] on [`gemm_avx2`].
+/// [`product_f32`] on [`gemm_f32`].
 #[cfg(target_arch = "x86_64")]
-fn product_avx2(
+fn product_own(
     x: &[f32],
     m: usize,
     k: usize,
@@ -337,7 +359,7 @@ fn product_avx2(
 /// The threads split C's columns (whole 16-column panels): each packs only its own panels
 /// of B, so no thread waits for another's packing. A is read in place, six rows at a time.
 #[cfg(target_arch = "x86_64")]
-pub fn gemm_avx2(
+pub fn gemm_f32(
     m: usize,
     n: usize,
     k: usize,
@@ -351,7 +373,7 @@ pub fn gemm_avx2(
     unsafe { gemm_raw::<false>(m, n, k, a, k, w, layout, c.as_mut_ptr(), n, false) }
 }
 
-/// [`gemm_avx2`] with strides: A's m rows of k floats lie `lda` ≥ k floats apart (a block
+/// [`gemm_f32`] with strides: A's m rows of k floats lie `lda` ≥ k floats apart (a block
 /// of a wider matrix's columns), and C's m rows of n floats at `c` lie `ldc` ≥ n apart.
 /// With `AT`, A is given as its transpose instead: k rows of m floats `lda` ≥ m apart
 /// (A[i][kk] = a[kk·lda + i], as pᵀ in the attention's dV = pᵀ·dO), read in place too.
@@ -376,7 +398,39 @@ pub(crate) unsafe fn gemm_raw<const AT: bool>(
     ldc: usize,
     accumulate: bool,
 ) {
-    assert!(GemmKernel::Avx2.supported(), "gemm_avx2 needs AVX2 + FMA");
+    let kernel = match GemmKernel::detect() {
+        GemmKernel::Avx512 => GemmKernel::Avx512,
+        // Forced to candle: a direct caller (an example, a test) gets the AVX2 kernel.
+        _ => GemmKernel::Avx2,
+    };
+    gemm_raw_on::<AT>(kernel, m, n, k, a, lda, w, layout, c, ldc, accumulate)
+}
+
+/// [`gemm_raw`] on a given kernel of this module (`Avx2` or `Avx512`): the tests run
+/// each kernel the CPU has, whatever this process's path. Panics if the CPU cannot run it.
+///
+/// # Safety
+/// As [`gemm_raw`]'s.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_raw_on<const AT: bool>(
+    kernel: GemmKernel,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    w: &[f32],
+    layout: BLayout,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    assert!(
+        kernel.is_own() && kernel.supported(),
+        "the {} gemm does not run on this CPU",
+        kernel.name()
+    );
     assert!(w.len() >= k * n);
     if m == 0 || n == 0 {
         return;
@@ -393,34 +447,199 @@ pub(crate) unsafe fn gemm_raw<const AT: bool>(
         }
         return;
     }
-    let panels = n.div_ceil(NR);
-    let tasks = column_tasks(panels, m * k, rayon::current_num_threads());
+    match kernel {
+        GemmKernel::Avx512 => {
+            blocked::<AT, Zmm12x32>(m, n, k, a, lda, w, layout, c, ldc, accumulate)
+        }
+        _ => blocked::<AT, Ymm6x16>(m, n, k, a, lda, w, layout, c, ldc, accumulate),
+    }
+}
+
+/// A register tile and the cache blocking around it: one per kernel.
+#[cfg(target_arch = "x86_64")]
+trait Micro {
+    /// Rows of C one kernel call computes.
+    const MR: usize;
+    /// Columns of C one kernel call computes: the width of a packed panel of B.
+    const NR: usize;
+    /// Depth of one packed block: a KC × NR panel of B stays in L1.
+    const KC: usize;
+    /// Rows of A one pass over a packed block takes (from L2 or L3).
+    const MC: usize;
+    /// Columns of B packed at a time (per thread), written and read in L2.
+    const NC: usize;
+
+    /// C[0..mr, 0..nr] (row stride ldc) = (C if `add` else 0) + A[0..mr, 0..kc]·B, A read
+    /// in place (row stride lda; with `AT`, A's transpose: A[i][kk] at a[kk·lda + i]), B a
+    /// packed kc × NR panel. Rows past mr repeat row mr − 1 (their results are dropped), so
+    /// A is never read past its last row.
+    ///
+    /// # Safety
+    /// The CPU has this kernel's features; `a` points at mr ≥ 1 rows of kc readable floats,
+    /// `lda` apart (with `AT`: kc rows of mr readable floats, `lda` apart); `b` holds
+    /// kc·NR floats from a 64-byte boundary; `c` points at mr ≤ MR rows of nr ≤ NR writable
+    /// floats, `ldc` apart.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<const AT: bool>(
+        kc: usize,
+        a: *const f32,
+        lda: usize,
+        b: &[f32],
+        c: *mut f32,
+        ldc: usize,
+        mr: usize,
+        nr: usize,
+        add: bool,
+    );
+
+    /// [`pack_block`] into panels of NR columns.
+    ///
+    /// # Safety
+    /// The CPU has AVX2.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn pack(
+        w: &[f32],
+        layout: BLayout,
+        k: usize,
+        n: usize,
+        pc: usize,
+        kc: usize,
+        j0: usize,
+        nc: usize,
+        dst: &mut [f32],
+    );
+}
+
+/// The AVX2 + FMA tile: 6 × 16, twelve ymm accumulators.
+#[cfg(target_arch = "x86_64")]
+struct Ymm6x16;
+
+#[cfg(target_arch = "x86_64")]
+impl Micro for Ymm6x16 {
+    const MR: usize = MR;
+    const NR: usize = NR;
+    const KC: usize = KC;
+    const MC: usize = MC;
+    const NC: usize = NC;
+    unsafe fn tile<const AT: bool>(
+        kc: usize,
+        a: *const f32,
+        lda: usize,
+        b: &[f32],
+        c: *mut f32,
+        ldc: usize,
+        mr: usize,
+        nr: usize,
+        add: bool,
+    ) {
+        kernel_6x16::<AT>(kc, a, lda, b, c, ldc, mr, nr, add)
+    }
+    unsafe fn pack(
+        w: &[f32],
+        layout: BLayout,
+        k: usize,
+        n: usize,
+        pc: usize,
+        kc: usize,
+        j0: usize,
+        nc: usize,
+        dst: &mut [f32],
+    ) {
+        pack_block::<16>(w, layout, k, n, pc, kc, j0, nc, dst)
+    }
+}
+
+/// The AVX-512 tile: 12 × 32, twenty-four zmm accumulators (of 32 registers: two for the
+/// panel's row, one for A's broadcast). A 256-deep panel (32 KiB) stays in a 48 KiB L1.
+#[cfg(target_arch = "x86_64")]
+struct Zmm12x32;
+
+#[cfg(target_arch = "x86_64")]
+impl Micro for Zmm12x32 {
+    const MR: usize = 12;
+    const NR: usize = 32;
+    const KC: usize = 256;
+    const MC: usize = 144;
+    const NC: usize = 256;
+    unsafe fn tile<const AT: bool>(
+        kc: usize,
+        a: *const f32,
+        lda: usize,
+        b: &[f32],
+        c: *mut f32,
+        ldc: usize,
+        mr: usize,
+        nr: usize,
+        add: bool,
+    ) {
+        kernel_12x32::<AT>(kc, a, lda, b, c, ldc, mr, nr, add)
+    }
+    unsafe fn pack(
+        w: &[f32],
+        layout: BLayout,
+        k: usize,
+        n: usize,
+        pc: usize,
+        kc: usize,
+        j0: usize,
+        nc: usize,
+        dst: &mut [f32],
+    ) {
+        pack_block::<32>(w, layout, k, n, pc, kc, j0, nc, dst)
+    }
+}
+
+/// The blocked product on kernel `K`; arguments as [`gemm_raw`]'s, with m, n, k ≥ 1 and
+/// the shapes checked.
+///
+/// The threads split C's columns (whole panels): each packs only its own panels of B, so
+/// no thread waits for another's packing. A is read in place, K::MR rows at a time.
+///
+/// # Safety
+/// As [`gemm_raw`]'s, and the CPU runs `K`.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn blocked<const AT: bool, K: Micro>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    w: &[f32],
+    layout: BLayout,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    let panels = n.div_ceil(K::NR);
+    let tasks = column_tasks(panels, m * k, rayon::current_num_threads(), K::NC / K::NR);
     let cp = SendPtr(c);
     (0..tasks).into_par_iter().for_each(|t| {
         let (p0, p1) = (panels * t / tasks, panels * (t + 1) / tasks);
-        let mut buf = Aligned::new(KC.div_ceil(8) * 8 * NC);
+        let mut buf = Aligned::new(K::KC.div_ceil(8) * 8 * K::NC);
         let cp = &cp;
-        let (c0, c1) = (p0 * NR, (p1 * NR).min(n));
-        for (jc, nc) in even_blocks(c1 - c0, NC, NR) {
+        let (c0, c1) = (p0 * K::NR, (p1 * K::NR).min(n));
+        for (jc, nc) in even_blocks(c1 - c0, K::NC, K::NR) {
             let jc = c0 + jc;
-            for (pc, kc) in even_blocks(k, KC, 8) {
-                let bp = buf.slice(nc.div_ceil(NR) * NR * kc);
-                // SAFETY: AVX2 + FMA asserted above.
-                unsafe { pack_block(w, layout, k, n, pc, kc, jc, nc, bp) };
+            for (pc, kc) in even_blocks(k, K::KC, 8) {
+                let bp = buf.slice(nc.div_ceil(K::NR) * K::NR * kc);
+                // SAFETY: AVX2 (every kernel's CPU has it), asserted by the caller.
+                unsafe { K::pack(w, layout, k, n, pc, kc, jc, nc, bp) };
                 let bp: &[f32] = bp;
-                for (ic, mc) in even_blocks(m, MC, MR) {
-                    for (jp, panel) in bp.chunks_exact(NR * kc).enumerate() {
-                        let j = jc + jp * NR;
-                        let nr = NR.min(n - j);
-                        for i in (ic..ic + mc).step_by(MR) {
-                            let mr = MR.min(ic + mc - i);
-                            // SAFETY: AVX2 + FMA asserted above; A's rows i..i+mr (lda
-                            // apart) hold k floats, columns pc..pc + kc ≤ k; the panel holds kc × 16
-                            // floats from a 64-byte boundary (kc·16 floats apart); C's tile
-                            // (rows i..i+mr, columns j..j+nr, stride ldc) lies inside c and
-                            // inside this thread's columns, which no other thread writes.
+                for (ic, mc) in even_blocks(m, K::MC, K::MR) {
+                    for (jp, panel) in bp.chunks_exact(K::NR * kc).enumerate() {
+                        let j = jc + jp * K::NR;
+                        let nr = K::NR.min(n - j);
+                        for i in (ic..ic + mc).step_by(K::MR) {
+                            let mr = K::MR.min(ic + mc - i);
+                            // SAFETY: the CPU runs K (asserted by the caller); A's rows
+                            // i..i+mr (lda apart) hold k floats, columns pc..pc + kc ≤ k; the
+                            // panel holds kc × NR floats from a 64-byte boundary (kc·NR
+                            // floats apart); C's tile (rows i..i+mr, columns j..j+nr, stride
+                            // ldc) lies inside c and inside this thread's columns, which no
+                            // other thread writes.
                             unsafe {
-                                kernel_6x16::<AT>(
+                                K::tile::<AT>(
                                     kc,
                                     a.as_ptr().add(match AT {
                                         false => i * lda + pc,
@@ -453,13 +672,13 @@ pub(crate) unsafe fn gemm_raw<const AT: bool>(
 /// (the head's input gradient, 256 × 49152 floats) A comes from memory each time, and one
 /// task a thread was faster (101–122 ms against 128–140 ms, four alternating runs of
 /// `SHAPE="head bwd" cargo run --release -p lowrank-model --example f32_gemm`).
-fn column_tasks(panels: usize, a_len: usize, threads: usize) -> usize {
+fn column_tasks(panels: usize, a_len: usize, threads: usize, block_panels: usize) -> usize {
     let threads = threads.max(1);
     if threads == 1 || a_len * 4 > A_SHARED_BYTES {
         // One task a thread, each at most NC columns wide blocks of its own.
         return threads.min(panels).max(1);
     }
-    panels.div_ceil(panels.div_ceil(4 * threads).clamp(1, NC / NR))
+    panels.div_ceil(panels.div_ceil(4 * threads).clamp(1, block_panels))
 }
 
 /// The largest A whose rereads (one a column task) stay in the last-level cache.
@@ -478,7 +697,7 @@ fn even_blocks(len: usize, max: usize, unit: usize) -> impl Iterator<Item = (usi
 
 /// C's base pointer, shared by threads that write disjoint columns.
 struct SendPtr(*mut f32);
-// SAFETY: the threads of `gemm_avx2` write disjoint column ranges of C through it, and the
+// SAFETY: the threads of `gemm_f32` write disjoint column ranges of C through it, and the
 // parallel loop ends before the borrow of C does.
 unsafe impl Sync for SendPtr {}
 
@@ -513,16 +732,16 @@ impl Drop for Aligned {
     }
 }
 
-/// Packs B's rows pc..pc+kc, columns j0..j0+nc into 16-column panels of kc × 16 floats
-/// each, one after the other: panel p holds dst[p·16·kc + kk·16 + jj] = B[pc+kk][j0+16p+jj],
-/// zero past column j0 + nc.
+/// Packs B's rows pc..pc+kc (kc ≤ [`KC_MAX`]), columns j0..j0+nc into NR-column panels of
+/// kc × NR floats each (NR a multiple of 16), one after the other: panel p holds
+/// dst[p·NR·kc + kk·NR + jj] = B[pc+kk][j0+NR·p+jj], zero past column j0 + nc.
 ///
 /// # Safety
 /// The CPU has AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn pack_block(
+unsafe fn pack_block<const NR: usize>(
     w: &[f32],
     layout: BLayout,
     k: usize,
@@ -552,8 +771,10 @@ unsafe fn pack_block(
                 for (p, src) in row.chunks(NR).enumerate() {
                     let d = &mut dst[(p * kc + kk) * NR..][..NR];
                     if src.len() == NR {
-                        _mm256_storeu_ps(d.as_mut_ptr(), _mm256_loadu_ps(src.as_ptr()));
-                        _mm256_storeu_ps(d[8..].as_mut_ptr(), _mm256_loadu_ps(src[8..].as_ptr()));
+                        for h in (0..NR).step_by(8) {
+                            let v = _mm256_loadu_ps(src[h..].as_ptr());
+                            _mm256_storeu_ps(d[h..].as_mut_ptr(), v);
+                        }
                     } else {
                         d[..src.len()].copy_from_slice(src);
                         d[src.len()..].fill(0.0);
@@ -564,7 +785,8 @@ unsafe fn pack_block(
         BLayout::Cols => {
             // B[k][j] = W[j][k]: 8 × 8 blocks of W's rows transposed in registers. Rows past
             // nc (a ragged last panel) read as zeros through a zero row.
-            let zeros = [0f32; KC + 8];
+            debug_assert!(kc <= KC_MAX && NR.is_multiple_of(16));
+            let zeros = [0f32; KC_MAX + 8];
             let full = kc / 8 * 8;
             let panels = nc.div_ceil(NR);
             for (p, panel) in dst.chunks_exact_mut(NR * kc).enumerate() {
@@ -576,12 +798,13 @@ unsafe fn pack_block(
                 // The next panel's rows, to prefetch while this one is transposed.
                 let next = (p + 1 < panels).then(|| w[(j0 + (p + 1) * NR) * k + pc..].as_ptr());
                 for kb in (0..full).step_by(8) {
-                    if let Some(nx) = next.filter(|_| kb % NR == 0) {
+                    // One 64-byte line of each next row every 16 floats of depth.
+                    if let Some(nx) = next.filter(|_| kb % 16 == 0) {
                         for jj in 0..NR.min(nc - (p + 1) * NR) {
                             _mm_prefetch::<_MM_HINT_T0>(nx.add(jj * k + kb) as *const i8);
                         }
                     }
-                    for h in 0..2 {
+                    for h in 0..NR / 8 {
                         let r: [__m256; 8] = std::array::from_fn(|i| {
                             _mm256_loadu_ps(rows[h * 8 + i][kb..].as_ptr())
                         });
@@ -707,6 +930,79 @@ unsafe fn kernel_6x16<const AT: bool>(
     }
 }
 
+/// [`kernel_6x16`] on AVX-512: a 12 × 32 tile (C = (C if `add` else 0) + A·B, A read in
+/// place, rows past mr repeating row mr − 1), the panel kc × 32 floats. Columns past nr are
+/// masked off in C's loads and stores, so a ragged tile needs no copy.
+///
+/// # Safety
+/// The CPU has AVX-512F; `a` points at mr ≥ 1 rows of kc readable floats, `lda` apart
+/// (with `AT`: kc rows of mr readable floats, `lda` apart); `b` holds kc·32 floats from a
+/// 64-byte boundary; `c` points at mr ≤ 12 rows of nr ≤ 32 writable floats, `ldc` apart.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_12x32<const AT: bool>(
+    kc: usize,
+    a: *const f32,
+    lda: usize,
+    b: &[f32],
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    nr: usize,
+    add: bool,
+) {
+    use std::arch::x86_64::*;
+    const MR: usize = 12;
+    const NR: usize = 32;
+    debug_assert!(b.len() >= kc * NR && (1..=MR).contains(&mr) && nr <= NR);
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    // Row i's first float, and the step from one depth to the next.
+    let (rows, step): ([*const f32; MR], usize) = match AT {
+        false => (std::array::from_fn(|i| a.add(i.min(mr - 1) * lda)), 1),
+        true => (std::array::from_fn(|i| a.add(i.min(mr - 1))), lda),
+    };
+    // C's tile is read (or written) only after the loop: start bringing its lines in now.
+    for i in 0..mr {
+        for j in [0, 16, NR - 1] {
+            // (a hint only: the address may lie past a ragged tile's columns)
+            _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(i * ldc + j) as *const i8);
+        }
+    }
+    let mut pb = b.as_ptr();
+    for kk in 0..kc {
+        let b0 = _mm512_load_ps(pb);
+        let b1 = _mm512_load_ps(pb.add(16));
+        for (row, &pa) in acc.iter_mut().zip(&rows) {
+            let ai = _mm512_set1_ps(*pa.add(kk * step));
+            row[0] = _mm512_fmadd_ps(ai, b0, row[0]);
+            row[1] = _mm512_fmadd_ps(ai, b1, row[1]);
+        }
+        pb = pb.add(NR);
+    }
+    // Lanes of the two halves that are columns of C.
+    let lanes = |from: usize| -> __mmask16 {
+        match nr.saturating_sub(from) {
+            0 => 0,
+            n if n >= 16 => 0xFFFF,
+            n => (1u16 << n) - 1,
+        }
+    };
+    let (m0, m1) = (lanes(0), lanes(16));
+    for (i, row) in acc.iter().take(mr).enumerate() {
+        let p = c.add(i * ldc);
+        let (mut v0, mut v1) = (row[0], row[1]);
+        if add {
+            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, p));
+            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, p.wrapping_add(16)));
+        }
+        // A masked-off lane is neither read nor written (nor can it fault), so the second
+        // half's address may lie past C's row where nr ≤ 16.
+        _mm512_mask_storeu_ps(p, m0, v0);
+        _mm512_mask_storeu_ps(p.wrapping_add(16), m1, v1);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -752,19 +1048,30 @@ mod tests {
         c
     }
 
-    /// Every element of the AVX2 product within f32 accumulation error of the f64 one, for
-    /// shapes whose edges fall inside a register tile (m % 6, n % 16), inside an 8-wide
-    /// transpose (k % 8), across depth blocks (k > KC, accumulated through C) and column
-    /// blocks (n > NC), in both layouts and on 1–3 threads (a thread's column range that
-    /// starts or ends mid-block). A wrong transpose, a lost depth block or a tile written
-    /// at the wrong place is off by O(1), far outside the bound.
+    /// Our kernels this CPU runs (AVX2 on every x86-64 machine of ours; AVX-512 on some).
+    #[cfg(target_arch = "x86_64")]
+    fn own_kernels() -> Vec<GemmKernel> {
+        let ks: Vec<GemmKernel> = [GemmKernel::Avx2, GemmKernel::Avx512]
+            .into_iter()
+            .filter(|k| k.supported())
+            .collect();
+        for k in [GemmKernel::Avx2, GemmKernel::Avx512] {
+            if !ks.contains(&k) {
+                eprintln!("skipped: this CPU cannot run the {} kernel", k.name());
+            }
+        }
+        ks
+    }
+
+    /// Every element of each kernel's product within f32 accumulation error of the f64 one,
+    /// for shapes whose edges fall inside a register tile (m % 6 or 12, n % 16 or 32), inside
+    /// an 8-wide transpose (k % 8), across depth blocks (k > KC, accumulated through C) and
+    /// column blocks (n > NC), in both layouts and on 1–3 threads (a thread's column range
+    /// that starts or ends mid-block). A wrong transpose, a lost depth block, a tile written
+    /// at the wrong place or a column masked wrongly is off by O(1), far outside the bound.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn avx2_product_matches_f64_on_ragged_shapes() {
-        if !GemmKernel::Avx2.supported() {
-            eprintln!("skipped: this CPU has no AVX2 + FMA (nothing to test)");
-            return;
-        }
+    fn own_products_match_f64_on_ragged_shapes() {
         let shapes = [
             (1, 1, 1),
             (7, 17, 9),
@@ -773,28 +1080,48 @@ mod tests {
             (65, 1040, 37),
             (130, 100, 641),
             (6, 2100, 16),
+            (25, 47, 300),
+            (12, 32, 257),
         ];
-        for threads in [1, 2, 3] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            for (m, n, k) in shapes {
-                for l in [BLayout::Rows, BLayout::Cols] {
-                    let a = fill(m * k, (m * 31 + k) as u64);
-                    let w = fill(k * n, (n * 17 + k) as u64);
-                    let mut c = vec![f32::NAN; m * n];
-                    pool.install(|| gemm_avx2(m, n, k, &a, &w, l, &mut c));
-                    for (idx, (got, (want, mag))) in
-                        c.iter().zip(reference(m, n, k, &a, &w, l)).enumerate()
-                    {
-                        let bound = 1e-6 * mag + 1e-30;
-                        assert!(
+        for kernel in own_kernels() {
+            for threads in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                for (m, n, k) in shapes {
+                    for l in [BLayout::Rows, BLayout::Cols] {
+                        let a = fill(m * k, (m * 31 + k) as u64);
+                        let w = fill(k * n, (n * 17 + k) as u64);
+                        let mut c = vec![f32::NAN; m * n];
+                        // SAFETY: c holds m rows of n floats.
+                        pool.install(|| unsafe {
+                            gemm_raw_on::<false>(
+                                kernel,
+                                m,
+                                n,
+                                k,
+                                &a,
+                                k,
+                                &w,
+                                l,
+                                c.as_mut_ptr(),
+                                n,
+                                false,
+                            )
+                        });
+                        for (idx, (got, (want, mag))) in
+                            c.iter().zip(reference(m, n, k, &a, &w, l)).enumerate()
+                        {
+                            let bound = 1e-6 * mag + 1e-30;
+                            assert!(
                             (*got as f64 - want).abs() <= bound,
-                            "{m}×{n}×{k} {l:?} on {threads} threads: C[{}][{}] = {got}, f64 {want}",
+                            "{} {m}×{n}×{k} {l:?} on {threads} threads: C[{}][{}] = {got}, f64 {want}",
+                            kernel.name(),
                             idx / n,
                             idx % n
                         );
+                        }
                     }
                 }
             }
@@ -808,52 +1135,65 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn strided_accumulating_products_sum_depth_chunks() {
-        if !GemmKernel::Avx2.supported() {
-            eprintln!("skipped: this CPU has no AVX2 + FMA (nothing to test)");
-            return;
-        }
-        for (m, n, k, split) in [(7, 21, 40, 16), (70, 35, 700, 336), (13, 40, 9, 1)] {
-            for l in [BLayout::Rows, BLayout::Cols] {
-                let (lda, a_off, ldc, c_off) = (k + 5, 3, n + 7, 2);
-                let a_wide = fill((m - 1) * lda + a_off + k, (m + n) as u64);
-                let a_block: Vec<f32> = (0..m)
-                    .flat_map(|i| a_wide[a_off + i * lda..][..k].to_vec())
-                    .collect();
-                let w = fill(k * n, (k * 3) as u64);
-                // W's rows (Rows: depth rows; Cols: every row's depth columns) split in two.
-                let (w1, w2): (Vec<f32>, Vec<f32>) = match l {
-                    BLayout::Rows => (w[..split * n].to_vec(), w[split * n..].to_vec()),
-                    BLayout::Cols => (
-                        (0..n).flat_map(|j| w[j * k..][..split].to_vec()).collect(),
-                        (0..n)
-                            .flat_map(|j| w[j * k + split..][..k - split].to_vec())
-                            .collect(),
-                    ),
-                };
-                let mut c = vec![-7f32; (m - 1) * ldc + c_off + n + 3];
-                // SAFETY: c holds m rows of n floats from c_off, ldc apart (and then some).
-                unsafe {
-                    let cp = c.as_mut_ptr().add(c_off);
-                    let a = &a_wide[a_off..];
-                    gemm_raw::<false>(m, n, split, a, lda, &w1, l, cp, ldc, false);
-                    let a2 = &a_wide[a_off + split..];
-                    gemm_raw::<false>(m, n, k - split, a2, lda, &w2, l, cp, ldc, true);
-                }
-                let want = reference(m, n, k, &a_block, &w, l);
-                for (idx, v) in c.iter().enumerate() {
-                    let (i, j) = (
-                        (idx.wrapping_sub(c_off)) / ldc,
-                        (idx.wrapping_sub(c_off)) % ldc,
-                    );
-                    if idx < c_off || i >= m || j >= n {
-                        assert_eq!(*v, -7.0, "{m}×{n}×{k} {l:?}: float {idx} outside C touched");
-                        continue;
+        for kernel in own_kernels() {
+            for (m, n, k, split) in [(7, 21, 40, 16), (70, 35, 700, 336), (13, 40, 9, 1)] {
+                for l in [BLayout::Rows, BLayout::Cols] {
+                    let (lda, a_off, ldc, c_off) = (k + 5, 3, n + 7, 2);
+                    let a_wide = fill((m - 1) * lda + a_off + k, (m + n) as u64);
+                    let a_block: Vec<f32> = (0..m)
+                        .flat_map(|i| a_wide[a_off + i * lda..][..k].to_vec())
+                        .collect();
+                    let w = fill(k * n, (k * 3) as u64);
+                    // W's rows (Rows: depth rows; Cols: every row's depth columns) split in two.
+                    let (w1, w2): (Vec<f32>, Vec<f32>) = match l {
+                        BLayout::Rows => (w[..split * n].to_vec(), w[split * n..].to_vec()),
+                        BLayout::Cols => (
+                            (0..n).flat_map(|j| w[j * k..][..split].to_vec()).collect(),
+                            (0..n)
+                                .flat_map(|j| w[j * k + split..][..k - split].to_vec())
+                                .collect(),
+                        ),
+                    };
+                    let mut c = vec![-7f32; (m - 1) * ldc + c_off + n + 3];
+                    // SAFETY: c holds m rows of n floats from c_off, ldc apart (and then some).
+                    unsafe {
+                        let cp = c.as_mut_ptr().add(c_off);
+                        let a = &a_wide[a_off..];
+                        gemm_raw_on::<false>(kernel, m, n, split, a, lda, &w1, l, cp, ldc, false);
+                        let a2 = &a_wide[a_off + split..];
+                        gemm_raw_on::<false>(
+                            kernel,
+                            m,
+                            n,
+                            k - split,
+                            a2,
+                            lda,
+                            &w2,
+                            l,
+                            cp,
+                            ldc,
+                            true,
+                        );
                     }
-                    let (want, mag) = want[i * n + j];
-                    assert!(
-                        (*v as f64 - want).abs() <= 1e-6 * mag + 1e-30,
-                        "{m}×{n}×{k} {l:?}: C[{i}][{j}] = {v}, f64 {want}"
-                    );
+                    let want = reference(m, n, k, &a_block, &w, l);
+                    for (idx, v) in c.iter().enumerate() {
+                        let (i, j) = (
+                            (idx.wrapping_sub(c_off)) / ldc,
+                            (idx.wrapping_sub(c_off)) % ldc,
+                        );
+                        if idx < c_off || i >= m || j >= n {
+                            assert_eq!(
+                                *v, -7.0,
+                                "{kernel:?} {m}×{n}×{k} {l:?}: float {idx} outside C touched"
+                            );
+                            continue;
+                        }
+                        let (want, mag) = want[i * n + j];
+                        assert!(
+                            (*v as f64 - want).abs() <= 1e-6 * mag + 1e-30,
+                            "{kernel:?} {m}×{n}×{k} {l:?}: C[{i}][{j}] = {v}, f64 {want}"
+                        );
+                    }
                 }
             }
         }
@@ -865,19 +1205,21 @@ mod tests {
     #[test]
     fn column_tasks_are_several_a_thread_unless_a_is_large() {
         let small = 512 * 576;
-        for threads in [1, 2, 3, 8] {
-            for panels in [1, 2, 5, 12, 36, 96, 3072] {
-                let tasks = column_tasks(panels, small, threads);
-                let what = format!("{panels} panels, {threads} threads: {tasks}");
-                assert!((1..=panels).contains(&tasks), "{what}");
-                let big = column_tasks(panels, A_SHARED_BYTES / 4 + 1, threads);
-                assert_eq!(big, threads.min(panels), "{what}");
-                if threads > 1 {
-                    // The widest task (panels·(t+1)/tasks − panels·t/tasks) fits one block.
-                    assert!(panels.div_ceil(tasks) <= NC / NR, "{what}");
-                    assert!(tasks >= panels.min(2 * threads), "{what}");
-                } else {
-                    assert_eq!(tasks, 1, "{what}");
+        for block in [NC / NR, 8] {
+            for threads in [1, 2, 3, 8] {
+                for panels in [1, 2, 5, 12, 36, 96, 3072] {
+                    let tasks = column_tasks(panels, small, threads, block);
+                    let what = format!("{panels} panels, {threads} threads: {tasks}");
+                    assert!((1..=panels).contains(&tasks), "{what}");
+                    let big = column_tasks(panels, A_SHARED_BYTES / 4 + 1, threads, block);
+                    assert_eq!(big, threads.min(panels), "{what}");
+                    if threads > 1 {
+                        // The widest task (panels·(t+1)/tasks − panels·t/tasks) fits one block.
+                        assert!(panels.div_ceil(tasks) <= block, "{what}");
+                        assert!(tasks >= panels.min(2 * threads), "{what}");
+                    } else {
+                        assert_eq!(tasks, 1, "{what}");
+                    }
                 }
             }
         }
@@ -887,13 +1229,26 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn empty_depth_writes_zeros() {
-        if !GemmKernel::Avx2.supported() {
-            eprintln!("skipped: this CPU has no AVX2 + FMA (nothing to test)");
-            return;
+        for kernel in own_kernels() {
+            let mut c = vec![5f32; 12];
+            // SAFETY: c holds 3 rows of 4 floats.
+            unsafe {
+                gemm_raw_on::<false>(
+                    kernel,
+                    3,
+                    4,
+                    0,
+                    &[],
+                    0,
+                    &[],
+                    BLayout::Rows,
+                    c.as_mut_ptr(),
+                    4,
+                    false,
+                )
+            };
+            assert_eq!(c, vec![0f32; 12], "{kernel:?}");
         }
-        let mut c = vec![5f32; 12];
-        gemm_avx2(3, 4, 0, &[], &[], BLayout::Rows, &mut c);
-        assert_eq!(c, vec![0f32; 12]);
     }
 
     /// The tensor entry point gives candle's product (to accumulation error) on both paths
@@ -933,16 +1288,21 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn bmm_matches_f64_on_attention_views() {
-        if !GemmKernel::Avx2.supported() {
-            eprintln!("skipped: this CPU has no AVX2 + FMA (nothing to test)");
-            return;
+        for kernel in own_kernels() {
+            bmm_matches_f64_on(kernel);
         }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn bmm_matches_f64_on(kernel: GemmKernel) {
         let dev = candle_core::Device::Cpu;
         let t = |v: Vec<f32>, s: (usize, usize, usize)| {
             Tensor::new(v, &dev).unwrap().reshape(s).unwrap()
         };
         let check = |a: &Tensor, b: &Tensor| {
-            let got = bmm_avx2(a, b).unwrap().expect("our path takes this layout");
+            let got = bmm_own(kernel, a, b)
+                .unwrap()
+                .expect("our path takes this layout");
             let (av, bv) = (a.to_vec3::<f32>().unwrap(), b.to_vec3::<f32>().unwrap());
             let gv = got.to_vec3::<f32>().unwrap();
             let (nb, m, k) = a.dims3().unwrap();
@@ -958,7 +1318,10 @@ mod tests {
                             mag += p.abs();
                         }
                         let d = (gv[bi][i][j] as f64 - s).abs();
-                        assert!(d <= 1e-6 * mag + 1e-30, "[{bi},{i},{j}] {d} of {mag}");
+                        assert!(
+                            d <= 1e-6 * mag + 1e-30,
+                            "{kernel:?} [{bi},{i},{j}] {d} of {mag}"
+                        );
                     }
                 }
             }
@@ -992,7 +1355,7 @@ mod tests {
         assert!(bmm(&q, &span).is_err()); // [3, 70, 64]·[3, 101, 64]
         assert!(bmm(&q, &q.narrow(0, 0, 2).unwrap().t().unwrap()).is_err()); // 3 and 2 batches
         for (a, b) in [(&wide, &odd), (&short, &span.t().unwrap())] {
-            assert!(bmm_avx2(a, b).unwrap().is_none());
+            assert!(bmm_own(kernel, a, b).unwrap().is_none());
             let want = a.matmul(b).unwrap().to_vec3::<f32>().unwrap();
             assert_eq!(bmm(a, b).unwrap().to_vec3::<f32>().unwrap(), want);
         }
@@ -1009,8 +1372,12 @@ mod tests {
             (GemmKernel::Candle, None)
         );
         #[cfg(target_arch = "x86_64")]
-        if GemmKernel::Avx2.supported() {
-            assert_eq!(GemmKernel::choose(Some("AVX2")), (GemmKernel::Avx2, None));
+        for k in [GemmKernel::Avx2, GemmKernel::Avx512] {
+            let upper = k.name().to_ascii_uppercase();
+            match k.supported() {
+                true => assert_eq!(GemmKernel::choose(Some(&upper)), (k, None)),
+                false => assert!(GemmKernel::choose(Some(&upper)).1.is_some()),
+            }
         }
         let (k, w) = GemmKernel::choose(Some("mkl"));
         assert_eq!(k, auto);
