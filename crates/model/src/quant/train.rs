@@ -140,7 +140,7 @@ pub fn qlinear_train_vec(x: &Tensor, w: &QMatrix, product: TrainProduct) -> Resu
     #[cfg(target_arch = "x86_64")]
     if product == TrainProduct::Dequantized {
         let rows = CHUNK_BYTES / (4 * w.in_dim().max(1));
-        if let Some(y) = dequantized_linear_avx2(x, w, rows)? {
+        if let Some(y) = dequantized_linear_own(x, w, rows)? {
             return Ok(y);
         }
     }
@@ -159,7 +159,7 @@ fn dequantized_linear_chunked(x: &Tensor, w: &QMatrix, rows: usize) -> Result<Te
     let (out, inp) = (w.out_dim(), w.in_dim());
     let rows = rows.max(super::TILE) / super::TILE * super::TILE;
     #[cfg(target_arch = "x86_64")]
-    if let Some(y) = dequantized_linear_avx2(x, w, rows)? {
+    if let Some(y) = dequantized_linear_own(x, w, rows)? {
         return Ok(Tensor::from_vec(y, (x.dim(0)?, out), x.device())?);
     }
     let mut parts = Vec::with_capacity(out.div_ceil(rows));
@@ -171,17 +171,17 @@ fn dequantized_linear_chunked(x: &Tensor, w: &QMatrix, rows: usize) -> Result<Te
     crate::backward::cat_or_single(parts, 1)
 }
 
-/// [`dequantized_linear_chunked`] on the AVX2 f32 gemm (the product's n·out floats), or
+/// [`dequantized_linear_chunked`] on our f32 gemm (the product's n·out floats), or
 /// `None` where the candle path must take it (another f32 path, a tracked x, fewer than `MIN_ROWS` rows). Each chunk is
 /// dequantized into one reused per-thread buffer and multiplied straight into its columns
 /// of the output: no zero-filled chunk, no tensor per chunk, no concatenation (together
 /// ≈ 8 % of an int8 step's time on AVX2 before).
 #[cfg(target_arch = "x86_64")]
-fn dequantized_linear_avx2(x: &Tensor, w: &QMatrix, rows: usize) -> Result<Option<Vec<f32>>> {
+fn dequantized_linear_own(x: &Tensor, w: &QMatrix, rows: usize) -> Result<Option<Vec<f32>>> {
     use crate::ops::gemm::{gemm_raw, BLayout, GemmKernel, MIN_ROWS};
     let (out, inp) = (w.out_dim(), w.in_dim());
     let plain = x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && x.rank() == 2;
-    if GemmKernel::detect() != GemmKernel::Avx2 || !plain || x.track_op() {
+    if !GemmKernel::detect().is_own() || !plain || x.track_op() {
         return Ok(None);
     }
     let (m, k) = x.dims2()?;
@@ -233,7 +233,7 @@ pub fn dequantized_input_grad(dys: &[&Tensor], w: &QMatrix) -> Result<Option<Ten
     #[cfg(target_arch = "x86_64")]
     {
         let rows = CHUNK_BYTES / (4 * w.in_dim().max(1));
-        dequantized_input_grad_avx2(dys, w, rows)
+        dequantized_input_grad_own(dys, w, rows)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -244,7 +244,7 @@ pub fn dequantized_input_grad(dys: &[&Tensor], w: &QMatrix) -> Result<Option<Ten
 
 /// [`dequantized_input_grad`] with chunks of `rows` pack rows (rounded down to whole tiles).
 #[cfg(target_arch = "x86_64")]
-fn dequantized_input_grad_avx2(
+fn dequantized_input_grad_own(
     dys: &[&Tensor],
     w: &QMatrix,
     rows: usize,
@@ -257,7 +257,7 @@ fn dequantized_input_grad_avx2(
     let Some(first) = dys.first() else {
         return Err(ModelError::Invalid("input gradient of no targets".into()));
     };
-    if GemmKernel::detect() != GemmKernel::Avx2 || !dys.iter().all(|d| plain(d)) {
+    if !GemmKernel::detect().is_own() || !dys.iter().all(|d| plain(d)) {
         return Ok(None);
     }
     let m = first.dim(0)?;
@@ -381,7 +381,7 @@ mod tests {
             let yv = qlinear_train_vec(&x, &w, TrainProduct::Dequantized).unwrap();
             assert_eq!(yv, y.flatten_all().unwrap().to_vec1::<f32>().unwrap());
             #[cfg(target_arch = "x86_64")]
-            if let Some(v) = dequantized_linear_avx2(&x, &w, 20).unwrap() {
+            if let Some(v) = dequantized_linear_own(&x, &w, 20).unwrap() {
                 let v = Tensor::from_vec(v, (n, out), x.device()).unwrap();
                 assert!(off(&v) < 1e-6, "chunks of 20 rows: off by {}", off(&v));
             }
@@ -400,8 +400,8 @@ mod tests {
     fn input_grad_decodes_chunks_into_each_targets_columns() {
         use crate::ops::gemm::{GemmKernel, MIN_ROWS};
         use rand::{Rng, SeedableRng};
-        if GemmKernel::detect() != GemmKernel::Avx2 {
-            eprintln!("skipped: the AVX2 f32 gemm does not run here (nothing to test)");
+        if !GemmKernel::detect().is_own() {
+            eprintln!("skipped: our f32 gemm does not run here (nothing to test)");
             return;
         }
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
@@ -439,7 +439,7 @@ mod tests {
         let scale = want.iter().fold(0f64, |a, v| a.max(v.abs()));
         let refs: Vec<&Tensor> = dys.iter().collect();
         for rows in [16, 32, 48, 1 << 20] {
-            let got = dequantized_input_grad_avx2(&refs, &w, rows)
+            let got = dequantized_input_grad_own(&refs, &w, rows)
                 .unwrap()
                 .unwrap();
             assert_eq!(got.dims(), &[m, inp]);
