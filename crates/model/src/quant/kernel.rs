@@ -162,6 +162,16 @@ impl Kernel {
         }
     }
 
+    /// 16-output tiles one kernel call computes (t, t + 1, …, as far as the matrix has
+    /// them).
+    pub(super) fn tiles_per_call(self) -> usize {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Vnni512 => 2,
+            _ => 1,
+        }
+    }
+
     /// One activation block (a short tail block is zero-padded, which changes neither the
     /// maximum nor the sum): (s, Σa).
     ///
@@ -189,11 +199,11 @@ impl Kernel {
         quantize_act_block(xb, ab)
     }
 
-    /// Rows r0..r0+nr (nr ≤ [`Kernel::rows_per_call`]) of tile t into y (row r0 + r at
-    /// `y.row(r)`).
+    /// Rows r0..r0+nr (nr ≤ [`Kernel::rows_per_call`]) of tiles t..t + tpc (tpc =
+    /// [`Kernel::tiles_per_call`], those below `w.tiles`) into y (row r0 + r at `y.row(r)`).
     ///
     /// # Safety
-    /// The CPU supports this kernel; `y.row(r)` for r < nr points at min(16, out − 16t)
+    /// The CPU supports this kernel; `y.row(r)` for r < nr points at min(16·tpc, out − 16t)
     /// writable f32 that no other thread touches meanwhile; `x` holds rows ≥ r0 + nr
     /// quantized for `w`'s input dim; t < `w.tiles`.
     pub(super) unsafe fn run(

@@ -41,9 +41,10 @@ const TB: usize = TILE * QK;
 /// Bytes of one (tile, block) packed as nibbles (every q ≤ 15): two groups of 4 inputs share
 /// 64 bytes, the even group in the low nibbles (see [`QMatrix::nibbles`]).
 const TB4: usize = TB / 2;
-/// Rows of activations a VNNI kernel call keeps in registers (2 zmm each: i32 dot, f32 sum).
+/// Rows of activations a VNNI kernel call keeps in registers (4 zmm each: an i32 dot and an
+/// f32 sum for each of its two tiles).
 #[cfg(target_arch = "x86_64")]
-const NR_VNNI: usize = 8;
+const NR_VNNI: usize = 6;
 /// Rows per AVX2 kernel call: each row needs 2 ymm (a 16-output group is two 256-bit halves)
 /// of i32 or i16 sums, out of 16 ymm registers (see `avx2::tile`).
 #[cfg(target_arch = "x86_64")]
@@ -614,7 +615,11 @@ impl QMatrix {
         const _: () = assert!(ROW_BLOCK.is_multiple_of(2));
         assert!(nr_max <= NR_MAX && nr_max.is_multiple_of(2));
         let out = self.out;
-        let tiles_per_unit = tile_chunk(self.tiles, arows);
+        // Tiles a call computes (t, t + 1, … where the matrix has them); units take whole
+        // calls' worth.
+        let tpc = kernel.tiles_per_call();
+        assert!(tpc <= TILES_MAX);
+        let tiles_per_unit = tile_chunk(self.tiles, arows).next_multiple_of(tpc);
         let tile_units = self.tiles.div_ceil(tiles_per_unit);
         let row_units = arows.div_ceil(ROW_BLOCK);
         let yp = SendPtr(y.as_mut_ptr());
@@ -622,18 +627,18 @@ impl QMatrix {
             let (ru, tu) = (u / tile_units, u % tile_units);
             let r_end = ((ru + 1) * ROW_BLOCK).min(arows);
             let t_end = ((tu + 1) * tiles_per_unit).min(self.tiles);
-            let mut buf = [[0f32; TILE]; NR_MAX];
-            for t in tu * tiles_per_unit..t_end {
-                let lanes = TILE.min(out - t * TILE);
+            let mut buf = [[0f32; TILE * TILES_MAX]; NR_MAX];
+            for t in (tu * tiles_per_unit..t_end).step_by(tpc) {
+                let lanes = (tpc * TILE).min(out - t * TILE);
                 let mut r0 = ru * ROW_BLOCK;
                 while r0 < r_end {
                     let nr = (r_end - r0).min(nr_max);
                     if limbs {
                         let tile = OutTile {
                             p: buf.as_mut_ptr() as *mut f32,
-                            ld: TILE,
+                            ld: TILE * TILES_MAX,
                         };
-                        // SAFETY: `buf` has NR_MAX ≥ nr rows of TILE cells and is this
+                        // SAFETY: `buf` has NR_MAX ≥ nr rows of TILES_MAX ≥ tpc tiles and is this
                         // unit's own; rows r0..r0+nr < arows exist in `act`; t < tiles;
                         // `kernel` is supported (the callers assert it).
                         unsafe { kernel.run(self, act, t, r0, nr, tile) };
@@ -1027,8 +1032,8 @@ impl SendPtr {
     }
 }
 
-/// Where one kernel call writes its rows × 16 outputs: row r of the call (activation row
-/// r0 + r) at `p + r·ld`, lanes 0..min(16, out − 16t). Either the matmul's own output
+/// Where one kernel call writes its rows × 16·(tiles per call) outputs: row r of the call
+/// (activation row r0 + r) at `p + r·ld`, lanes 0..min(16·tiles, out − 16t). Either the matmul's own output
 /// (`ld` = out) or a small buffer whose rows are combined afterwards (two-limb products).
 #[derive(Clone, Copy)]
 struct OutTile {
@@ -1049,6 +1054,8 @@ impl OutTile {
 
 /// Most rows any kernel path takes per call (the size of the two-limb combine buffer).
 const NR_MAX: usize = 8;
+/// Most 16-output tiles any kernel path computes per call (ditto).
+const TILES_MAX: usize = 2;
 
 use kernel::Kernel;
 pub use kernel::{kernel_name, supported_kernels};

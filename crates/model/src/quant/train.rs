@@ -244,11 +244,7 @@ pub fn dequantized_input_grad(dys: &[&Tensor], w: &QMatrix) -> Result<Option<Ten
 
 /// [`dequantized_input_grad`] with chunks of `rows` pack rows (rounded down to whole tiles).
 #[cfg(target_arch = "x86_64")]
-fn dequantized_input_grad_own(
-    dys: &[&Tensor],
-    w: &QMatrix,
-    rows: usize,
-) -> Result<Option<Tensor>> {
+fn dequantized_input_grad_own(dys: &[&Tensor], w: &QMatrix, rows: usize) -> Result<Option<Tensor>> {
     use crate::error::ModelError;
     use crate::ops::gemm::{gemm_raw, BLayout, GemmKernel, MIN_ROWS};
     let (out, inp) = (w.out_dim(), w.in_dim());

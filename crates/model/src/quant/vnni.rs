@@ -25,15 +25,120 @@ pub(super) unsafe fn quantize_block(xb: &[f32; QK], ab: &mut [i8; QK]) -> (f32, 
     (sc, _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)))
 }
 
-/// Rows r0..r0+nr of tile t, for the matrix's q storage.
+/// Rows r0..r0+nr of tiles t and t + 1 (where the matrix has it), for the matrix's q
+/// storage.
 ///
 /// # Safety
 /// The CPU has AVX-512 F, BW and VNNI; otherwise as [`super::Kernel::run`].
 pub(super) unsafe fn run(w: &QMatrix, x: &Activations, t: usize, r0: usize, nr: usize, y: OutTile) {
-    if w.nibbles {
-        rows::<true>(w, x, t, r0, nr, y)
+    match (t + 1 < w.tiles, w.nibbles) {
+        (true, true) => pair_rows::<true>(w, x, t, r0, nr, y),
+        (true, false) => pair_rows::<false>(w, x, t, r0, nr, y),
+        (false, true) => rows::<true>(w, x, t, r0, nr, y),
+        (false, false) => rows::<false>(w, x, t, r0, nr, y),
+    }
+}
+
+/// # Safety
+/// As [`run`], with t + 1 < `w.tiles` and nr ≤ [`super::NR_VNNI`].
+unsafe fn pair_rows<const NIB: bool>(
+    w: &QMatrix,
+    x: &Activations,
+    t: usize,
+    r0: usize,
+    nr: usize,
+    y: OutTile,
+) {
+    const _: () = assert!(super::NR_VNNI == 6);
+    match nr {
+        1 => pair::<1, NIB>(w, x, t, r0, y),
+        2 => pair::<2, NIB>(w, x, t, r0, y),
+        3 => pair::<3, NIB>(w, x, t, r0, y),
+        4 => pair::<4, NIB>(w, x, t, r0, y),
+        5 => pair::<5, NIB>(w, x, t, r0, y),
+        _ => pair::<6, NIB>(w, x, t, r0, y),
+    }
+}
+
+/// R activation rows × two 16-output tiles (t, t + 1): [`tile`]'s arithmetic for each, in
+/// one pass over the activations. Why: with one tile a call, each `vpdpbusd` needed more
+/// than one load (a broadcast activation group per row and group, a weight vector per
+/// group), so the kernel waited on loads; here each broadcast feeds two `vpdpbusd`, and the
+/// two tiles' sums are the independent chains the unit needs (no even/odd split). Per lane
+/// and block the same exact i32 sum and the same two FMAs as [`tile`]: the same bits.
+///
+/// # Safety
+/// As [`tile`], with t + 1 < `w.tiles` (tile t + 1's lanes at `y.row(r) + 16`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn pair<const R: usize, const NIB: bool>(
+    w: &QMatrix,
+    x: &Activations,
+    t: usize,
+    r0: usize,
+    y: OutTile,
+) {
+    debug_assert!(NIB == w.nibbles && t + 1 < w.tiles);
+    let tbytes = if NIB { TB4 } else { TB };
+    let (nb, kp) = (w.nb, x.nb * QK);
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    let qbase = [
+        w.q.as_ptr().add(t * nb * tbytes),
+        w.q.as_ptr().add((t + 1) * nb * tbytes),
+    ];
+    let abase = x.a.as_ptr().add(r0 * kp);
+    let low = _mm512_set1_epi8(0x0F);
+    // Groups 2p and 2p + 1 (4 inputs × 16 outputs each) of one tile's block.
+    let groups = |qb: *const u8, p: usize| -> (__m512i, __m512i) {
+        if NIB {
+            let v = _mm512_loadu_si512(qb.add(p * TILE * 4) as *const _);
+            (
+                _mm512_and_si512(v, low),
+                _mm512_and_si512(_mm512_srli_epi16::<4>(v), low),
+            )
+        } else {
+            (
+                _mm512_loadu_si512(qb.add(2 * p * TILE * 4) as *const _),
+                _mm512_loadu_si512(qb.add((2 * p + 1) * TILE * 4) as *const _),
+            )
+        }
+    };
+    for b in 0..nb {
+        let mut dot = [[_mm512_setzero_si512(); 2]; R];
+        for p in 0..QK / 8 {
+            let (u0, u1) = groups(qbase[0].add(b * tbytes), p);
+            let (v0, v1) = groups(qbase[1].add(b * tbytes), p);
+            for (r, dr) in dot.iter_mut().enumerate() {
+                let ap = abase.add(r * kp + b * QK + p * 8) as *const i32;
+                let a0 = _mm512_set1_epi32(ap.read_unaligned());
+                dr[0] = _mm512_dpbusd_epi32(dr[0], u0, a0);
+                dr[1] = _mm512_dpbusd_epi32(dr[1], v0, a0);
+                let a1 = _mm512_set1_epi32(ap.add(1).read_unaligned());
+                dr[0] = _mm512_dpbusd_epi32(dr[0], u1, a1);
+                dr[1] = _mm512_dpbusd_epi32(dr[1], v1, a1);
+            }
+        }
+        for (h, tt) in [t, t + 1].into_iter().enumerate() {
+            let tb = tt * nb + b;
+            let dv = _mm512_loadu_ps(w.d.as_ptr().add(tb * TILE));
+            let mv = _mm512_loadu_ps(w.m.as_ptr().add(tb * TILE));
+            for (r, ar) in acc.iter_mut().enumerate() {
+                let s = *x.s.get_unchecked((r0 + r) * nb + b);
+                let sa = *x.sa.get_unchecked((r0 + r) * nb + b);
+                let ds = _mm512_mul_ps(dv, _mm512_set1_ps(s));
+                ar[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][h]), ds, ar[h]);
+                ar[h] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sa), ar[h]);
+            }
+        }
+    }
+    let lanes = (2 * TILE).min(w.out - t * TILE) - TILE;
+    let mask: __mmask16 = if lanes == TILE {
+        0xffff
     } else {
-        rows::<false>(w, x, t, r0, nr, y)
+        (1u16 << lanes) - 1
+    };
+    for (r, ar) in acc.iter().enumerate() {
+        _mm512_storeu_ps(y.row(r), ar[0]);
+        _mm512_mask_storeu_ps(y.row(r).add(TILE), mask, ar[1]);
     }
 }
 
@@ -47,16 +152,14 @@ unsafe fn rows<const NIB: bool>(
     nr: usize,
     y: OutTile,
 ) {
-    const _: () = assert!(super::NR_VNNI == 8);
+    const _: () = assert!(super::NR_VNNI == 6);
     match nr {
         1 => tile::<1, NIB>(w, x, t, r0, y),
         2 => tile::<2, NIB>(w, x, t, r0, y),
         3 => tile::<3, NIB>(w, x, t, r0, y),
         4 => tile::<4, NIB>(w, x, t, r0, y),
         5 => tile::<5, NIB>(w, x, t, r0, y),
-        6 => tile::<6, NIB>(w, x, t, r0, y),
-        7 => tile::<7, NIB>(w, x, t, r0, y),
-        _ => tile::<8, NIB>(w, x, t, r0, y),
+        _ => tile::<6, NIB>(w, x, t, r0, y),
     }
 }
 
