@@ -1,5 +1,6 @@
 //! Speed of the int8 matmul on the shapes training runs through it (SmolLM2-135M's
-//! projections at batch 4 × 128): `cargo run --release -p lowrank-model --example int8_matmul`.
+//! projections at batch 4 × 128): `cargo run --release -p lowrank-model --example int8_matmul`
+//! (`ROWS=1` for one decoded token).
 //!
 //! Weights are random 4-bit grids per block (as a Q4_1 GGUF's, so they pack exactly, as
 //! nibbles); activations random normal. Prints, per shape, the best of five rounds of
@@ -21,8 +22,21 @@ const SHAPES: [(&str, usize, usize); 5] = [
     ("down 576x1536", 576, 1536),
     ("head 49152x576", 49152, 576),
 ];
-const ROWS: usize = 512;
-const ROUNDS: usize = 5;
+/// Rows of activations (`rows=1` for a decoded token's products).
+fn rows() -> usize {
+    std::env::var("ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(512)
+}
+/// Rounds timed, the best kept (more for small row counts, whose calls are short).
+fn rounds() -> usize {
+    if rows() < 64 {
+        200
+    } else {
+        5
+    }
+}
 
 fn grid_weights(rng: &mut ChaCha8Rng, out: usize, inp: usize) -> Vec<f32> {
     if out > 4096 {
@@ -50,7 +64,7 @@ fn grid_weights(rng: &mut ChaCha8Rng, out: usize, inp: usize) -> Vec<f32> {
 
 fn best_ms(mut f: impl FnMut()) -> f64 {
     f();
-    (0..ROUNDS)
+    (0..rounds())
         .map(|_| {
             let t = Instant::now();
             f();
@@ -60,28 +74,29 @@ fn best_ms(mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
+    let rows = rows();
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     println!(
         "int8 kernel: {}, {} rows, threads: {}",
         kernel_name(),
-        ROWS,
+        rows,
         rayon::current_num_threads()
     );
     for (name, out, inp) in SHAPES {
         let w = QMatrix::from_f32(&grid_weights(&mut rng, out, inp), out, inp).expect("pack");
-        let x: Vec<f32> = (0..ROWS * inp)
+        let x: Vec<f32> = (0..rows * inp)
             .map(|_| rng.random_range(-1f32..1.0) * rng.random_range(0f32..1.0))
             .collect();
-        let macs = (ROWS * out * inp) as f64;
+        let macs = (rows * out * inp) as f64;
         let one = best_ms(|| {
-            std::hint::black_box(w.matmul(&x, ROWS));
+            std::hint::black_box(w.matmul(&x, rows));
         });
         let two = best_ms(|| {
-            std::hint::black_box(w.matmul_fine(&x, ROWS));
+            std::hint::black_box(w.matmul_fine(&x, rows));
         });
         // The alternative to the two limbs: the pack dequantized (exactly) for one f32 gemm.
         let dev = candle_core::Device::Cpu;
-        let xt = candle_core::Tensor::from_slice(&x, (ROWS, inp), &dev).expect("x");
+        let xt = candle_core::Tensor::from_slice(&x, (rows, inp), &dev).expect("x");
         let deq = best_ms(|| {
             let wd = candle_core::Tensor::from_vec(w.dequantize(), (out, inp), &dev).expect("w");
             std::hint::black_box(xt.matmul(&wd.t().expect("t")).expect("gemm"));
