@@ -510,84 +510,59 @@ trait Micro {
     );
 }
 
-/// The AVX2 + FMA tile: 6 × 16, twelve ymm accumulators.
-#[cfg(target_arch = "x86_64")]
-struct Ymm6x16;
+/// A [`Micro`] for a kernel function and its blocking (the two differ only in these).
+macro_rules! micro {
+    ($(#[$doc:meta])* $name:ident: $mr:expr, $nr:expr, $kc:expr, $mc:expr, $nc:expr, $kernel:ident) => {
+        $(#[$doc])*
+        #[cfg(target_arch = "x86_64")]
+        struct $name;
 
-#[cfg(target_arch = "x86_64")]
-impl Micro for Ymm6x16 {
-    const MR: usize = MR;
-    const NR: usize = NR;
-    const KC: usize = KC;
-    const MC: usize = MC;
-    const NC: usize = NC;
-    unsafe fn tile<const AT: bool>(
-        kc: usize,
-        a: *const f32,
-        lda: usize,
-        b: &[f32],
-        c: *mut f32,
-        ldc: usize,
-        mr: usize,
-        nr: usize,
-        add: bool,
-    ) {
-        kernel_6x16::<AT>(kc, a, lda, b, c, ldc, mr, nr, add)
-    }
-    unsafe fn pack(
-        w: &[f32],
-        layout: BLayout,
-        k: usize,
-        n: usize,
-        pc: usize,
-        kc: usize,
-        j0: usize,
-        nc: usize,
-        dst: &mut [f32],
-    ) {
-        pack_block::<16>(w, layout, k, n, pc, kc, j0, nc, dst)
-    }
+        #[cfg(target_arch = "x86_64")]
+        impl Micro for $name {
+            const MR: usize = $mr;
+            const NR: usize = $nr;
+            const KC: usize = $kc;
+            const MC: usize = $mc;
+            const NC: usize = $nc;
+            unsafe fn tile<const AT: bool>(
+                kc: usize,
+                a: *const f32,
+                lda: usize,
+                b: &[f32],
+                c: *mut f32,
+                ldc: usize,
+                mr: usize,
+                nr: usize,
+                add: bool,
+            ) {
+                $kernel::<AT>(kc, a, lda, b, c, ldc, mr, nr, add)
+            }
+            unsafe fn pack(
+                w: &[f32],
+                layout: BLayout,
+                k: usize,
+                n: usize,
+                pc: usize,
+                kc: usize,
+                j0: usize,
+                nc: usize,
+                dst: &mut [f32],
+            ) {
+                pack_block::<$nr>(w, layout, k, n, pc, kc, j0, nc, dst)
+            }
+        }
+    };
 }
 
-/// The AVX-512 tile: 12 × 32, twenty-four zmm accumulators (of 32 registers: two for the
-/// panel's row, one for A's broadcast). A 256-deep panel (32 KiB) stays in a 48 KiB L1.
-#[cfg(target_arch = "x86_64")]
-struct Zmm12x32;
-
-#[cfg(target_arch = "x86_64")]
-impl Micro for Zmm12x32 {
-    const MR: usize = 12;
-    const NR: usize = 32;
-    const KC: usize = 256;
-    const MC: usize = 144;
-    const NC: usize = 256;
-    unsafe fn tile<const AT: bool>(
-        kc: usize,
-        a: *const f32,
-        lda: usize,
-        b: &[f32],
-        c: *mut f32,
-        ldc: usize,
-        mr: usize,
-        nr: usize,
-        add: bool,
-    ) {
-        kernel_12x32::<AT>(kc, a, lda, b, c, ldc, mr, nr, add)
-    }
-    unsafe fn pack(
-        w: &[f32],
-        layout: BLayout,
-        k: usize,
-        n: usize,
-        pc: usize,
-        kc: usize,
-        j0: usize,
-        nc: usize,
-        dst: &mut [f32],
-    ) {
-        pack_block::<32>(w, layout, k, n, pc, kc, j0, nc, dst)
-    }
-}
+micro!(
+    /// The AVX2 + FMA tile: 6 × 16, twelve ymm accumulators.
+    Ymm6x16: MR, NR, KC, MC, NC, kernel_6x16
+);
+micro!(
+    /// The AVX-512 tile: 12 × 32, twenty-four zmm accumulators (of 32 registers: two for the
+    /// panel's row, one for A's broadcast). A 256-deep panel (32 KiB) stays in a 48 KiB L1.
+    Zmm12x32: 12, 32, 256, 144, 256, kernel_12x32
+);
 
 /// The blocked product on kernel `K`; arguments as [`gemm_raw`]'s, with m, n, k ≥ 1 and
 /// the shapes checked.

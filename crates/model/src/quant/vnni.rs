@@ -31,16 +31,14 @@ pub(super) unsafe fn quantize_block(xb: &[f32; QK], ab: &mut [i8; QK]) -> (f32, 
 /// # Safety
 /// The CPU has AVX-512 F, BW and VNNI; otherwise as [`super::Kernel::run`].
 pub(super) unsafe fn run(w: &QMatrix, x: &Activations, t: usize, r0: usize, nr: usize, y: OutTile) {
-    match (t + 1 < w.tiles, w.nibbles) {
-        (true, true) => pair_rows::<true>(w, x, t, r0, nr, y),
-        (true, false) => pair_rows::<false>(w, x, t, r0, nr, y),
-        (false, true) => rows::<true>(w, x, t, r0, nr, y),
-        (false, false) => rows::<false>(w, x, t, r0, nr, y),
+    match w.nibbles {
+        true => pair_rows::<true>(w, x, t, r0, nr, y),
+        false => pair_rows::<false>(w, x, t, r0, nr, y),
     }
 }
 
 /// # Safety
-/// As [`run`], with t + 1 < `w.tiles` and nr ≤ [`super::NR_VNNI`].
+/// As [`run`], with nr ≤ [`super::NR_VNNI`].
 unsafe fn pair_rows<const NIB: bool>(
     w: &QMatrix,
     x: &Activations,
@@ -60,15 +58,18 @@ unsafe fn pair_rows<const NIB: bool>(
     }
 }
 
-/// R activation rows × two 16-output tiles (t, t + 1): [`tile`]'s arithmetic for each, in
-/// one pass over the activations. Why: with one tile a call, each `vpdpbusd` needed more
-/// than one load (a broadcast activation group per row and group, a weight vector per
-/// group), so the kernel waited on loads; here each broadcast feeds two `vpdpbusd`, and the
-/// two tiles' sums are the independent chains the unit needs (no even/odd split). Per lane
-/// and block the same exact i32 sum and the same two FMAs as [`tile`]: the same bits.
+/// R activation rows × two 16-output tiles (t, t + 1): per block, 8 `vpdpbusd` per row and
+/// tile into i32 lanes (exact), then one scale FMA and one offset FMA into f32 lanes, as
+/// every path does. With `NIB` (q stored as nibbles) each 64-byte load holds two groups of
+/// 4 inputs, split with an AND and a shift. Why two tiles: with one tile a call, each
+/// `vpdpbusd` needed more than one load (a broadcast activation group per row and group, a
+/// weight vector per group), so the kernel waited on loads; here each broadcast feeds two,
+/// and the two tiles' sums are the independent chains the unit needs. Where t is the last
+/// tile it is computed twice and stored once (only a matrix with an odd tile count has it).
 ///
 /// # Safety
-/// As [`tile`], with t + 1 < `w.tiles` (tile t + 1's lanes at `y.row(r) + 16`).
+/// The CPU has AVX-512 F, BW and VNNI; `NIB` matches `w.nibbles`; otherwise as
+/// [`super::Kernel::run`] with nr = R (tile t + 1's lanes at `y.row(r) + 16`).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn pair<const R: usize, const NIB: bool>(
     w: &QMatrix,
@@ -77,13 +78,15 @@ unsafe fn pair<const R: usize, const NIB: bool>(
     r0: usize,
     y: OutTile,
 ) {
-    debug_assert!(NIB == w.nibbles && t + 1 < w.tiles);
+    debug_assert!(NIB == w.nibbles && t < w.tiles);
     let tbytes = if NIB { TB4 } else { TB };
     let (nb, kp) = (w.nb, x.nb * QK);
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    // The second tile: t + 1, or t again past the matrix's last tile (not stored).
+    let t2 = if t + 1 < w.tiles { t + 1 } else { t };
     let qbase = [
         w.q.as_ptr().add(t * nb * tbytes),
-        w.q.as_ptr().add((t + 1) * nb * tbytes),
+        w.q.as_ptr().add(t2 * nb * tbytes),
     ];
     let abase = x.a.as_ptr().add(r0 * kp);
     let low = _mm512_set1_epi8(0x0F);
@@ -117,7 +120,7 @@ unsafe fn pair<const R: usize, const NIB: bool>(
                 dr[1] = _mm512_dpbusd_epi32(dr[1], v1, a1);
             }
         }
-        for (h, tt) in [t, t + 1].into_iter().enumerate() {
+        for (h, tt) in [t, t2].into_iter().enumerate() {
             let tb = tt * nb + b;
             let dv = _mm512_loadu_ps(w.d.as_ptr().add(tb * TILE));
             let mv = _mm512_loadu_ps(w.m.as_ptr().add(tb * TILE));
@@ -130,107 +133,18 @@ unsafe fn pair<const R: usize, const NIB: bool>(
             }
         }
     }
-    let lanes = (2 * TILE).min(w.out - t * TILE) - TILE;
-    let mask: __mmask16 = if lanes == TILE {
-        0xffff
-    } else {
-        (1u16 << lanes) - 1
-    };
-    for (r, ar) in acc.iter().enumerate() {
-        _mm512_storeu_ps(y.row(r), ar[0]);
-        _mm512_mask_storeu_ps(y.row(r).add(TILE), mask, ar[1]);
-    }
-}
-
-/// # Safety
-/// As [`run`].
-unsafe fn rows<const NIB: bool>(
-    w: &QMatrix,
-    x: &Activations,
-    t: usize,
-    r0: usize,
-    nr: usize,
-    y: OutTile,
-) {
-    const _: () = assert!(super::NR_VNNI == 6);
-    match nr {
-        1 => tile::<1, NIB>(w, x, t, r0, y),
-        2 => tile::<2, NIB>(w, x, t, r0, y),
-        3 => tile::<3, NIB>(w, x, t, r0, y),
-        4 => tile::<4, NIB>(w, x, t, r0, y),
-        5 => tile::<5, NIB>(w, x, t, r0, y),
-        _ => tile::<6, NIB>(w, x, t, r0, y),
-    }
-}
-
-/// R activation rows × one 16-output tile: per block, 8 `vpdpbusd` per row into i32
-/// lanes, then one scale FMA and one offset FMA into f32 lanes. With `NIB` (q stored as
-/// nibbles) each 64-byte load holds two groups of 4 inputs, split with an AND and a shift.
-///
-/// # Safety
-/// The CPU has AVX-512 F, BW and VNNI; `NIB` matches `w.nibbles`; otherwise as
-/// [`super::Kernel::run`] with nr = R.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn tile<const R: usize, const NIB: bool>(
-    w: &QMatrix,
-    x: &Activations,
-    t: usize,
-    r0: usize,
-    y: OutTile,
-) {
-    debug_assert_eq!(NIB, w.nibbles);
-    let tbytes = if NIB { TB4 } else { TB };
-    let (nb, kp) = (w.nb, x.nb * QK);
-    let mut acc = [_mm512_setzero_ps(); R];
-    let qbase = w.q.as_ptr().add(t * nb * tbytes);
-    let abase = x.a.as_ptr().add(r0 * kp);
-    let low = _mm512_set1_epi8(0x0F);
-    for b in 0..nb {
-        // Two i32 sums per row (even and odd groups): one chain of 16 dependent `vpdpbusd`
-        // per row and block left the unit waiting on their latency with R ≤ 8 rows.
-        let mut dot = [_mm512_setzero_si512(); R];
-        let mut dot2 = [_mm512_setzero_si512(); R];
-        let qb = qbase.add(b * tbytes);
-        for p in 0..QK / 8 {
-            // Groups 2p and 2p + 1 (4 inputs × 16 outputs each).
-            let (w0, w1) = if NIB {
-                let v = _mm512_loadu_si512(qb.add(p * TILE * 4) as *const _);
-                (
-                    _mm512_and_si512(v, low),
-                    _mm512_and_si512(_mm512_srli_epi16::<4>(v), low),
-                )
-            } else {
-                (
-                    _mm512_loadu_si512(qb.add(2 * p * TILE * 4) as *const _),
-                    _mm512_loadu_si512(qb.add((2 * p + 1) * TILE * 4) as *const _),
-                )
-            };
-            for (r, (dr, dr2)) in dot.iter_mut().zip(dot2.iter_mut()).enumerate() {
-                let ap = abase.add(r * kp + b * QK + p * 8) as *const i32;
-                let (a0, a1) = (ap.read_unaligned(), ap.add(1).read_unaligned());
-                *dr = _mm512_dpbusd_epi32(*dr, w0, _mm512_set1_epi32(a0));
-                *dr2 = _mm512_dpbusd_epi32(*dr2, w1, _mm512_set1_epi32(a1));
-            }
+    // Lanes of each tile that are outputs (the second's none where t2 = t).
+    let lanes = |first: usize| -> __mmask16 {
+        match w.out.saturating_sub(first * TILE).min(TILE) {
+            TILE => 0xffff,
+            n => (1u16 << n) - 1,
         }
-        let tb = t * nb + b;
-        let dv = _mm512_loadu_ps(w.d.as_ptr().add(tb * TILE));
-        let mv = _mm512_loadu_ps(w.m.as_ptr().add(tb * TILE));
-        for (r, ar) in acc.iter_mut().enumerate() {
-            let s = *x.s.get_unchecked((r0 + r) * nb + b);
-            let sa = *x.sa.get_unchecked((r0 + r) * nb + b);
-            let ds = _mm512_mul_ps(dv, _mm512_set1_ps(s));
-            let dot = _mm512_add_epi32(dot[r], dot2[r]); // exact: |Σ| < 2³¹
-            *ar = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), ds, *ar);
-            *ar = _mm512_fmadd_ps(mv, _mm512_set1_ps(sa), *ar);
-        }
-    }
-    let lanes = TILE.min(w.out - t * TILE);
-    let mask: __mmask16 = if lanes == TILE {
-        0xffff
-    } else {
-        (1u16 << lanes) - 1
     };
+    let masks = [lanes(t), if t2 > t { lanes(t2) } else { 0 }];
     for (r, ar) in acc.iter().enumerate() {
-        _mm512_mask_storeu_ps(y.row(r), mask, *ar);
+        // A masked-off lane is neither written nor can it fault, so the second tile's
+        // address may lie past y's row where it has no lanes.
+        _mm512_mask_storeu_ps(y.row(r), masks[0], ar[0]);
+        _mm512_mask_storeu_ps(y.row(r).wrapping_add(TILE), masks[1], ar[1]);
     }
 }
