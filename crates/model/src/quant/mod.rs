@@ -638,8 +638,8 @@ impl QMatrix {
                             p: buf.as_mut_ptr() as *mut f32,
                             ld: TILE * TILES_MAX,
                         };
-                        // SAFETY: `buf` has NR_MAX ≥ nr rows of TILES_MAX ≥ tpc tiles and is this
-                        // unit's own; rows r0..r0+nr < arows exist in `act`; t < tiles;
+                        // SAFETY: `buf` has NR_MAX ≥ nr rows of TILES_MAX ≥ tpc tiles and is
+                        // this unit's own; rows r0..r0+nr < arows exist in `act`; t < tiles;
                         // `kernel` is supported (the callers assert it).
                         unsafe { kernel.run(self, act, t, r0, nr, tile) };
                         for (j, pair) in buf[..nr].chunks_exact(2).enumerate() {
@@ -1033,8 +1033,9 @@ impl SendPtr {
 }
 
 /// Where one kernel call writes its rows × 16·(tiles per call) outputs: row r of the call
-/// (activation row r0 + r) at `p + r·ld`, lanes 0..min(16·tiles, out − 16t). Either the matmul's own output
-/// (`ld` = out) or a small buffer whose rows are combined afterwards (two-limb products).
+/// (activation row r0 + r) at `p + r·ld`, lanes 0..min(16·tiles, out − 16t). Either the
+/// matmul's own output (`ld` = out) or a small buffer whose rows are combined afterwards
+/// (two-limb products).
 #[derive(Clone, Copy)]
 struct OutTile {
     p: *mut f32,
