@@ -1,5 +1,6 @@
 //! The f32 products of a training step (SmolLM2-135M, 4 × 128 tokens): candle's matmul
-//! against `ops::gemm`'s kernel (AVX-512 or AVX2, as the process chooses), per shape, GFLOP/s and max diff.
+//! against `ops::gemm`'s kernel (AVX-512 or AVX2, as the process chooses), per shape,
+//! GFLOP/s and max diff.
 //!
 //! `cargo run --release -p lowrank-model --example f32_gemm`
 //! (`RAYON_NUM_THREADS=1 CANDLE_NUM_THREADS=1` for one core).

@@ -614,8 +614,8 @@ const GEMM_CHILD: &str = "f32_gemm_path_child";
 
 /// The f32 gemm paths (`LOWRANK_F32_GEMM=candle|avx2|avx512`, each this CPU runs) give the
 /// same loss and LoRA gradients, to f32 accumulation error, on batches long enough (≥
-/// `ops::gemm::MIN_ROWS` rows) to take our product in every frozen projection, its dX and the head: 149 and
-/// 75 tokens (a ragged last register tile; hidden 576 is two depth blocks, the vocabulary
+/// `ops::gemm::MIN_ROWS` rows) to take our product in every frozen projection, its dX and
+/// the head: 149 and 75 tokens (a ragged last register tile; hidden 576 is two depth blocks, the vocabulary
 /// many column blocks). The PEFT case above is too short to reach it. Each path runs in
 /// its own process (the path is chosen once per process), writing what it computed.
 ///
