@@ -235,6 +235,13 @@ fn bad_records_and_flags_are_clear_errors() {
         ("--targets", "foo_proj", "unknown module `foo_proj`"),
         ("--dropout", "1.5", "--dropout"),
         ("--schedule", "weird", "unknown schedule"),
+        ("--backward-dx", "fp8", "unknown backward product \"fp8\""),
+        // (the default f32 compute has no packed base to multiply through)
+        (
+            "--backward-dx",
+            "bf16",
+            "--backward-dx bf16 needs --compute int8 or int4",
+        ),
     ] {
         let o = lowrank()
             .args([

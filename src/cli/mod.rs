@@ -152,7 +152,7 @@ enum Cmd {
     /// Generate a completion; only the completion goes to stdout.
     Generate(GenerateArgs),
     /// Train a LoRA adapter (or fine-tune all weights with --method full).
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
     /// Loss on a JSONL file, or generation metrics on a task's held-out set.
     Eval(eval::EvalArgs),
     /// Merge adapters into the base and write a HF directory or a GGUF file.
@@ -382,7 +382,7 @@ pub fn run() -> Result<ExitCode> {
             println!("{}", serde_json::to_string(&ids)?);
         }
         Cmd::Generate(a) => generate_cmd(a, &device)?,
-        Cmd::Train(a) => train::run(a, &device)?,
+        Cmd::Train(a) => train::run(*a, &device)?,
         Cmd::Eval(a) => eval::run(a, &device)?,
         Cmd::Merge(a) => adapter_cmds::merge(a, &device)?,
         Cmd::Inspect(a) => adapter_cmds::inspect(a, &device)?,
@@ -434,6 +434,33 @@ fn rounded_to(bits: lowrank_model::quant::Bits) -> String {
 
 /// Load for training or evaluation with `compute`: int8 packs while loading and never holds
 /// the f32 base (say so, with the packed size).
+/// `--backward-dx`'s value checked against the compute and this CPU (before the model loads):
+/// the product to set on the loaded model, if one was given.
+pub fn backward_dx(
+    v: Option<&str>,
+    compute: lowrank_model::quant::Compute,
+) -> Result<Option<lowrank_model::quant::DxProduct>> {
+    use lowrank_model::quant::DxProduct;
+    let Some(v) = v else { return Ok(None) };
+    let p: DxProduct = v
+        .parse()
+        .map_err(anyhow::Error::msg)
+        .context("--backward-dx")?;
+    if p == DxProduct::Bf16 && !compute.packed() {
+        anyhow::bail!(
+            "--backward-dx bf16 needs --compute int8 or int4 (it multiplies through the packed \
+             base; the f32 compute keeps its f32 backward)"
+        );
+    }
+    if !p.supported() {
+        anyhow::bail!(
+            "--backward-dx {}: this CPU has no AVX-512 BF16 (vdpbf16ps); use f32",
+            p.name()
+        );
+    }
+    Ok(Some(p))
+}
+
 pub fn load_for(
     m: &ModelArg,
     device: &Device,

@@ -173,6 +173,9 @@ pub enum BenchCmd {
         /// Layer checkpointing (as `train --checkpoint-layers`).
         #[arg(long)]
         checkpoint_layers: bool,
+        /// The backward's product through the packed base (as `train --backward-dx`).
+        #[arg(long)]
+        backward_dx: Option<String>,
     },
     /// Load generator against a server on loopback: 1 / 10 / 100 adapters, merged vs unmerged.
     Serve {
@@ -240,6 +243,7 @@ pub fn bench(c: BenchCmd, device: &Device) -> Result<()> {
             targets,
             full,
             checkpoint_layers,
+            backward_dx,
         } => bench_train(
             &model,
             compute.compute.into(),
@@ -247,6 +251,7 @@ pub fn bench(c: BenchCmd, device: &Device) -> Result<()> {
             rank,
             &targets,
             (full, checkpoint_layers),
+            backward_dx.as_deref(),
             device,
         ),
         BenchCmd::Serve {
@@ -366,10 +371,15 @@ fn bench_train(
     rank: usize,
     targets: &str,
     (full, checkpoint_layers): (bool, bool),
+    backward_dx: Option<&str>,
     device: &Device,
 ) -> Result<()> {
     use rand::{Rng, SeedableRng};
-    let lm = super::load_for(m, device, compute)?;
+    let dx = super::backward_dx(backward_dx, compute)?;
+    let mut lm = super::load_for(m, device, compute)?;
+    if let Some(dx) = dx {
+        lm.model.set_train_dx(dx);
+    }
     let dir = std::env::temp_dir().join(format!("lowrank-bench-train-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     // Random tokens, every position a target (the PEFT peer's labels = input_ids).
@@ -431,6 +441,7 @@ fn bench_train(
             "compute": compute.name(), "checkpoint_layers": checkpoint_layers,
             "int8_kernel": compute.packed().then(lowrank_model::quant::kernel_name),
             "train_product": compute.packed().then(|| lm.model.train_product().name()),
+            "train_dx": compute.packed().then(|| lm.model.train_dx().name()),
             "batch": batch, "seq": seq, "tokens_per_s": (tps * 10.0).round() / 10.0,
             "achieved_gflops": (tps * flops_per_token / 1e8).round() / 10.0,
             "peak_rss_mb": s.peak_rss_bytes / (1 << 20),

@@ -349,7 +349,7 @@ impl Tape {
                 let q = pack(ts).expect("checked by the caller");
                 // Decoded a chunk at a time into each chunk's dY columns where the f32 gemm
                 // is ours; else the whole pack, once, for candle's matmul.
-                if let Some(dx) = crate::quant::dequantized_input_grad(dys, q)? {
+                if let Some(dx) = crate::quant::dequantized_input_grad(dys, q, model.train_dx())? {
                     return Ok(dx); // [N, in]
                 }
                 let w =

@@ -116,6 +116,8 @@ pub struct Llama {
     kv_dtype: KvDtype,
     /// How training's forward multiplies the packed weights (int8/int4 compute).
     train_product: quant::TrainProduct,
+    /// How training's backward multiplies dX = dY·W₀ through the packed weights.
+    train_dx: quant::DxProduct,
 }
 
 impl Llama {
@@ -131,6 +133,7 @@ impl Llama {
             fingerprint: None,
             kv_dtype: KvDtype::F32,
             train_product: quant::TrainProduct::detect(),
+            train_dx: quant::DxProduct::detect(),
         })
     }
 
@@ -152,6 +155,19 @@ impl Llama {
 
     pub fn train_product(&self) -> quant::TrainProduct {
         self.train_product
+    }
+
+    /// How LoRA training's backward multiplies the frozen input gradient dY·W₀ through the
+    /// packed weights (default: f32, see [`quant::DxProduct`]). A product this CPU cannot
+    /// run leaves the current one.
+    pub fn set_train_dx(&mut self, p: quant::DxProduct) {
+        if p.supported() {
+            self.train_dx = p;
+        }
+    }
+
+    pub fn train_dx(&self) -> quant::DxProduct {
+        self.train_dx
     }
 
     /// An empty KV cache for one sequence, of this model's layers and KV dtype.
@@ -287,6 +303,7 @@ impl Llama {
         let mut m = Llama::new(self.cfg.clone(), w, &self.device)?;
         m.kv_dtype = self.kv_dtype;
         m.train_product = self.train_product;
+        m.train_dx = self.train_dx;
         Ok(Some(m))
     }
 
@@ -429,7 +446,7 @@ impl Llama {
     /// [`head_input_grad_packed`]).
     pub fn lm_head_input_grad(&self, dlogits: &Tensor) -> Result<Tensor> {
         if let Some(q) = &self.int8 {
-            return head_input_grad_packed(dlogits, q.head());
+            return head_input_grad_packed(dlogits, q.head(), self.train_dx);
         }
         self.require_f32("the f32 LM head")?;
         let w = self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed);
@@ -888,7 +905,11 @@ impl Llama {
 /// a time (exactly the weights the forward multiplied) for one f32 gemm each. The whole f32
 /// head is never held (49152 × 2048 × 4 B = 400 MB for a 1.1 B base), and the chunks' products
 /// are summed in order, so the result does not depend on the thread count.
-fn head_input_grad_packed(dlogits: &Tensor, w: &quant::QMatrix) -> Result<Tensor> {
+fn head_input_grad_packed(
+    dlogits: &Tensor,
+    w: &quant::QMatrix,
+    dx: quant::DxProduct,
+) -> Result<Tensor> {
     /// Vocabulary rows per dequantized chunk (a multiple of the packing's 16-row tiles):
     /// 4096 × 576 × 4 B = 9.4 MB for the default model.
     const VOCAB_CHUNK: usize = 4096;
@@ -900,7 +921,7 @@ fn head_input_grad_packed(dlogits: &Tensor, w: &quant::QMatrix) -> Result<Tensor
             w.out_dim()
         )));
     }
-    if let Some(dh) = quant::dequantized_input_grad(&[dlogits], w)? {
+    if let Some(dh) = quant::dequantized_input_grad(&[dlogits], w, dx)? {
         return Ok(dh);
     }
     let mut acc: Option<Tensor> = None;
@@ -1123,7 +1144,7 @@ mod head_grad_tests {
         let wd = q.dequantize();
         let p: Vec<f32> = (0..n * v).map(|_| rng.random_range(-1f32..1.0)).collect();
         let dl = Tensor::from_vec(p.clone(), (n, v), &Device::Cpu).unwrap();
-        let got = head_input_grad_packed(&dl, &q).unwrap();
+        let got = head_input_grad_packed(&dl, &q, quant::DxProduct::F32).unwrap();
         assert_eq!(got.dims(), &[n, h]);
         let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
         let e = worst_error(&got, &p, &wd, n, v, h);
@@ -1137,7 +1158,7 @@ mod head_grad_tests {
             short[r * v + 2 * 4096..(r + 1) * v].fill(0.0);
         }
         let dl_short = Tensor::from_vec(short, (n, v), &Device::Cpu).unwrap();
-        let g_short: Vec<f32> = head_input_grad_packed(&dl_short, &q)
+        let g_short: Vec<f32> = head_input_grad_packed(&dl_short, &q, quant::DxProduct::F32)
             .unwrap()
             .flatten_all()
             .unwrap()
@@ -1146,6 +1167,6 @@ mod head_grad_tests {
         assert!(worst_error(&g_short, &p, &wd, n, v, h) > 1e-3);
         // A dlogits of the wrong width is an error, not a product.
         let bad = Tensor::zeros((n, v - 1), DType::F32, &Device::Cpu).unwrap();
-        assert!(head_input_grad_packed(&bad, &q).is_err());
+        assert!(head_input_grad_packed(&bad, &q, quant::DxProduct::F32).is_err());
     }
 }

@@ -647,7 +647,12 @@ unsafe fn blocked<const AT: bool, K: Micro>(
 /// (the head's input gradient, 256 × 49152 floats) A comes from memory each time, and one
 /// task a thread was faster (101–122 ms against 128–140 ms, four alternating runs of
 /// `SHAPE="head bwd" cargo run --release -p lowrank-model --example f32_gemm`).
-fn column_tasks(panels: usize, a_len: usize, threads: usize, block_panels: usize) -> usize {
+pub(super) fn column_tasks(
+    panels: usize,
+    a_len: usize,
+    threads: usize,
+    block_panels: usize,
+) -> usize {
     let threads = threads.max(1);
     if threads == 1 || a_len * 4 > A_SHARED_BYTES {
         // One task a thread, each at most NC columns wide blocks of its own.
@@ -662,7 +667,11 @@ const A_SHARED_BYTES: usize = 8 << 20;
 /// `len` cut into the fewest blocks of at most `max`, as even as whole multiples of `unit`
 /// make them (a last short block of 64 after two of 256 would run the kernel at a fraction
 /// of its speed): (start, length) pairs.
-fn even_blocks(len: usize, max: usize, unit: usize) -> impl Iterator<Item = (usize, usize)> {
+pub(super) fn even_blocks(
+    len: usize,
+    max: usize,
+    unit: usize,
+) -> impl Iterator<Item = (usize, usize)> {
     let count = len.div_ceil(max).max(1);
     let size = len.div_ceil(count).div_ceil(unit) * unit;
     (0..len)
@@ -671,7 +680,7 @@ fn even_blocks(len: usize, max: usize, unit: usize) -> impl Iterator<Item = (usi
 }
 
 /// C's base pointer, shared by threads that write disjoint columns.
-struct SendPtr(*mut f32);
+pub(super) struct SendPtr(pub(super) *mut f32);
 // SAFETY: the threads of `gemm_f32` write disjoint column ranges of C through it, and the
 // parallel loop ends before the borrow of C does.
 unsafe impl Sync for SendPtr {}
@@ -680,21 +689,21 @@ unsafe impl Sync for SendPtr {}
 /// loads need 32). Each thread keeps its buffer between products (taken at the start of a
 /// product's task and put back when it ends): a fresh zeroed 330 KB per call and thread
 /// cost a memset each time, ≈ 0.4 % of a training step on two cores.
-struct Aligned(Vec<f32>);
+pub(super) struct Aligned(Vec<f32>);
 
 thread_local! {
     static PACK_BUFFER: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 impl Aligned {
-    fn new(len: usize) -> Aligned {
+    pub(super) fn new(len: usize) -> Aligned {
         let kept = PACK_BUFFER.with(|b| b.take());
         match kept.len() >= len + 16 {
             true => Aligned(kept),
             false => Aligned(vec![0.0; len + 16]),
         }
     }
-    fn slice(&mut self, len: usize) -> &mut [f32] {
+    pub(super) fn slice(&mut self, len: usize) -> &mut [f32] {
         let off = self.0.as_ptr().align_offset(64).min(15);
         &mut self.0[off..off + len]
     }
@@ -957,28 +966,44 @@ unsafe fn kernel_12x32<const AT: bool>(
         }
         pb = pb.add(NR);
     }
-    // Lanes of the two halves that are columns of C.
-    let lanes = |from: usize| -> __mmask16 {
-        match nr.saturating_sub(from) {
-            0 => 0,
-            n if n >= 16 => 0xFFFF,
-            n => (1u16 << n) - 1,
-        }
-    };
-    let (m0, m1) = (lanes(0), lanes(16));
-    for (i, row) in acc.iter().take(mr).enumerate() {
-        let p = c.add(i * ldc);
-        let (mut v0, mut v1) = (row[0], row[1]);
-        if add {
-            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, p));
-            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, p.wrapping_add(16)));
-        }
-        // A masked-off lane is neither read nor written (nor can it fault), so the second
-        // half's address may lie past C's row where nr ≤ 16.
-        _mm512_mask_storeu_ps(p, m0, v0);
-        _mm512_mask_storeu_ps(p.wrapping_add(16), m1, v1);
-    }
+    store_12x32!(acc, c, ldc, mr, nr, add);
 }
+
+/// Stores a 12 × 32 tile of zmm accumulators `acc` (rows past mr, columns past nr dropped):
+/// C[0..mr, 0..nr] (row stride ldc) = (C if `add` else 0) + acc, columns past nr masked off
+/// in C's loads and stores (a ragged tile needs no copy). A macro, not a function: a call
+/// that the compiler did not inline passed the 24 accumulators through memory (1.2 % of an
+/// int8 step in `perf`), and `#[inline(always)]` cannot go with `#[target_feature]`.
+/// Expands inside an `unsafe` AVX-512F function whose `c` points at mr ≤ 12 rows of nr ≤ 32
+/// writable floats, `ldc` apart.
+macro_rules! store_12x32 {
+    ($acc:expr, $c:expr, $ldc:expr, $mr:expr, $nr:expr, $add:expr) => {{
+        use std::arch::x86_64::*;
+        let (c, ldc, nr): (*mut f32, usize, usize) = ($c, $ldc, $nr);
+        // Lanes of the two halves that are columns of C.
+        let lanes = |from: usize| -> __mmask16 {
+            match nr.saturating_sub(from) {
+                0 => 0,
+                n if n >= 16 => 0xFFFF,
+                n => (1u16 << n) - 1,
+            }
+        };
+        let (m0, m1) = (lanes(0), lanes(16));
+        for (i, row) in $acc.iter().take($mr).enumerate() {
+            let p = c.add(i * ldc);
+            let (mut v0, mut v1) = (row[0], row[1]);
+            if $add {
+                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, p));
+                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, p.wrapping_add(16)));
+            }
+            // A masked-off lane is neither read nor written (nor can it fault), so the
+            // second half's address may lie past C's row where nr ≤ 16.
+            _mm512_mask_storeu_ps(p, m0, v0);
+            _mm512_mask_storeu_ps(p.wrapping_add(16), m1, v1);
+        }
+    }};
+}
+pub(super) use store_12x32;
 
 #[cfg(test)]
 mod tests {

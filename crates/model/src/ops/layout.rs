@@ -149,7 +149,7 @@ pub fn cast(t: &Tensor, dtype: DType) -> Result<Tensor> {
 /// a NaN stays a quiet NaN with its sign and top payload bits), 8 lanes at a time on AVX2.
 /// Why vector code: half's scalar conversion was ≈ 2.3 % of an int8 training step's
 /// samples on an AVX2 EPYC (the tape's casts).
-fn to_bf16(src: &[f32], dst: &mut [bf16]) {
+pub(crate) fn to_bf16(src: &[f32], dst: &mut [bf16]) {
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") {

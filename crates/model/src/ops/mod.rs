@@ -27,6 +27,8 @@ mod attn256;
 mod attn512;
 mod fused;
 pub mod gemm;
+#[cfg(target_arch = "x86_64")]
+pub mod gemm_bf16;
 mod layout;
 mod lora;
 mod norm;

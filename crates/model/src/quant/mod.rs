@@ -1060,7 +1060,9 @@ const TILES_MAX: usize = 2;
 
 use kernel::Kernel;
 pub use kernel::{kernel_name, supported_kernels};
-pub use train::{dequantized_input_grad, qlinear_train, qlinear_train_vec, TrainProduct};
+pub use train::{
+    dequantized_input_grad, qlinear_train, qlinear_train_vec, DxProduct, TrainProduct,
+};
 
 mod kernel;
 mod portable;

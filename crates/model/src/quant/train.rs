@@ -33,9 +33,6 @@ pub enum TrainProduct {
     Dequantized,
 }
 
-/// Names `LOWRANK_TRAIN_PRODUCT` accepts.
-const NAMES: [&str; 2] = ["limbs", "dequantized"];
-
 impl TrainProduct {
     pub fn name(self) -> &'static str {
         match self {
@@ -71,19 +68,130 @@ impl TrainProduct {
     /// The choice [`TrainProduct::detect`] makes from the variable's value and the kernel
     /// path, with the warning to print, if any.
     fn choose(forced: Option<&str>, kernel: Kernel) -> (TrainProduct, Option<String>) {
+        let all = [TrainProduct::Limbs, TrainProduct::Dequantized];
         let auto = TrainProduct::for_kernel(kernel);
-        match forced.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
-            None | Some("") | Some("auto") => (auto, None),
-            Some("limbs") => (TrainProduct::Limbs, None),
-            Some("dequantized") => (TrainProduct::Dequantized, None),
-            Some(other) => (
-                auto,
-                Some(format!(
-                    "LOWRANK_TRAIN_PRODUCT={other}: unknown (expected one of {}, auto); using {}",
-                    NAMES.join(", "),
-                    auto.name()
-                )),
-            ),
+        forced_choice(
+            "LOWRANK_TRAIN_PRODUCT",
+            forced,
+            &all,
+            auto,
+            |_| true,
+            |p| p.name(),
+        )
+    }
+}
+
+/// How the low-bit backward multiplies its frozen input gradient dX = dY·W₀ through a pack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DxProduct {
+    /// dY and the decoded W₀ in f32 (our f32 gemm, a chunk of the pack at a time).
+    F32,
+    /// dY and the decoded W₀ rounded to bf16, products summed in f32 (`vdpbf16ps`, twice the
+    /// f32 FMA's multiply-adds an instruction; [`crate::ops::gemm_bf16`]). AVX-512 BF16 only.
+    Bf16,
+}
+
+impl DxProduct {
+    pub fn name(self) -> &'static str {
+        match self {
+            DxProduct::F32 => "f32",
+            DxProduct::Bf16 => "bf16",
+        }
+    }
+
+    /// Whether this CPU runs it.
+    pub fn supported(self) -> bool {
+        match self {
+            DxProduct::F32 => true,
+            #[cfg(target_arch = "x86_64")]
+            DxProduct::Bf16 => crate::ops::gemm_bf16::supported(),
+            #[cfg(not(target_arch = "x86_64"))]
+            DxProduct::Bf16 => false,
+        }
+    }
+
+    /// This process's default, decided once: f32 (bf16 rounds the gradient that flows down
+    /// through every layer: against PEFT's f32 gradients of a 154-token step, 5.9 % worst
+    /// relative error where f32 has 2.1 %, over the 5 % the int8 compute is held to; PEFT's
+    /// own bf16 mode is at 37 %). `LOWRANK_TRAIN_DX=f32|bf16` forces one (as `train
+    /// --backward-dx`; an unknown name or one the CPU cannot run prints one warning on
+    /// stderr and the default runs).
+    pub fn detect() -> DxProduct {
+        static P: std::sync::OnceLock<DxProduct> = std::sync::OnceLock::new();
+        *P.get_or_init(|| {
+            let forced = std::env::var("LOWRANK_TRAIN_DX").ok();
+            let (p, warning) = DxProduct::choose(forced.as_deref());
+            if let Some(w) = warning {
+                eprintln!("lowrank: warning: {w}");
+            }
+            p
+        })
+    }
+
+    fn choose(forced: Option<&str>) -> (DxProduct, Option<String>) {
+        let all = [DxProduct::F32, DxProduct::Bf16];
+        forced_choice(
+            "LOWRANK_TRAIN_DX",
+            forced,
+            &all,
+            DxProduct::F32,
+            |p| p.supported(),
+            |p| p.name(),
+        )
+    }
+}
+
+impl std::str::FromStr for DxProduct {
+    type Err = String;
+
+    /// `f32` or `bf16` (any case).
+    fn from_str(s: &str) -> std::result::Result<DxProduct, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" => Ok(DxProduct::F32),
+            "bf16" => Ok(DxProduct::Bf16),
+            other => Err(format!(
+                "unknown backward product {other:?} (expected f32 or bf16)"
+            )),
+        }
+    }
+}
+
+/// The value of variable `var` (`forced`) among `all` by name (trimmed, any case; empty or
+/// `auto` gives `auto`), with the warning to print where it names none of them or one this
+/// CPU cannot run (then `auto` runs).
+fn forced_choice<T: Copy>(
+    var: &str,
+    forced: Option<&str>,
+    all: &[T],
+    auto: T,
+    supported: impl Fn(T) -> bool,
+    name: impl Fn(T) -> &'static str,
+) -> (T, Option<String>) {
+    let v = forced.map(|v| v.trim().to_ascii_lowercase());
+    let v = match v.as_deref() {
+        None | Some("") | Some("auto") => return (auto, None),
+        Some(v) => v,
+    };
+    match all.iter().find(|&&t| name(t) == v) {
+        Some(&t) if supported(t) => (t, None),
+        Some(&t) => (
+            auto,
+            Some(format!(
+                "{var}={}: this CPU cannot run it; using {}",
+                name(t),
+                name(auto)
+            )),
+        ),
+        None => {
+            let names: Vec<&str> = all.iter().map(|&t| name(t)).collect();
+            let msg = format!(
+                "{var}={}: unknown (expected one of {}, auto); using {}",
+                forced.unwrap_or_default(),
+                names.join(", "),
+                name(auto)
+            );
+            (auto, Some(msg))
         }
     }
 }
@@ -229,22 +337,33 @@ fn dequantized_linear_own(x: &Tensor, w: &QMatrix, rows: usize) -> Result<Option
 ///
 /// `None` where this path does not run (another f32 gemm path, fewer than `MIN_ROWS`
 /// rows, a dY that is not an f32 CPU matrix): the caller multiplies another way.
-pub fn dequantized_input_grad(dys: &[&Tensor], w: &QMatrix) -> Result<Option<Tensor>> {
+pub fn dequantized_input_grad(
+    dys: &[&Tensor],
+    w: &QMatrix,
+    product: DxProduct,
+) -> Result<Option<Tensor>> {
     #[cfg(target_arch = "x86_64")]
     {
         let rows = CHUNK_BYTES / (4 * w.in_dim().max(1));
-        dequantized_input_grad_own(dys, w, rows)
+        dequantized_input_grad_own(dys, w, rows, product)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (dys, w);
+        let _ = (dys, w, product);
         Ok(None)
     }
 }
 
-/// [`dequantized_input_grad`] with chunks of `rows` pack rows (rounded down to whole tiles).
+/// [`dequantized_input_grad`] by `product`: in f32 with chunks of `rows` pack rows (rounded
+/// down to whole tiles), or in bf16 with the pack decoded a tile at a time into the panels of
+/// [`crate::ops::gemm_bf16`] (no chunk buffer).
 #[cfg(target_arch = "x86_64")]
-fn dequantized_input_grad_own(dys: &[&Tensor], w: &QMatrix, rows: usize) -> Result<Option<Tensor>> {
+fn dequantized_input_grad_own(
+    dys: &[&Tensor],
+    w: &QMatrix,
+    rows: usize,
+    product: DxProduct,
+) -> Result<Option<Tensor>> {
     use crate::error::ModelError;
     use crate::ops::gemm::{gemm_raw, BLayout, GemmKernel, MIN_ROWS};
     let (out, inp) = (w.out_dim(), w.in_dim());
@@ -253,7 +372,8 @@ fn dequantized_input_grad_own(dys: &[&Tensor], w: &QMatrix, rows: usize) -> Resu
     let Some(first) = dys.first() else {
         return Err(ModelError::Invalid("input gradient of no targets".into()));
     };
-    if !GemmKernel::detect().is_own() || !dys.iter().all(|d| plain(d)) {
+    let bf16 = product == DxProduct::Bf16 && product.supported();
+    if !(bf16 || GemmKernel::detect().is_own()) || !dys.iter().all(|d| plain(d)) {
         return Ok(None);
     }
     let m = first.dim(0)?;
@@ -289,6 +409,22 @@ fn dequantized_input_grad_own(dys: &[&Tensor], w: &QMatrix, rows: usize) -> Resu
         views.push(&v[l.start_offset()..][..m * c]);
     }
     let mut dx: Vec<f32> = Vec::with_capacity(m * inp);
+    if bf16 {
+        // B's rows r0..r0+n (one 16-row tile), columns j0.. (a multiple of 32): decoded
+        // exactly as the forward multiplied them, then rounded by the packing.
+        let fill = |r0: usize, n: usize, j0: usize, nc: usize, dst: &mut [f32]| {
+            debug_assert!(n <= super::TILE && dst.len() == n * nc);
+            w.tile_span_into(r0 / super::TILE, j0, nc, dst)
+        };
+        // SAFETY: the CPU runs it (`supported`); dx has room for m rows of `inp` floats,
+        // each written by the product; the views hold m rows of their widths.
+        unsafe {
+            crate::ops::gemm_bf16::gemm_bf16(m, inp, &views, &cols, &fill, dx.as_mut_ptr(), inp);
+            dx.set_len(m * inp);
+        }
+        drop(guards);
+        return Ok(Some(Tensor::from_vec(dx, (m, inp), first.device())?));
+    }
     let mut written = false;
     for_decoded_chunks(w, rows, |r0, n, wc| {
         // The chunk's rows r0..r0+n fall in one or more targets' blocks [off, off + c).
@@ -420,43 +556,103 @@ mod tests {
             .iter()
             .map(|d| d.flatten_all().unwrap().to_vec1().unwrap())
             .collect();
-        let mut want = vec![0f64; m * inp];
-        let mut off = 0;
-        for (d, &c) in dyv.iter().zip(&cols) {
-            for r in 0..m {
-                for o in 0..c {
-                    for i in 0..inp {
-                        want[r * inp + i] += d[r * c + o] as f64 * wd[(off + o) * inp + i] as f64;
+        // Σ_t dY_t·W_t in f64, of the operands as given or each rounded to bf16 first.
+        let reference = |round: bool| -> Vec<f64> {
+            let r = |v: f32| match round {
+                true => half::bf16::from_f32(v).to_f64(),
+                false => v as f64,
+            };
+            let mut want = vec![0f64; m * inp];
+            let mut off = 0;
+            for (d, &c) in dyv.iter().zip(&cols) {
+                for row in 0..m {
+                    for o in 0..c {
+                        for i in 0..inp {
+                            want[row * inp + i] += r(d[row * c + o]) * r(wd[(off + o) * inp + i]);
+                        }
                     }
                 }
+                off += c;
             }
-            off += c;
-        }
-        let scale = want.iter().fold(0f64, |a, v| a.max(v.abs()));
+            want
+        };
         let refs: Vec<&Tensor> = dys.iter().collect();
-        for rows in [16, 32, 48, 1 << 20] {
-            let got = dequantized_input_grad_own(&refs, &w, rows)
-                .unwrap()
-                .unwrap();
+        let off_by = |got: &Tensor, want: &[f64]| -> f64 {
             assert_eq!(got.dims(), &[m, inp]);
             let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
-            let e = got
-                .iter()
-                .zip(&want)
+            let scale = want.iter().fold(0f64, |a, v| a.max(v.abs()));
+            got.iter()
+                .zip(want)
                 .fold(0f64, |a, (g, w)| a.max((*g as f64 - w).abs()))
-                / scale;
+                / scale
+        };
+        let exact = reference(false);
+        for rows in [16, 32, 48, 1 << 20] {
+            let got = dequantized_input_grad_own(&refs, &w, rows, DxProduct::F32)
+                .unwrap()
+                .unwrap();
+            let e = off_by(&got, &exact);
             assert!(e < 1e-6, "chunks of {rows} rows: off by {e}");
+        }
+        // In bf16: the rounded operands' product to f32 accumulation error, and within
+        // bf16's rounding of the exact one (a pack row placed at the wrong depth, or a target
+        // block's columns misread, is off by far more).
+        if DxProduct::Bf16.supported() {
+            let got = dequantized_input_grad_own(&refs, &w, 16, DxProduct::Bf16)
+                .unwrap()
+                .unwrap();
+            let (e, e_exact) = (off_by(&got, &reference(true)), off_by(&got, &exact));
+            assert!(
+                e < 1e-6,
+                "bf16: off by {e} from the rounded operands' product"
+            );
+            assert!(
+                e_exact > 1e-5 && e_exact < 1e-2,
+                "bf16: off by {e_exact} from f32's"
+            );
+        } else {
+            eprintln!("bf16 half skipped: this CPU has no AVX-512 BF16");
         }
         // The public entry point, and its refusals: a dY of the wrong width is an error,
         // too few rows go back to the caller.
-        assert!(dequantized_input_grad(&refs, &w).unwrap().is_some());
-        assert!(dequantized_input_grad(&refs[..2], &w).is_err());
+        assert!(dequantized_input_grad(&refs, &w, DxProduct::F32)
+            .unwrap()
+            .is_some());
+        assert!(dequantized_input_grad(&refs[..2], &w, DxProduct::F32).is_err());
         let few: Vec<Tensor> = dys
             .iter()
             .map(|d| d.narrow(0, 0, MIN_ROWS - 1).unwrap())
             .collect();
         let few: Vec<&Tensor> = few.iter().collect();
-        assert!(dequantized_input_grad(&few, &w).unwrap().is_none());
+        assert!(dequantized_input_grad(&few, &w, DxProduct::Bf16)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn the_dx_product_follows_the_cpu_and_the_variable() {
+        let auto = DxProduct::F32;
+        assert_eq!("BF16".parse::<DxProduct>(), Ok(DxProduct::Bf16));
+        assert!("int8"
+            .parse::<DxProduct>()
+            .unwrap_err()
+            .contains("\"int8\""));
+        assert_eq!(DxProduct::choose(None), (auto, None));
+        assert_eq!(DxProduct::choose(Some(" AUTO ")), (auto, None));
+        assert_eq!(DxProduct::choose(Some("f32")), (DxProduct::F32, None));
+        let (p, w) = DxProduct::choose(Some("bf16"));
+        match DxProduct::Bf16.supported() {
+            true => assert_eq!((p, w), (DxProduct::Bf16, None)),
+            false => {
+                assert_eq!(p, DxProduct::F32);
+                assert!(w.expect("a warning").contains("cannot run"));
+            }
+        }
+        let (p, w) = DxProduct::choose(Some("int4"));
+        assert_eq!(p, auto);
+        assert!(w
+            .expect("a warning")
+            .contains("LOWRANK_TRAIN_DX=int4: unknown"));
     }
 
     #[test]
