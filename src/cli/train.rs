@@ -115,8 +115,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub checkpoint_layers: bool,
     /// How the backward multiplies dX = dY·W₀ through the packed base (int8/int4 compute):
-    /// f32, or bf16 on CPUs with AVX-512 BF16 (about twice that product's speed; dY and W₀
-    /// rounded to bf16, so LoRA gradients move further from f32's: see the README) [default: f32]
+    /// bf16 (CPUs with AVX-512 BF16: about twice that product's speed, dY and W₀ rounded to
+    /// bf16, see the README) or f32 [default: bf16 where the CPU has AVX-512 BF16, else f32]
     #[arg(long)]
     pub backward_dx: Option<String>,
     /// Stop after this many seconds of training (0: no limit) [default: 0]

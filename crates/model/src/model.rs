@@ -158,8 +158,8 @@ impl Llama {
     }
 
     /// How LoRA training's backward multiplies the frozen input gradient dY·W₀ through the
-    /// packed weights (default: f32, see [`quant::DxProduct`]). A product this CPU cannot
-    /// run leaves the current one.
+    /// packed weights (default: bf16 where the CPU has AVX-512 BF16, see
+    /// [`quant::DxProduct`]). A product this CPU cannot run leaves the current one.
     pub fn set_train_dx(&mut self, p: quant::DxProduct) {
         if p.supported() {
             self.train_dx = p;

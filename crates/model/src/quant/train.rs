@@ -88,7 +88,8 @@ pub enum DxProduct {
     /// dY and the decoded W₀ in f32 (our f32 gemm, a chunk of the pack at a time).
     F32,
     /// dY and the decoded W₀ rounded to bf16, products summed in f32 (`vdpbf16ps`, twice the
-    /// f32 FMA's multiply-adds an instruction; [`crate::ops::gemm_bf16`]). AVX-512 BF16 only.
+    /// f32 FMA's multiply-adds an instruction; [`crate::ops::gemm_bf16`]), for every pack but
+    /// o_proj's (see `Tape::backward`). AVX-512 BF16 only.
     Bf16,
 }
 
@@ -111,12 +112,12 @@ impl DxProduct {
         }
     }
 
-    /// This process's default, decided once: f32 (bf16 rounds the gradient that flows down
-    /// through every layer: against PEFT's f32 gradients of a 154-token step, 5.9 % worst
-    /// relative error where f32 has 2.1 %, over the 5 % the int8 compute is held to; PEFT's
-    /// own bf16 mode is at 37 %). `LOWRANK_TRAIN_DX=f32|bf16` forces one (as `train
-    /// --backward-dx`; an unknown name or one the CPU cannot run prints one warning on
-    /// stderr and the default runs).
+    /// This process's default, decided once: bf16 where the CPU runs it, else f32. Against
+    /// PEFT's f32 gradients of a 154-token step its worst LoRA gradient is 2.3–2.5 % off,
+    /// where f32 is at 2.1 % and PEFT's own bf16 mode at 37 % (o_proj's dX stays f32, see
+    /// `Tape::backward`). `LOWRANK_TRAIN_DX=f32|bf16` forces one (as `train --backward-dx`;
+    /// an unknown name or one the CPU cannot run prints one warning on stderr and the
+    /// default runs).
     pub fn detect() -> DxProduct {
         static P: std::sync::OnceLock<DxProduct> = std::sync::OnceLock::new();
         *P.get_or_init(|| {
@@ -131,11 +132,15 @@ impl DxProduct {
 
     fn choose(forced: Option<&str>) -> (DxProduct, Option<String>) {
         let all = [DxProduct::F32, DxProduct::Bf16];
+        let auto = match DxProduct::Bf16.supported() {
+            true => DxProduct::Bf16,
+            false => DxProduct::F32,
+        };
         forced_choice(
             "LOWRANK_TRAIN_DX",
             forced,
             &all,
-            DxProduct::F32,
+            auto,
             |p| p.supported(),
             |p| p.name(),
         )
@@ -631,7 +636,10 @@ mod tests {
 
     #[test]
     fn the_dx_product_follows_the_cpu_and_the_variable() {
-        let auto = DxProduct::F32;
+        let auto = match DxProduct::Bf16.supported() {
+            true => DxProduct::Bf16,
+            false => DxProduct::F32,
+        };
         assert_eq!("BF16".parse::<DxProduct>(), Ok(DxProduct::Bf16));
         assert!("int8"
             .parse::<DxProduct>()
