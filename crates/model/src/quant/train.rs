@@ -1,4 +1,5 @@
-//! How LoRA training's forward multiplies a packed frozen weight, chosen per CPU path.
+//! How LoRA training multiplies a packed frozen weight, forward and backward, chosen per CPU
+//! path.
 //!
 //! Two products give the forward what the gradients need (within 1 % of f32's, see the
 //! README's operand table):
@@ -16,6 +17,10 @@
 //! int8_matmul` measured the dequantized gemm faster on four of the five training shapes
 //! (down_proj 5.7 vs 10.1 ms, the head 260 vs 343 ms, 512 rows; gate/up equal). The
 //! portable path is scalar, so it dequantizes too.
+//!
+//! The backward's frozen input gradient dX = dY·W₀ has two products too ([`DxProduct`]):
+//! f32 with the pack dequantized a chunk at a time, or, on CPUs with AVX-512 BF16, dY and
+//! the decoded W₀ rounded to bf16 for `vdpbf16ps` ([`crate::ops::gemm_bf16`]).
 
 use candle_core::Tensor;
 
