@@ -137,6 +137,8 @@ fn the_fixtures_the_tests_use_are_in_the_repository() {
         "smollm2-135m/text_cases.json",
         "smollm2-135m/logits.safetensors",
         "smollm2-135m/grads.safetensors",
+        "smollm2-135m/grads_long.safetensors",
+        "make_long_grads.py",
         "smollm2-135m/peft_adapter/adapter_config.json",
         "smollm2-135m/peft_adapter/adapter_model.safetensors",
         "tiny-llama-hf/logits.safetensors",

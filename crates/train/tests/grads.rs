@@ -64,11 +64,33 @@ fn peft_case() -> (std::collections::HashMap<String, Tensor>, Sample, f64) {
 }
 
 /// PEFT's step of 154 tokens (`make_long_grads.py`): long enough (≥ `MIN_ROWS` rows) for
-/// our own products, the packed base's input gradient among them.
+/// our own products, the packed base's input gradient among them; the gradients of nine
+/// layers (0–5, 14, 28, 29: the fixtures' size budget).
 fn peft_long_case() -> (std::collections::HashMap<String, Tensor>, Sample, f64) {
     let case = peft_case_of("grads_long.safetensors");
     assert!(case.1.ids.len() >= lowrank_model::ops::gemm::MIN_ROWS);
     case
+}
+
+/// The pairs (name, ours, PEFT's) of every gradient the case holds: all 420 in the short case,
+/// the kept layers' (`make_long_grads.py`'s KEEP_LAYERS, nine of 30) in the long one. Each of
+/// the case's gradients must be among ours (a name we do not produce fails).
+fn compared<'a>(
+    ours: impl IntoIterator<Item = (&'a String, &'a Tensor)>,
+    st: &'a std::collections::HashMap<String, Tensor>,
+) -> Vec<(&'a String, &'a Tensor, &'a Tensor)> {
+    let pairs: Vec<_> = ours
+        .into_iter()
+        .filter_map(|(k, g)| st.get(k).map(|w| (k, g, w)))
+        .collect();
+    let held = st.keys().filter(|k| k.contains("lora_")).count();
+    assert_eq!(
+        pairs.len(),
+        held,
+        "the case holds gradients we did not compute"
+    );
+    assert!(held >= 9 * 14, "only {held} gradients in the case");
+    pairs
 }
 
 fn peft_case_of(file: &str) -> (std::collections::HashMap<String, Tensor>, Sample, f64) {
@@ -545,8 +567,8 @@ fn packed_lora_grads_match_peft(compute: lowrank_model::quant::Compute) {
                 let (rel, cos) = peft_bf16_error();
                 let (cos_min, rel_max) = (cos.max(0.99), rel.min(0.05));
                 let (mut worst_cos, mut worst_rel) = (1.0f64, 0.0f64);
-                for (key, got) in &hand {
-                    let (c, e) = (cosine(got, &st[key]), rel_frob(got, &st[key]));
+                for (key, got, want) in compared(&hand, &st) {
+                    let (c, e) = (cosine(got, want), rel_frob(got, want));
                     worst_cos = worst_cos.min(c);
                     worst_rel = worst_rel.max(e);
                     assert!(
@@ -599,8 +621,8 @@ fn long_batch_lora_grads_match_peft() {
     );
     assert_eq!(hand.len(), 420);
     let mut worst = 0.0f64;
-    for (name, got) in &hand {
-        let e = rel_frob(got, &st[name]);
+    for (name, got, want) in compared(&hand, &st) {
+        let e = rel_frob(got, want);
         worst = worst.max(e);
         assert!(e <= 1e-3, "{name}: relative Frobenius error {e}");
     }
