@@ -168,6 +168,41 @@ unsafe fn row<E: KvElem, const G: usize, const C: usize>(
     }
 }
 
+/// dst[j] = σ(src[j]) = 1/(1 + e^(−src[j])), 8 lanes at a time, the tail through a padded
+/// vector (the same rounding for every element): from t = e^(−|x|) (an argument ≤ 0, as
+/// [`exp`] wants), σ = 1/(1 + t) for x ≥ 0 and t/(1 + t) below. A NaN gives 1 (the callers
+/// multiply by x, which keeps it NaN).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn sigmoid(dst: &mut [f32], src: &[f32]) {
+    let n = dst.len().min(src.len());
+    let (full, tail) = (n / 8, n % 8);
+    let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+    let sig = |x: __m256| -> __m256 {
+        let zero = _mm256_setzero_ps();
+        let one = _mm256_set1_ps(1.0);
+        let t = exp(_mm256_sub_ps(
+            zero,
+            _mm256_andnot_ps(_mm256_set1_ps(-0.0), x),
+        ));
+        let r = _mm256_div_ps(one, _mm256_add_ps(one, t));
+        let neg = _mm256_cmp_ps::<_CMP_LT_OQ>(x, zero);
+        _mm256_blendv_ps(r, _mm256_mul_ps(r, t), neg)
+    };
+    for c in 0..full {
+        _mm256_storeu_ps(d.add(c * 8), sig(_mm256_loadu_ps(s.add(c * 8))));
+    }
+    if tail > 0 {
+        let mut x = [0f32; 8];
+        x[..tail].copy_from_slice(&src[full * 8..n]);
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), sig(_mm256_loadu_ps(x.as_ptr())));
+        dst[full * 8..n].copy_from_slice(&lanes[..tail]);
+    }
+}
+
 /// dst[j] = e^(a·src[j] + b) for arguments ≤ 0 (softmax rows of training attention); returns
 /// Σ dst. 8 lanes at a time, the tail in scalar code with the same polynomial (via a padded
 /// vector), so every element gets the same rounding.

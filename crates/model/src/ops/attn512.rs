@@ -39,6 +39,35 @@ pub(super) unsafe fn exp(x: __m512) -> __m512 {
     _mm512_scalef_ps(p, n)
 }
 
+/// dst[j] = σ(src[j]) = 1/(1 + e^(−src[j])), 16 lanes at a time, the tail under a mask:
+/// from t = e^(−|x|) (an argument ≤ 0, as [`exp`] wants), σ = 1/(1 + t) for x ≥ 0 and
+/// t/(1 + t) below. A NaN gives 1 (the callers multiply by x, which keeps it NaN).
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn sigmoid(dst: &mut [f32], src: &[f32]) {
+    let n = dst.len().min(src.len());
+    let (full, tail) = (n / 16, n % 16);
+    let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+    let sig = |x: __m512| -> __m512 {
+        let zero = _mm512_setzero_ps();
+        let one = _mm512_set1_ps(1.0);
+        let t = exp(_mm512_sub_ps(zero, _mm512_abs_ps(x)));
+        let r = _mm512_div_ps(one, _mm512_add_ps(one, t));
+        let neg = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, zero);
+        _mm512_mask_mul_ps(r, neg, r, t)
+    };
+    for c in 0..full {
+        _mm512_storeu_ps(d.add(c * 16), sig(_mm512_loadu_ps(s.add(c * 16))));
+    }
+    if tail > 0 {
+        let m: __mmask16 = ((1u32 << tail) - 1) as u16;
+        let x = _mm512_maskz_loadu_ps(m, s.add(full * 16));
+        _mm512_mask_storeu_ps(d.add(full * 16), m, sig(x));
+    }
+}
+
 /// In-place softmax of one row of scores, 16 lanes at a time.
 #[inline(always)]
 unsafe fn softmax(p: &mut [f32]) {

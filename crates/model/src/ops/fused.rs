@@ -45,8 +45,9 @@ impl candle_core::CustomOp2 for SiluMul {
         let (g, u) = (slice(gs, gl, self.name())?, slice(us, ul, self.name())?);
         let out = super::par_new(g.len(), EW_CHUNK, |i, o| {
             let (g, u) = (&g[i * EW_CHUNK..][..o.len()], &u[i * EW_CHUNK..][..o.len()]);
+            super::rows::sigmoid_into(o, g);
             for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                *o = g / (1.0 + (-g).exp()) * u;
+                *o *= g * u;
             }
         });
         Ok((CpuStorage::F32(out), gl.shape().clone()))
@@ -83,8 +84,9 @@ impl candle_core::CustomOp3 for SiluMulBwd {
         let out = super::par_new2(g.len(), EW_CHUNK, |c, dg, du| {
             let (at, len) = (c * EW_CHUNK, dg.len());
             let (g, u, d) = (&g[at..][..len], &u[at..][..len], &d[at..][..len]);
+            super::rows::sigmoid_into(dg, g); // σ(g), then dg in place
             for i in 0..g.len() {
-                let s = 1.0 / (1.0 + (-g[i]).exp());
+                let s = dg[i];
                 dg[i] = d[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
                 du[i] = d[i] * g[i] * s;
             }

@@ -77,17 +77,26 @@ pub(super) unsafe fn quantize_block(xb: &[f32; QK], ab: &mut [i8; QK]) -> (f32, 
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA; otherwise as [`super::Kernel::run`].
-pub(super) unsafe fn run(w: &QMatrix, x: &Activations, t: usize, r0: usize, nr: usize, y: OutTile) {
-    if w.nibbles {
-        by_mode::<true>(w, x, t, r0, nr, y)
-    } else {
-        by_mode::<false>(w, x, t, r0, nr, y)
+pub(super) unsafe fn run(
+    w: &QMatrix,
+    x: &Activations,
+    t: usize,
+    r0: usize,
+    nr: usize,
+    limbs: bool,
+    y: OutTile,
+) {
+    match (w.nibbles, limbs) {
+        (true, true) => by_mode::<true, true>(w, x, t, r0, nr, y),
+        (true, false) => by_mode::<true, false>(w, x, t, r0, nr, y),
+        (false, true) => by_mode::<false, true>(w, x, t, r0, nr, y),
+        (false, false) => by_mode::<false, false>(w, x, t, r0, nr, y),
     }
 }
 
 /// # Safety
-/// As [`run`], with `NIB` = `w.nibbles`.
-unsafe fn by_mode<const NIB: bool>(
+/// As [`run`], with `NIB` = `w.nibbles` and `LIMBS` = `limbs`.
+unsafe fn by_mode<const NIB: bool, const LIMBS: bool>(
     w: &QMatrix,
     x: &Activations,
     t: usize,
@@ -96,17 +105,17 @@ unsafe fn by_mode<const NIB: bool>(
     y: OutTile,
 ) {
     match Mode::for_qmax(w.qmax) {
-        Mode::Plain(8) => rows::<8, false, NIB>(w, x, t, r0, nr, y),
-        Mode::Plain(4) => rows::<4, false, NIB>(w, x, t, r0, nr, y),
-        Mode::Plain(2) => rows::<2, false, NIB>(w, x, t, r0, nr, y),
-        Mode::Plain(_) => rows::<1, false, NIB>(w, x, t, r0, nr, y),
-        Mode::Sign => rows::<1, true, NIB>(w, x, t, r0, nr, y),
+        Mode::Plain(8) => rows::<8, false, NIB, LIMBS>(w, x, t, r0, nr, y),
+        Mode::Plain(4) => rows::<4, false, NIB, LIMBS>(w, x, t, r0, nr, y),
+        Mode::Plain(2) => rows::<2, false, NIB, LIMBS>(w, x, t, r0, nr, y),
+        Mode::Plain(_) => rows::<1, false, NIB, LIMBS>(w, x, t, r0, nr, y),
+        Mode::Sign => rows::<1, true, NIB, LIMBS>(w, x, t, r0, nr, y),
     }
 }
 
 /// # Safety
 /// As [`run`].
-unsafe fn rows<const K: usize, const SIGN: bool, const NIB: bool>(
+unsafe fn rows<const K: usize, const SIGN: bool, const NIB: bool, const LIMBS: bool>(
     w: &QMatrix,
     x: &Activations,
     t: usize,
@@ -115,11 +124,12 @@ unsafe fn rows<const K: usize, const SIGN: bool, const NIB: bool>(
     y: OutTile,
 ) {
     const _: () = assert!(NR_AVX2 == 4);
-    match nr {
-        1 => tile::<1, K, SIGN, NIB>(w, x, t, r0, y),
-        2 => tile::<2, K, SIGN, NIB>(w, x, t, r0, y),
-        3 => tile::<3, K, SIGN, NIB>(w, x, t, r0, y),
-        _ => tile::<4, K, SIGN, NIB>(w, x, t, r0, y),
+    // Limb pairs come as whole pairs (nr even).
+    match (nr, LIMBS) {
+        (1, false) => tile::<1, K, SIGN, NIB, false>(w, x, t, r0, y),
+        (2, _) => tile::<2, K, SIGN, NIB, LIMBS>(w, x, t, r0, y),
+        (3, false) => tile::<3, K, SIGN, NIB, false>(w, x, t, r0, y),
+        _ => tile::<4, K, SIGN, NIB, LIMBS>(w, x, t, r0, y),
     }
 }
 
@@ -132,13 +142,22 @@ unsafe fn rows<const K: usize, const SIGN: bool, const NIB: bool>(
 /// f32 sums are touched once per block and may live in memory.
 ///
 /// With `NIB` (q stored as nibbles) a group's two halves come from its pair's 64 bytes,
-/// split with an AND (even group) or a shift and an AND (odd group).
+/// split with an AND (even group) or a shift and an AND (odd group). With `LIMBS` the R
+/// rows are R / 2 limb pairs, each pair's block sums combined as 256·Σq·a₁ + Σq·a₂ before
+/// the epilogue (see [`super::Kernel::run`]).
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA; `K` divides 8 and K·2·qmax·127 ≤ 32767 when `!SIGN`, K = 1
-/// when `SIGN`; `NIB` matches `w.nibbles`; otherwise as [`super::Kernel::run`] with nr = R.
+/// when `SIGN`; `NIB` matches `w.nibbles`; R even with `LIMBS`; otherwise as
+/// [`super::Kernel::run`] with nr = R.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn tile<const R: usize, const K: usize, const SIGN: bool, const NIB: bool>(
+unsafe fn tile<
+    const R: usize,
+    const K: usize,
+    const SIGN: bool,
+    const NIB: bool,
+    const LIMBS: bool,
+>(
     w: &QMatrix,
     x: &Activations,
     t: usize,
@@ -146,6 +165,9 @@ unsafe fn tile<const R: usize, const K: usize, const SIGN: bool, const NIB: bool
     y: OutTile,
 ) {
     const G: usize = QK / 4; // groups of 4 inputs per block
+                             // Activation rows per output row.
+    let per = if LIMBS { 2 } else { 1 };
+    const { assert!(!LIMBS || R.is_multiple_of(2)) };
     let (nb, kp) = (w.nb, x.nb * QK);
     let ones = _mm256_set1_epi16(1);
     let flip = _mm256_set1_epi8(-128);
@@ -210,26 +232,38 @@ unsafe fn tile<const R: usize, const K: usize, const SIGN: bool, const NIB: bool
         let mp = w.m.as_ptr().add(tb * TILE);
         let dv = [_mm256_loadu_ps(dp), _mm256_loadu_ps(dp.add(8))];
         let mv = [_mm256_loadu_ps(mp), _mm256_loadu_ps(mp.add(8))];
-        for (r, (ar, dr)) in acc.iter_mut().zip(&dot).enumerate() {
+        // Activation row r's exact block sums.
+        let fixed = |r: usize| -> [__m256i; 2] {
+            if SIGN {
+                // Σq·a = Σq'·a + 128·Σa (exact in i32: |128·Σa| ≤ 128·32·127).
+                let fix = _mm256_set1_epi32(128 * *x.sum.get_unchecked((r0 + r) * nb + b));
+                dot[r].map(|v| _mm256_add_epi32(v, fix))
+            } else {
+                dot[r]
+            }
+        };
+        for (o, ar) in acc.iter_mut().enumerate().take(R / per) {
+            let r = o * per;
             let i = (r0 + r) * nb + b;
             let s = _mm256_set1_ps(*x.s.get_unchecked(i));
             let sa = _mm256_set1_ps(*x.sa.get_unchecked(i));
-            let mut dot = *dr;
-            if SIGN {
-                // Σq·a = Σq'·a + 128·Σa (exact in i32: |128·Σa| ≤ 128·32·127).
-                let fix = _mm256_set1_epi32(128 * *x.sum.get_unchecked(i));
-                dot = dot.map(|v| _mm256_add_epi32(v, fix));
+            let mut d = fixed(r);
+            if LIMBS {
+                let lo = fixed(r + 1);
+                for h in 0..2 {
+                    d[h] = _mm256_add_epi32(_mm256_slli_epi32::<8>(d[h]), lo[h]);
+                }
             }
             for h in 0..2 {
                 let ds = _mm256_mul_ps(dv[h], s);
-                ar[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[h]), ds, ar[h]);
+                ar[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[h]), ds, ar[h]);
                 ar[h] = _mm256_fmadd_ps(mv[h], sa, ar[h]);
             }
         }
     }
     let lanes = TILE.min(w.out - t * TILE);
-    for (r, ar) in acc.iter().enumerate() {
-        let row = y.row(r);
+    for (o, ar) in acc.iter().enumerate().take(R / per) {
+        let row = y.row(o);
         if lanes == TILE {
             _mm256_storeu_ps(row, ar[0]);
             _mm256_storeu_ps(row.add(8), ar[1]);

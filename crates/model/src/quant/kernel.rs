@@ -2,7 +2,7 @@
 //! with `LOWRANK_INT8_KERNEL` (see the module docs of `quant`), and the dispatch to it.
 
 #[cfg(target_arch = "x86_64")]
-use super::{avx2, vnni, NR_AVX2, NR_VNNI};
+use super::{avx2, vnni, NR_AVX2, NR_VNNI, NR_VNNI_LIMBS};
 use super::{
     portable::portable, quantize_act_block, Activations, OutTile, QMatrix, NR_PORTABLE, QK,
 };
@@ -151,12 +151,15 @@ impl Kernel {
         }
     }
 
-    /// Most activation rows one kernel call takes.
-    pub(super) fn rows_per_call(self) -> usize {
+    /// Most activation rows one kernel call takes (with `limbs`, an even number: whole limb
+    /// pairs).
+    pub(super) fn rows_per_call(self, limbs: bool) -> usize {
         match self {
             Kernel::Portable => NR_PORTABLE,
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => NR_AVX2,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Vnni512 if limbs => NR_VNNI_LIMBS,
             #[cfg(target_arch = "x86_64")]
             Kernel::Vnni512 => NR_VNNI,
         }
@@ -199,13 +202,21 @@ impl Kernel {
         quantize_act_block(xb, ab)
     }
 
-    /// Rows r0..r0+nr (nr ≤ [`Kernel::rows_per_call`]) of tiles t..t + tpc (tpc =
-    /// [`Kernel::tiles_per_call`], those below `w.tiles`) into y (row r0 + r at `y.row(r)`).
+    /// Activation rows r0..r0+nr (nr ≤ [`Kernel::rows_per_call`]) of tiles t..t + tpc (tpc
+    /// = [`Kernel::tiles_per_call`], those below `w.tiles`) into y: row r0 + r at
+    /// `y.row(r)`, or with `limbs` (r0 and nr even; [`Activations::quantize_fine`]'s layout)
+    /// the limb pair r0 + 2j, r0 + 2j + 1 at `y.row(j)`. Per block and output, every path
+    /// computes the same f32 operations in the same order: with D = Σq·a (one limb) or
+    /// D = 256·Σq·a₁ + Σq·a₂ (a pair, exact in i32: |D| ≤ 257·32·255·127 < 2³¹),
+    /// acc = fma(D as f32, d·s, acc), then acc = fma(m, s·Σa, acc), with the row's (or the
+    /// pair's) s and s·Σa for the block.
     ///
     /// # Safety
-    /// The CPU supports this kernel; `y.row(r)` for r < nr points at min(16·tpc, out − 16t)
-    /// writable f32 that no other thread touches meanwhile; `x` holds rows ≥ r0 + nr
-    /// quantized for `w`'s input dim; t < `w.tiles`.
+    /// The CPU supports this kernel; `y.row(r)` for each output row r points at
+    /// min(16·tpc, out − 16t) writable f32 that no other thread touches meanwhile; `x` holds
+    /// rows ≥ r0 + nr quantized for `w`'s input dim (by `quantize_fine` with `limbs`);
+    /// t < `w.tiles`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn run(
         self,
         w: &QMatrix,
@@ -213,15 +224,17 @@ impl Kernel {
         t: usize,
         r0: usize,
         nr: usize,
+        limbs: bool,
         y: OutTile,
     ) {
-        debug_assert!(nr >= 1 && nr <= self.rows_per_call());
+        debug_assert!(nr >= 1 && nr <= self.rows_per_call(limbs));
+        debug_assert!(!limbs || (r0.is_multiple_of(2) && nr.is_multiple_of(2)));
         match self {
-            Kernel::Portable => portable(w, x, t, r0, nr, y),
+            Kernel::Portable => portable(w, x, t, r0, nr, limbs, y),
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => avx2::run(w, x, t, r0, nr, y),
+            Kernel::Avx2 => avx2::run(w, x, t, r0, nr, limbs, y),
             #[cfg(target_arch = "x86_64")]
-            Kernel::Vnni512 => vnni::run(w, x, t, r0, nr, y),
+            Kernel::Vnni512 => vnni::run(w, x, t, r0, nr, limbs, y),
         }
     }
 }

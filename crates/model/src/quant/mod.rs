@@ -45,6 +45,10 @@ const TB4: usize = TB / 2;
 /// f32 sum for each of its two tiles).
 #[cfg(target_arch = "x86_64")]
 const NR_VNNI: usize = 6;
+/// Activation rows (limb pairs × 2) of a two-limb VNNI call: 4 zmm of i32 dots and 2 of f32
+/// sums per pair.
+#[cfg(target_arch = "x86_64")]
+const NR_VNNI_LIMBS: usize = 8;
 /// Rows per AVX2 kernel call: each row needs 2 ymm (a 16-output group is two 256-bit halves)
 /// of i32 or i16 sums, out of 16 ymm registers (see `avx2::tile`).
 #[cfg(target_arch = "x86_64")]
@@ -599,17 +603,16 @@ impl QMatrix {
     }
 
     /// y [rows, out] from activations quantized for this matrix (on a supported `kernel`):
-    /// one activation row per row of y, or with `limbs` two (a row's limbs, as
-    /// [`Activations::quantize_fine`] lays them out), whose products are summed as
-    /// limb 1 + limb 2 — the same f32 addition as summing two separate products, done while
-    /// the tile is in cache instead of as a pass over two [rows, out] buffers.
+    /// one activation row per row of y, or with `limbs` a pair of them (a row's limbs, as
+    /// [`Activations::quantize_fine`] lays them out), combined per block in the kernel's
+    /// integer sums ([`Kernel::run`]) and written straight into y.
     fn products(&self, kernel: Kernel, act: &Activations, rows: usize, limbs: bool) -> Vec<f32> {
         let mut y = vec![0f32; rows * self.out];
         if rows == 0 {
             return y;
         }
         let arows = if limbs { 2 * rows } else { rows };
-        let nr_max = kernel.rows_per_call();
+        let nr_max = kernel.rows_per_call(limbs);
         // Every call takes whole pairs of limb rows: units start at multiples of ROW_BLOCK
         // and calls at multiples of nr_max, both even, and arows is even with limbs.
         const _: () = assert!(ROW_BLOCK.is_multiple_of(2));
@@ -618,52 +621,30 @@ impl QMatrix {
         // Tiles a call computes (t, t + 1, … where the matrix has them); units take whole
         // calls' worth.
         let tpc = kernel.tiles_per_call();
-        assert!(tpc <= TILES_MAX);
         let tiles_per_unit = tile_chunk(self.tiles, arows).next_multiple_of(tpc);
         let tile_units = self.tiles.div_ceil(tiles_per_unit);
         let row_units = arows.div_ceil(ROW_BLOCK);
         let yp = SendPtr(y.as_mut_ptr());
+        let per_row = if limbs { 2 } else { 1 };
         (0..row_units * tile_units).into_par_iter().for_each(|u| {
             let (ru, tu) = (u / tile_units, u % tile_units);
             let r_end = ((ru + 1) * ROW_BLOCK).min(arows);
             let t_end = ((tu + 1) * tiles_per_unit).min(self.tiles);
-            let mut buf = [[0f32; TILE * TILES_MAX]; NR_MAX];
             for t in (tu * tiles_per_unit..t_end).step_by(tpc) {
-                let lanes = (tpc * TILE).min(out - t * TILE);
                 let mut r0 = ru * ROW_BLOCK;
                 while r0 < r_end {
                     let nr = (r_end - r0).min(nr_max);
-                    if limbs {
+                    // SAFETY: y's row r0 / per_row + r (r < nr / per_row) exists (< rows) and
+                    // its lanes from 16t on, min(16·tpc, out − 16t) of them, are this unit's
+                    // alone (its own rows and tiles); rows r0..r0+nr < arows exist in `act`
+                    // (whole limb pairs with `limbs`); t < tiles; `kernel` is supported (the
+                    // callers assert it); `y` outlives the parallel loop.
+                    unsafe {
                         let tile = OutTile {
-                            p: buf.as_mut_ptr() as *mut f32,
-                            ld: TILE * TILES_MAX,
-                        };
-                        // SAFETY: `buf` has NR_MAX ≥ nr rows of TILES_MAX ≥ tpc tiles and is
-                        // this unit's own; rows r0..r0+nr < arows exist in `act`; t < tiles;
-                        // `kernel` is supported (the callers assert it).
-                        unsafe { kernel.run(self, act, t, r0, nr, tile) };
-                        for (j, pair) in buf[..nr].chunks_exact(2).enumerate() {
-                            // SAFETY: row (r0 / 2 + j) < rows and lanes ≤ out − 16t, so the
-                            // cells are inside y; each (row, tile) is this unit's alone and
-                            // `y` outlives the parallel loop.
-                            let yr = unsafe {
-                                std::slice::from_raw_parts_mut(
-                                    yp.get().add((r0 / 2 + j) * out + t * TILE),
-                                    lanes,
-                                )
-                            };
-                            for (v, (a, b)) in yr.iter_mut().zip(pair[0].iter().zip(&pair[1])) {
-                                *v = a + b;
-                            }
-                        }
-                    } else {
-                        // SAFETY: as above, with the tile in `y` itself: row r0 + r < rows
-                        // at r0·out + 16t + r·out, lanes ≤ out − 16t.
-                        let tile = OutTile {
-                            p: unsafe { yp.get().add(r0 * out + t * TILE) },
+                            p: yp.get().add(r0 / per_row * out + t * TILE),
                             ld: out,
                         };
-                        unsafe { kernel.run(self, act, t, r0, nr, tile) };
+                        kernel.run(self, act, t, r0, nr, limbs, tile);
                     }
                     r0 += nr;
                 }
@@ -909,9 +890,13 @@ impl Activations {
     }
 
     /// Two-limb activations for [`QMatrix::matmul_fine`]: for each row of x, its 8-bit
-    /// blocks (x ≈ s·a, row 2r) and then those of its residual x − s·a (row 2r + 1), in
-    /// one pass over x. The residual is rounded from f32 `x − s·a` as written (a product,
-    /// then a difference), on every kernel path alike.
+    /// blocks (x ≈ s·a, row 2r) and then those of its residual x − s·a (row 2r + 1) at the
+    /// fixed scale s/256 ([`quantize_residual`]), in one pass over x. The residual is rounded
+    /// from f32 `x − s·a` as written (a product, then a difference), on every kernel path
+    /// alike. Because the second limb's scale is the first's over 2⁸, a kernel sums a block
+    /// of both limbs exactly in its i32 lanes (256·Σq·a₁ + Σq·a₂) and scales that once: the
+    /// pair's scale s/256 and offset term s·Σa₁ + (s/256)·Σa₂ sit in row 2r's slots of `s`
+    /// and `sa` (row 2r + 1's are 0); `sum` keeps each limb row's Σa.
     fn quantize_fine(kernel: Kernel, x: &[f32], rows: usize, inp: usize, nb: usize) -> Activations {
         Activations::quantize_limbs(kernel, x, rows, inp, nb, true)
     }
@@ -935,27 +920,33 @@ impl Activations {
         // One row of x: its `limbs` activation rows, adjacent.
         let work = |r: usize, (ar, (sr, (sar, sumr))): RowOut<'_>| {
             let xr = &x[r * inp..(r + 1) * inp];
-            // The block a limb quantizes: x's, then (in place) the residual.
+            // The block being quantized: x's, then (in place) the residual.
             let mut cur = [0f32; QK];
             for b in 0..nb {
                 let xb = &xr[b * QK..((b + 1) * QK).min(inp)];
                 let cur = &mut cur[..xb.len()];
                 cur.copy_from_slice(xb);
-                for l in 0..limbs {
-                    let ab: &mut [i8; QK] = (&mut ar[l * kp + b * QK..l * kp + (b + 1) * QK])
-                        .try_into()
-                        .expect("QK-sized chunk");
-                    // SAFETY: the CPU supports `kernel` (asserted above).
-                    let (sc, total) = unsafe { kernel.quantize_block(cur, ab) };
-                    sr[l * nb + b] = sc;
-                    sar[l * nb + b] = sc * total as f32;
-                    sumr[l * nb + b] = total;
-                    if l + 1 < limbs {
-                        for (v, &av) in cur.iter_mut().zip(ab.iter()) {
-                            *v -= sc * av as f32;
-                        }
-                    }
+                let ab: &mut [i8; QK] = (&mut ar[b * QK..(b + 1) * QK])
+                    .try_into()
+                    .expect("QK-sized chunk");
+                // SAFETY: the CPU supports `kernel` (asserted above).
+                let (sc, total) = unsafe { kernel.quantize_block(cur, ab) };
+                sumr[b] = total;
+                if !two {
+                    sr[b] = sc;
+                    sar[b] = sc * total as f32;
+                    continue;
                 }
+                for (v, &av) in cur.iter_mut().zip(ab.iter()) {
+                    *v -= sc * av as f32;
+                }
+                let ab2: &mut [i8; QK] = (&mut ar[kp + b * QK..kp + (b + 1) * QK])
+                    .try_into()
+                    .expect("QK-sized chunk");
+                let (s2, total2) = quantize_residual(cur, sc, ab2);
+                sumr[nb + b] = total2;
+                sr[b] = s2;
+                sar[b] = sc * total as f32 + s2 * total2 as f32;
             }
         };
         let chunks = a.chunks_mut(limbs * kp).zip(
@@ -973,6 +964,34 @@ impl Activations {
         }
         Activations { a, s, sa, sum, nb }
     }
+}
+
+/// The second limb of a block: its residual r (|r| ≤ s/2, from a first limb of scale s)
+/// rounded at the fixed scale s/256, `round(r·256/s)` to nearest even and clamped to ±127
+/// (|r·256/s| ≤ 128: only a residual within half a step of ±s/2 is clamped, by one step).
+/// Returns (s/256, Σa). One scalar routine for every kernel path (it is a small part of a
+/// product), written so that it vectorizes: the rounding is the 1.5·2²³ addition, read off
+/// the sum's bits. `r` may be a short tail block (the rest of `ab` is zeroed).
+fn quantize_residual(r: &[f32], s: f32, ab: &mut [i8; QK]) -> (f32, i32) {
+    let s2 = s * (1.0 / 256.0);
+    let inv = if s > 0.0 {
+        ((1.0 / s) * 256.0).min(f32::MAX)
+    } else {
+        0.0
+    };
+    const C: f32 = 12_582_912.0; // 1.5 · 2^23
+    let mut q = [0i32; QK];
+    for (qi, &v) in q.iter_mut().zip(r) {
+        let y = (v * inv).clamp(-127.0, 127.0);
+        // y + C is an integer (|y| ≤ 127 < 2²²) in the low mantissa bits above C's.
+        *qi = (y + C).to_bits() as i32 - C.to_bits() as i32;
+    }
+    let mut total = 0i32;
+    for (a, &qi) in ab.iter_mut().zip(&q) {
+        *a = qi as i8;
+        total += qi;
+    }
+    (s2, total)
 }
 
 /// One row's slices of [`Activations`] while it is being filled: (a, (s, (s·Σa, Σa))).
@@ -1053,10 +1072,8 @@ impl OutTile {
     }
 }
 
-/// Most rows any kernel path takes per call (the size of the two-limb combine buffer).
+/// Most rows any kernel path takes per call.
 const NR_MAX: usize = 8;
-/// Most 16-output tiles any kernel path computes per call (ditto).
-const TILES_MAX: usize = 2;
 
 use kernel::Kernel;
 pub use kernel::{kernel_name, supported_kernels};

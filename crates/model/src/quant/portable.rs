@@ -27,10 +27,11 @@ fn block_dot(qb: &[u8; TB], ab: &[i8; QK]) -> [i32; TILE] {
     dot
 }
 
-/// The same arithmetic as the vector kernels, in the same order (bitwise equal results).
+/// The same arithmetic as the vector kernels, in the same order (bitwise equal results; see
+/// [`super::Kernel::run`]).
 ///
 /// # Safety
-/// As [`Kernel::run`].
+/// As [`super::Kernel::run`].
 #[inline(never)] // one call per tile: keeps it a unit in profiles and disassembly
 pub(super) unsafe fn portable(
     w: &QMatrix,
@@ -38,12 +39,19 @@ pub(super) unsafe fn portable(
     t: usize,
     r0: usize,
     nr: usize,
+    limbs: bool,
     y: OutTile,
 ) {
     let (nb, kp) = (w.nb, x.nb * QK);
     let lanes = TILE.min(w.out - t * TILE);
+    let per = if limbs { 2 } else { 1 };
     let mut unpacked = [0u8; TB];
-    for (i, r) in (r0..r0 + nr).enumerate() {
+    let act = |r: usize, b: usize| -> &[i8; QK] {
+        x.a[r * kp + b * QK..r * kp + (b + 1) * QK]
+            .try_into()
+            .expect("QK")
+    };
+    for (i, r) in (r0..r0 + nr).step_by(per).enumerate() {
         let mut acc = [0f32; TILE];
         for b in 0..nb {
             let tb = t * nb + b;
@@ -53,10 +61,13 @@ pub(super) unsafe fn portable(
             } else {
                 w.q[tb * TB..(tb + 1) * TB].try_into().expect("TB")
             };
-            let ab: &[i8; QK] = x.a[r * kp + b * QK..r * kp + (b + 1) * QK]
-                .try_into()
-                .expect("QK");
-            let dot = block_dot(qb, ab);
+            let mut dot = block_dot(qb, act(r, b));
+            if limbs {
+                let lo = block_dot(qb, act(r + 1, b));
+                for (d, l) in dot.iter_mut().zip(lo) {
+                    *d = (*d << 8) + l;
+                }
+            }
             let (s, sa) = (x.s[r * nb + b], x.sa[r * nb + b]);
             let d: &[f32; TILE] = w.d[tb * TILE..(tb + 1) * TILE].try_into().expect("TILE");
             let m: &[f32; TILE] = w.m[tb * TILE..(tb + 1) * TILE].try_into().expect("TILE");

@@ -30,10 +30,20 @@ pub(super) unsafe fn quantize_block(xb: &[f32; QK], ab: &mut [i8; QK]) -> (f32, 
 ///
 /// # Safety
 /// The CPU has AVX-512 F, BW and VNNI; otherwise as [`super::Kernel::run`].
-pub(super) unsafe fn run(w: &QMatrix, x: &Activations, t: usize, r0: usize, nr: usize, y: OutTile) {
-    match w.nibbles {
-        true => pair_rows::<true>(w, x, t, r0, nr, y),
-        false => pair_rows::<false>(w, x, t, r0, nr, y),
+pub(super) unsafe fn run(
+    w: &QMatrix,
+    x: &Activations,
+    t: usize,
+    r0: usize,
+    nr: usize,
+    limbs: bool,
+    y: OutTile,
+) {
+    match (w.nibbles, limbs) {
+        (true, false) => pair_rows::<true>(w, x, t, r0, nr, y),
+        (false, false) => pair_rows::<false>(w, x, t, r0, nr, y),
+        (true, true) => limb_rows::<true>(w, x, t, r0, nr, y),
+        (false, true) => limb_rows::<false>(w, x, t, r0, nr, y),
     }
 }
 
@@ -49,12 +59,31 @@ unsafe fn pair_rows<const NIB: bool>(
 ) {
     const _: () = assert!(super::NR_VNNI == 6);
     match nr {
-        1 => pair::<1, NIB>(w, x, t, r0, y),
-        2 => pair::<2, NIB>(w, x, t, r0, y),
-        3 => pair::<3, NIB>(w, x, t, r0, y),
-        4 => pair::<4, NIB>(w, x, t, r0, y),
-        5 => pair::<5, NIB>(w, x, t, r0, y),
-        _ => pair::<6, NIB>(w, x, t, r0, y),
+        1 => pair::<1, NIB, false>(w, x, t, r0, y),
+        2 => pair::<2, NIB, false>(w, x, t, r0, y),
+        3 => pair::<3, NIB, false>(w, x, t, r0, y),
+        4 => pair::<4, NIB, false>(w, x, t, r0, y),
+        5 => pair::<5, NIB, false>(w, x, t, r0, y),
+        _ => pair::<6, NIB, false>(w, x, t, r0, y),
+    }
+}
+
+/// # Safety
+/// As [`run`] with `limbs`, nr even and ≤ [`super::NR_VNNI_LIMBS`].
+unsafe fn limb_rows<const NIB: bool>(
+    w: &QMatrix,
+    x: &Activations,
+    t: usize,
+    r0: usize,
+    nr: usize,
+    y: OutTile,
+) {
+    const _: () = assert!(super::NR_VNNI_LIMBS == 8);
+    match nr {
+        2 => pair::<2, NIB, true>(w, x, t, r0, y),
+        4 => pair::<4, NIB, true>(w, x, t, r0, y),
+        6 => pair::<6, NIB, true>(w, x, t, r0, y),
+        _ => pair::<8, NIB, true>(w, x, t, r0, y),
     }
 }
 
@@ -66,12 +95,17 @@ unsafe fn pair_rows<const NIB: bool>(
 /// weight vector per group), so the kernel waited on loads; here each broadcast feeds two,
 /// and the two tiles' sums are the independent chains the unit needs. Where t is the last
 /// tile it is computed twice and stored once (only a matrix with an odd tile count has it).
+/// With `LIMBS` the R rows are R / 2 limb pairs whose block sums are combined as
+/// 256·Σq·a₁ + Σq·a₂ (a shift and an add) before one epilogue per pair: that halves the
+/// epilogue's FMAs, which compete with `vpdpbusd` for the same pipes (without the offset FMA
+/// alone a two-limb product ran 16 % faster), and frees the registers for a fourth pair.
 ///
 /// # Safety
-/// The CPU has AVX-512 F, BW and VNNI; `NIB` matches `w.nibbles`; otherwise as
-/// [`super::Kernel::run`] with nr = R (tile t + 1's lanes at `y.row(r) + 16`).
+/// The CPU has AVX-512 F, BW and VNNI; `NIB` matches `w.nibbles`; R even with `LIMBS`;
+/// otherwise as [`super::Kernel::run`] with nr = R (tile t + 1's lanes at
+/// `y.row(r) + 16`).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn pair<const R: usize, const NIB: bool>(
+unsafe fn pair<const R: usize, const NIB: bool, const LIMBS: bool>(
     w: &QMatrix,
     x: &Activations,
     t: usize,
@@ -80,6 +114,9 @@ unsafe fn pair<const R: usize, const NIB: bool>(
 ) {
     debug_assert!(NIB == w.nibbles && t < w.tiles);
     let tbytes = if NIB { TB4 } else { TB };
+    // Activation rows per output row.
+    let per = if LIMBS { 2 } else { 1 };
+    const { assert!(!LIMBS || R.is_multiple_of(2)) };
     let (nb, kp) = (w.nb, x.nb * QK);
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
     // The second tile: t + 1, or t again past the matrix's last tile (not stored).
@@ -124,11 +161,17 @@ unsafe fn pair<const R: usize, const NIB: bool>(
             let tb = tt * nb + b;
             let dv = _mm512_loadu_ps(w.d.as_ptr().add(tb * TILE));
             let mv = _mm512_loadu_ps(w.m.as_ptr().add(tb * TILE));
-            for (r, ar) in acc.iter_mut().enumerate() {
+            for (o, ar) in acc.iter_mut().enumerate().take(R / per) {
+                let r = o * per;
                 let s = *x.s.get_unchecked((r0 + r) * nb + b);
                 let sa = *x.sa.get_unchecked((r0 + r) * nb + b);
+                let d = if LIMBS {
+                    _mm512_add_epi32(_mm512_slli_epi32::<8>(dot[r][h]), dot[r + 1][h])
+                } else {
+                    dot[r][h]
+                };
                 let ds = _mm512_mul_ps(dv, _mm512_set1_ps(s));
-                ar[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][h]), ds, ar[h]);
+                ar[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), ds, ar[h]);
                 ar[h] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sa), ar[h]);
             }
         }
@@ -141,7 +184,7 @@ unsafe fn pair<const R: usize, const NIB: bool>(
         }
     };
     let masks = [lanes(t), if t2 > t { lanes(t2) } else { 0 }];
-    for (r, ar) in acc.iter().enumerate() {
+    for (r, ar) in acc.iter().enumerate().take(R / per) {
         // A masked-off lane is neither written nor can it fault, so the second tile's
         // address may lie past y's row where it has no lanes.
         _mm512_mask_storeu_ps(y.row(r), masks[0], ar[0]);
