@@ -37,7 +37,7 @@ const NC: usize = 256;
 /// Rows the fill gives at a time (the packed base's tile).
 const FILL_ROWS: usize = 16;
 /// Most bytes of A's bf16 copy: a longer A (the head's input gradient, 49152 logits a row)
-/// is multiplied a block of rows at a time, B produced again for each block.
+/// is multiplied a chunk of depths at a time, each chunk's product added into C.
 const A_BYTES: usize = 16 << 20;
 
 /// Whether this CPU runs the bf16 product (AVX-512F and AVX-512 BF16).
@@ -66,6 +66,26 @@ pub unsafe fn gemm_bf16(
     c: *mut f32,
     ldc: usize,
 ) {
+    // SAFETY: the caller's contract.
+    unsafe { gemm_bf16_within(m, n, blocks, cols, fill, c, ldc, A_BYTES) }
+}
+
+/// [`gemm_bf16`] with at most `a_bytes` of A's bf16 copy (tests take it small, to cut A
+/// into chunks of depths and blocks of rows).
+///
+/// # Safety
+/// As [`gemm_bf16`]'s.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_bf16_within(
+    m: usize,
+    n: usize,
+    blocks: &[&[f32]],
+    cols: &[usize],
+    fill: &Fill,
+    c: *mut f32,
+    ldc: usize,
+    a_bytes: usize,
+) {
     assert!(supported(), "the bf16 product does not run on this CPU");
     assert!(blocks.len() == cols.len() && ldc >= n);
     for (b, &w) in blocks.iter().zip(cols) {
@@ -86,9 +106,14 @@ pub unsafe fn gemm_bf16(
         }
         return;
     }
-    // A's bf16 rows: k padded to an even depth (a zero), so each pair is one u32.
-    let lda = k.next_multiple_of(2);
-    let rows_max = (A_BYTES / (2 * lda)).max(MR);
+    // A's bf16 copy holds every row for a chunk of depths (a multiple of KC, within
+    // A_BYTES), so B is produced once whatever m is: a block of rows at a time, the head's
+    // input gradient (49152 depths) decoded the 28 M-weight head four times a 4 × 128 step.
+    // Only where KC depths of every row exceed A_BYTES are the rows split too.
+    let (rows_max, depth_max) = match m * KC * 2 <= a_bytes {
+        true => (m, (a_bytes / (2 * m)) / KC * KC),
+        false => ((a_bytes / (2 * KC)).max(MR), KC),
+    };
     A_ROWS.with(|kept| {
         // (A worker that steals another product while this one waits takes a fresh buffer.)
         let mut fresh = Vec::new();
@@ -98,23 +123,36 @@ pub unsafe fn gemm_bf16(
             Err(_) => &mut fresh,
         };
         for (i0, mi) in even_blocks(m, rows_max, MR) {
-            if a.len() < mi * lda {
-                a.resize(mi * lda, half::bf16::ZERO);
+            for k0 in (0..k).step_by(depth_max) {
+                let kw = depth_max.min(k - k0);
+                // Depths k0..k0+kw of A's rows, padded to an even count (a zero), so each
+                // pair is one u32.
+                let lda = kw.next_multiple_of(2);
+                if a.len() < mi * lda {
+                    a.resize(mi * lda, half::bf16::ZERO);
+                }
+                a[..mi * lda]
+                    .par_chunks_mut(lda)
+                    .enumerate()
+                    .for_each(|(i, row)| {
+                        let mut off = 0; // this block's first depth in A
+                        for (blk, &w) in blocks.iter().zip(cols) {
+                            let (lo, hi) = (k0.max(off), (k0 + kw).min(off + w));
+                            if lo < hi {
+                                let src = &blk[(i0 + i) * w + lo - off..][..hi - lo];
+                                super::layout::to_bf16(src, &mut row[lo - k0..hi - k0]);
+                            }
+                            off += w;
+                        }
+                        row[kw..].fill(half::bf16::ZERO);
+                    });
+                // SAFETY: the CPU has AVX-512F and BF16 (asserted); A holds mi rows of lda
+                // bf16, depths k0..k0+kw of them given, the pad zero; C's rows i0..i0+mi are
+                // the caller's; k0 is a multiple of KC and so of the fill's 16 rows.
+                unsafe {
+                    blocked(mi, n, kw, k0, a, lda, fill, c.add(i0 * ldc), ldc);
+                }
             }
-            a[..mi * lda]
-                .par_chunks_mut(lda)
-                .enumerate()
-                .for_each(|(i, row)| {
-                    let mut at = 0;
-                    for (blk, &w) in blocks.iter().zip(cols) {
-                        super::layout::to_bf16(&blk[(i0 + i) * w..][..w], &mut row[at..at + w]);
-                        at += w;
-                    }
-                    row[k..].fill(half::bf16::ZERO);
-                });
-            // SAFETY: the CPU has AVX-512F and BF16 (asserted); A holds mi rows of lda
-            // bf16, k ≤ lda of them given, the pad zero; C's rows i0..i0+mi are the caller's.
-            unsafe { blocked(mi, n, k, a, lda, fill, c.add(i0 * ldc), ldc) };
         }
     });
 }
@@ -125,15 +163,18 @@ thread_local! {
     static A_ROWS: std::cell::RefCell<Vec<half::bf16>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// The blocked product of bf16 rows `a` (m rows, `lda` apart) by the filled B [k, n] into C.
+/// The blocked product of bf16 rows `a` (m rows, `lda` apart) by rows k0..k0+k of the filled
+/// B into C: written where k0 = 0, added to from the depths before it otherwise.
 ///
 /// # Safety
-/// As [`gemm_bf16`]'s; a holds m·lda bf16 with lda even and ≥ k (the pad zero).
+/// As [`gemm_bf16`]'s; a holds m·lda bf16 with lda even and ≥ k (the pad zero); k0 is a
+/// multiple of 16; where k0 > 0, C holds the product of the depths before k0.
 #[allow(clippy::too_many_arguments)]
 unsafe fn blocked(
     m: usize,
     n: usize,
     k: usize,
+    k0: usize,
     a: &[half::bf16],
     lda: usize,
     fill: &Fill,
@@ -164,7 +205,7 @@ unsafe fn blocked(
                 for r in (0..kc).step_by(FILL_ROWS) {
                     let rn = FILL_ROWS.min(kc - r);
                     let src = &mut rows[..rn * nc];
-                    fill(pc + r, rn, jc, nc, src);
+                    fill(k0 + pc + r, rn, jc, nc, src);
                     // SAFETY: AVX-512F (asserted by the caller); src holds rn rows of nc.
                     unsafe { pack_pairs(src, rn, nc, kp, r / 2, bp) };
                 }
@@ -189,7 +230,7 @@ unsafe fn blocked(
                                     ldc,
                                     mr,
                                     nr,
-                                    pc > 0,
+                                    k0 + pc > 0,
                                 )
                             };
                         }
@@ -322,7 +363,13 @@ mod tests {
 
     /// A·B of the bf16-rounded operands in f64, and gemm_bf16's result on a row stride
     /// wider than n, for A as `cols` blocks and B a row-major [k, n] matrix.
-    fn product(m: usize, n: usize, cols: &[usize], seed: u64) -> (Vec<f64>, Vec<f32>, f64) {
+    fn product(
+        m: usize,
+        n: usize,
+        cols: &[usize],
+        seed: u64,
+        a_bytes: usize,
+    ) -> (Vec<f64>, Vec<f32>, f64) {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let k: usize = cols.iter().sum();
         let blocks: Vec<Vec<f32>> = cols
@@ -359,7 +406,7 @@ mod tests {
         let mut c = vec![f32::NAN; m * ldc];
         let views: Vec<&[f32]> = blocks.iter().map(|b| b.as_slice()).collect();
         // SAFETY: supported() checked by the caller; c holds m rows of ldc ≥ n floats.
-        unsafe { gemm_bf16(m, n, &views, cols, &fill, c.as_mut_ptr(), ldc) };
+        unsafe { gemm_bf16_within(m, n, &views, cols, &fill, c.as_mut_ptr(), ldc, a_bytes) };
         for (i, row) in c.chunks(ldc).enumerate() {
             assert!(
                 row[n..].iter().all(|v| v.is_nan()),
@@ -374,8 +421,10 @@ mod tests {
     /// The product equals the f64 product of the same bf16-rounded operands up to f32
     /// accumulation error, on shapes with ragged tiles (m % 12, n % 32, n % 16), odd and
     /// unaligned depths (k % 16, k % 2: the zero pad), several A blocks, more than one
-    /// depth block (k > 512) and more than one column task. A pair packed in the wrong
-    /// order, a panel column off by one, or a block's depth offset lost fails it.
+    /// depth block (k > 512) and more than one column task; and with A's bf16 copy capped
+    /// small, A in chunks of depths (every row) and in blocks of rows as well. A pair packed
+    /// in the wrong order, a panel column off by one, or a block's or a chunk's depth offset
+    /// lost fails it.
     #[test]
     fn matches_f64_of_the_rounded_operands() {
         if !supported() {
@@ -390,16 +439,20 @@ mod tests {
             (150, 33, &[700, 125]),
             (25, 520, &[17, 1000]),
         ];
-        for (s, &(m, n, cols)) in shapes.iter().enumerate() {
-            let (want, got, scale) = product(m, n, cols, s as u64);
-            let worst = want
-                .iter()
-                .zip(&got)
-                .fold(0f64, |w, (a, b)| w.max((a - *b as f64).abs()));
-            assert!(
-                worst < 2e-6 * scale,
-                "{m}×{n}, k blocks {cols:?}: off by {worst} (scale {scale})"
-            );
+        // 40 KiB: every row of 512 depths at a time for m ≤ 40; 4 KiB: 12 rows.
+        for a_bytes in [A_BYTES, 40 << 10, 4 << 10] {
+            for (s, &(m, n, cols)) in shapes.iter().enumerate() {
+                let (want, got, scale) = product(m, n, cols, s as u64, a_bytes);
+                let worst = want
+                    .iter()
+                    .zip(&got)
+                    .fold(0f64, |w, (a, b)| w.max((a - *b as f64).abs()));
+                assert!(
+                    worst < 2e-6 * scale,
+                    "{m}×{n}, k blocks {cols:?}, A within {a_bytes} B: off by {worst} \
+                     (scale {scale})"
+                );
+            }
         }
     }
 
