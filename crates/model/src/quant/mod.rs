@@ -566,8 +566,9 @@ impl QMatrix {
     }
 
     /// [`QMatrix::matmul`] with activations in two 8-bit limbs: x = s·a + r, and the residual
-    /// r (|r| ≤ s/2) is quantized again, so x is represented to ~1/(127·508) of its block's
-    /// largest magnitude instead of 1/254: f32-grade activations at twice the integer work.
+    /// r (|r| ≤ s/2) is quantized again at s/256, so x is represented to ~1/(127·512) of its
+    /// block's largest magnitude instead of 1/254: f32-grade activations at twice the integer
+    /// work (`Activations::quantize_fine` says how a kernel combines the pair).
     /// Training needs it: with one limb the rounding of 30 layers' activations moves the
     /// default model's final hidden states by ~4 % and LoRA gradients by 15–30 %. Rows stay
     /// independent of each other (each row's residual is its own), and every kernel path
