@@ -972,7 +972,7 @@ impl Activations {
 /// (|r·256/s| ≤ 128: only a residual within half a step of ±s/2 is clamped, by one step).
 /// Returns (s/256, Σa). One scalar routine for every kernel path (it is a small part of a
 /// product), written so that it vectorizes: the rounding is the 1.5·2²³ addition, read off
-/// the sum's bits. `r` may be a short tail block (the rest of `ab` is zeroed).
+/// the sum's bits. `r` may be a short tail block (the rest of `ab` is zeroed); a NaN gives 0.
 fn quantize_residual(r: &[f32], s: f32, ab: &mut [i8; QK]) -> (f32, i32) {
     let s2 = s * (1.0 / 256.0);
     let inv = if s > 0.0 {
@@ -984,6 +984,9 @@ fn quantize_residual(r: &[f32], s: f32, ab: &mut [i8; QK]) -> (f32, i32) {
     let mut q = [0i32; QK];
     for (qi, &v) in q.iter_mut().zip(r) {
         let y = (v * inv).clamp(-127.0, 127.0);
+        // A NaN residual (from a non-finite x) rounds to 0, as `as i8` rounds it in the
+        // first limb's scalar quantizer; its bits would be no level.
+        let y = if y.is_nan() { 0.0 } else { y };
         // y + C is an integer (|y| ≤ 127 < 2²²) in the low mantissa bits above C's.
         *qi = (y + C).to_bits() as i32 - C.to_bits() as i32;
     }

@@ -697,6 +697,24 @@ fn fine_product_follows_its_definition() {
     }
 }
 
+/// The second limb's rounding at s/256: ties to even, a residual of ±s/2 (±128 steps)
+/// clamped to ±127, a NaN to 0 (its bits are no level, and summing them overflowed), a short
+/// tail block zero-padded, and a zero scale (an all-zero block) all zeros.
+#[test]
+fn residual_limb_rounds_clamps_and_zeroes() {
+    let s = 2.0f32; // a step of 1/128
+    let r = [0.5 / 128.0, 1.5 / 128.0, -1.0, 1.0, f32::NAN, 3.0 / 128.0];
+    let mut ab = [7i8; QK];
+    let (s2, total) = quantize_residual(&r, s, &mut ab);
+    assert_eq!(s2, 1.0 / 128.0);
+    assert_eq!(ab[..6], [0, 2, -127, 127, 0, 3]);
+    assert!(ab[6..].iter().all(|&a| a == 0));
+    assert_eq!(total, 5);
+    let (s0, t0) = quantize_residual(&[1.0; 5], 0.0, &mut ab);
+    assert_eq!((s0, t0), (0.0, 0));
+    assert!(ab.iter().all(|&a| a == 0));
+}
+
 /// A bf16 matrix (a checkpoint's head or embedding) packed a chunk of rows at a time is
 /// bitwise the packing of its whole f32 conversion: q, scales, offsets and storage, for a
 /// ragged last chunk, with nibbles (a 4-bit grid) and with bytes (rounded blocks).
