@@ -1,4 +1,4 @@
-use super::{Activations, OutTile, QMatrix, NR_AVX2, QK, TB, TB4, TILE};
+use super::{Call, QMatrix, NR_AVX2, QK, TB, TB4, TILE};
 use std::arch::x86_64::*;
 
 /// How a matrix's block sums are formed (see the module docs).
@@ -77,59 +77,37 @@ pub(super) unsafe fn quantize_block(xb: &[f32; QK], ab: &mut [i8; QK]) -> (f32, 
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA; otherwise as [`super::Kernel::run`].
-pub(super) unsafe fn run(
-    w: &QMatrix,
-    x: &Activations,
-    t: usize,
-    r0: usize,
-    nr: usize,
-    limbs: bool,
-    y: OutTile,
-) {
-    match (w.nibbles, limbs) {
-        (true, true) => by_mode::<true, true>(w, x, t, r0, nr, y),
-        (true, false) => by_mode::<true, false>(w, x, t, r0, nr, y),
-        (false, true) => by_mode::<false, true>(w, x, t, r0, nr, y),
-        (false, false) => by_mode::<false, false>(w, x, t, r0, nr, y),
+pub(super) unsafe fn run(c: Call<'_>) {
+    match (c.w.nibbles, c.limbs) {
+        (true, true) => by_mode::<true, true>(c),
+        (true, false) => by_mode::<true, false>(c),
+        (false, true) => by_mode::<false, true>(c),
+        (false, false) => by_mode::<false, false>(c),
     }
 }
 
 /// # Safety
 /// As [`run`], with `NIB` = `w.nibbles` and `LIMBS` = `limbs`.
-unsafe fn by_mode<const NIB: bool, const LIMBS: bool>(
-    w: &QMatrix,
-    x: &Activations,
-    t: usize,
-    r0: usize,
-    nr: usize,
-    y: OutTile,
-) {
-    match Mode::for_qmax(w.qmax) {
-        Mode::Plain(8) => rows::<8, false, NIB, LIMBS>(w, x, t, r0, nr, y),
-        Mode::Plain(4) => rows::<4, false, NIB, LIMBS>(w, x, t, r0, nr, y),
-        Mode::Plain(2) => rows::<2, false, NIB, LIMBS>(w, x, t, r0, nr, y),
-        Mode::Plain(_) => rows::<1, false, NIB, LIMBS>(w, x, t, r0, nr, y),
-        Mode::Sign => rows::<1, true, NIB, LIMBS>(w, x, t, r0, nr, y),
+unsafe fn by_mode<const NIB: bool, const LIMBS: bool>(c: Call<'_>) {
+    match Mode::for_qmax(c.w.qmax) {
+        Mode::Plain(8) => rows::<8, false, NIB, LIMBS>(c),
+        Mode::Plain(4) => rows::<4, false, NIB, LIMBS>(c),
+        Mode::Plain(2) => rows::<2, false, NIB, LIMBS>(c),
+        Mode::Plain(_) => rows::<1, false, NIB, LIMBS>(c),
+        Mode::Sign => rows::<1, true, NIB, LIMBS>(c),
     }
 }
 
 /// # Safety
 /// As [`run`].
-unsafe fn rows<const K: usize, const SIGN: bool, const NIB: bool, const LIMBS: bool>(
-    w: &QMatrix,
-    x: &Activations,
-    t: usize,
-    r0: usize,
-    nr: usize,
-    y: OutTile,
-) {
+unsafe fn rows<const K: usize, const SIGN: bool, const NIB: bool, const LIMBS: bool>(c: Call<'_>) {
     const _: () = assert!(NR_AVX2 == 4);
     // Limb pairs come as whole pairs (nr even).
-    match (nr, LIMBS) {
-        (1, false) => tile::<1, K, SIGN, NIB, false>(w, x, t, r0, y),
-        (2, _) => tile::<2, K, SIGN, NIB, LIMBS>(w, x, t, r0, y),
-        (3, false) => tile::<3, K, SIGN, NIB, false>(w, x, t, r0, y),
-        _ => tile::<4, K, SIGN, NIB, LIMBS>(w, x, t, r0, y),
+    match (c.nr, LIMBS) {
+        (1, false) => tile::<1, K, SIGN, NIB, false>(c),
+        (2, _) => tile::<2, K, SIGN, NIB, LIMBS>(c),
+        (3, false) => tile::<3, K, SIGN, NIB, false>(c),
+        _ => tile::<4, K, SIGN, NIB, LIMBS>(c),
     }
 }
 
@@ -158,12 +136,9 @@ unsafe fn tile<
     const NIB: bool,
     const LIMBS: bool,
 >(
-    w: &QMatrix,
-    x: &Activations,
-    t: usize,
-    r0: usize,
-    y: OutTile,
+    c: Call<'_>,
 ) {
+    let Call { w, x, t, r0, y, .. } = c;
     const G: usize = QK / 4; // groups of 4 inputs per block
                              // Activation rows per output row.
     let per = if LIMBS { 2 } else { 1 };

@@ -3,9 +3,7 @@
 
 #[cfg(target_arch = "x86_64")]
 use super::{avx2, vnni, NR_AVX2, NR_VNNI, NR_VNNI_LIMBS};
-use super::{
-    portable::portable, quantize_act_block, Activations, OutTile, QMatrix, NR_PORTABLE, QK,
-};
+use super::{portable::portable, quantize_act_block, Call, NR_PORTABLE, QK};
 
 /// The name of the int8 kernel path this process uses: `"avx512vnni"`, `"avx2"` or
 /// `"portable"` (decided once, on first use; see the module docs for the override).
@@ -202,8 +200,8 @@ impl Kernel {
         quantize_act_block(xb, ab)
     }
 
-    /// Activation rows r0..r0+nr (nr ≤ [`Kernel::rows_per_call`]) of tiles t..t + tpc (tpc
-    /// = [`Kernel::tiles_per_call`], those below `w.tiles`) into y: row r0 + r at
+    /// The call `c` ([`Call`]): activation rows r0..r0+nr (nr ≤ [`Kernel::rows_per_call`]) of
+    /// tiles t..t + tpc (tpc = [`Kernel::tiles_per_call`], those below `w.tiles`) into y: row r0 + r at
     /// `y.row(r)`, or with `limbs` (r0 and nr even; [`Activations::quantize_fine`]'s layout)
     /// the limb pair r0 + 2j, r0 + 2j + 1 at `y.row(j)`. Per block and output, every path
     /// computes the same f32 operations in the same order: with D = Σq·a (one limb) or
@@ -216,25 +214,15 @@ impl Kernel {
     /// min(16·tpc, out − 16t) writable f32 that no other thread touches meanwhile; `x` holds
     /// rows ≥ r0 + nr quantized for `w`'s input dim (by `quantize_fine` with `limbs`);
     /// t < `w.tiles`.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn run(
-        self,
-        w: &QMatrix,
-        x: &Activations,
-        t: usize,
-        r0: usize,
-        nr: usize,
-        limbs: bool,
-        y: OutTile,
-    ) {
-        debug_assert!(nr >= 1 && nr <= self.rows_per_call(limbs));
-        debug_assert!(!limbs || (r0.is_multiple_of(2) && nr.is_multiple_of(2)));
+    pub(super) unsafe fn run(self, c: Call<'_>) {
+        debug_assert!(c.nr >= 1 && c.nr <= self.rows_per_call(c.limbs));
+        debug_assert!(!c.limbs || (c.r0.is_multiple_of(2) && c.nr.is_multiple_of(2)));
         match self {
-            Kernel::Portable => portable(w, x, t, r0, nr, limbs, y),
+            Kernel::Portable => portable(c),
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => avx2::run(w, x, t, r0, nr, limbs, y),
+            Kernel::Avx2 => avx2::run(c),
             #[cfg(target_arch = "x86_64")]
-            Kernel::Vnni512 => vnni::run(w, x, t, r0, nr, limbs, y),
+            Kernel::Vnni512 => vnni::run(c),
         }
     }
 }

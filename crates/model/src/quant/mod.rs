@@ -641,11 +641,20 @@ impl QMatrix {
                     // (whole limb pairs with `limbs`); t < tiles; `kernel` is supported (the
                     // callers assert it); `y` outlives the parallel loop.
                     unsafe {
-                        let tile = OutTile {
+                        let y = OutTile {
                             p: yp.get().add(r0 / per_row * out + t * TILE),
                             ld: out,
                         };
-                        kernel.run(self, act, t, r0, nr, limbs, tile);
+                        let (w, x) = (self, act);
+                        kernel.run(Call {
+                            w,
+                            x,
+                            t,
+                            r0,
+                            nr,
+                            limbs,
+                            y,
+                        });
                     }
                     r0 += nr;
                 }
@@ -1078,6 +1087,19 @@ impl OutTile {
 
 /// Most rows any kernel path takes per call.
 const NR_MAX: usize = 8;
+
+/// One kernel call ([`Kernel::run`]): activation rows r0..r0+nr of `x` (limb pairs with
+/// `limbs`) by tiles t.. of `w`, into `y`.
+#[derive(Clone, Copy)]
+struct Call<'a> {
+    w: &'a QMatrix,
+    x: &'a Activations,
+    t: usize,
+    r0: usize,
+    nr: usize,
+    limbs: bool,
+    y: OutTile,
+}
 
 use kernel::Kernel;
 pub use kernel::{kernel_name, supported_kernels};

@@ -1,6 +1,6 @@
 //! The portable kernel: plain Rust for any CPU, bitwise equal to the vector kernels.
 
-use super::{from_nibbles, Activations, OutTile, QMatrix, QK, TB, TB4, TILE};
+use super::{from_nibbles, Call, QK, TB, TB4, TILE};
 
 /// Σ q·a of one (tile, block) for its 16 outputs, exact. Written for the auto-vectorizer:
 /// fixed-size arrays, no branches, i16 products (|q·a| ≤ 255·127 < 2¹⁵: the i16 multiply is
@@ -33,15 +33,16 @@ fn block_dot(qb: &[u8; TB], ab: &[i8; QK]) -> [i32; TILE] {
 /// # Safety
 /// As [`super::Kernel::run`].
 #[inline(never)] // one call per tile: keeps it a unit in profiles and disassembly
-pub(super) unsafe fn portable(
-    w: &QMatrix,
-    x: &Activations,
-    t: usize,
-    r0: usize,
-    nr: usize,
-    limbs: bool,
-    y: OutTile,
-) {
+pub(super) unsafe fn portable(c: Call<'_>) {
+    let Call {
+        w,
+        x,
+        t,
+        r0,
+        nr,
+        limbs,
+        y,
+    } = c;
     let (nb, kp) = (w.nb, x.nb * QK);
     let lanes = TILE.min(w.out - t * TILE);
     let per = if limbs { 2 } else { 1 };

@@ -1,4 +1,4 @@
-use super::{Activations, OutTile, QMatrix, QK, TB, TB4, TILE};
+use super::{Call, QK, TB, TB4, TILE};
 use std::arch::x86_64::*;
 
 /// [`super::quantize_act_block`] for a full block of 32, vectorized.
@@ -30,60 +30,38 @@ pub(super) unsafe fn quantize_block(xb: &[f32; QK], ab: &mut [i8; QK]) -> (f32, 
 ///
 /// # Safety
 /// The CPU has AVX-512 F, BW and VNNI; otherwise as [`super::Kernel::run`].
-pub(super) unsafe fn run(
-    w: &QMatrix,
-    x: &Activations,
-    t: usize,
-    r0: usize,
-    nr: usize,
-    limbs: bool,
-    y: OutTile,
-) {
-    match (w.nibbles, limbs) {
-        (true, false) => pair_rows::<true>(w, x, t, r0, nr, y),
-        (false, false) => pair_rows::<false>(w, x, t, r0, nr, y),
-        (true, true) => limb_rows::<true>(w, x, t, r0, nr, y),
-        (false, true) => limb_rows::<false>(w, x, t, r0, nr, y),
+pub(super) unsafe fn run(c: Call<'_>) {
+    match (c.w.nibbles, c.limbs) {
+        (true, false) => pair_rows::<true>(c),
+        (false, false) => pair_rows::<false>(c),
+        (true, true) => limb_rows::<true>(c),
+        (false, true) => limb_rows::<false>(c),
     }
 }
 
 /// # Safety
 /// As [`run`], with nr ≤ [`super::NR_VNNI`].
-unsafe fn pair_rows<const NIB: bool>(
-    w: &QMatrix,
-    x: &Activations,
-    t: usize,
-    r0: usize,
-    nr: usize,
-    y: OutTile,
-) {
+unsafe fn pair_rows<const NIB: bool>(c: Call<'_>) {
     const _: () = assert!(super::NR_VNNI == 6);
-    match nr {
-        1 => pair::<1, NIB, false>(w, x, t, r0, y),
-        2 => pair::<2, NIB, false>(w, x, t, r0, y),
-        3 => pair::<3, NIB, false>(w, x, t, r0, y),
-        4 => pair::<4, NIB, false>(w, x, t, r0, y),
-        5 => pair::<5, NIB, false>(w, x, t, r0, y),
-        _ => pair::<6, NIB, false>(w, x, t, r0, y),
+    match c.nr {
+        1 => pair::<1, NIB, false>(c),
+        2 => pair::<2, NIB, false>(c),
+        3 => pair::<3, NIB, false>(c),
+        4 => pair::<4, NIB, false>(c),
+        5 => pair::<5, NIB, false>(c),
+        _ => pair::<6, NIB, false>(c),
     }
 }
 
 /// # Safety
 /// As [`run`] with `limbs`, nr even and ≤ [`super::NR_VNNI_LIMBS`].
-unsafe fn limb_rows<const NIB: bool>(
-    w: &QMatrix,
-    x: &Activations,
-    t: usize,
-    r0: usize,
-    nr: usize,
-    y: OutTile,
-) {
+unsafe fn limb_rows<const NIB: bool>(c: Call<'_>) {
     const _: () = assert!(super::NR_VNNI_LIMBS == 8);
-    match nr {
-        2 => pair::<2, NIB, true>(w, x, t, r0, y),
-        4 => pair::<4, NIB, true>(w, x, t, r0, y),
-        6 => pair::<6, NIB, true>(w, x, t, r0, y),
-        _ => pair::<8, NIB, true>(w, x, t, r0, y),
+    match c.nr {
+        2 => pair::<2, NIB, true>(c),
+        4 => pair::<4, NIB, true>(c),
+        6 => pair::<6, NIB, true>(c),
+        _ => pair::<8, NIB, true>(c),
     }
 }
 
@@ -105,13 +83,8 @@ unsafe fn limb_rows<const NIB: bool>(
 /// otherwise as [`super::Kernel::run`] with nr = R (tile t + 1's lanes at
 /// `y.row(r) + 16`).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn pair<const R: usize, const NIB: bool, const LIMBS: bool>(
-    w: &QMatrix,
-    x: &Activations,
-    t: usize,
-    r0: usize,
-    y: OutTile,
-) {
+unsafe fn pair<const R: usize, const NIB: bool, const LIMBS: bool>(c: Call<'_>) {
+    let Call { w, x, t, r0, y, .. } = c;
     debug_assert!(NIB == w.nibbles && t < w.tiles);
     let tbytes = if NIB { TB4 } else { TB };
     // Activation rows per output row.
