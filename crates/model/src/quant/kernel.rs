@@ -201,7 +201,8 @@ impl Kernel {
     }
 
     /// The call `c` ([`Call`]): activation rows r0..r0+nr (nr ≤ [`Kernel::rows_per_call`]) of
-    /// tiles t..t + tpc (tpc = [`Kernel::tiles_per_call`], those below `w.tiles`) into y: row r0 + r at
+    /// tiles t..t + tpc (tpc = [`Kernel::tiles_per_call`], those below `w.tiles`) stored into y
+    /// (every one of those cells written, none read: y may be uninitialized): row r0 + r at
     /// `y.row(r)`, or with `limbs` (r0 and nr even; [`Activations::quantize_fine`]'s layout)
     /// the limb pair r0 + 2j, r0 + 2j + 1 at `y.row(j)`. Per block and output, every path
     /// computes the same f32 operations in the same order: with D = Σq·a (one limb) or

@@ -262,6 +262,18 @@ pub fn qlinear_train_vec(x: &Tensor, w: &QMatrix, product: TrainProduct) -> Resu
             return Ok(y);
         }
     }
+    // The limbs' product is a vector already: taken as it is, not through a tensor and a
+    // copy out of it (for the head's chunk of 256 × 49152 logits that copy was a second
+    // 50 MB buffer, faulted in page by page, 2–3 % of an int8 step).
+    let plain = x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && x.rank() == 2;
+    if product == TrainProduct::Limbs && plain && x.dim(1)? == w.in_dim() {
+        let x = x.contiguous()?;
+        let rows = x.dim(0)?;
+        let (xs, xl) = x.storage_and_layout();
+        if let Some(v) = crate::ops::f32s(&xs) {
+            return Ok(w.matmul_fine(&v[xl.start_offset()..][..rows * w.in_dim()], rows));
+        }
+    }
     Ok(qlinear_train(x, w, product)?.flatten_all()?.to_vec1()?)
 }
 
