@@ -118,9 +118,11 @@ impl Llama {
 /// Query positions per block of the training attention. A block's transient scores are
 /// [nkv, g·ATTN_BLOCK, ≤ t], so memory grows linearly with the sequence, and each block
 /// multiplies only the keys up to its last row (the causal triangle is skipped but for the
-/// block's own diagonal square): for one sequence of 2048 tokens that is 53 % of the full
-/// square's FLOPs. Sequences of up to 128 tokens (the usual batches) are one block.
-pub(crate) const ATTN_BLOCK: usize = 128;
+/// block's own diagonal square): for one sequence of 2048 tokens that is 52 % of the full
+/// square's FLOPs, for the usual 128-token sequences (two blocks) 75 %. With blocks of 128 a
+/// 128-token sequence was one block, the whole square: 64 measured 1.01× (median of eight
+/// paired `bench train --compute int8` rounds, 4 × 128) and 1.8 % by the rounds' medians.
+pub(crate) const ATTN_BLOCK: usize = 64;
 
 /// The blocks (first position, length) of a sequence of `t` tokens.
 fn blocks(t: usize, block: usize) -> impl Iterator<Item = (usize, usize)> {

@@ -432,12 +432,19 @@ impl Llama {
         }
     }
 
-    /// [`Llama::lm_head_train`]'s logits as a row-major vector [n·vocab], for the loss to
-    /// work on in place (no tensor, and no copy out of one, on our f32 gemm).
-    pub fn lm_head_train_vec(&self, h: &Tensor) -> Result<Vec<f32>> {
+    /// [`Llama::lm_head_train`]'s logits as a row-major vector [n·vocab] in `out` (its
+    /// contents replaced), for the loss to work on in place: no tensor, and no copy out of
+    /// one, on the packed products and our f32 gemm; the limbs' product reuses `out`'s
+    /// allocation, so the loss's chunks share one buffer.
+    pub fn lm_head_train_into(&self, h: &Tensor, out: &mut Vec<f32>) -> Result<()> {
         match &self.int8 {
-            Some(q) if !h.track_op() => quant::qlinear_train_vec(h, q.head(), self.train_product),
-            _ => Ok(self.lm_head(h)?.flatten_all()?.to_vec1()?),
+            Some(q) if !h.track_op() => {
+                quant::qlinear_train_into(h, q.head(), self.train_product, out)
+            }
+            _ => {
+                *out = self.lm_head(h)?.flatten_all()?.to_vec1()?;
+                Ok(())
+            }
         }
     }
 
@@ -455,6 +462,27 @@ impl Llama {
             w,
             ops::gemm::BLayout::Rows,
         )?)
+    }
+
+    /// [`Llama::lm_head_input_grad`] of dL/dlogits given as n row-major rows of floats (the
+    /// loss's reused logits buffer: the packed head reads them in place).
+    pub fn lm_head_input_grad_rows(&self, dlogits: &[f32], n: usize) -> Result<Tensor> {
+        if let Some(q) = &self.int8 {
+            let dev = self.device();
+            if let Some(dh) =
+                quant::dequantized_input_grad_rows(dlogits, n, q.head(), self.train_dx, dev)?
+            {
+                return Ok(dh);
+            }
+        }
+        let v = self.cfg.vocab_size;
+        if dlogits.len() != n * v {
+            return Err(ModelError::Invalid(format!(
+                "head gradient: {} floats for {n} rows of {v} logits",
+                dlogits.len()
+            )));
+        }
+        self.lm_head_input_grad(&Tensor::from_slice(dlogits, (n, v), self.device())?)
     }
 
     /// The decoder up to (and including) the final norm: [N, H] over all sequences' new tokens.

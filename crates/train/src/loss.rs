@@ -211,15 +211,16 @@ fn head_chunks(
     // logits, where the training product dequantizes: see quant::TrainProduct) decode the
     // head once per chunk (2 × for 512 tokens), so smaller chunks would decode it more often.
     let chunk = chunk_rows(m, model.cfg.vocab_size);
+    // The logits [n, V], row-major: the floats the loop below rewrites in place. Int8 keeps
+    // one buffer for every chunk (see `Llama::lm_head_train_into`).
+    let mut data: Vec<f32> = Vec::new();
     for start in (0..m).step_by(chunk) {
         let n = chunk.min(m - start);
         let hc = hd.narrow(0, start, n)?; // [n, H]
-
-        // The logits [n, V], row-major: the floats the loop below rewrites in place.
-        let mut data = match &wd {
-            Some(wd) => matmul_frozen_vec(&hc, wd, BLayout::Cols)?,
-            None if want_grad => model.lm_head_train_vec(&hc)?,
-            None => model.lm_head(&hc)?.flatten_all()?.to_vec1::<f32>()?,
+        match &wd {
+            Some(wd) => data = matmul_frozen_vec(&hc, wd, BLayout::Cols)?,
+            None if want_grad => model.lm_head_train_into(&hc, &mut data)?,
+            None => data = model.lm_head(&hc)?.flatten_all()?.to_vec1::<f32>()?,
         };
         let v = data.len() / n;
         let tg = &targets[start..start + n];
@@ -259,6 +260,12 @@ fn head_chunks(
             .collect();
         nll_sum += nlls.iter().sum::<f64>();
         if want_grad {
+            if wd.is_none() && !want_dw {
+                // The packed head reads dL/dlogits in place, and the buffer serves the next chunk.
+                grads.push(model.lm_head_input_grad_rows(&data, n)?); // dL/dh [n, H]
+                continue;
+            }
+            let data = std::mem::take(&mut data);
             let p = Tensor::from_vec(data, (n, v), hd.device())?; // dL/dlogits [n, V]
             grads.push(match &wd {
                 Some(wd) => matmul_frozen(&p, wd, BLayout::Rows)?,

@@ -560,7 +560,11 @@ impl QMatrix {
     fn matmul_limbs(&self, x: &[f32], rows: usize, fine: bool) -> Vec<f32> {
         let kernel = Kernel::detect();
         match fine {
-            true => self.matmul_fine_with(kernel, x, rows),
+            true => {
+                let mut y = Vec::new();
+                self.matmul_fine_with(kernel, x, rows, &mut y);
+                y
+            }
             false => self.matmul_with(kernel, x, rows),
         }
     }
@@ -577,7 +581,13 @@ impl QMatrix {
         self.matmul_limbs(x, rows, true)
     }
 
-    fn matmul_fine_with(&self, kernel: Kernel, x: &[f32], rows: usize) -> Vec<f32> {
+    /// [`QMatrix::matmul_fine`] into `y` (its contents replaced; its allocation reused
+    /// where big enough).
+    pub fn matmul_fine_into(&self, x: &[f32], rows: usize, y: &mut Vec<f32>) {
+        self.matmul_fine_with(Kernel::detect(), x, rows, y)
+    }
+
+    fn matmul_fine_with(&self, kernel: Kernel, x: &[f32], rows: usize, y: &mut Vec<f32>) {
         assert!(
             kernel.supported(),
             "int8 kernel {} on this CPU",
@@ -585,7 +595,7 @@ impl QMatrix {
         );
         assert_eq!(x.len(), rows * self.inp, "int8 matmul: input size");
         let act = Activations::quantize_fine(kernel, x, rows, self.inp, self.nb);
-        self.products(kernel, &act, rows, true)
+        self.products(kernel, &act, rows, true, y)
     }
 
     /// [`QMatrix::matmul`] on a given kernel path (which the CPU must support).
@@ -600,25 +610,35 @@ impl QMatrix {
             return vec![];
         }
         let act = Activations::quantize(kernel, x, rows, self.inp, self.nb);
-        self.products(kernel, &act, rows, false)
+        let mut y = Vec::new();
+        self.products(kernel, &act, rows, false, &mut y);
+        y
     }
 
     /// y [rows, out] from activations quantized for this matrix (on a supported `kernel`):
     /// one activation row per row of y, or with `limbs` a pair of them (a row's limbs, as
     /// [`Activations::quantize_fine`] lays them out), combined per block in the kernel's
-    /// integer sums ([`Kernel::run`]) and written straight into y.
-    fn products(&self, kernel: Kernel, act: &Activations, rows: usize, limbs: bool) -> Vec<f32> {
+    /// integer sums ([`Kernel::run`]) and written straight into y (its contents replaced).
+    fn products(
+        &self,
+        kernel: Kernel,
+        act: &Activations,
+        rows: usize,
+        limbs: bool,
+        y: &mut Vec<f32>,
+    ) {
         let cells = rows * self.out;
         // Every cell is stored by exactly one kernel call below (no kernel accumulates into
         // y), so y starts uninitialized: zero-filling it was 0.5 % of an int8 training step.
         // Unit tests and debug builds start from NaN instead, so that a cell no call wrote
         // shows in every comparison.
-        let mut y: Vec<f32> = match cfg!(any(test, debug_assertions)) {
-            true => vec![f32::NAN; cells],
-            false => Vec::with_capacity(cells),
+        y.clear();
+        match cfg!(any(test, debug_assertions)) {
+            true => y.resize(cells, f32::NAN),
+            false => y.reserve(cells),
         };
         if rows == 0 {
-            return y;
+            return;
         }
         let arows = if limbs { 2 * rows } else { rows };
         let nr_max = kernel.rows_per_call(limbs);
@@ -672,7 +692,6 @@ impl QMatrix {
         // lane < out of its rows and tiles (see `Kernel::run`), so all `cells` floats of
         // the allocation are initialized.
         unsafe { y.set_len(cells) };
-        y
     }
 }
 
@@ -1116,7 +1135,8 @@ struct Call<'a> {
 use kernel::Kernel;
 pub use kernel::{kernel_name, supported_kernels};
 pub use train::{
-    dequantized_input_grad, qlinear_train, qlinear_train_vec, DxProduct, TrainProduct,
+    dequantized_input_grad, dequantized_input_grad_rows, qlinear_train, qlinear_train_into,
+    qlinear_train_vec, DxProduct, TrainProduct,
 };
 
 mod kernel;

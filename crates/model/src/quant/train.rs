@@ -255,26 +255,43 @@ pub fn qlinear_train(x: &Tensor, w: &QMatrix, product: TrainProduct) -> Result<T
 /// [`qlinear_train`] as a row-major vector [n·out] (no tensor, and no copy out of one,
 /// where the dequantized product runs on our gemm).
 pub fn qlinear_train_vec(x: &Tensor, w: &QMatrix, product: TrainProduct) -> Result<Vec<f32>> {
+    let mut y = Vec::new();
+    qlinear_train_into(x, w, product, &mut y)?;
+    Ok(y)
+}
+
+/// [`qlinear_train_vec`] into `y` (its contents replaced). The limbs' product writes into
+/// y's allocation where it is big enough: the head's chunks of 256 × 49152 logits reuse one
+/// 50 MB buffer, where a fresh one per chunk was faulted in and cleared by the kernel page
+/// by page (2.5 % of an int8 step on a 2-core EPYC).
+pub fn qlinear_train_into(
+    x: &Tensor,
+    w: &QMatrix,
+    product: TrainProduct,
+    y: &mut Vec<f32>,
+) -> Result<()> {
     #[cfg(target_arch = "x86_64")]
     if product == TrainProduct::Dequantized {
         let rows = CHUNK_BYTES / (4 * w.in_dim().max(1));
-        if let Some(y) = dequantized_linear_own(x, w, rows)? {
-            return Ok(y);
+        if let Some(v) = dequantized_linear_own(x, w, rows)? {
+            *y = v;
+            return Ok(());
         }
     }
     // The limbs' product is a vector already: taken as it is, not through a tensor and a
-    // copy out of it (for the head's chunk of 256 × 49152 logits that copy was a second
-    // 50 MB buffer, faulted in page by page, 2–3 % of an int8 step).
+    // copy out of it (that copy was a second 50 MB buffer per head chunk).
     let plain = x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && x.rank() == 2;
     if product == TrainProduct::Limbs && plain && x.dim(1)? == w.in_dim() {
         let x = x.contiguous()?;
         let rows = x.dim(0)?;
         let (xs, xl) = x.storage_and_layout();
         if let Some(v) = crate::ops::f32s(&xs) {
-            return Ok(w.matmul_fine(&v[xl.start_offset()..][..rows * w.in_dim()], rows));
+            w.matmul_fine_into(&v[xl.start_offset()..][..rows * w.in_dim()], rows, y);
+            return Ok(());
         }
     }
-    Ok(qlinear_train(x, w, product)?.flatten_all()?.to_vec1()?)
+    *y = qlinear_train(x, w, product)?.flatten_all()?.to_vec1()?;
+    Ok(())
 }
 
 /// x·Wᵀ with W dequantized a chunk of whole 16-row tiles at a time, the chunks' outputs
@@ -387,7 +404,7 @@ fn dequantized_input_grad_own(
     product: DxProduct,
 ) -> Result<Option<Tensor>> {
     use crate::error::ModelError;
-    use crate::ops::gemm::{gemm_raw, BLayout, GemmKernel, MIN_ROWS};
+    use crate::ops::gemm::{GemmKernel, MIN_ROWS};
     let (out, inp) = (w.out_dim(), w.in_dim());
     let plain =
         |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && t.rank() == 2;
@@ -430,6 +447,57 @@ fn dequantized_input_grad_own(
         };
         views.push(&v[l.start_offset()..][..m * c]);
     }
+    let dx = input_grad_views(&views, &cols, m, w, rows, bf16)?;
+    drop(guards);
+    Ok(Some(Tensor::from_vec(dx, (m, inp), first.device())?))
+}
+
+/// [`dequantized_input_grad`] of one row-major dY [m, out] given as floats (the head's
+/// dL/dlogits, which the loss keeps in one reused buffer): dX [m, in], or `None` where
+/// that path does not run.
+pub fn dequantized_input_grad_rows(
+    dy: &[f32],
+    m: usize,
+    w: &QMatrix,
+    product: DxProduct,
+    device: &candle_core::Device,
+) -> Result<Option<Tensor>> {
+    use crate::error::ModelError;
+    let (out, inp) = (w.out_dim(), w.in_dim());
+    if dy.len() != m * out {
+        return Err(ModelError::Invalid(format!(
+            "input gradient: {} floats of dY for {m} rows of a {out}-row pack",
+            dy.len()
+        )));
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::ops::gemm::{GemmKernel, MIN_ROWS};
+        let bf16 = product == DxProduct::Bf16 && product.supported();
+        if device.is_cpu() && (bf16 || GemmKernel::detect().is_own()) && m >= MIN_ROWS {
+            let rows = CHUNK_BYTES / (4 * inp.max(1));
+            let dx = input_grad_views(&[dy], &[out], m, w, rows, bf16)?;
+            return Ok(Some(Tensor::from_vec(dx, (m, inp), device)?));
+        }
+    }
+    let _ = (product, inp, device);
+    Ok(None)
+}
+
+/// dX [m, in] = Σ_t dY_t·W_t for the dY blocks `views` (m rows of `cols[t]` floats each,
+/// together the pack's out rows) on the bf16 product (`bf16`, which the CPU runs) or on our
+/// f32 gemm in chunks of `rows` pack rows (which the CPU runs).
+#[cfg(target_arch = "x86_64")]
+fn input_grad_views(
+    views: &[&[f32]],
+    cols: &[usize],
+    m: usize,
+    w: &QMatrix,
+    rows: usize,
+    bf16: bool,
+) -> Result<Vec<f32>> {
+    use crate::ops::gemm::{gemm_raw, BLayout};
+    let inp = w.in_dim();
     let mut dx: Vec<f32> = Vec::with_capacity(m * inp);
     if bf16 {
         // B's rows r0..r0+n (one 16-row tile), columns j0.. (a multiple of 32): decoded
@@ -441,17 +509,16 @@ fn dequantized_input_grad_own(
         // SAFETY: the CPU runs it (`supported`); dx has room for m rows of `inp` floats,
         // each written by the product; the views hold m rows of their widths.
         unsafe {
-            crate::ops::gemm_bf16::gemm_bf16(m, inp, &views, &cols, &fill, dx.as_mut_ptr(), inp);
+            crate::ops::gemm_bf16::gemm_bf16(m, inp, views, cols, &fill, dx.as_mut_ptr(), inp);
             dx.set_len(m * inp);
         }
-        drop(guards);
-        return Ok(Some(Tensor::from_vec(dx, (m, inp), first.device())?));
+        return Ok(dx);
     }
     let mut written = false;
     for_decoded_chunks(w, rows, |r0, n, wc| {
         // The chunk's rows r0..r0+n fall in one or more targets' blocks [off, off + c).
         let mut off = 0;
-        for (dy, &c) in views.iter().zip(&cols) {
+        for (dy, &c) in views.iter().zip(cols) {
             let (a, b) = (r0.max(off), (r0 + n).min(off + c));
             if a < b {
                 // SAFETY: dx has room for m rows of `inp` floats, all written by the
@@ -482,8 +549,7 @@ fn dequantized_input_grad_own(
     }
     // SAFETY: the first product wrote every float of the m·inp (or the resize did).
     unsafe { dx.set_len(m * inp) };
-    drop(guards);
-    Ok(Some(Tensor::from_vec(dx, (m, inp), first.device())?))
+    Ok(dx)
 }
 
 #[cfg(test)]
@@ -706,5 +772,57 @@ mod tests {
         let (p, w) = TrainProduct::choose(Some("bf16"), Kernel::Portable);
         assert_eq!(p, TrainProduct::Dequantized);
         assert!(w.expect("a warning").contains("LOWRANK_TRAIN_PRODUCT=bf16"));
+    }
+
+    /// The head's row-major forms are the tensor paths' floats: `qlinear_train_into` into a
+    /// reused buffer (longer, then shorter, holding stale values) and
+    /// `dequantized_input_grad_rows` against `dequantized_input_grad`, bit for bit, on every
+    /// dX product this CPU runs; a dY of the wrong length is an error.
+    #[test]
+    fn row_major_head_forms_match_the_tensor_paths() {
+        use crate::ops::gemm::MIN_ROWS;
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let (out, inp) = (88, 96);
+        let wv: Vec<f32> = (0..out * inp)
+            .map(|_| rng.random_range(-1f32..1.0))
+            .collect();
+        let w = QMatrix::from_f32(&wv, out, inp).unwrap();
+        let dev = candle_core::Device::Cpu;
+        let mut buf = vec![7.0f32; 3 * (MIN_ROWS + 9) * out];
+        for m in [MIN_ROWS + 5, 3] {
+            let xv: Vec<f32> = (0..m * inp).map(|_| rng.random_range(-2f32..2.0)).collect();
+            let x = Tensor::from_slice(&xv, (m, inp), &dev).unwrap();
+            for product in [TrainProduct::Limbs, TrainProduct::Dequantized] {
+                let want = qlinear_train(&x, &w, product).unwrap();
+                let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+                qlinear_train_into(&x, &w, product, &mut buf).unwrap();
+                assert_eq!(buf.len(), m * out);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&buf), bits(&want), "{product:?}, {m} rows");
+            }
+            let dy: Vec<f32> = (0..m * out).map(|_| rng.random_range(-1f32..1.0)).collect();
+            let dyt = Tensor::from_slice(&dy, (m, out), &dev).unwrap();
+            for product in [DxProduct::F32, DxProduct::Bf16] {
+                let a = dequantized_input_grad(&[&dyt], &w, product).unwrap();
+                let b = dequantized_input_grad_rows(&dy, m, &w, product, &dev).unwrap();
+                match (a, b) {
+                    (Some(a), Some(b)) => {
+                        let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+                        let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+                        assert_eq!(a.len(), m * inp);
+                        let same = a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits());
+                        assert!(same, "{product:?}, {m} rows: the row form differs");
+                    }
+                    (None, None) => {}
+                    (a, b) => panic!(
+                        "{product:?}, {m} rows: tensor path {}, row form {}",
+                        a.is_some(),
+                        b.is_some()
+                    ),
+                }
+            }
+            assert!(dequantized_input_grad_rows(&dy[1..], m, &w, DxProduct::F32, &dev).is_err());
+        }
     }
 }
