@@ -1,6 +1,7 @@
 //! Speed of the int8 matmul on the shapes training runs through it (SmolLM2-135M's
 //! projections at batch 4 × 128): `cargo run --release -p lowrank-model --example int8_matmul`
-//! (`ROWS=1` for one decoded token).
+//! (`ROWS=1` for one decoded token; `SHAPES=1b` for the 1.1 B benchmark base's shapes,
+//! TinyLlama's: hidden 2048, MLP 5632, 4 KV heads of 64, the default vocabulary).
 //!
 //! Weights are random 4-bit grids per block (as a Q4_1 GGUF's, so they pack exactly, as
 //! nibbles); activations random normal. Prints, per shape, the best of five rounds of
@@ -22,6 +23,16 @@ const SHAPES: [(&str, usize, usize); 5] = [
     ("down 576x1536", 576, 1536),
     ("head 49152x576", 49152, 576),
 ];
+/// TinyLlama-1.1B's projection shapes (the packs training multiplies: q/k/v and gate/up
+/// fused), for `SHAPES=1b`.
+const SHAPES_1B: [(&str, usize, usize); 5] = [
+    ("q/k/v 2560x2048", 2560, 2048),
+    ("o 2048x2048", 2048, 2048),
+    ("gate/up 11264x2048", 11264, 2048),
+    ("down 2048x5632", 2048, 5632),
+    ("head 49152x2048", 49152, 2048),
+];
+
 /// Rows of activations (`rows=1` for a decoded token's products).
 fn rows() -> usize {
     std::env::var("ROWS")
@@ -82,7 +93,11 @@ fn main() {
         rows,
         rayon::current_num_threads()
     );
-    for (name, out, inp) in SHAPES {
+    let shapes = match std::env::var("SHAPES").as_deref() {
+        Ok("1b") => SHAPES_1B,
+        _ => SHAPES,
+    };
+    for (name, out, inp) in shapes {
         let w = QMatrix::from_f32(&grid_weights(&mut rng, out, inp), out, inp).expect("pack");
         let x: Vec<f32> = (0..rows * inp)
             .map(|_| rng.random_range(-1f32..1.0) * rng.random_range(0f32..1.0))

@@ -679,10 +679,14 @@ fn fine_product_follows_its_definition() {
                 .sum::<f64>()
         };
         let one_limb_err = err(&q.matmul_with(Kernel::Portable, &x, rows));
-        // One buffer for every path, its last contents replaced each time.
+        // One buffer for every path and both orders of the work units, its last contents
+        // replaced each time.
         let mut got = vec![7.0f32; 3];
-        for k in Kernel::supported_list() {
-            q.matmul_fine_with(k, &x, rows, &mut got);
+        for (k, tile_major) in Kernel::supported_list()
+            .into_iter()
+            .flat_map(|k| [(k, false), (k, true)])
+        {
+            q.matmul_fine_ordered(k, &x, rows, &mut got, tile_major);
             assert_eq!(
                 bits(&got),
                 bits(&want),
