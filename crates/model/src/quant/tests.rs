@@ -172,6 +172,41 @@ fn block_grid_weights_are_stored_exactly() {
     }
 }
 
+/// Grids that none of llama.cpp's steps name and whose smallest offsets and gaps are many
+/// steps wide (the level nearest the minimum 17–19 steps up, every gap ≥ 5 steps, up to 231
+/// levels spanned): still found and kept exactly, and the 4-bit packing rounds them.
+#[test]
+fn sparse_dense_grids_are_found_exactly() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(17);
+    let (out, inp) = (64, 4 * QK);
+    let mut w = vec![0f32; out * inp];
+    for block in w.chunks_mut(QK) {
+        let lo: f32 = rng.random_range(-1.0..1.0);
+        let step: f32 = rng.random_range(0.001..0.01);
+        // Levels 0 and 17 + 7·(i − 1) + (0..=2): strictly increasing, gaps ≥ 5.
+        let mut levels: Vec<u32> = (0..QK as u32)
+            .map(|i| match i {
+                0 => 0,
+                _ => 17 + 7 * (i - 1) + rng.random_range(0..=2),
+            })
+            .collect();
+        // Shuffled, so the minimum is not always first.
+        for i in (1..levels.len()).rev() {
+            levels.swap(i, rng.random_range(0..=i));
+        }
+        for (v, &l) in block.iter_mut().zip(&levels) {
+            *v = lo + l as f32 * step;
+        }
+    }
+    let q = QMatrix::from_f32(&w, out, inp).unwrap();
+    assert_eq!(q.rounded_blocks(), 0);
+    for (a, b) in q.dequantize().iter().zip(&w) {
+        assert!((a - b).abs() <= 1e-5, "{a} vs {b}");
+    }
+    let q4 = QMatrix::from_f32_bits(&w, out, inp, Bits::Four).unwrap();
+    assert_eq!(q4.rounded_blocks(), out * inp / QK);
+}
+
 #[test]
 fn matmul_matches_f32_within_activation_rounding() {
     for &(rows, out, inp) in &[(1, 16, 32), (5, 37, 100), (33, 48, 576), (70, 20, 64)] {
