@@ -848,11 +848,8 @@ fn round_small(k: f32) -> f32 {
 /// with 15: Q4_0 and Q4_1) keep their grid, exactly; others are rounded to `top + 1` levels.
 fn quantize_block(vals: &[f32], q: &mut [u8; QK], top: u8) -> (f32, f32, bool) {
     q.fill(0);
-    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
-    for &v in vals {
-        lo = lo.min(v);
-        hi = hi.max(v);
-    }
+    let lo = lanes(vals, f32::INFINITY, |v| v, f32::min);
+    let hi = lanes(vals, f32::NEG_INFINITY, |v| v, f32::max);
     if !lo.is_finite() || !hi.is_finite() || hi == lo {
         return (0.0, if lo.is_finite() { lo } else { 0.0 }, lo.is_finite());
     }
@@ -868,14 +865,15 @@ fn quantize_block(vals: &[f32], q: &mut [u8; QK], top: u8) -> (f32, f32, bool) {
             && step > 0.0
             && round_small(range / step) <= top as f32
             && vals.iter().take(4).all(|&v| near_int((v - lo) / step))
-            && vals
-                .iter()
-                .map(|&v| {
+            && lanes(
+                vals,
+                0.0,
+                |v| {
                     let k = (v - lo) / step;
                     (k - round_small(k)).abs()
-                })
-                .fold(0f32, f32::max)
-                < 1e-3
+                },
+                f32::max,
+            ) < 1e-3
     };
     // llama.cpp's block formats first: Q4_1 / Q5_1 store the block's minimum and maximum
     // (q = 0 and q = 15 or 31 occur), Q8_0 / Q4_0 / Q5_0 a scale from the largest magnitude
@@ -896,13 +894,29 @@ fn quantize_block(vals: &[f32], q: &mut [u8; QK], top: u8) -> (f32, f32, bool) {
         // that find every grid, however dense. (This replaced sorting each block for its
         // smallest gap, which with the grid tests took 0.9 µs a block: 25 s of loading a
         // 1.1 B bf16 checkpoint for int8.)
-        let offset = vals
-            .iter()
-            .map(|&v| v - lo)
-            .filter(|&g| g > tiny)
-            .fold(f32::INFINITY, f32::min);
+        let offset = lanes(
+            vals,
+            f32::INFINITY,
+            |v| match v - lo {
+                g if g > tiny => g,
+                _ => f32::INFINITY,
+            },
+            f32::min,
+        );
         let kmax = ((top as f32 + 0.5) * (offset / range)).min(top as f32) as u32;
+        // A first filter by multiplications only: on a grid, k·(v − lo)/offset is an
+        // integer for every v. Up to three values' ratios, divided once; a candidate that
+        // passes them is tested by `on_grid` as every other.
+        let mut ratios = [0f32; 3];
+        let mut n = 0;
+        for &v in vals {
+            if n < ratios.len() && v - lo > tiny {
+                ratios[n] = (v - lo) / offset;
+                n += 1;
+            }
+        }
         (1..=kmax.max(1))
+            .filter(|&k| ratios[..n].iter().all(|&t| near_int(k as f32 * t)))
             .map(|k| offset / k as f32)
             .find(|&s| on_grid(s))
     });
@@ -914,6 +928,24 @@ fn quantize_block(vals: &[f32], q: &mut [u8; QK], top: u8) -> (f32, f32, bool) {
         return (step, lo, true);
     }
     round_block(vals, q, lo, range, top)
+}
+
+/// `op` (min or max: associative, commutative, NaN ignored) over `map` of every value, from
+/// `init`, in 8 independent lanes: one chained `min` waits for each compare before the next,
+/// and those chains were half of packing a bf16 checkpoint's blocks.
+#[inline(always)]
+fn lanes(vals: &[f32], init: f32, map: impl Fn(f32) -> f32, op: fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [init; 8];
+    let mut chunks = vals.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = op(*a, map(v));
+        }
+    }
+    for &v in chunks.remainder() {
+        acc[0] = op(acc[0], map(v));
+    }
+    acc.into_iter().fold(init, op)
 }
 
 /// A block that is not on a grid: `steps + 1` evenly spaced levels from its minimum to its
