@@ -31,6 +31,11 @@ pub enum ModelError {
     Fetch(String),
     #[error("{0}")]
     Invalid(String),
+    /// A weight that packing cannot represent: NaN or ±∞ (or a block of 32 spanning more
+    /// than f32's range). `part` is the index of the stacked tensor it lies in, for the
+    /// caller that knows their names.
+    #[error("weights not finite (NaN or ±∞) at row {row}, columns {col}..{}", col + 32)]
+    NonFiniteWeights { part: usize, row: usize, col: usize },
     #[error(transparent)]
     NonFiniteLogits(#[from] crate::generate::NonFiniteLogits),
     #[error(transparent)]

@@ -517,7 +517,10 @@ impl Packer {
     fn embed(&mut self, t: Tensor, tied: bool) -> Result<Tensor> {
         self.sample("model.embed_tokens.weight", &t)?;
         let bits = if tied { self.bits.head() } else { self.bits };
-        let q = Arc::new(QMatrix::from_tensor_bits(&t, bits)?);
+        let q = Arc::new(
+            QMatrix::from_tensor_bits(&t, bits)
+                .map_err(|e| named("model.embed_tokens.weight", e))?,
+        );
         if tied {
             self.head = Some(q.clone());
         }
@@ -528,7 +531,10 @@ impl Packer {
     /// An untied head → its placeholder.
     fn head(&mut self, t: Tensor) -> Result<Tensor> {
         self.sample("lm_head.weight", &t)?;
-        self.head = Some(Arc::new(QMatrix::from_tensor_bits(&t, self.bits.head())?));
+        self.head = Some(Arc::new(
+            QMatrix::from_tensor_bits(&t, self.bits.head())
+                .map_err(|e| named("lm_head.weight", e))?,
+        ));
         placeholder(&t)
     }
 
@@ -563,15 +569,13 @@ impl Packer {
                             .iter()
                             .map(|r| (r.bytes, r.rows, r.map.as_deref()))
                             .collect();
-                        Ok(Arc::new(QMatrix::from_gguf_blocks(
-                            parts[0].fmt,
-                            &v,
-                            parts[0].cols,
-                            self.bits,
-                        )?))
+                        QMatrix::from_gguf_blocks(parts[0].fmt, &v, parts[0].cols, self.bits)
+                            .map(Arc::new)
+                            .map_err(|e| quant::name_part(e, ts))
                     }
                     None => quant::pack_group(&lw, ts, self.bits),
                 }
+                .map_err(|e| named(&format!("model.layers.{i}"), e))
             })
             .collect::<Result<Vec<_>>>()?;
         let packs: [Arc<QMatrix>; 4] = packs.try_into().expect("four packs");
@@ -583,12 +587,11 @@ impl Packer {
     /// An embedding read as raw blocks → its placeholder (also the head when `tied`).
     fn embed_raw(&mut self, r: RawWeight, tied: bool, device: &Device) -> Result<Tensor> {
         self.samples.push(r.sample("model.embed_tokens.weight"));
-        let q = Arc::new(QMatrix::from_gguf_blocks(
-            r.fmt,
-            &[(r.bytes, r.rows, None)],
-            r.cols,
-            if tied { self.bits.head() } else { self.bits },
-        )?);
+        let bits = if tied { self.bits.head() } else { self.bits };
+        let q = Arc::new(
+            QMatrix::from_gguf_blocks(r.fmt, &[(r.bytes, r.rows, None)], r.cols, bits)
+                .map_err(|e| named("model.embed_tokens.weight", e))?,
+        );
         if tied {
             self.head = Some(q.clone());
         }
@@ -621,7 +624,8 @@ impl Packer {
         }
         self.layers.push(match packs {
             Some(p) => p,
-            None => quant::pack_layer(&lw, self.bits)?,
+            None => quant::pack_layer(&lw, self.bits)
+                .map_err(|e| named(&format!("model.layers.{i}"), e))?,
         });
         for t in Target::ALL {
             let w = lw.linear_mut(t);
@@ -729,4 +733,9 @@ fn row_map(rows: usize, n_head: usize) -> Result<Vec<usize>> {
 /// f32 whatever `t`'s dtype, as the embedding and head are packed from bf16 as read.
 fn placeholder(t: &Tensor) -> Result<Tensor> {
     Ok(Tensor::zeros((), DType::F32, t.device())?.broadcast_as(t.shape())?)
+}
+
+/// A packing error with the tensor (or layer) it came from in front.
+fn named(what: &str, e: ModelError) -> ModelError {
+    ModelError::Invalid(format!("packing {what}: {e}"))
 }

@@ -262,3 +262,47 @@ fn tiny_hf_int4_load_packs_the_f32_weights() {
         "int4 logits off the rounded f32 model's by {d} (max |logit| {scale})"
     );
 }
+
+/// A NaN in a bf16 checkpoint's weight fails an int8 or int4 load with the tensor, row and
+/// columns named (packing used to turn it into its block's minimum, silently).
+#[test]
+fn tiny_hf_packed_load_names_a_nan_weight() {
+    use lowrank_model::quant::Compute;
+    let src = fixtures().join("tiny-llama-hf/model");
+    let dir = std::env::temp_dir().join(format!("lowrank-nan-weight-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+    }
+    let mut bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let name = "model.layers.1.self_attn.k_proj.weight";
+    let (start, cols) = {
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let t = st.tensor(name).unwrap();
+        assert_eq!(t.dtype(), safetensors::Dtype::BF16);
+        let start = t.data().as_ptr() as usize - bytes.as_ptr() as usize;
+        (start, t.shape()[1])
+    };
+    // Row 3, column 40: a bf16 NaN.
+    let at = start + 2 * (3 * cols + 40);
+    bytes[at..at + 2].copy_from_slice(&0x7FC0u16.to_le_bytes());
+    std::fs::write(dir.join("model.safetensors"), &bytes).unwrap();
+    for compute in [Compute::Int8, Compute::Int4] {
+        let e = match LoadedModel::load_for(dir.to_str().unwrap(), &Device::Cpu, compute) {
+            Ok(_) => panic!("{compute:?}: a NaN weight loaded"),
+            Err(e) => e.to_string(),
+        };
+        for want in [
+            "model.layers.1",
+            "k_proj",
+            "not finite",
+            "row 3, columns 32..64",
+        ] {
+            assert!(e.contains(want), "{compute:?}: {e:?} lacks {want:?}");
+        }
+    }
+    // The f32 load keeps the NaN, for its output to show (and error on).
+    assert!(LoadedModel::load(dir.to_str().unwrap(), &Device::Cpu).is_ok());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -133,11 +133,18 @@ impl QMatrix {
             let (i, r) = locate(o);
             &parts[i][r * inp..(r + 1) * inp]
         };
-        let packed = QMatrix::pack_blocks(out, inp, |o, b, block| {
+        QMatrix::pack_blocks(out, inp, |o, b, block| {
             let vals = &row_of(o)[b * QK..((b + 1) * QK).min(inp)];
             quantize_block(vals, block, bits.top())
-        });
-        Ok(packed)
+        })
+        .map_err(|(o, b)| {
+            let (part, row) = locate(o);
+            ModelError::NonFiniteWeights {
+                part,
+                row,
+                col: b * QK,
+            }
+        })
     }
 
     /// Stack GGUF block weights (Q4_1, Q8_0) along the output dim, straight from their
@@ -172,7 +179,7 @@ impl QMatrix {
         }
         let out: usize = parts.iter().map(|p| p.1).sum();
         let locate = part_locator(parts.iter().map(|p| p.1));
-        Ok(QMatrix::pack_blocks(out, inp, |o, b, block| {
+        QMatrix::pack_blocks(out, inp, |o, b, block| {
             let (i, r) = locate(o);
             let (raw, _, map) = parts[i];
             let r = map.map_or(r, |m| m[r]);
@@ -186,17 +193,28 @@ impl QMatrix {
                 *v = fmt.value(blk, j);
             }
             quantize_block(&vals, block, bits.top())
-        }))
+        })
+        .map_err(|(o, b)| {
+            let (part, r) = locate(o);
+            let row = parts[part].2.map_or(r, |m| m[r]);
+            ModelError::NonFiniteWeights {
+                part,
+                row,
+                col: b * QK,
+            }
+        })
     }
 
     /// The packing loop: `block(o, b, q)` fills block b of output row o (q, zero-padded) and
     /// returns its (d, m, exact). Stores 4-bit q as nibbles (unless
-    /// `LOWRANK_INT8_PACKING=bytes`).
+    /// `LOWRANK_INT8_PACKING=bytes`). A block whose d or m is not finite (non-finite weights,
+    /// or a GGUF block's scale) is an error: (its output row, its block), the first in memory
+    /// order.
     fn pack_blocks(
         out: usize,
         inp: usize,
         block: impl Fn(usize, usize, &mut [u8; QK]) -> (f32, f32, bool) + Sync,
-    ) -> QMatrix {
+    ) -> std::result::Result<QMatrix, (usize, usize)> {
         let nb = inp.div_ceil(QK);
         let tiles = out.div_ceil(TILE);
         let mut q = vec![0u8; tiles * nb * TB];
@@ -229,6 +247,18 @@ impl QMatrix {
                 rounded
             })
             .sum();
+        // d and m are [tiles][nb][TILE]; padding lanes hold 0.
+        let bad = |x: &f32| !x.is_finite();
+        if let Some(i) = d
+            .iter()
+            .position(bad)
+            .into_iter()
+            .chain(m.iter().position(bad))
+            .min()
+        {
+            let (t, b, lane) = (i / (nb * TILE), i / TILE % nb, i % TILE);
+            return Err((t * TILE + lane, b));
+        }
         let qmax = q.par_iter().copied().max().unwrap_or(0);
         let packed = QMatrix {
             out,
@@ -242,11 +272,11 @@ impl QMatrix {
             qmax,
             nibbles: false,
         };
-        if qmax <= 15 && nibble_packing() {
+        Ok(if qmax <= 15 && nibble_packing() {
             packed.with_nibbles(true)
         } else {
             packed
-        }
+        })
     }
 
     /// The same matrix with q stored as nibbles (`true`, which needs every q ≤ 15) or bytes.
@@ -306,7 +336,14 @@ impl QMatrix {
                     .to_dtype(candle_core::DType::F32)?
                     .flatten_all()?
                     .to_vec1::<f32>()?;
-                QMatrix::from_f32_bits(&v, n, inp, bits)
+                QMatrix::from_f32_bits(&v, n, inp, bits).map_err(|e| match e {
+                    ModelError::NonFiniteWeights { row, col, .. } => ModelError::NonFiniteWeights {
+                        part: 0,
+                        row: r0 + row,
+                        col,
+                    },
+                    e => e,
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         QMatrix::stack_rows(parts)
@@ -848,12 +885,22 @@ fn round_small(k: f32) -> f32 {
 /// with 15: Q4_0 and Q4_1) keep their grid, exactly; others are rounded to `top + 1` levels.
 fn quantize_block(vals: &[f32], q: &mut [u8; QK], top: u8) -> (f32, f32, bool) {
     q.fill(0);
+    // A NaN or ±∞ has no grid and no rounding (a silent 0 or minimum would hide it, where
+    // the f32 model's output shows it): (NaN, NaN), which `pack_blocks` reports. So is a
+    // block whose range overflows f32.
+    let not_finite = (f32::NAN, f32::NAN, false);
+    if vals.iter().any(|v| !v.is_finite()) {
+        return not_finite;
+    }
     let lo = lanes(vals, f32::INFINITY, |v| v, f32::min);
     let hi = lanes(vals, f32::NEG_INFINITY, |v| v, f32::max);
-    if !lo.is_finite() || !hi.is_finite() || hi == lo {
-        return (0.0, if lo.is_finite() { lo } else { 0.0 }, lo.is_finite());
+    if hi == lo {
+        return (0.0, lo, true);
     }
     let range = hi - lo;
+    if !range.is_finite() {
+        return not_finite;
+    }
     let tiny = range * 1e-5;
     let near_int = |k: f32| (k - round_small(k)).abs() < 1e-3;
     // A few values first, short-circuiting: a block off every grid (any f32 or bf16 checkpoint)
@@ -1517,7 +1564,17 @@ pub(crate) fn pack_group(
             [one] => (*one).clone(),
             _ => Tensor::cat(&ws, 0)?,
         };
-        return Ok(Arc::new(QMatrix::from_tensor_bits(&w, bits)?));
+        // Rows of the concatenation: the stacked tensors' rows in order.
+        let rows: Vec<usize> = ws.iter().map(|w| w.dims2().map_or(0, |d| d.0)).collect();
+        return QMatrix::from_tensor_bits(&w, bits)
+            .map(Arc::new)
+            .map_err(|e| match e {
+                ModelError::NonFiniteWeights { row, col, .. } => {
+                    let (part, row) = part_locator(rows.into_iter())(row);
+                    name_part(ModelError::NonFiniteWeights { part, row, col }, targets)
+                }
+                e => e,
+            });
     }
     let guards: Vec<_> = ws.iter().map(|w| w.storage_and_layout()).collect();
     let mut parts = Vec::with_capacity(ws.len());
@@ -1529,7 +1586,21 @@ pub(crate) fn pack_group(
         };
         parts.push(&v[l.start_offset()..l.start_offset() + w.elem_count()]);
     }
-    Ok(Arc::new(QMatrix::from_parts_bits(&parts, inp, bits)?))
+    QMatrix::from_parts_bits(&parts, inp, bits)
+        .map(Arc::new)
+        .map_err(|e| name_part(e, targets))
+}
+
+/// A non-finite weight's error with its tensor named (`part` indexes `targets`).
+pub(crate) fn name_part(e: ModelError, targets: &[Target]) -> ModelError {
+    match e {
+        ModelError::NonFiniteWeights { part, row, col } => ModelError::Invalid(format!(
+            "{}: {}",
+            targets.get(part).map_or("?", |t| t.peft_name()),
+            ModelError::NonFiniteWeights { part, row, col }
+        )),
+        e => e,
+    }
 }
 
 /// For parts stacked along the output dim with these row counts: output row → (part, row

@@ -207,6 +207,91 @@ fn sparse_dense_grids_are_found_exactly() {
     assert_eq!(q4.rounded_blocks(), out * inp / QK);
 }
 
+/// A NaN or ±∞ weight, or a block whose range overflows f32, is an error naming the row
+/// and the block's columns (it used to pack as 0 or as its block's minimum, silently); so
+/// is a GGUF block whose scale is not finite. Parts name their own rows.
+#[test]
+fn non_finite_weights_are_errors_naming_their_place() {
+    let (out, inp) = (37, 100);
+    for (bad, at) in [
+        (f32::NAN, 5 * inp + 70),
+        (f32::INFINITY, 36 * inp + 99),
+        (f32::NEG_INFINITY, 0),
+    ] {
+        for bits in [Bits::Eight, Bits::Four] {
+            let mut w = rand_vec(out * inp, 9);
+            w[at] = bad;
+            match QMatrix::from_f32_bits(&w, out, inp, bits) {
+                Err(ModelError::NonFiniteWeights { part, row, col }) => {
+                    assert_eq!((part, row, col), (0, at / inp, at % inp / QK * QK), "{bad}")
+                }
+                other => panic!("{bad}: {:?}", other.map(|q| q.rounded_blocks())),
+            }
+        }
+    }
+    // Finite values 6e38 apart: the block's range is not an f32.
+    let mut w = rand_vec(out * inp, 10);
+    w[3 * inp + 40] = -3e38;
+    w[3 * inp + 41] = 3e38;
+    let e = QMatrix::from_f32(&w, out, inp).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ModelError::NonFiniteWeights {
+                part: 0,
+                row: 3,
+                col: 32
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(
+        e.to_string(),
+        "weights not finite (NaN or ±∞) at row 3, columns 32..64"
+    );
+    // The second part's row 2.
+    let (a, mut b) = (rand_vec(4 * inp, 11), rand_vec(6 * inp, 12));
+    b[2 * inp + 7] = f32::NAN;
+    let e = QMatrix::from_parts(&[&a, &b], inp).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ModelError::NonFiniteWeights {
+                part: 1,
+                row: 2,
+                col: 0
+            }
+        ),
+        "{e}"
+    );
+    // A Q8_0 block (f16 scale, 32 q) whose scale is +∞, in row 1 of a 2 × 64 tensor.
+    let mut raw = Vec::new();
+    for blk in 0..4 {
+        let d = if blk == 3 {
+            half::f16::INFINITY
+        } else {
+            half::f16::from_f32(0.01)
+        };
+        raw.extend(d.to_le_bytes());
+        raw.extend((0..QK as i32).map(|i| (i - 16) as i8 as u8));
+    }
+    let e = QMatrix::from_gguf_blocks(BlockFormat::Q8_0, &[(&raw, 2, None)], 64, Bits::Eight)
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ModelError::NonFiniteWeights {
+                part: 0,
+                row: 1,
+                col: 32
+            }
+        ),
+        "{e}"
+    );
+    // Finite weights still pack.
+    assert!(QMatrix::from_f32(&rand_vec(out * inp, 9), out, inp).is_ok());
+}
+
 #[test]
 fn matmul_matches_f32_within_activation_rounding() {
     for &(rows, out, inp) in &[(1, 16, 32), (5, 37, 100), (33, 48, 576), (70, 20, 64)] {
