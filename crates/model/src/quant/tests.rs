@@ -205,6 +205,41 @@ fn sparse_dense_grids_are_found_exactly() {
     }
     let q4 = QMatrix::from_f32_bits(&w, out, inp, Bits::Four).unwrap();
     assert_eq!(q4.rounded_blocks(), out * inp / QK);
+
+    // Any grid of 2..=256 levels, any subset of them (the top level always used), any scale
+    // and base, values up to 255 steps from 0: kept exactly by 8 bits, and by 4 bits where
+    // the block spans ≤ 15 steps. (Before range/K, o/k as the step missed grids like
+    // 176 steps of 4.2e-4 from 0.074.)
+    for case in 0..400u64 {
+        let levels: u32 = rng.random_range(1..=255);
+        let step: f32 = 10f32.powf(rng.random_range(-6.0..3.0));
+        let lo: f32 = rng.random_range(-1.0..1.0) * step * levels as f32;
+        let ls: Vec<u32> = (0..QK)
+            .map(|i| match i {
+                0 => levels,
+                _ => rng.random_range(0..=levels),
+            })
+            .collect();
+        let vals: Vec<f32> = ls.iter().map(|&l| lo + l as f32 * step).collect();
+        // Steps the block spans (its lowest level need not be 0).
+        let span = levels - ls.iter().min().unwrap();
+        for (bits, fits) in [(Bits::Eight, true), (Bits::Four, span <= 15)] {
+            let q = QMatrix::from_f32_bits(&vals, 1, QK, bits).unwrap();
+            assert_eq!(
+                q.rounded_blocks() == 0,
+                fits,
+                "case {case}: {levels} steps of {step} from {lo}, {bits:?}: {vals:?}"
+            );
+            if fits {
+                for (a, b) in q.dequantize().iter().zip(&vals) {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * step * levels as f32,
+                        "case {case}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// A NaN or ±∞ weight, or a block whose range overflows f32, is an error naming the row
