@@ -935,17 +935,16 @@ fn quantize_block(vals: &[f32], q: &mut [u8; QK], top: u8) -> (f32, f32, bool) {
         amax / 16.0,
     ];
     let step = known.into_iter().find(|&s| on_grid(s)).or_else(|| {
-        // Any other grid: its step s divides the smallest nonzero offset o from the minimum
-        // or the maximum (o = k·s) and spans the block in at most `top` steps (range < (top + ½)·s), so
-        // k ≤ (top + ½)·o/range, a few dozen candidates at most for 8 bits (1 or 2 for 4)
-        // that find every grid, however dense. Each k gives the grid's K = range/s steps
-        // across the block, and the step is taken as range/K: o/k carries the rounding of
-        // two values near the minimum, which across K steps can exceed the grid test's
-        // tolerance where the values are large against the step. (This replaced sorting
-        // each block for its smallest gap, which with the grid tests took 0.9 µs a block:
-        // 25 s of loading a 1.1 B bf16 checkpoint for int8.)
-        // (The smaller of the offsets from the minimum and from the maximum, which s divides
-        // as well: half the candidates, 13 against 25 on average for normal weights.)
+        // Any other grid: its step s divides the smallest nonzero offset o from the minimum,
+        // and the one from the maximum (o = k·s; the smaller of the two halves the
+        // candidates, 13 against 25 on average for normal weights), and the block spans at
+        // most `top` steps (range < (top + ½)·s), so k ≤ (top + ½)·o/range: a few dozen
+        // candidates at most for 8 bits, 1 or 2 for 4, that find every grid, however dense.
+        // Each k gives the grid's K = range/s steps across the block, and the step is taken
+        // as range/K: o/k carries the rounding of two values, which across K steps can exceed
+        // the grid test's tolerance where the values are large against the step. (This
+        // replaced sorting each block for its smallest gap, which with the grid tests took
+        // 0.9 µs a block: 25 s of loading a 1.1 B bf16 checkpoint for int8.)
         let offset_from = |edge: f32| {
             lanes(
                 vals,
