@@ -20,6 +20,7 @@ pub mod export;
 pub mod fetch;
 pub mod generate;
 pub mod gguf;
+pub mod isa;
 pub mod model;
 pub mod ops;
 pub mod quant;

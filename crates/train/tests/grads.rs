@@ -724,7 +724,9 @@ const GEMM_CHILD: &str = "f32_gemm_path_child";
 /// dequantized pack.
 #[test]
 fn f32_gemm_paths_agree_on_a_long_batch() {
+    // `LOWRANK_ISA` (lowrank_model::isa) caps the paths as a CPU without them would.
     let avx2 = cfg!(target_arch = "x86_64")
+        && lowrank_model::isa::Isa::Avx2.allowed()
         && std::is_x86_feature_detected!("avx2")
         && std::is_x86_feature_detected!("fma");
     if !avx2 {
@@ -762,7 +764,9 @@ fn gemm_paths_agree(dir: &std::path::Path, compute: &str) {
         candle_core::safetensors::load(&file, &Device::Cpu).unwrap()
     };
     let candle = run("candle");
-    let avx512 = cfg!(target_arch = "x86_64") && std::is_x86_feature_detected!("avx512f");
+    let avx512 = cfg!(target_arch = "x86_64")
+        && lowrank_model::isa::Isa::Avx512.allowed()
+        && std::is_x86_feature_detected!("avx512f");
     if !avx512 {
         eprintln!("{compute}: the avx512 path skipped: this CPU has no AVX-512");
     }

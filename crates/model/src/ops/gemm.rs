@@ -18,6 +18,8 @@
 //! Results are not bitwise equal to candle's (another summation order); tests bound the
 //! difference against an f64 product. `LOWRANK_F32_GEMM=candle|avx2|avx512` forces a path.
 
+#[cfg(target_arch = "x86_64")]
+use crate::isa::Isa;
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
@@ -81,10 +83,16 @@ impl GemmKernel {
         match self {
             GemmKernel::Candle => true,
             #[cfg(target_arch = "x86_64")]
-            GemmKernel::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            GemmKernel::Avx2 => {
+                Isa::Avx2.allowed()
+                    && is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+            }
             #[cfg(target_arch = "x86_64")]
             GemmKernel::Avx512 => {
-                GemmKernel::Avx2.supported() && is_x86_feature_detected!("avx512f")
+                Isa::Avx512.allowed()
+                    && GemmKernel::Avx2.supported()
+                    && is_x86_feature_detected!("avx512f")
             }
         }
     }

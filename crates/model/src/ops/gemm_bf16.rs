@@ -40,9 +40,12 @@ const FILL_ROWS: usize = 16;
 /// is multiplied a chunk of depths at a time, each chunk's product added into C.
 const A_BYTES: usize = 16 << 20;
 
-/// Whether this CPU runs the bf16 product (AVX-512F and AVX-512 BF16).
+/// Whether this CPU runs the bf16 product (AVX-512F and AVX-512 BF16) and `LOWRANK_ISA`
+/// allows it.
 pub fn supported() -> bool {
-    is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
+    crate::isa::Isa::Avx512.allowed()
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bf16")
 }
 
 /// Produces rows r0..r0+rows (r0 a multiple of 16, rows ≤ 16), columns j0..j0+nc of B

@@ -180,17 +180,31 @@ enum Bf16Path {
 }
 
 impl Bf16Path {
+    /// The widest path the CPU runs and `LOWRANK_ISA` allows ([`crate::isa`]).
     fn detect() -> Bf16Path {
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx512f") {
+            use crate::isa::Isa;
+            if Isa::Avx512.allowed() && is_x86_feature_detected!("avx512f") {
                 return Bf16Path::Avx512;
             }
-            if is_x86_feature_detected!("avx2") {
+            if Isa::Avx2.allowed() && is_x86_feature_detected!("avx2") {
                 return Bf16Path::Avx2;
             }
         }
         Bf16Path::Scalar
+    }
+}
+
+/// The name of [`to_bf16`]'s path in this process (for the `LOWRANK_ISA` test).
+#[cfg(test)]
+pub(crate) fn to_bf16_path_name() -> &'static str {
+    match Bf16Path::detect() {
+        Bf16Path::Scalar => "scalar",
+        #[cfg(target_arch = "x86_64")]
+        Bf16Path::Avx2 => "avx2",
+        #[cfg(target_arch = "x86_64")]
+        Bf16Path::Avx512 => "avx512",
     }
 }
 

@@ -35,6 +35,8 @@ mod norm;
 mod rows;
 
 pub use fused::{block_probs, block_softmax, silu_mul, silu_mul_bwd, softmax_bwd};
+#[cfg(test)]
+pub(crate) use layout::to_bf16_path_name;
 pub use layout::{cast, heads, split_cols, unheads};
 pub use lora::{lora_gathered, LoraRows};
 pub use norm::{add, rms_apply, rms_bwd, rms_fwd};

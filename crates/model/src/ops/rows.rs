@@ -284,12 +284,15 @@ impl AttnKernel {
             AttnKernel::Portable => true,
             #[cfg(target_arch = "x86_64")]
             AttnKernel::Avx2 => {
-                is_x86_feature_detected!("avx2")
+                crate::isa::Isa::Avx2.allowed()
+                    && is_x86_feature_detected!("avx2")
                     && is_x86_feature_detected!("fma")
                     && is_x86_feature_detected!("f16c")
             }
             #[cfg(target_arch = "x86_64")]
-            AttnKernel::Avx512 => is_x86_feature_detected!("avx512f"),
+            AttnKernel::Avx512 => {
+                crate::isa::Isa::Avx512.allowed() && is_x86_feature_detected!("avx512f")
+            }
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }

@@ -4,6 +4,8 @@
 #[cfg(target_arch = "x86_64")]
 use super::{avx2, vnni, NR_AVX2, NR_VNNI, NR_VNNI_LIMBS};
 use super::{portable::portable, quantize_act_block, Call, NR_PORTABLE, QK};
+#[cfg(target_arch = "x86_64")]
+use crate::isa::Isa;
 
 /// The name of the int8 kernel path this process uses: `"avx512vnni"`, `"avx2"` or
 /// `"portable"` (decided once, on first use; see the module docs for the override).
@@ -53,15 +55,21 @@ impl Kernel {
         }
     }
 
-    /// Whether this CPU runs the kernel (every instruction set its functions enable).
+    /// Whether this CPU runs the kernel (every instruction set its functions enable) and
+    /// `LOWRANK_ISA` allows it ([`crate::isa`]).
     pub(super) fn supported(self) -> bool {
         match self {
             Kernel::Portable => true,
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            Kernel::Avx2 => {
+                Isa::Avx2.allowed()
+                    && is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+            }
             #[cfg(target_arch = "x86_64")]
             Kernel::Vnni512 => {
-                is_x86_feature_detected!("avx512f")
+                Isa::Avx512.allowed()
+                    && is_x86_feature_detected!("avx512f")
                     && is_x86_feature_detected!("avx512bw")
                     && is_x86_feature_detected!("avx512vnni")
             }

@@ -21,7 +21,8 @@
 //! same order, so all give bitwise the same results. `LOWRANK_INT8_KERNEL=portable|avx2|avx512vnni`
 //! forces a path (for testing and timing); a path this CPU cannot run is refused with one warning
 //! on stderr and the best supported path runs instead. `LOWRANK_PORTABLE_INT8=1` is an older
-//! spelling of `LOWRANK_INT8_KERNEL=portable`.
+//! spelling of `LOWRANK_INT8_KERNEL=portable`. `LOWRANK_ISA=avx2|portable` caps this choice
+//! and every other kernel family's at once ([`crate::isa`]).
 
 use std::sync::Arc;
 
