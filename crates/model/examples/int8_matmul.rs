@@ -6,12 +6,13 @@
 //! Weights are random 4-bit grids per block (as a Q4_1 GGUF's, so they pack exactly, as
 //! nibbles); activations random normal. Prints, per shape, the best of five rounds of
 //! `matmul` (one 8-bit limb, as serving runs it) and `matmul_fine` (two limbs, as training's
-//! forward runs it), in ms and in G multiply-adds per second of the integer work. The kernel
-//! path is the process's (`LOWRANK_INT8_KERNEL` forces one).
+//! forward runs it), in ms and in G multiply-adds per second of the integer work, then the
+//! pack dequantized for candle's gemm, and training's dequantized product as it runs. The
+//! kernel paths are the process's (`LOWRANK_INT8_KERNEL` or `LOWRANK_ISA` forces them).
 
 use std::time::Instant;
 
-use lowrank_model::quant::{kernel_name, QMatrix};
+use lowrank_model::quant::{kernel_name, qlinear_train_vec, QMatrix, TrainProduct};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -119,8 +120,15 @@ fn main() {
         let decode = best_ms(|| {
             std::hint::black_box(w.dequantize());
         });
+        // Training's dequantized product as it runs (on our f32 gemm: decoded into its panels,
+        // or a chunk at a time with `LOWRANK_TRAIN_DECODE=chunks`).
+        let train = best_ms(|| {
+            std::hint::black_box(
+                qlinear_train_vec(&xt, &w, TrainProduct::Dequantized).expect("product"),
+            );
+        });
         println!(
-            "{name:18} nibbles {:5}  one limb {one:7.2} ms {:6.1} GMAC/s   two limbs {two:7.2} ms {:6.1} GMAC/s   dequantized f32 gemm {deq:7.2} ms (decoding {decode:6.2} ms)",
+            "{name:18} nibbles {:5}  one limb {one:7.2} ms {:6.1} GMAC/s   two limbs {two:7.2} ms {:6.1} GMAC/s   dequantized f32 gemm {deq:7.2} ms (decoding {decode:6.2} ms)   training's dequantized {train:7.2} ms",
             w.nibble_packed(),
             macs / one / 1e6,
             2.0 * macs / two / 1e6

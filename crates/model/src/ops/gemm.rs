@@ -455,13 +455,99 @@ pub(crate) unsafe fn gemm_raw_on<const AT: bool>(
         }
         return;
     }
+    let src = BSource::Dense(w, layout);
     match kernel {
-        GemmKernel::Avx512 => {
-            blocked::<AT, Zmm12x32>(m, n, k, a, lda, w, layout, c, ldc, accumulate)
-        }
-        _ => blocked::<AT, Ymm6x16>(m, n, k, a, lda, w, layout, c, ldc, accumulate),
+        GemmKernel::Avx512 => blocked::<AT, Zmm12x32>(m, n, k, a, lda, src, c, ldc, accumulate),
+        _ => blocked::<AT, Ymm6x16>(m, n, k, a, lda, src, c, ldc, accumulate),
     }
 }
+
+/// C = A·Wᵀ for A [m, k] (rows `lda` ≥ k apart) and a weight W [n, k] that `fill` gives 16
+/// rows at a time ([`Fill`]: rows r0..r0+rows, r0 a multiple of 16, columns j0..j0+nc, j0 a
+/// multiple of 32, into [rows, nc] row-major), on this process's kernel: each panel of B is
+/// filled straight from `fill` (a packed weight decoded into the cache-resident panel), so
+/// no f32 copy of W is ever made. C's m rows of n floats lie `ldc` ≥ n apart, each written.
+///
+/// Why: the dequantized training product decoded 16 MB of a pack into memory and then
+/// packed it again from there; on AVX2 that was 8 % of an int8 step (`perf`: decoding
+/// 3.9 %, packing 4.4 %) and made int8 slower than f32 there.
+///
+/// # Safety
+/// As [`gemm_raw`]'s (without `accumulate`), and `fill` writes every float it is given.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_fill_cols(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    fill: &Fill,
+    c: *mut f32,
+    ldc: usize,
+) {
+    let kernel = match GemmKernel::detect() {
+        GemmKernel::Avx512 => GemmKernel::Avx512,
+        _ => GemmKernel::Avx2,
+    };
+    gemm_fill_cols_on(kernel, m, n, k, a, lda, fill, c, ldc)
+}
+
+/// [`gemm_fill_cols`] on a given kernel of this module (`Avx2` or `Avx512`). Panics if
+/// the CPU cannot run it.
+///
+/// # Safety
+/// As [`gemm_fill_cols`]'s.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_fill_cols_on(
+    kernel: GemmKernel,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    fill: &Fill,
+    c: *mut f32,
+    ldc: usize,
+) {
+    assert!(
+        kernel.is_own() && kernel.supported(),
+        "the {} gemm does not run on this CPU",
+        kernel.name()
+    );
+    assert!(lda >= k && ldc >= n && (m == 0 || a.len() >= (m - 1) * lda + k));
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for i in 0..m {
+            std::ptr::write_bytes(c.add(i * ldc), 0, n);
+        }
+        return;
+    }
+    let src = BSource::FillCols(fill);
+    match kernel {
+        GemmKernel::Avx512 => blocked::<false, Zmm12x32>(m, n, k, a, lda, src, c, ldc, false),
+        _ => blocked::<false, Ymm6x16>(m, n, k, a, lda, src, c, ldc, false),
+    }
+}
+
+/// Where a product's B comes from.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+enum BSource<'a> {
+    /// A row-major f32 weight, read as it is or transposed.
+    Dense(&'a [f32], BLayout),
+    /// B = Wᵀ for a weight W [n, k] given by a [`Fill`] 16 rows at a time.
+    FillCols(&'a Fill<'a>),
+}
+
+/// Produces rows r0..r0+rows (r0 a multiple of 16, rows ≤ 16), columns j0..j0+nc (j0 a
+/// multiple of 32) of a weight into `dst` [rows, nc], row-major, every float written (the
+/// type the bf16 product takes too).
+#[cfg(target_arch = "x86_64")]
+pub use super::gemm_bf16::Fill;
 
 /// A register tile and the cache blocking around it: one per kernel.
 #[cfg(target_arch = "x86_64")]
@@ -498,6 +584,20 @@ trait Micro {
         mr: usize,
         nr: usize,
         add: bool,
+    );
+
+    /// [`pack_filled_cols`] into panels of NR columns.
+    ///
+    /// # Safety
+    /// The CPU has AVX2.
+    unsafe fn pack_fill(
+        fill: &Fill,
+        pc: usize,
+        kc: usize,
+        j0: usize,
+        nc: usize,
+        rows: &mut [f32],
+        dst: &mut [f32],
     );
 
     /// [`pack_block`] into panels of NR columns.
@@ -558,6 +658,17 @@ macro_rules! micro {
             ) {
                 pack_block::<$nr>(w, layout, k, n, pc, kc, j0, nc, dst)
             }
+            unsafe fn pack_fill(
+                fill: &Fill,
+                pc: usize,
+                kc: usize,
+                j0: usize,
+                nc: usize,
+                rows: &mut [f32],
+                dst: &mut [f32],
+            ) {
+                pack_filled_cols::<$nr>(fill, pc, kc, j0, nc, rows, dst)
+            }
         }
     };
 }
@@ -588,26 +699,42 @@ unsafe fn blocked<const AT: bool, K: Micro>(
     k: usize,
     a: &[f32],
     lda: usize,
-    w: &[f32],
-    layout: BLayout,
+    src: BSource,
     c: *mut f32,
     ldc: usize,
     accumulate: bool,
 ) {
     let panels = n.div_ceil(K::NR);
+    // A filled B is decoded from whole blocks of 32 of its depth.
+    let depth_unit = match src {
+        BSource::Dense(..) => 8,
+        BSource::FillCols(_) => 32,
+    };
     let tasks = column_tasks(panels, m * k, rayon::current_num_threads(), K::NC / K::NR);
     let cp = SendPtr(c);
     (0..tasks).into_par_iter().for_each(|t| {
         let (p0, p1) = (panels * t / tasks, panels * (t + 1) / tasks);
         let mut buf = Aligned::new(K::KC.div_ceil(8) * 8 * K::NC);
+        // One panel's rows of W as the fill gives them (a filled B only).
+        let mut rows = match src {
+            BSource::Dense(..) => Vec::new(),
+            BSource::FillCols(_) => vec![0f32; K::NR * K::KC],
+        };
         let cp = &cp;
         let (c0, c1) = (p0 * K::NR, (p1 * K::NR).min(n));
         for (jc, nc) in even_blocks(c1 - c0, K::NC, K::NR) {
             let jc = c0 + jc;
-            for (pc, kc) in even_blocks(k, K::KC, 8) {
+            for (pc, kc) in even_blocks(k, K::KC, depth_unit) {
                 let bp = buf.slice(nc.div_ceil(K::NR) * K::NR * kc);
                 // SAFETY: AVX2 (every kernel's CPU has it), asserted by the caller.
-                unsafe { K::pack(w, layout, k, n, pc, kc, jc, nc, bp) };
+                match src {
+                    BSource::Dense(w, layout) => unsafe {
+                        K::pack(w, layout, k, n, pc, kc, jc, nc, bp)
+                    },
+                    BSource::FillCols(fill) => unsafe {
+                        K::pack_fill(fill, pc, kc, jc, nc, &mut rows, bp)
+                    },
+                }
                 let bp: &[f32] = bp;
                 for (ic, mc) in even_blocks(m, K::MC, K::MR) {
                     for (jp, panel) in bp.chunks_exact(K::NR * kc).enumerate() {
@@ -777,11 +904,10 @@ unsafe fn pack_block<const NR: usize>(
             }
         }
         BLayout::Cols => {
-            // B[k][j] = W[j][k]: 8 × 8 blocks of W's rows transposed in registers. Rows past
-            // nc (a ragged last panel) read as zeros through a zero row.
+            // B[k][j] = W[j][k]: W's rows transposed (a ragged last panel's missing rows
+            // read as zeros), the next panel's rows prefetched meanwhile.
             debug_assert!(kc <= KC_MAX && NR.is_multiple_of(16));
             let zeros = [0f32; KC_MAX + 8];
-            let full = kc / 8 * 8;
             let panels = nc.div_ceil(NR);
             for (p, panel) in dst.chunks_exact_mut(NR * kc).enumerate() {
                 let nr = NR.min(nc - p * NR);
@@ -789,31 +915,87 @@ unsafe fn pack_block<const NR: usize>(
                     true => &w[(j0 + p * NR + jj) * k + pc..][..kc],
                     false => &zeros[..kc],
                 });
-                // The next panel's rows, to prefetch while this one is transposed.
-                let next = (p + 1 < panels).then(|| w[(j0 + (p + 1) * NR) * k + pc..].as_ptr());
-                for kb in (0..full).step_by(8) {
-                    // One 64-byte line of each next row every 16 floats of depth.
-                    if let Some(nx) = next.filter(|_| kb % 16 == 0) {
-                        for jj in 0..NR.min(nc - (p + 1) * NR) {
-                            _mm_prefetch::<_MM_HINT_T0>(nx.add(jj * k + kb) as *const i8);
-                        }
-                    }
-                    for h in 0..NR / 8 {
-                        let r: [__m256; 8] = std::array::from_fn(|i| {
-                            _mm256_loadu_ps(rows[h * 8 + i][kb..].as_ptr())
-                        });
-                        for (kk, v) in transpose8(r).into_iter().enumerate() {
-                            _mm256_storeu_ps(panel[(kb + kk) * NR + h * 8..].as_mut_ptr(), v);
-                        }
-                    }
-                }
-                for kk in full..kc {
-                    for (jj, row) in rows.iter().enumerate() {
-                        panel[kk * NR + jj] = row[kk];
-                    }
-                }
+                let next = (p + 1 < panels).then(|| {
+                    let ptr = w[(j0 + (p + 1) * NR) * k + pc..].as_ptr();
+                    (ptr, k, NR.min(nc - (p + 1) * NR))
+                });
+                transpose_panel::<NR>(&rows, kc, panel, next);
             }
         }
+    }
+}
+
+/// One NR-column panel of B = Wᵀ: panel[kk·NR + jj] = rows[jj][kk] for kk < kc, by 8 × 8
+/// blocks transposed in registers. `next` = (first float, stride, count) of rows to
+/// prefetch meanwhile, one 64-byte line of each every 16 floats of depth.
+///
+/// # Safety
+/// The CPU has AVX2; with `next`, its rows hold kc readable floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn transpose_panel<const NR: usize>(
+    rows: &[&[f32]; NR],
+    kc: usize,
+    panel: &mut [f32],
+    next: Option<(*const f32, usize, usize)>,
+) {
+    use std::arch::x86_64::*;
+    assert!(panel.len() >= NR * kc && rows.iter().all(|r| r.len() >= kc));
+    let full = kc / 8 * 8;
+    for kb in (0..full).step_by(8) {
+        if let Some((nx, stride, count)) = next.filter(|_| kb % 16 == 0) {
+            for jj in 0..count {
+                _mm_prefetch::<_MM_HINT_T0>(nx.wrapping_add(jj * stride + kb) as *const i8);
+            }
+        }
+        for h in 0..NR / 8 {
+            let r: [__m256; 8] =
+                std::array::from_fn(|i| _mm256_loadu_ps(rows[h * 8 + i][kb..].as_ptr()));
+            for (kk, v) in transpose8(r).into_iter().enumerate() {
+                _mm256_storeu_ps(panel[(kb + kk) * NR + h * 8..].as_mut_ptr(), v);
+            }
+        }
+    }
+    for kk in full..kc {
+        for (jj, row) in rows.iter().enumerate() {
+            panel[kk * NR + jj] = row[kk];
+        }
+    }
+}
+
+/// [`pack_block`]'s `Cols` packing for a W [n, k] that `fill` gives: depth pc..pc+kc (pc a
+/// multiple of 32), W's rows j0..j0+nc (j0 a multiple of 16) into NR-column panels, zero
+/// past row j0 + nc. Each panel's rows are filled 16 at a time into `rows` (NR·kc floats)
+/// and transposed from there, so the decoded weight goes from the cache into the panel.
+///
+/// # Safety
+/// The CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn pack_filled_cols<const NR: usize>(
+    fill: &Fill,
+    pc: usize,
+    kc: usize,
+    j0: usize,
+    nc: usize,
+    rows: &mut [f32],
+    dst: &mut [f32],
+) {
+    debug_assert!(kc <= KC_MAX && NR.is_multiple_of(16) && j0.is_multiple_of(16));
+    debug_assert!(pc.is_multiple_of(32));
+    let zeros = [0f32; KC_MAX + 8];
+    for (p, panel) in dst.chunks_exact_mut(NR * kc).enumerate() {
+        let nr = NR.min(nc - p * NR);
+        for g in (0..nr).step_by(16) {
+            let n = 16.min(nr - g);
+            fill(j0 + p * NR + g, n, pc, kc, &mut rows[g * kc..(g + n) * kc]);
+        }
+        let rows: &[f32] = rows;
+        let rows: [&[f32]; NR] = std::array::from_fn(|jj| match jj < nr {
+            true => &rows[jj * kc..][..kc],
+            false => &zeros[..kc],
+        });
+        transpose_panel::<NR>(&rows, kc, panel, None);
     }
 }
 
@@ -1071,6 +1253,63 @@ mod tests {
             }
         }
         ks
+    }
+
+    /// The filled product (B = Wᵀ given 16 rows of W at a time) within f32 accumulation error
+    /// of the f64 one on each kernel and 1–3 threads, for shapes with a ragged last tile of
+    /// rows (n % 16), a ragged last panel (n % 32), several depth blocks (whole blocks of 32,
+    /// then a ragged one: k % 32) and column blocks (n > NC), and C rows wider than n. The
+    /// fill checks its contract (rows from a multiple of 16, at most 16; depth from a multiple
+    /// of 32, inside W); a panel filled from the wrong rows or depth is off by O(1).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn filled_products_match_f64() {
+        let shapes = [(64, 88, 96), (69, 600, 672), (130, 40, 1000), (7, 17, 33)];
+        for kernel in own_kernels() {
+            for threads in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                for (m, n, k) in shapes {
+                    let a = fill(m * k, (m * 7 + k) as u64);
+                    let w = fill(n * k, (n * 5 + k) as u64);
+                    let calls = std::sync::atomic::AtomicUsize::new(0);
+                    let f = |r0: usize, rows: usize, j0: usize, nc: usize, dst: &mut [f32]| {
+                        assert!(
+                            r0.is_multiple_of(16) && (1..=16).contains(&rows) && r0 + rows <= n
+                        );
+                        assert!(j0.is_multiple_of(32) && nc > 0 && j0 + nc <= k);
+                        assert_eq!(dst.len(), rows * nc);
+                        for r in 0..rows {
+                            let row = &w[(r0 + r) * k + j0..][..nc];
+                            dst[r * nc..(r + 1) * nc].copy_from_slice(row);
+                        }
+                        calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    };
+                    let ldc = n + 3;
+                    let mut c = vec![f32::NAN; m * ldc];
+                    // SAFETY: c holds m rows of n floats, ldc apart; a holds m rows of k.
+                    pool.install(|| unsafe {
+                        gemm_fill_cols_on(kernel, m, n, k, &a, k, &f, c.as_mut_ptr(), ldc)
+                    });
+                    assert!(calls.into_inner() > 0);
+                    let want = reference(m, n, k, &a, &w, BLayout::Cols);
+                    for i in 0..m {
+                        for j in 0..n {
+                            let (want, mag) = want[i * n + j];
+                            let got = c[i * ldc + j] as f64;
+                            assert!(
+                                (got - want).abs() <= 1e-6 * mag + 1e-30,
+                                "{} {m}×{n}×{k} on {threads} threads: C[{i}][{j}] = {got}, f64 {want}",
+                                kernel.name()
+                            );
+                        }
+                        assert!(c[i * ldc + n..(i + 1) * ldc].iter().all(|v| v.is_nan()));
+                    }
+                }
+            }
+        }
     }
 
     /// Every element of each kernel's product within f32 accumulation error of the f64 one,

@@ -217,6 +217,16 @@ thread_local! {
     static CHUNK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Whether the dequantized forward decodes whole chunks first (`LOWRANK_TRAIN_DECODE=chunks`,
+/// for timing against the default, decoding into the gemm's panels), read once.
+#[cfg(target_arch = "x86_64")]
+fn decode_in_chunks() -> bool {
+    static C: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *C.get_or_init(|| {
+        std::env::var("LOWRANK_TRAIN_DECODE").is_ok_and(|v| v.trim().eq_ignore_ascii_case("chunks"))
+    })
+}
+
 /// Runs `f(r0, n, rows)` on rows r0..r0+n of `w` decoded (exactly) into this thread's
 /// reused buffer, for chunks of `rows` rows (rounded down to whole tiles, where chunks
 /// must start) in order over the whole pack.
@@ -272,8 +282,7 @@ pub fn qlinear_train_into(
 ) -> Result<()> {
     #[cfg(target_arch = "x86_64")]
     if product == TrainProduct::Dequantized {
-        let rows = CHUNK_BYTES / (4 * w.in_dim().max(1));
-        if let Some(v) = dequantized_linear_own(x, w, rows)? {
+        if let Some(v) = dequantized_linear_own(x, w, chunk_rows(w))? {
             *y = v;
             return Ok(());
         }
@@ -297,8 +306,18 @@ pub fn qlinear_train_into(
 /// x·Wᵀ with W dequantized a chunk of whole 16-row tiles at a time, the chunks' outputs
 /// side by side. x: [n, in] → [n, out]
 fn dequantized_linear(x: &Tensor, w: &QMatrix) -> Result<Tensor> {
-    let rows = CHUNK_BYTES / (4 * w.in_dim().max(1));
-    dequantized_linear_chunked(x, w, rows)
+    #[cfg(target_arch = "x86_64")]
+    if let Some(y) = dequantized_linear_own(x, w, chunk_rows(w))? {
+        return Ok(Tensor::from_vec(y, (x.dim(0)?, w.out_dim()), x.device())?);
+    }
+    dequantized_linear_chunked(x, w, CHUNK_BYTES / (4 * w.in_dim().max(1)))
+}
+
+/// The chunk the dequantized forward decodes at a time on our gemm: none by default (the
+/// gemm decodes into its panels), CHUNK_BYTES of rows with `LOWRANK_TRAIN_DECODE=chunks`.
+#[cfg(target_arch = "x86_64")]
+fn chunk_rows(w: &QMatrix) -> Option<usize> {
+    decode_in_chunks().then(|| CHUNK_BYTES / (4 * w.in_dim().max(1)))
 }
 
 /// [`dequantized_linear`] with chunks of `rows` output rows (rounded down to whole tiles).
@@ -306,7 +325,7 @@ fn dequantized_linear_chunked(x: &Tensor, w: &QMatrix, rows: usize) -> Result<Te
     let (out, inp) = (w.out_dim(), w.in_dim());
     let rows = rows.max(super::TILE) / super::TILE * super::TILE;
     #[cfg(target_arch = "x86_64")]
-    if let Some(y) = dequantized_linear_own(x, w, rows)? {
+    if let Some(y) = dequantized_linear_own(x, w, Some(rows))? {
         return Ok(Tensor::from_vec(y, (x.dim(0)?, out), x.device())?);
     }
     let mut parts = Vec::with_capacity(out.div_ceil(rows));
@@ -319,13 +338,19 @@ fn dequantized_linear_chunked(x: &Tensor, w: &QMatrix, rows: usize) -> Result<Te
 }
 
 /// [`dequantized_linear_chunked`] on our f32 gemm (the product's n·out floats), or
-/// `None` where the candle path must take it (another f32 path, a tracked x, fewer than `MIN_ROWS` rows). Each chunk is
-/// dequantized into one reused per-thread buffer and multiplied straight into its columns
-/// of the output: no zero-filled chunk, no tensor per chunk, no concatenation (together
-/// ≈ 8 % of an int8 step's time on AVX2 before).
+/// `None` where the candle path must take it (another f32 path, a tracked x, fewer than
+/// `MIN_ROWS` rows). Without `chunk_rows` the gemm decodes the pack 16 rows and one depth
+/// block at a time straight into its panels ([`crate::ops::gemm::gemm_fill_cols`]): no f32
+/// chunk of the weight, no tensor per chunk, no concatenation. With it, chunks of that
+/// many rows are decoded into a reused buffer first (what `LOWRANK_TRAIN_DECODE=chunks`
+/// runs, for timing): an extra write and read of every decoded weight.
 #[cfg(target_arch = "x86_64")]
-fn dequantized_linear_own(x: &Tensor, w: &QMatrix, rows: usize) -> Result<Option<Vec<f32>>> {
-    use crate::ops::gemm::{gemm_raw, BLayout, GemmKernel, MIN_ROWS};
+fn dequantized_linear_own(
+    x: &Tensor,
+    w: &QMatrix,
+    chunk_rows: Option<usize>,
+) -> Result<Option<Vec<f32>>> {
+    use crate::ops::gemm::{gemm_fill_cols, gemm_raw, BLayout, GemmKernel, MIN_ROWS};
     let (out, inp) = (w.out_dim(), w.in_dim());
     let plain = x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && x.rank() == 2;
     if !GemmKernel::detect().is_own() || !plain || x.track_op() {
@@ -342,6 +367,21 @@ fn dequantized_linear_own(x: &Tensor, w: &QMatrix, rows: usize) -> Result<Option
     };
     let xv = &xv[xl.start_offset()..][..m * inp];
     let mut y: Vec<f32> = Vec::with_capacity(m * out);
+    let Some(rows) = chunk_rows else {
+        // W's rows r0..r0+n (one 16-row tile), columns j0..j0+nc (j0 a multiple of 32):
+        // decoded exactly, as in the chunks.
+        let fill = |r0: usize, n: usize, j0: usize, nc: usize, dst: &mut [f32]| {
+            debug_assert!(n <= super::TILE && dst.len() == n * nc);
+            w.tile_span_into(r0 / super::TILE, j0, nc, dst)
+        };
+        // SAFETY: y has room for m rows of `out` floats, each written by the product; x
+        // holds m rows of `inp` floats.
+        unsafe {
+            gemm_fill_cols(m, out, inp, xv, inp, &fill, y.as_mut_ptr(), out);
+            y.set_len(m * out);
+        }
+        return Ok(Some(y));
+    };
     for_decoded_chunks(w, rows, |r0, n, wc| {
         // SAFETY: y has room for m rows of `out` floats; this chunk writes columns
         // r0..r0+n of each (r0 + n ≤ out), and the chunks together write every column.
@@ -563,9 +603,15 @@ mod tests {
     fn dequantized_product_multiplies_the_packed_weights() {
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-        // A few rows (candle's product) and enough for the f32 gemm path's own.
-        for n in [5, crate::ops::gemm::MIN_ROWS + 3] {
-            let (out, inp) = (88, 96);
+        // A few rows (candle's product) and enough for the f32 gemm path's own; a pack of one
+        // depth block and column block of the gemm, and one of several (decoded straight into
+        // the gemm's panels by default: tiles and depth spans of the pack).
+        let sizes = [
+            (5, 88, 96),
+            (crate::ops::gemm::MIN_ROWS + 3, 88, 96),
+            (70, 600, 672),
+        ];
+        for (n, out, inp) in sizes {
             let wv: Vec<f32> = (0..out * inp)
                 .map(|_| rng.random_range(-1f32..1.0))
                 .collect();
@@ -601,7 +647,7 @@ mod tests {
             let yv = qlinear_train_vec(&x, &w, TrainProduct::Dequantized).unwrap();
             assert_eq!(yv, y.flatten_all().unwrap().to_vec1::<f32>().unwrap());
             #[cfg(target_arch = "x86_64")]
-            if let Some(v) = dequantized_linear_own(&x, &w, 20).unwrap() {
+            if let Some(v) = dequantized_linear_own(&x, &w, Some(20)).unwrap() {
                 let v = Tensor::from_vec(v, (n, out), x.device()).unwrap();
                 assert!(off(&v) < 1e-6, "chunks of 20 rows: off by {}", off(&v));
             }
