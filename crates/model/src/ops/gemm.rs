@@ -490,7 +490,56 @@ pub(crate) unsafe fn gemm_fill_cols(
         GemmKernel::Avx512 => GemmKernel::Avx512,
         _ => GemmKernel::Avx2,
     };
-    gemm_fill_cols_on(kernel, m, n, k, a, lda, fill, c, ldc)
+    gemm_fill_on(
+        kernel,
+        m,
+        n,
+        k,
+        a,
+        lda,
+        BSource::FillCols(fill),
+        c,
+        ldc,
+        false,
+    )
+}
+
+/// C (+)= A·W for A [m, k] (rows `lda` ≥ k apart) and a weight W [k, n] that `fill` gives
+/// 16 rows at a time (as [`gemm_fill_cols`]'s), on this process's kernel: the input
+/// gradient dY·W through a packed weight, decoded straight into the panels. With
+/// `accumulate` the product is added to C (initialised), else C is written.
+///
+/// # Safety
+/// As [`gemm_raw`]'s, and `fill` writes every float it is given.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_fill_rows(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    fill: &Fill,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    let kernel = match GemmKernel::detect() {
+        GemmKernel::Avx512 => GemmKernel::Avx512,
+        _ => GemmKernel::Avx2,
+    };
+    gemm_fill_on(
+        kernel,
+        m,
+        n,
+        k,
+        a,
+        lda,
+        BSource::FillRows(fill),
+        c,
+        ldc,
+        accumulate,
+    )
 }
 
 /// [`gemm_fill_cols`] on a given kernel of this module (`Avx2` or `Avx512`). Panics if
@@ -500,16 +549,17 @@ pub(crate) unsafe fn gemm_fill_cols(
 /// As [`gemm_fill_cols`]'s.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_fill_cols_on(
+unsafe fn gemm_fill_on(
     kernel: GemmKernel,
     m: usize,
     n: usize,
     k: usize,
     a: &[f32],
     lda: usize,
-    fill: &Fill,
+    src: BSource,
     c: *mut f32,
     ldc: usize,
+    accumulate: bool,
 ) {
     assert!(
         kernel.is_own() && kernel.supported(),
@@ -521,15 +571,16 @@ unsafe fn gemm_fill_cols_on(
         return;
     }
     if k == 0 {
-        for i in 0..m {
-            std::ptr::write_bytes(c.add(i * ldc), 0, n);
+        if !accumulate {
+            for i in 0..m {
+                std::ptr::write_bytes(c.add(i * ldc), 0, n);
+            }
         }
         return;
     }
-    let src = BSource::FillCols(fill);
     match kernel {
-        GemmKernel::Avx512 => blocked::<false, Zmm12x32>(m, n, k, a, lda, src, c, ldc, false),
-        _ => blocked::<false, Ymm6x16>(m, n, k, a, lda, src, c, ldc, false),
+        GemmKernel::Avx512 => blocked::<false, Zmm12x32>(m, n, k, a, lda, src, c, ldc, accumulate),
+        _ => blocked::<false, Ymm6x16>(m, n, k, a, lda, src, c, ldc, accumulate),
     }
 }
 
@@ -541,6 +592,8 @@ enum BSource<'a> {
     Dense(&'a [f32], BLayout),
     /// B = Wᵀ for a weight W [n, k] given by a [`Fill`] 16 rows at a time.
     FillCols(&'a Fill<'a>),
+    /// B = W for a weight W [k, n] given by a [`Fill`] 16 rows at a time.
+    FillRows(&'a Fill<'a>),
 }
 
 /// Produces rows r0..r0+rows (r0 a multiple of 16, rows ≤ 16), columns j0..j0+nc (j0 a
@@ -705,10 +758,11 @@ unsafe fn blocked<const AT: bool, K: Micro>(
     accumulate: bool,
 ) {
     let panels = n.div_ceil(K::NR);
-    // A filled B is decoded from whole blocks of 32 of its depth.
+    // A filled B comes in whole blocks of 32 of W's columns, 16 of its rows.
     let depth_unit = match src {
         BSource::Dense(..) => 8,
         BSource::FillCols(_) => 32,
+        BSource::FillRows(_) => 16,
     };
     let tasks = column_tasks(panels, m * k, rayon::current_num_threads(), K::NC / K::NR);
     let cp = SendPtr(c);
@@ -719,6 +773,8 @@ unsafe fn blocked<const AT: bool, K: Micro>(
         let mut rows = match src {
             BSource::Dense(..) => Vec::new(),
             BSource::FillCols(_) => vec![0f32; K::NR * K::KC],
+            // 16 rows of a column block, from the 32-aligned column before it.
+            BSource::FillRows(_) => vec![0f32; 16 * (K::NC + 32)],
         };
         let cp = &cp;
         let (c0, c1) = (p0 * K::NR, (p1 * K::NR).min(n));
@@ -734,6 +790,9 @@ unsafe fn blocked<const AT: bool, K: Micro>(
                     BSource::FillCols(fill) => unsafe {
                         K::pack_fill(fill, pc, kc, jc, nc, &mut rows, bp)
                     },
+                    BSource::FillRows(fill) => {
+                        pack_filled_rows(K::NR, fill, pc, kc, jc, nc, &mut rows, bp)
+                    }
                 }
                 let bp: &[f32] = bp;
                 for (ic, mc) in even_blocks(m, K::MC, K::MR) {
@@ -959,6 +1018,42 @@ unsafe fn transpose_panel<const NR: usize>(
     for kk in full..kc {
         for (jj, row) in rows.iter().enumerate() {
             panel[kk * NR + jj] = row[kk];
+        }
+    }
+}
+
+/// [`pack_block`]'s `Rows` packing for a W [k, n] that `fill` gives: W's rows pc..pc+kc (pc
+/// a multiple of 16), columns j0..j0+nc into `nr`-column panels, zero past column j0 + nc.
+/// 16 rows at a time are filled into `rows` from the 32-aligned column at or before j0 (the
+/// fill's contract), then copied into the panels.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn pack_filled_rows(
+    nr: usize,
+    fill: &Fill,
+    pc: usize,
+    kc: usize,
+    j0: usize,
+    nc: usize,
+    rows: &mut [f32],
+    dst: &mut [f32],
+) {
+    debug_assert!(pc.is_multiple_of(16));
+    let ja = j0 / 32 * 32;
+    let (lead, width) = (j0 - ja, j0 - ja + nc);
+    let panels = nc.div_ceil(nr);
+    for g in (0..kc).step_by(16) {
+        let n = 16.min(kc - g);
+        let tile = &mut rows[..n * width];
+        fill(pc + g, n, ja, width, tile);
+        for (r, row) in tile.chunks_exact(width).enumerate() {
+            let row = &row[lead..];
+            for p in 0..panels {
+                let d = &mut dst[(p * kc + g + r) * nr..][..nr];
+                let src = &row[p * nr..nc.min((p + 1) * nr)];
+                d[..src.len()].copy_from_slice(src);
+                d[src.len()..].fill(0.0);
+            }
         }
     }
 }
@@ -1255,16 +1350,23 @@ mod tests {
         ks
     }
 
-    /// The filled product (B = Wᵀ given 16 rows of W at a time) within f32 accumulation error
-    /// of the f64 one on each kernel and 1–3 threads, for shapes with a ragged last tile of
-    /// rows (n % 16), a ragged last panel (n % 32), several depth blocks (whole blocks of 32,
-    /// then a ragged one: k % 32) and column blocks (n > NC), and C rows wider than n. The
-    /// fill checks its contract (rows from a multiple of 16, at most 16; depth from a multiple
-    /// of 32, inside W); a panel filled from the wrong rows or depth is off by O(1).
+    /// The filled products (B = Wᵀ or B = W, given 16 rows of W at a time) within f32
+    /// accumulation error of the f64 one on each kernel and 1–3 threads, for shapes with a
+    /// ragged last tile of rows (% 16), a ragged last panel (n % 16 or 32), several depth
+    /// blocks and column blocks (n > NC; column blocks that start between two 32-aligned
+    /// columns), C rows wider than n, and C written or added to. The fill checks its
+    /// contract (rows from a multiple of 16, at most 16; columns from a multiple of 32;
+    /// inside W); a panel filled from the wrong rows or columns is off by O(1).
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn filled_products_match_f64() {
-        let shapes = [(64, 88, 96), (69, 600, 672), (130, 40, 1000), (7, 17, 33)];
+        let shapes = [
+            (64, 88, 96),
+            (69, 600, 672),
+            (130, 40, 1000),
+            (7, 17, 33),
+            (66, 1000, 40),
+        ];
         for kernel in own_kernels() {
             for threads in [1, 2, 3] {
                 let pool = rayon::ThreadPoolBuilder::new()
@@ -1272,40 +1374,56 @@ mod tests {
                     .build()
                     .unwrap();
                 for (m, n, k) in shapes {
-                    let a = fill(m * k, (m * 7 + k) as u64);
-                    let w = fill(n * k, (n * 5 + k) as u64);
-                    let calls = std::sync::atomic::AtomicUsize::new(0);
-                    let f = |r0: usize, rows: usize, j0: usize, nc: usize, dst: &mut [f32]| {
-                        assert!(
-                            r0.is_multiple_of(16) && (1..=16).contains(&rows) && r0 + rows <= n
-                        );
-                        assert!(j0.is_multiple_of(32) && nc > 0 && j0 + nc <= k);
-                        assert_eq!(dst.len(), rows * nc);
-                        for r in 0..rows {
-                            let row = &w[(r0 + r) * k + j0..][..nc];
-                            dst[r * nc..(r + 1) * nc].copy_from_slice(row);
+                    for (l, add) in [
+                        (BLayout::Cols, false),
+                        (BLayout::Rows, false),
+                        (BLayout::Rows, true),
+                    ] {
+                        let a = fill(m * k, (m * 7 + k) as u64);
+                        let w = fill(n * k, (n * 5 + k) as u64);
+                        // W's own shape: [n, k] for B = Wᵀ, [k, n] for B = W.
+                        let (wr, wc) = match l {
+                            BLayout::Cols => (n, k),
+                            BLayout::Rows => (k, n),
+                        };
+                        let calls = std::sync::atomic::AtomicUsize::new(0);
+                        let f = |r0: usize, rows: usize, j0: usize, nc: usize, dst: &mut [f32]| {
+                            assert!(r0.is_multiple_of(16) && (1..=16).contains(&rows));
+                            assert!(j0.is_multiple_of(32) && nc > 0);
+                            assert!(r0 + rows <= wr && j0 + nc <= wc && dst.len() == rows * nc);
+                            for r in 0..rows {
+                                let row = &w[(r0 + r) * wc + j0..][..nc];
+                                dst[r * nc..(r + 1) * nc].copy_from_slice(row);
+                            }
+                            calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        };
+                        let ldc = n + 3;
+                        let base = if add { 0.5f32 } else { f32::NAN };
+                        let mut c = vec![base; m * ldc];
+                        let src = match l {
+                            BLayout::Cols => BSource::FillCols(&f),
+                            BLayout::Rows => BSource::FillRows(&f),
+                        };
+                        // SAFETY: c holds m rows of n floats, ldc apart; a holds m rows of k.
+                        pool.install(|| unsafe {
+                            gemm_fill_on(kernel, m, n, k, &a, k, src, c.as_mut_ptr(), ldc, add)
+                        });
+                        assert!(calls.into_inner() > 0);
+                        let want = reference(m, n, k, &a, &w, l);
+                        for i in 0..m {
+                            for j in 0..n {
+                                let (want, mag) = want[i * n + j];
+                                let want = want + if add { 0.5 } else { 0.0 };
+                                let got = c[i * ldc + j] as f64;
+                                assert!(
+                                    (got - want).abs() <= 1e-6 * mag + if add { 1e-7 } else { 1e-30 },
+                                    "{} {m}×{n}×{k} {l:?} add {add} on {threads} threads: C[{i}][{j}] = {got}, f64 {want}",
+                                    kernel.name()
+                                );
+                            }
+                            let rest = &c[i * ldc + n..(i + 1) * ldc];
+                            assert!(rest.iter().all(|v| v.to_bits() == base.to_bits()));
                         }
-                        calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    };
-                    let ldc = n + 3;
-                    let mut c = vec![f32::NAN; m * ldc];
-                    // SAFETY: c holds m rows of n floats, ldc apart; a holds m rows of k.
-                    pool.install(|| unsafe {
-                        gemm_fill_cols_on(kernel, m, n, k, &a, k, &f, c.as_mut_ptr(), ldc)
-                    });
-                    assert!(calls.into_inner() > 0);
-                    let want = reference(m, n, k, &a, &w, BLayout::Cols);
-                    for i in 0..m {
-                        for j in 0..n {
-                            let (want, mag) = want[i * n + j];
-                            let got = c[i * ldc + j] as f64;
-                            assert!(
-                                (got - want).abs() <= 1e-6 * mag + 1e-30,
-                                "{} {m}×{n}×{k} on {threads} threads: C[{i}][{j}] = {got}, f64 {want}",
-                                kernel.name()
-                            );
-                        }
-                        assert!(c[i * ldc + n..(i + 1) * ldc].iter().all(|v| v.is_nan()));
                     }
                 }
             }

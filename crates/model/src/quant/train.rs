@@ -536,8 +536,8 @@ fn input_grad_views(
     rows: usize,
     bf16: bool,
 ) -> Result<Vec<f32>> {
-    use crate::ops::gemm::{gemm_raw, BLayout};
-    let inp = w.in_dim();
+    use crate::ops::gemm::{gemm_fill_rows, gemm_raw, BLayout};
+    let (out, inp) = (w.out_dim(), w.in_dim());
     let mut dx: Vec<f32> = Vec::with_capacity(m * inp);
     if bf16 {
         // B's rows r0..r0+n (one 16-row tile), columns j0.. (a multiple of 32): decoded
@@ -552,6 +552,32 @@ fn input_grad_views(
             crate::ops::gemm_bf16::gemm_bf16(m, inp, views, cols, &fill, dx.as_mut_ptr(), inp);
             dx.set_len(m * inp);
         }
+        return Ok(dx);
+    }
+    // Each target's dY·W_t on our gemm with W_t's tiles decoded straight into its panels,
+    // where every target starts on a tile (else, or with `LOWRANK_TRAIN_DECODE=chunks`,
+    // chunks of `rows` rows are decoded into a reused buffer first).
+    let starts: Vec<usize> = cols
+        .iter()
+        .scan(0, |off, &c| {
+            *off += c;
+            Some(*off - c)
+        })
+        .collect();
+    if !decode_in_chunks() && starts.iter().all(|s| s.is_multiple_of(super::TILE)) && out > 0 {
+        for (t, (dy, &c)) in views.iter().zip(cols).enumerate() {
+            let off = starts[t];
+            // W_t's rows r0..r0+n (pack rows off + r0.., one tile), columns j0..j0+nc.
+            let fill = |r0: usize, n: usize, j0: usize, nc: usize, dst: &mut [f32]| {
+                debug_assert!(n <= super::TILE && dst.len() == n * nc);
+                w.tile_span_into((off + r0) / super::TILE, j0, nc, dst)
+            };
+            // SAFETY: dx has room for m rows of `inp` floats, all written by the first
+            // product (t = 0) and added to by the rest; dY_t holds m rows of c floats.
+            unsafe { gemm_fill_rows(m, inp, c, dy, c, &fill, dx.as_mut_ptr(), inp, t > 0) };
+        }
+        // SAFETY: the first product wrote every float of the m·inp.
+        unsafe { dx.set_len(m * inp) };
         return Ok(dx);
     }
     let mut written = false;
@@ -671,96 +697,106 @@ mod tests {
             return;
         }
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-        let (m, inp, cols) = (MIN_ROWS + 3, 72, [40usize, 24, 32]);
-        let out: usize = cols.iter().sum();
-        let wv: Vec<f32> = (0..out * inp)
-            .map(|_| rng.random_range(-1f32..1.0))
-            .collect();
-        let w = QMatrix::from_f32(&wv, out, inp).unwrap();
-        let wd = w.dequantize();
-        let dev = candle_core::Device::Cpu;
-        let dys: Vec<Tensor> = cols
-            .iter()
-            .map(|&c| {
-                let v: Vec<f32> = (0..m * c).map(|_| rng.random_range(-2f32..2.0)).collect();
-                Tensor::from_vec(v, (m, c), &dev).unwrap()
-            })
-            .collect();
-        let dyv: Vec<Vec<f32>> = dys
-            .iter()
-            .map(|d| d.flatten_all().unwrap().to_vec1().unwrap())
-            .collect();
-        // Σ_t dY_t·W_t in f64, of the operands as given or each rounded to bf16 first.
-        let reference = |round: bool| -> Vec<f64> {
-            let r = |v: f32| match round {
-                true => half::bf16::from_f32(v).to_f64(),
-                false => v as f64,
-            };
-            let mut want = vec![0f64; m * inp];
-            let mut off = 0;
-            for (d, &c) in dyv.iter().zip(&cols) {
-                for row in 0..m {
-                    for o in 0..c {
-                        for i in 0..inp {
-                            want[row * inp + i] += r(d[row * c + o]) * r(wd[(off + o) * inp + i]);
+        // Targets starting mid-tile (decoded in chunks first), and starting on tiles
+        // (decoded into the gemm's panels), the last with several depth and column blocks.
+        let m = MIN_ROWS + 3;
+        let cases: [(usize, Vec<usize>); 3] = [
+            (72, vec![40, 24, 32]),
+            (72, vec![48, 16, 32]),
+            (600, vec![336, 32, 48]),
+        ];
+        for (inp, cols) in cases {
+            let out: usize = cols.iter().sum();
+            let wv: Vec<f32> = (0..out * inp)
+                .map(|_| rng.random_range(-1f32..1.0))
+                .collect();
+            let w = QMatrix::from_f32(&wv, out, inp).unwrap();
+            let wd = w.dequantize();
+            let dev = candle_core::Device::Cpu;
+            let dys: Vec<Tensor> = cols
+                .iter()
+                .map(|&c| {
+                    let v: Vec<f32> = (0..m * c).map(|_| rng.random_range(-2f32..2.0)).collect();
+                    Tensor::from_vec(v, (m, c), &dev).unwrap()
+                })
+                .collect();
+            let dyv: Vec<Vec<f32>> = dys
+                .iter()
+                .map(|d| d.flatten_all().unwrap().to_vec1().unwrap())
+                .collect();
+            // Σ_t dY_t·W_t in f64, of the operands as given or each rounded to bf16 first.
+            let reference = |round: bool| -> Vec<f64> {
+                let r = |v: f32| match round {
+                    true => half::bf16::from_f32(v).to_f64(),
+                    false => v as f64,
+                };
+                let mut want = vec![0f64; m * inp];
+                let mut off = 0;
+                for (d, &c) in dyv.iter().zip(&cols) {
+                    for row in 0..m {
+                        for o in 0..c {
+                            for i in 0..inp {
+                                want[row * inp + i] +=
+                                    r(d[row * c + o]) * r(wd[(off + o) * inp + i]);
+                            }
                         }
                     }
+                    off += c;
                 }
-                off += c;
+                want
+            };
+            let refs: Vec<&Tensor> = dys.iter().collect();
+            let off_by = |got: &Tensor, want: &[f64]| -> f64 {
+                assert_eq!(got.dims(), &[m, inp]);
+                let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+                let scale = want.iter().fold(0f64, |a, v| a.max(v.abs()));
+                got.iter()
+                    .zip(want)
+                    .fold(0f64, |a, (g, w)| a.max((*g as f64 - w).abs()))
+                    / scale
+            };
+            let exact = reference(false);
+            for rows in [16, 32, 48, 1 << 20] {
+                let got = dequantized_input_grad_own(&refs, &w, rows, DxProduct::F32)
+                    .unwrap()
+                    .unwrap();
+                let e = off_by(&got, &exact);
+                assert!(e < 1e-6, "chunks of {rows} rows: off by {e}");
             }
-            want
-        };
-        let refs: Vec<&Tensor> = dys.iter().collect();
-        let off_by = |got: &Tensor, want: &[f64]| -> f64 {
-            assert_eq!(got.dims(), &[m, inp]);
-            let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
-            let scale = want.iter().fold(0f64, |a, v| a.max(v.abs()));
-            got.iter()
-                .zip(want)
-                .fold(0f64, |a, (g, w)| a.max((*g as f64 - w).abs()))
-                / scale
-        };
-        let exact = reference(false);
-        for rows in [16, 32, 48, 1 << 20] {
-            let got = dequantized_input_grad_own(&refs, &w, rows, DxProduct::F32)
+            // In bf16: the rounded operands' product to f32 accumulation error, and within
+            // bf16's rounding of the exact one (a pack row placed at the wrong depth, or a target
+            // block's columns misread, is off by far more).
+            if DxProduct::Bf16.supported() {
+                let got = dequantized_input_grad_own(&refs, &w, 16, DxProduct::Bf16)
+                    .unwrap()
+                    .unwrap();
+                let (e, e_exact) = (off_by(&got, &reference(true)), off_by(&got, &exact));
+                assert!(
+                    e < 1e-6,
+                    "bf16: off by {e} from the rounded operands' product"
+                );
+                assert!(
+                    e_exact > 1e-5 && e_exact < 1e-2,
+                    "bf16: off by {e_exact} from f32's"
+                );
+            } else {
+                eprintln!("bf16 half skipped: this CPU has no AVX-512 BF16");
+            }
+            // The public entry point, and its refusals: a dY of the wrong width is an error,
+            // too few rows go back to the caller.
+            assert!(dequantized_input_grad(&refs, &w, DxProduct::F32)
                 .unwrap()
-                .unwrap();
-            let e = off_by(&got, &exact);
-            assert!(e < 1e-6, "chunks of {rows} rows: off by {e}");
-        }
-        // In bf16: the rounded operands' product to f32 accumulation error, and within
-        // bf16's rounding of the exact one (a pack row placed at the wrong depth, or a target
-        // block's columns misread, is off by far more).
-        if DxProduct::Bf16.supported() {
-            let got = dequantized_input_grad_own(&refs, &w, 16, DxProduct::Bf16)
+                .is_some());
+            assert!(dequantized_input_grad(&refs[..2], &w, DxProduct::F32).is_err());
+            let few: Vec<Tensor> = dys
+                .iter()
+                .map(|d| d.narrow(0, 0, MIN_ROWS - 1).unwrap())
+                .collect();
+            let few: Vec<&Tensor> = few.iter().collect();
+            assert!(dequantized_input_grad(&few, &w, DxProduct::Bf16)
                 .unwrap()
-                .unwrap();
-            let (e, e_exact) = (off_by(&got, &reference(true)), off_by(&got, &exact));
-            assert!(
-                e < 1e-6,
-                "bf16: off by {e} from the rounded operands' product"
-            );
-            assert!(
-                e_exact > 1e-5 && e_exact < 1e-2,
-                "bf16: off by {e_exact} from f32's"
-            );
-        } else {
-            eprintln!("bf16 half skipped: this CPU has no AVX-512 BF16");
+                .is_none());
         }
-        // The public entry point, and its refusals: a dY of the wrong width is an error,
-        // too few rows go back to the caller.
-        assert!(dequantized_input_grad(&refs, &w, DxProduct::F32)
-            .unwrap()
-            .is_some());
-        assert!(dequantized_input_grad(&refs[..2], &w, DxProduct::F32).is_err());
-        let few: Vec<Tensor> = dys
-            .iter()
-            .map(|d| d.narrow(0, 0, MIN_ROWS - 1).unwrap())
-            .collect();
-        let few: Vec<&Tensor> = few.iter().collect();
-        assert!(dequantized_input_grad(&few, &w, DxProduct::Bf16)
-            .unwrap()
-            .is_none());
     }
 
     #[test]
