@@ -11,7 +11,9 @@ tools as on a CPU without AVX-512: lowrank with `LOWRANK_ISA=avx2` (every kernel
 path), torch with `ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2`
 (its own kernels, MKL's gemm and oneDNN's, so PEFT's bf16 has no native bf16 either). Caches, clock
 and memory stay the wider machine's. Prints one JSON line per run and a markdown table."""
-import argparse, json, os, subprocess, sys
+import argparse, json, os, sys
+
+from benchlib import run
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--bin", required=True)
@@ -33,22 +35,6 @@ TORCH_ENV = {
     "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
     "native": {},
 }[a.isa]
-
-
-def last_json(out):
-    for line in reversed(out.splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            return json.loads(line)
-    raise RuntimeError("no JSON result in:\n" + out[-2000:])
-
-
-def run(cmd, extra_env):
-    env = dict(os.environ, **extra_env)
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-2000:]}")
-    return last_json(p.stdout)
 
 
 shape = ["--batch", str(a.batch), "--seq", str(a.seq)]

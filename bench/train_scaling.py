@@ -7,7 +7,9 @@ Usage: python3 bench/train_scaling.py --bin target/release/lowrank --model MODEL
 
 Each lowrank configuration is `--compute C` plus `--checkpoint-layers` for `+ckpt`. Prints one
 JSON line per run and a markdown table (tok/s and peak RSS per configuration and length)."""
-import argparse, json, os, subprocess, sys
+import argparse, json, os, sys
+
+from benchlib import run
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--bin", required=True)
@@ -23,21 +25,6 @@ ap.add_argument("--lowrank", default="f32,f32+ckpt,int8+ckpt")
 ap.add_argument("--peft", default="float32,bfloat16")
 ap.add_argument("--out", default=None, help="append the JSON lines here too")
 a = ap.parse_args()
-
-
-def last_json(out):
-    for line in reversed(out.splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            return json.loads(line)
-    raise RuntimeError("no JSON result in:\n" + out[-2000:])
-
-
-def run(cmd):
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-2000:]}")
-    return last_json(p.stdout)
 
 
 rows = []

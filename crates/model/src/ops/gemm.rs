@@ -1350,6 +1350,21 @@ mod tests {
         ks
     }
 
+    /// Runs `f(kernel, threads, pool)` for each of our kernels this CPU runs on pools of 1–3
+    /// threads (a thread's column range then starts or ends mid-block).
+    #[cfg(target_arch = "x86_64")]
+    fn on_kernels_and_pools(mut f: impl FnMut(GemmKernel, usize, &rayon::ThreadPool)) {
+        for kernel in own_kernels() {
+            for threads in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                f(kernel, threads, &pool);
+            }
+        }
+    }
+
     /// The filled products (B = Wᵀ or B = W, given 16 rows of W at a time) within f32
     /// accumulation error of the f64 one on each kernel and 1–3 threads, for shapes with a
     /// ragged last tile of rows (% 16), a ragged last panel (n % 16 or 32), several depth
@@ -1367,67 +1382,61 @@ mod tests {
             (7, 17, 33),
             (66, 1000, 40),
         ];
-        for kernel in own_kernels() {
-            for threads in [1, 2, 3] {
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap();
-                for (m, n, k) in shapes {
-                    for (l, add) in [
-                        (BLayout::Cols, false),
-                        (BLayout::Rows, false),
-                        (BLayout::Rows, true),
-                    ] {
-                        let a = fill(m * k, (m * 7 + k) as u64);
-                        let w = fill(n * k, (n * 5 + k) as u64);
-                        // W's own shape: [n, k] for B = Wᵀ, [k, n] for B = W.
-                        let (wr, wc) = match l {
-                            BLayout::Cols => (n, k),
-                            BLayout::Rows => (k, n),
-                        };
-                        let calls = std::sync::atomic::AtomicUsize::new(0);
-                        let f = |r0: usize, rows: usize, j0: usize, nc: usize, dst: &mut [f32]| {
-                            assert!(r0.is_multiple_of(16) && (1..=16).contains(&rows));
-                            assert!(j0.is_multiple_of(32) && nc > 0);
-                            assert!(r0 + rows <= wr && j0 + nc <= wc && dst.len() == rows * nc);
-                            for r in 0..rows {
-                                let row = &w[(r0 + r) * wc + j0..][..nc];
-                                dst[r * nc..(r + 1) * nc].copy_from_slice(row);
-                            }
-                            calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        };
-                        let ldc = n + 3;
-                        let base = if add { 0.5f32 } else { f32::NAN };
-                        let mut c = vec![base; m * ldc];
-                        let src = match l {
-                            BLayout::Cols => BSource::FillCols(&f),
-                            BLayout::Rows => BSource::FillRows(&f),
-                        };
-                        // SAFETY: c holds m rows of n floats, ldc apart; a holds m rows of k.
-                        pool.install(|| unsafe {
-                            gemm_fill_on(kernel, m, n, k, &a, k, src, c.as_mut_ptr(), ldc, add)
-                        });
-                        assert!(calls.into_inner() > 0);
-                        let want = reference(m, n, k, &a, &w, l);
-                        for i in 0..m {
-                            for j in 0..n {
-                                let (want, mag) = want[i * n + j];
-                                let want = want + if add { 0.5 } else { 0.0 };
-                                let got = c[i * ldc + j] as f64;
-                                assert!(
-                                    (got - want).abs() <= 1e-6 * mag + if add { 1e-7 } else { 1e-30 },
-                                    "{} {m}×{n}×{k} {l:?} add {add} on {threads} threads: C[{i}][{j}] = {got}, f64 {want}",
-                                    kernel.name()
-                                );
-                            }
-                            let rest = &c[i * ldc + n..(i + 1) * ldc];
-                            assert!(rest.iter().all(|v| v.to_bits() == base.to_bits()));
+        on_kernels_and_pools(|kernel, threads, pool| {
+            for (m, n, k) in shapes {
+                for (l, add) in [
+                    (BLayout::Cols, false),
+                    (BLayout::Rows, false),
+                    (BLayout::Rows, true),
+                ] {
+                    let a = fill(m * k, (m * 7 + k) as u64);
+                    let w = fill(n * k, (n * 5 + k) as u64);
+                    // W's own shape: [n, k] for B = Wᵀ, [k, n] for B = W.
+                    let (wr, wc) = match l {
+                        BLayout::Cols => (n, k),
+                        BLayout::Rows => (k, n),
+                    };
+                    let calls = std::sync::atomic::AtomicUsize::new(0);
+                    let f = |r0: usize, rows: usize, j0: usize, nc: usize, dst: &mut [f32]| {
+                        assert!(r0.is_multiple_of(16) && (1..=16).contains(&rows));
+                        assert!(j0.is_multiple_of(32) && nc > 0);
+                        assert!(r0 + rows <= wr && j0 + nc <= wc && dst.len() == rows * nc);
+                        for r in 0..rows {
+                            let row = &w[(r0 + r) * wc + j0..][..nc];
+                            dst[r * nc..(r + 1) * nc].copy_from_slice(row);
                         }
+                        calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    };
+                    let ldc = n + 3;
+                    let base = if add { 0.5f32 } else { f32::NAN };
+                    let mut c = vec![base; m * ldc];
+                    let src = match l {
+                        BLayout::Cols => BSource::FillCols(&f),
+                        BLayout::Rows => BSource::FillRows(&f),
+                    };
+                    // SAFETY: c holds m rows of n floats, ldc apart; a holds m rows of k.
+                    pool.install(|| unsafe {
+                        gemm_fill_on(kernel, m, n, k, &a, k, src, c.as_mut_ptr(), ldc, add)
+                    });
+                    assert!(calls.into_inner() > 0);
+                    let want = reference(m, n, k, &a, &w, l);
+                    for i in 0..m {
+                        for j in 0..n {
+                            let (want, mag) = want[i * n + j];
+                            let want = want + if add { 0.5 } else { 0.0 };
+                            let got = c[i * ldc + j] as f64;
+                            assert!(
+                            (got - want).abs() <= 1e-6 * mag + if add { 1e-7 } else { 1e-30 },
+                            "{} {m}×{n}×{k} {l:?} add {add} on {threads} threads: C[{i}][{j}] = {got}, f64 {want}",
+                            kernel.name()
+                        );
+                        }
+                        let rest = &c[i * ldc + n..(i + 1) * ldc];
+                        assert!(rest.iter().all(|v| v.to_bits() == base.to_bits()));
                     }
                 }
             }
-        }
+        });
     }
 
     /// Every element of each kernel's product within f32 accumulation error of the f64 one,
@@ -1450,49 +1459,43 @@ mod tests {
             (25, 47, 300),
             (12, 32, 257),
         ];
-        for kernel in own_kernels() {
-            for threads in [1, 2, 3] {
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap();
-                for (m, n, k) in shapes {
-                    for l in [BLayout::Rows, BLayout::Cols] {
-                        let a = fill(m * k, (m * 31 + k) as u64);
-                        let w = fill(k * n, (n * 17 + k) as u64);
-                        let mut c = vec![f32::NAN; m * n];
-                        // SAFETY: c holds m rows of n floats.
-                        pool.install(|| unsafe {
-                            gemm_raw_on::<false>(
-                                kernel,
-                                m,
-                                n,
-                                k,
-                                &a,
-                                k,
-                                &w,
-                                l,
-                                c.as_mut_ptr(),
-                                n,
-                                false,
-                            )
-                        });
-                        for (idx, (got, (want, mag))) in
-                            c.iter().zip(reference(m, n, k, &a, &w, l)).enumerate()
-                        {
-                            let bound = 1e-6 * mag + 1e-30;
-                            assert!(
-                            (*got as f64 - want).abs() <= bound,
-                            "{} {m}×{n}×{k} {l:?} on {threads} threads: C[{}][{}] = {got}, f64 {want}",
-                            kernel.name(),
-                            idx / n,
-                            idx % n
-                        );
-                        }
+        on_kernels_and_pools(|kernel, threads, pool| {
+            for (m, n, k) in shapes {
+                for l in [BLayout::Rows, BLayout::Cols] {
+                    let a = fill(m * k, (m * 31 + k) as u64);
+                    let w = fill(k * n, (n * 17 + k) as u64);
+                    let mut c = vec![f32::NAN; m * n];
+                    // SAFETY: c holds m rows of n floats.
+                    pool.install(|| unsafe {
+                        gemm_raw_on::<false>(
+                            kernel,
+                            m,
+                            n,
+                            k,
+                            &a,
+                            k,
+                            &w,
+                            l,
+                            c.as_mut_ptr(),
+                            n,
+                            false,
+                        )
+                    });
+                    for (idx, (got, (want, mag))) in
+                        c.iter().zip(reference(m, n, k, &a, &w, l)).enumerate()
+                    {
+                        let bound = 1e-6 * mag + 1e-30;
+                        assert!(
+                    (*got as f64 - want).abs() <= bound,
+                    "{} {m}×{n}×{k} {l:?} on {threads} threads: C[{}][{}] = {got}, f64 {want}",
+                    kernel.name(),
+                    idx / n,
+                    idx % n
+                );
                     }
                 }
             }
-        }
+        });
     }
 
     /// With strides and `accumulate`, the raw entry point adds A's column block times B into
