@@ -542,11 +542,11 @@ pub(crate) unsafe fn gemm_fill_rows(
     )
 }
 
-/// [`gemm_fill_cols`] on a given kernel of this module (`Avx2` or `Avx512`). Panics if
-/// the CPU cannot run it.
+/// [`gemm_fill_cols`] or [`gemm_fill_rows`] (by `src`, one of the fills) on a given kernel
+/// of this module (`Avx2` or `Avx512`). Panics if the CPU cannot run it.
 ///
 /// # Safety
-/// As [`gemm_fill_cols`]'s.
+/// As [`gemm_fill_rows`]'s.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_fill_on(

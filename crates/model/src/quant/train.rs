@@ -409,10 +409,12 @@ fn dequantized_linear_own(
 /// The frozen part of an input gradient through the packed `w`: dX = Σ_t dY_t·W_t [N, in],
 /// where the pack's rows are the targets' weights one after another and `dys[t]` [N, out_t]
 /// is the gradient of the t-th (`dys` together span the pack's rows: [N, out]). W is
-/// decoded a chunk of rows at a time (exactly the weights the forward multiplied) into one
-/// reused per-thread buffer, and each chunk's product is added straight into dX: neither
-/// the f32 pack, nor the concatenated dYs, nor a partial sum per chunk is ever built. The
-/// chunks are summed in row order, so the result does not depend on the thread count.
+/// decoded exactly (the weights the forward multiplied): where every target starts on a
+/// 16-row tile, 16 rows at a time straight into our gemm's panels, one product per target
+/// added into dX in target order; else a chunk of rows at a time into one reused
+/// per-thread buffer, each chunk's product added straight into dX in row order. Neither
+/// the f32 pack, nor the concatenated dYs, nor a partial sum per chunk is ever built, and
+/// the result does not depend on the thread count.
 ///
 /// `None` where this path does not run (another f32 gemm path, fewer than `MIN_ROWS`
 /// rows, a dY that is not an f32 CPU matrix): the caller multiplies another way.
