@@ -442,6 +442,7 @@ fn bench_train(
             "int8_kernel": compute.packed().then(lowrank_model::quant::kernel_name),
             "train_product": compute.packed().then(|| lm.model.train_product().name()),
             "train_dx": compute.packed().then(|| lm.model.train_dx().name()),
+            "train_head": compute.packed().then(|| lm.model.train_head().name()),
             "f32_gemm": lowrank_model::ops::gemm::GemmKernel::detect().name(),
             "isa_cap": lowrank_model::isa::Isa::cap().name(),
             "batch": batch, "seq": seq, "tokens_per_s": (tps * 10.0).round() / 10.0,

@@ -7,12 +7,15 @@
 //! nibbles); activations random normal. Prints, per shape, the best of five rounds of
 //! `matmul` (one 8-bit limb, as serving runs it) and `matmul_fine` (two limbs, as training's
 //! forward runs it), in ms and in G multiply-adds per second of the integer work, then the
-//! pack dequantized for candle's gemm, and training's dequantized product as it runs. The
+//! pack dequantized for candle's gemm, training's dequantized product as it runs, and the
+//! bf16 product the LM head's training forward runs on AVX-512 BF16 (`-` elsewhere). The
 //! kernel paths are the process's (`LOWRANK_INT8_KERNEL` or `LOWRANK_ISA` forces them).
 
 use std::time::Instant;
 
-use lowrank_model::quant::{kernel_name, qlinear_train_vec, QMatrix, TrainProduct};
+use lowrank_model::quant::{
+    bf16_linear_into, kernel_name, qlinear_train_vec, QMatrix, TrainProduct,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -127,8 +130,20 @@ fn main() {
                 qlinear_train_vec(&xt, &w, TrainProduct::Dequantized).expect("product"),
             );
         });
+        // The bf16 product (x and the decoded pack rounded, `vdpbf16ps`), where it runs.
+        let mut y = Vec::new();
+        let bf16 = match bf16_linear_into(&xt, &w, &mut y).expect("product") {
+            true => format!(
+                "{:7.2} ms",
+                best_ms(|| {
+                    bf16_linear_into(&xt, &w, &mut y).expect("product");
+                    std::hint::black_box(&y);
+                })
+            ),
+            false => "      -   ".to_string(),
+        };
         println!(
-            "{name:18} nibbles {:5}  one limb {one:7.2} ms {:6.1} GMAC/s   two limbs {two:7.2} ms {:6.1} GMAC/s   dequantized f32 gemm {deq:7.2} ms (decoding {decode:6.2} ms)   training's dequantized {train:7.2} ms",
+            "{name:18} nibbles {:5}  one limb {one:7.2} ms {:6.1} GMAC/s   two limbs {two:7.2} ms {:6.1} GMAC/s   dequantized f32 gemm {deq:7.2} ms (decoding {decode:6.2} ms)   training's dequantized {train:7.2} ms   bf16 {bf16}",
             w.nibble_packed(),
             macs / one / 1e6,
             2.0 * macs / two / 1e6

@@ -118,6 +118,8 @@ pub struct Llama {
     train_product: quant::TrainProduct,
     /// How training's backward multiplies dX = dY·W₀ through the packed weights.
     train_dx: quant::DxProduct,
+    /// How training's forward multiplies the packed LM head (bf16 only with `train_dx`'s).
+    train_head: quant::HeadProduct,
 }
 
 impl Llama {
@@ -134,6 +136,7 @@ impl Llama {
             kv_dtype: KvDtype::F32,
             train_product: quant::TrainProduct::detect(),
             train_dx: quant::DxProduct::detect(),
+            train_head: quant::HeadProduct::detect(),
         })
     }
 
@@ -168,6 +171,26 @@ impl Llama {
 
     pub fn train_dx(&self) -> quant::DxProduct {
         self.train_dx
+    }
+
+    /// How LoRA training's forward multiplies the packed LM head under int8/int4 compute
+    /// (default: bf16 where the CPU has AVX-512 BF16, see [`quant::HeadProduct`]). Bf16
+    /// runs only where the backward's dX does ([`Llama::head_in_bf16`]): `--backward-dx
+    /// f32` keeps the whole step off bf16. A product this CPU cannot run leaves the current
+    /// one.
+    pub fn set_train_head(&mut self, p: quant::HeadProduct) {
+        if p.supported() {
+            self.train_head = p;
+        }
+    }
+
+    /// The head's forward product training runs: bf16 where both the head's setting and
+    /// the dX's are bf16, else the projections' packed product.
+    pub fn train_head(&self) -> quant::HeadProduct {
+        match (self.train_head, self.train_dx) {
+            (quant::HeadProduct::Bf16, quant::DxProduct::Bf16) => quant::HeadProduct::Bf16,
+            _ => quant::HeadProduct::Packed,
+        }
     }
 
     /// An empty KV cache for one sequence, of this model's layers and KV dtype.
@@ -304,6 +327,7 @@ impl Llama {
         m.kv_dtype = self.kv_dtype;
         m.train_product = self.train_product;
         m.train_dx = self.train_dx;
+        m.train_head = self.train_head;
         Ok(Some(m))
     }
 
@@ -423,11 +447,20 @@ impl Llama {
         ops::linear(h, w)
     }
 
-    /// The head in training: [`Llama::lm_head`], by the training product under int8
-    /// compute (see [`quant::TrainProduct`]).
+    /// The head in training: [`Llama::lm_head`], by the head's training product under
+    /// int8 compute (see [`Llama::train_head`]).
     pub fn lm_head_train(&self, h: &Tensor) -> Result<Tensor> {
         match &self.int8 {
-            Some(q) if !h.track_op() => quant::qlinear_train(h, q.head(), self.train_product),
+            Some(q) if !h.track_op() => {
+                if self.train_head() == quant::HeadProduct::Bf16 {
+                    let mut y = Vec::new();
+                    if quant::bf16_linear_into(h, q.head(), &mut y)? {
+                        let shape = (h.dim(0)?, q.head().out_dim());
+                        return Ok(Tensor::from_vec(y, shape, h.device())?);
+                    }
+                }
+                quant::qlinear_train(h, q.head(), self.train_product)
+            }
             _ => self.lm_head(h),
         }
     }
@@ -439,6 +472,10 @@ impl Llama {
     pub fn lm_head_train_into(&self, h: &Tensor, out: &mut Vec<f32>) -> Result<()> {
         match &self.int8 {
             Some(q) if !h.track_op() => {
+                let bf16 = self.train_head() == quant::HeadProduct::Bf16;
+                if bf16 && quant::bf16_linear_into(h, q.head(), out)? {
+                    return Ok(());
+                }
                 quant::qlinear_train_into(h, q.head(), self.train_product, out)
             }
             _ => {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor, Var};
 use lowrank_lora::{Adapter, LoraConfig, LoraModule, ModuleKey, Target};
 use lowrank_model::config::ModelConfig;
-use lowrank_model::quant::{DxProduct, TrainProduct};
+use lowrank_model::quant::{DxProduct, HeadProduct, TrainProduct};
 use lowrank_model::weights::{LayerWeights, Weights};
 use lowrank_model::{ForwardOpts, Llama, LoadedModel};
 use lowrank_train::data::Sample;
@@ -552,40 +552,62 @@ fn packed_lora_grads_match_peft(compute: lowrank_model::quant::Compute) {
         for &dx in dxs {
             lm.model.set_train_dx(dx);
             assert_eq!(lm.model.train_dx(), dx);
-            // Both forward products (each CPU path picks the faster one), each within the bounds.
-            let mut losses = vec![];
-            for product in [TrainProduct::Limbs, TrainProduct::Dequantized] {
-                lm.model.set_train_product(product);
-                let (nll, targets, hand) =
-                    lora_batch_grads(&lm.model, &[&s], &adapter, None, 1.0 / m as f64, false)
-                        .unwrap();
-                let loss = nll / targets as f64;
-                let loss_err = ((loss - want_loss) / want_loss).abs();
-                let name = format!("{name} {case} ({}, dX {})", product.name(), dx.name());
-                assert!(loss_err <= 0.01, "{name} loss {loss} vs PEFT {want_loss}");
-                assert_eq!(hand.len(), 420);
-                let (rel, cos) = peft_bf16_error();
-                let (cos_min, rel_max) = (cos.max(0.99), rel.min(0.05));
-                let (mut worst_cos, mut worst_rel) = (1.0f64, 0.0f64);
-                for (key, got, want) in compared(&hand, &st) {
-                    let (c, e) = (cosine(got, want), rel_frob(got, want));
-                    worst_cos = worst_cos.min(c);
-                    worst_rel = worst_rel.max(e);
-                    assert!(
-                        c >= cos_min,
-                        "{name} {key}: cosine {c} with PEFT's gradient"
-                    );
-                    assert!(e <= rel_max, "{name} {key}: relative Frobenius error {e}");
-                }
-                eprintln!(
-                    "{name}: loss {loss:.6} (PEFT {want_loss:.6}, {:.3} %); worst gradient \
-                     cosine {worst_cos:.5}, worst rel. error {worst_rel:.3}",
-                    100.0 * loss_err
-                );
-                losses.push(loss);
+            // The head's forward on the projections' product, and where the dX runs in
+            // bf16, on the bf16 product as well (`quant::HeadProduct`); f32 dX keeps the
+            // head off bf16 whatever its own setting.
+            let heads: &[HeadProduct] = match dx {
+                DxProduct::Bf16 => &[HeadProduct::Packed, HeadProduct::Bf16],
+                DxProduct::F32 => &[HeadProduct::Packed],
+            };
+            lm.model.set_train_head(HeadProduct::Bf16);
+            if dx == DxProduct::F32 {
+                assert_eq!(lm.model.train_head(), HeadProduct::Packed);
             }
-            // The two products are different arithmetic (the limbs round the activations).
-            assert_ne!(losses[0], losses[1], "both products gave the same loss");
+            for &head in heads {
+                lm.model.set_train_head(head);
+                assert_eq!(lm.model.train_head(), head);
+                // Both forward products (each CPU path picks the faster one), each within
+                // the bounds.
+                let mut losses = vec![];
+                for product in [TrainProduct::Limbs, TrainProduct::Dequantized] {
+                    lm.model.set_train_product(product);
+                    let (nll, targets, hand) =
+                        lora_batch_grads(&lm.model, &[&s], &adapter, None, 1.0 / m as f64, false)
+                            .unwrap();
+                    let loss = nll / targets as f64;
+                    let loss_err = ((loss - want_loss) / want_loss).abs();
+                    let name = format!(
+                        "{name} {case} ({}, head {}, dX {})",
+                        product.name(),
+                        head.name(),
+                        dx.name()
+                    );
+                    assert!(loss_err <= 0.01, "{name} loss {loss} vs PEFT {want_loss}");
+                    assert_eq!(hand.len(), 420);
+                    let (rel, cos) = peft_bf16_error();
+                    let (cos_min, rel_max) = (cos.max(0.99), rel.min(0.05));
+                    let (mut worst_cos, mut worst_rel) = (1.0f64, 0.0f64);
+                    for (key, got, want) in compared(&hand, &st) {
+                        let (c, e) = (cosine(got, want), rel_frob(got, want));
+                        worst_cos = worst_cos.min(c);
+                        worst_rel = worst_rel.max(e);
+                        assert!(
+                            c >= cos_min,
+                            "{name} {key}: cosine {c} with PEFT's gradient"
+                        );
+                        assert!(e <= rel_max, "{name} {key}: relative Frobenius error {e}");
+                    }
+                    eprintln!(
+                        "{name}: loss {loss:.6} (PEFT {want_loss:.6}, {:.3} %); worst gradient \
+                         cosine {worst_cos:.5}, worst rel. error {worst_rel:.3}",
+                        100.0 * loss_err
+                    );
+                    losses.push(loss);
+                }
+                // The two products are different arithmetic (the limbs round the
+                // activations).
+                assert_ne!(losses[0], losses[1], "both products gave the same loss");
+            }
         }
     }
 }

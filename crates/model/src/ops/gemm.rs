@@ -992,7 +992,7 @@ unsafe fn pack_block<const NR: usize>(
 /// The CPU has AVX2; with `next`, its rows hold kc readable floats.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn transpose_panel<const NR: usize>(
+pub(super) unsafe fn transpose_panel<const NR: usize>(
     rows: &[&[f32]; NR],
     kc: usize,
     panel: &mut [f32],

@@ -14,6 +14,11 @@
 //! one u32, so one `vdpbf16ps` multiplies a broadcast pair of A's row into 16 columns. The
 //! blocking and the threads' column split are `gemm`'s ([`super::gemm`]).
 //!
+//! The same kernel runs the LM head's training forward, logits = h·Wᵀ ([`gemm_bf16_cols`]):
+//! there B = Wᵀ, so a panel's 32 columns are 32 rows of W; each is decoded over a depth
+//! block, rounded to bf16 in place of order (a row's depth pairs are adjacent, so each pair
+//! is already one u32), and the 32 rows of u32 words are transposed into the panel.
+//!
 //! Rounding: to nearest, ties to even, both operands (as `half::bf16::from_f32`, so tests
 //! can form the same operands); each instruction then adds two exact products to an f32
 //! lane (rounded once per instruction, flushing denormals, as the instruction defines).
@@ -21,7 +26,7 @@
 use rayon::prelude::*;
 use std::arch::x86_64::*;
 
-use super::gemm::{column_tasks, even_blocks, store_12x32, Aligned, SendPtr};
+use super::gemm::{column_tasks, even_blocks, store_12x32, transpose_panel, Aligned, SendPtr};
 
 /// Rows of C one kernel call computes.
 const MR: usize = 12;
@@ -48,9 +53,18 @@ pub fn supported() -> bool {
         && is_x86_feature_detected!("avx512bf16")
 }
 
-/// Produces rows r0..r0+rows (r0 a multiple of 16, rows ≤ 16), columns j0..j0+nc of B
-/// (j0 a multiple of 32) into `dst` [rows, nc], row-major, every float written.
+/// Produces rows r0..r0+rows (r0 a multiple of 16, rows ≤ 16), columns j0..j0+nc of a
+/// weight W (j0 a multiple of 32) into `dst` [rows, nc], row-major, every float written.
 pub type Fill<'a> = dyn Fn(usize, usize, usize, usize, &mut [f32]) + Sync + 'a;
+
+/// How B is made from the weight W a [`Fill`] gives.
+#[derive(Clone, Copy)]
+enum BFill<'a> {
+    /// B = W [k, n]: the input gradient dY·W.
+    Rows(&'a Fill<'a>),
+    /// B = Wᵀ for W [n, k]: the forward x·Wᵀ.
+    Cols(&'a Fill<'a>),
+}
 
 /// C [m, n] = A [m, k] · B [k, n] with A and B rounded to bf16 and the products summed in
 /// f32. A is given as column blocks side by side (`blocks[b]`: m rows of `cols[b]` floats,
@@ -70,7 +84,28 @@ pub unsafe fn gemm_bf16(
     ldc: usize,
 ) {
     // SAFETY: the caller's contract.
-    unsafe { gemm_bf16_within(m, n, blocks, cols, fill, c, ldc, A_BYTES) }
+    unsafe { gemm_bf16_within(m, n, blocks, cols, BFill::Rows(fill), c, ldc, A_BYTES) }
+}
+
+/// C [m, n] = A [m, k] · Wᵀ for a weight W [n, k] that `fill` gives 16 rows at a time
+/// (rows r0..r0+rows, depths j0..j0+nc, j0 a multiple of 32; see [`Fill`]), A and W rounded
+/// to bf16 and the products summed in f32. A's m rows of k floats are contiguous; C's m rows
+/// of n floats lie `ldc` apart at `c`, each written (none read). Runs on the current rayon
+/// pool.
+///
+/// # Safety
+/// As [`gemm_bf16`]'s.
+pub unsafe fn gemm_bf16_cols(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    fill: &Fill,
+    c: *mut f32,
+    ldc: usize,
+) {
+    // SAFETY: the caller's contract.
+    unsafe { gemm_bf16_within(m, n, &[a], &[k], BFill::Cols(fill), c, ldc, A_BYTES) }
 }
 
 /// [`gemm_bf16`] with at most `a_bytes` of A's bf16 copy (tests take it small, to cut A
@@ -84,7 +119,7 @@ unsafe fn gemm_bf16_within(
     n: usize,
     blocks: &[&[f32]],
     cols: &[usize],
-    fill: &Fill,
+    fill: BFill,
     c: *mut f32,
     ldc: usize,
     a_bytes: usize,
@@ -151,7 +186,8 @@ unsafe fn gemm_bf16_within(
                     });
                 // SAFETY: the CPU has AVX-512F and BF16 (asserted); A holds mi rows of lda
                 // bf16, depths k0..k0+kw of them given, the pad zero; C's rows i0..i0+mi are
-                // the caller's; k0 is a multiple of KC and so of the fill's 16 rows.
+                // the caller's; k0 is a multiple of KC, so of the 16 rows a row fill gives and
+                // of the 32 depths a column fill starts on.
                 unsafe {
                     blocked(mi, n, kw, k0, a, lda, fill, c.add(i0 * ldc), ldc);
                 }
@@ -171,7 +207,7 @@ thread_local! {
 ///
 /// # Safety
 /// As [`gemm_bf16`]'s; a holds m·lda bf16 with lda even and ≥ k (the pad zero); k0 is a
-/// multiple of 16; where k0 > 0, C holds the product of the depths before k0.
+/// multiple of 32; where k0 > 0, C holds the product of the depths before k0.
 #[allow(clippy::too_many_arguments)]
 unsafe fn blocked(
     m: usize,
@@ -180,7 +216,7 @@ unsafe fn blocked(
     k0: usize,
     a: &[half::bf16],
     lda: usize,
-    fill: &Fill,
+    src: BFill,
     c: *mut f32,
     ldc: usize,
 ) {
@@ -190,29 +226,59 @@ unsafe fn blocked(
     let cp = SendPtr(c);
     let a = a.as_ptr() as *const u16;
     let ap = SendPtr(a as *mut f32);
+    // Depth blocks start on the fill's 16-row tiles (B = W) or its 32-depth spans (B = Wᵀ).
+    let unit = match src {
+        BFill::Rows(_) => FILL_ROWS,
+        BFill::Cols(_) => 32,
+    };
     (0..tasks).into_par_iter().for_each(|t| {
         let (p0, p1) = (panels * t / tasks, panels * (t + 1) / tasks);
-        // One buffer of f32-sized words: the packed panels (u32 pairs), then the fill's rows.
+        // One buffer of f32-sized words: the packed panels (u32 pairs), the fill's rows
+        // (≤ 16 × NC for B = W, ≤ 16 × KC for B = Wᵀ), and for B = Wᵀ a panel's 32 rows of
+        // bf16 pairs.
         let words = KC / 2 * NC;
-        let mut buf = Aligned::new(words + FILL_ROWS * NC);
-        let (panel_words, rows) = buf.slice(words + FILL_ROWS * NC).split_at_mut(words);
+        let fill_words = FILL_ROWS * NC.max(KC);
+        let mut buf = Aligned::new(words + fill_words + NR * KC / 2);
+        let all = buf.slice(words + fill_words + NR * KC / 2);
+        let (panel_words, rest) = all.split_at_mut(words);
+        let (rows, pairs) = rest.split_at_mut(fill_words);
         let (cp, ap) = (&cp, &ap);
         let a = ap.0 as *const u16;
         let (c0, c1) = (p0 * NR, (p1 * NR).min(n));
         for (jc, nc) in even_blocks(c1 - c0, NC, NR) {
             let jc = c0 + jc;
-            for (pc, kc) in even_blocks(k, KC, FILL_ROWS) {
+            for (pc, kc) in even_blocks(k, KC, unit) {
                 let kp = kc.div_ceil(2);
-                // The f32 words reinterpreted as u32 pairs (same size and alignment).
-                let bp = bytemuck_u32(&mut panel_words[..nc.div_ceil(NR) * NR * kp]);
-                for r in (0..kc).step_by(FILL_ROWS) {
-                    let rn = FILL_ROWS.min(kc - r);
-                    let src = &mut rows[..rn * nc];
-                    fill(k0 + pc + r, rn, jc, nc, src);
-                    // SAFETY: AVX-512F (asserted by the caller); src holds rn rows of nc.
-                    unsafe { pack_pairs(src, rn, nc, kp, r / 2, bp) };
+                let len = nc.div_ceil(NR) * NR * kp;
+                match src {
+                    BFill::Rows(fill) => {
+                        // The f32 words reinterpreted as u32 pairs (same size and alignment).
+                        let bp = bytemuck_u32(&mut panel_words[..len]);
+                        for r in (0..kc).step_by(FILL_ROWS) {
+                            let rn = FILL_ROWS.min(kc - r);
+                            let src = &mut rows[..rn * nc];
+                            fill(k0 + pc + r, rn, jc, nc, src);
+                            // SAFETY: AVX-512F (asserted by the caller); src holds rn rows
+                            // of nc.
+                            unsafe { pack_pairs(src, rn, nc, kp, r / 2, bp) };
+                        }
+                    }
+                    // SAFETY: AVX-512F (asserted by the caller); the buffers' sizes are
+                    // those pack_cols asks for (kc ≤ KC, nc ≤ NC).
+                    BFill::Cols(fill) => unsafe {
+                        pack_cols(
+                            fill,
+                            k0 + pc,
+                            kc,
+                            jc,
+                            nc,
+                            rows,
+                            pairs,
+                            &mut panel_words[..len],
+                        )
+                    },
                 }
-                let bp: &[u32] = bp;
+                let bp: &[u32] = bytemuck_u32(&mut panel_words[..len]);
                 for (ic, mc) in even_blocks(m, MC, MR) {
                     for (jp, panel) in bp.chunks_exact(NR * kp).enumerate() {
                         let j = jc + jp * NR;
@@ -242,6 +308,63 @@ unsafe fn blocked(
             }
         }
     });
+}
+
+/// Packs B = Wᵀ's depths d0..d0+kc (d0 a multiple of 32, kc ≤ [`KC`]), columns j0..j0+nc
+/// (W's rows; nc ≤ [`NC`]) into 32-column panels of kp = ⌈kc/2⌉ depth pairs, as
+/// [`pack_pairs`] lays them out, zero past column j0 + nc and past depth kc. Each panel's
+/// rows of W are filled 16 at a time into `rows` and rounded into `pairs` (32 rows of kp
+/// words, a row's bf16 in order, so word q holds depths 2q and 2q + 1 as `pack_pairs` puts
+/// them), which are then transposed into the panel as 32-bit words.
+///
+/// # Safety
+/// The CPU has AVX-512F; `rows` holds ≥ 16·kc floats, `pairs` ≥ 32·kp, `dst`
+/// nc.div_ceil(32) panels of kp × 32 words.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pack_cols(
+    fill: &Fill,
+    d0: usize,
+    kc: usize,
+    j0: usize,
+    nc: usize,
+    rows: &mut [f32],
+    pairs: &mut [f32],
+    dst: &mut [f32],
+) {
+    debug_assert!(kc <= KC && d0.is_multiple_of(32));
+    let kp = kc.div_ceil(2);
+    debug_assert!(rows.len() >= FILL_ROWS * kc && pairs.len() >= NR * kp);
+    debug_assert!(dst.len() >= nc.div_ceil(NR) * NR * kp);
+    let zeros = [0f32; KC / 2];
+    for (p, panel) in dst.chunks_exact_mut(NR * kp).enumerate() {
+        let nr = NR.min(nc - p * NR);
+        for g in (0..nr).step_by(FILL_ROWS) {
+            let rn = FILL_ROWS.min(nr - g);
+            fill(j0 + p * NR + g, rn, d0, kc, &mut rows[..rn * kc]);
+            for r in 0..rn {
+                let words = &mut pairs[(g + r) * kp..][..kp];
+                let half = as_bf16(words);
+                super::layout::to_bf16(&rows[r * kc..][..kc], &mut half[..kc]);
+                half[kc..].fill(half::bf16::ZERO);
+            }
+        }
+        let pairs: &[f32] = pairs;
+        let src: [&[f32]; NR] = std::array::from_fn(|jj| match jj < nr {
+            true => &pairs[jj * kp..][..kp],
+            false => &zeros[..kp],
+        });
+        // SAFETY: AVX-512F implies AVX2; every row holds kp words; the panel kp × 32.
+        unsafe { transpose_panel::<NR>(&src, kp, panel, None) };
+    }
+}
+
+/// `w`'s words as twice as many bf16 (a word's low half first, as the little-endian u32
+/// pairs the kernel reads them).
+fn as_bf16(w: &mut [f32]) -> &mut [half::bf16] {
+    // SAFETY: bf16 is a 2-byte plain value (any bits valid) with alignment ≤ f32's, the
+    // length covers exactly w's bytes, and the borrow of `w` is carried by the result.
+    unsafe { std::slice::from_raw_parts_mut(w.as_mut_ptr() as *mut half::bf16, 2 * w.len()) }
 }
 
 /// `w` as u32 words (f32 and u32 have the same size and alignment; any bits are a u32).
@@ -365,13 +488,15 @@ mod tests {
     }
 
     /// A·B of the bf16-rounded operands in f64, and gemm_bf16's result on a row stride
-    /// wider than n, for A as `cols` blocks and B a row-major [k, n] matrix.
+    /// wider than n, for A as `cols` blocks and B a row-major [k, n] matrix (`t` false) or
+    /// Wᵀ for a row-major W [n, k] (`t` true, the forward's product).
     fn product(
         m: usize,
         n: usize,
         cols: &[usize],
         seed: u64,
         a_bytes: usize,
+        t: bool,
     ) -> (Vec<f64>, Vec<f32>, f64) {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let k: usize = cols.iter().sum();
@@ -379,7 +504,12 @@ mod tests {
             .iter()
             .map(|&w| (0..m * w).map(|_| rng.random_range(-2f32..2.0)).collect())
             .collect();
-        let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1f32..1.0)).collect();
+        let w: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1f32..1.0)).collect();
+        // B[kk][j]: W[kk][j] for B = W [k, n], W[j][kk] for B = Wᵀ (W [n, k]).
+        let b_at = |kk: usize, j: usize| match t {
+            false => w[kk * n + j],
+            true => w[j * k + kk],
+        };
         // A's column kk of row i: in block bi at column kk − its start.
         let a_at = |i: usize, mut kk: usize| -> f32 {
             for (blk, &w) in blocks.iter().zip(cols) {
@@ -394,22 +524,29 @@ mod tests {
             .map(|e| {
                 let (i, j) = (e / n, e % n);
                 (0..k)
-                    .map(|kk| round(a_at(i, kk)) * round(b[kk * n + j]))
+                    .map(|kk| round(a_at(i, kk)) * round(b_at(kk, j)))
                     .sum()
             })
             .collect();
+        // W's rows r0..r0+rows, columns j0..j0+nc (W's width: n for B = W, k for B = Wᵀ).
+        let width = if t { k } else { n };
         let fill = |r0: usize, rows: usize, j0: usize, nc: usize, dst: &mut [f32]| {
-            assert!(r0.is_multiple_of(FILL_ROWS) && rows <= FILL_ROWS && j0.is_multiple_of(NR));
+            assert!(r0.is_multiple_of(FILL_ROWS) && rows <= FILL_ROWS && j0.is_multiple_of(32));
+            assert!(j0 + nc <= width);
             assert_eq!(dst.len(), rows * nc);
             for r in 0..rows {
-                dst[r * nc..][..nc].copy_from_slice(&b[(r0 + r) * n + j0..][..nc]);
+                dst[r * nc..][..nc].copy_from_slice(&w[(r0 + r) * width + j0..][..nc]);
             }
+        };
+        let src = match t {
+            false => BFill::Rows(&fill),
+            true => BFill::Cols(&fill),
         };
         let ldc = n + 3;
         let mut c = vec![f32::NAN; m * ldc];
         let views: Vec<&[f32]> = blocks.iter().map(|b| b.as_slice()).collect();
         // SAFETY: supported() checked by the caller; c holds m rows of ldc ≥ n floats.
-        unsafe { gemm_bf16_within(m, n, &views, cols, &fill, c.as_mut_ptr(), ldc, a_bytes) };
+        unsafe { gemm_bf16_within(m, n, &views, cols, src, c.as_mut_ptr(), ldc, a_bytes) };
         for (i, row) in c.chunks(ldc).enumerate() {
             assert!(
                 row[n..].iter().all(|v| v.is_nan()),
@@ -425,36 +562,40 @@ mod tests {
     /// accumulation error, on shapes with ragged tiles (m % 12, n % 32, n % 16), odd and
     /// unaligned depths (k % 16, k % 2: the zero pad), several A blocks, more than one
     /// depth block (k > 512) and more than one column task; and with A's bf16 copy capped
-    /// small, A in chunks of depths (every row) and in blocks of rows as well. A pair packed
-    /// in the wrong order, a panel column off by one, or a block's or a chunk's depth offset
-    /// lost fails it.
+    /// small, A in chunks of depths (every row) and in blocks of rows as well; for B = W
+    /// and B = Wᵀ. A pair packed in the wrong order, a panel column off by one, W's rows
+    /// for another panel, or a block's or a chunk's depth offset lost fails it.
     #[test]
     fn matches_f64_of_the_rounded_operands() {
         if !supported() {
             eprintln!("skipped: this CPU has no AVX-512 BF16 (nothing to test)");
             return;
         }
-        let shapes: [(usize, usize, &[usize]); 6] = [
+        let shapes: [(usize, usize, &[usize]); 7] = [
             (1, 1, &[1]),
             (13, 47, &[33]),
             (64, 96, &[40, 24, 32]),
             (77, 300, &[515]),
             (150, 33, &[700, 125]),
             (25, 520, &[17, 1000]),
+            (40, 70, &[1089]),
         ];
         // 40 KiB: every row of 512 depths at a time for m ≤ 40; 4 KiB: 12 rows.
-        for a_bytes in [A_BYTES, 40 << 10, 4 << 10] {
-            for (s, &(m, n, cols)) in shapes.iter().enumerate() {
-                let (want, got, scale) = product(m, n, cols, s as u64, a_bytes);
-                let worst = want
-                    .iter()
-                    .zip(&got)
-                    .fold(0f64, |w, (a, b)| w.max((a - *b as f64).abs()));
-                assert!(
-                    worst < 2e-6 * scale,
-                    "{m}×{n}, k blocks {cols:?}, A within {a_bytes} B: off by {worst} \
-                     (scale {scale})"
-                );
+        for t in [false, true] {
+            for a_bytes in [A_BYTES, 40 << 10, 4 << 10] {
+                for (s, &(m, n, cols)) in shapes.iter().enumerate() {
+                    let (want, got, scale) = product(m, n, cols, s as u64, a_bytes, t);
+                    let worst = want
+                        .iter()
+                        .zip(&got)
+                        .fold(0f64, |w, (a, b)| w.max((a - *b as f64).abs()));
+                    assert!(
+                        worst < 2e-6 * scale,
+                        "{m}×{n}, k blocks {cols:?}, A within {a_bytes} B, B = W{}: off by \
+                         {worst} (scale {scale})",
+                        if t { "ᵀ" } else { "" }
+                    );
+                }
             }
         }
     }

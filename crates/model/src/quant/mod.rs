@@ -1252,8 +1252,8 @@ struct Call<'a> {
 use kernel::Kernel;
 pub use kernel::{kernel_name, supported_kernels};
 pub use train::{
-    dequantized_input_grad, dequantized_input_grad_rows, qlinear_train, qlinear_train_into,
-    qlinear_train_vec, DxProduct, TrainProduct,
+    bf16_linear_into, dequantized_input_grad, dequantized_input_grad_rows, qlinear_train,
+    qlinear_train_into, qlinear_train_vec, DxProduct, HeadProduct, TrainProduct,
 };
 
 mod kernel;

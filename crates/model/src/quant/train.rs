@@ -152,6 +152,70 @@ impl DxProduct {
     }
 }
 
+/// How the LM head's training forward (the logits h·Wᵀ) multiplies the packed head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadProduct {
+    /// The projections' forward product ([`TrainProduct`]).
+    Packed,
+    /// h and the decoded head rounded to bf16, products summed in f32 (`vdpbf16ps`,
+    /// [`crate::ops::gemm_bf16::gemm_bf16_cols`]), where the backward's dX runs in bf16 too
+    /// (`Llama::head_in_bf16`). Why only the head: with every projection's forward rounded
+    /// so, the worst LoRA gradient of the PEFT fixture was 4.9–5.5 % off (the bound is 5 %);
+    /// with only the head's, 1.9 % (dX f32) and 2.3 % (dX bf16), as with the two limbs.
+    /// And the head's forward is a fifth of a 135 M step's multiply-adds, which the two
+    /// limbs ran at ≈ half of `vdpbf16ps`'s rate. AVX-512 BF16 only.
+    Bf16,
+}
+
+impl HeadProduct {
+    pub fn name(self) -> &'static str {
+        match self {
+            HeadProduct::Packed => "packed",
+            HeadProduct::Bf16 => "bf16",
+        }
+    }
+
+    /// Whether this CPU runs it.
+    pub fn supported(self) -> bool {
+        match self {
+            HeadProduct::Packed => true,
+            HeadProduct::Bf16 => DxProduct::Bf16.supported(),
+        }
+    }
+
+    /// This process's default, decided once: bf16 where the CPU runs it, else the packed
+    /// product; `LOWRANK_TRAIN_HEAD=packed|bf16` forces one (a testing and timing aid; an
+    /// unknown name or one the CPU cannot run prints one warning on stderr and the default
+    /// runs).
+    pub fn detect() -> HeadProduct {
+        static P: std::sync::OnceLock<HeadProduct> = std::sync::OnceLock::new();
+        *P.get_or_init(|| {
+            let forced = std::env::var("LOWRANK_TRAIN_HEAD").ok();
+            let (p, warning) = HeadProduct::choose(forced.as_deref());
+            if let Some(w) = warning {
+                eprintln!("lowrank: warning: {w}");
+            }
+            p
+        })
+    }
+
+    fn choose(forced: Option<&str>) -> (HeadProduct, Option<String>) {
+        let all = [HeadProduct::Packed, HeadProduct::Bf16];
+        let auto = match HeadProduct::Bf16.supported() {
+            true => HeadProduct::Bf16,
+            false => HeadProduct::Packed,
+        };
+        forced_choice(
+            "LOWRANK_TRAIN_HEAD",
+            forced,
+            &all,
+            auto,
+            |p| p.supported(),
+            |p| p.name(),
+        )
+    }
+}
+
 impl std::str::FromStr for DxProduct {
     type Err = String;
 
@@ -301,6 +365,54 @@ pub fn qlinear_train_into(
     }
     *y = qlinear_train(x, w, product)?.flatten_all()?.to_vec1()?;
     Ok(())
+}
+
+/// y = x·Wᵀ [n, out] with x [n, in] and the decoded W rounded to bf16 and the products
+/// summed in f32 ([`HeadProduct::Bf16`]), into `y` (its contents replaced, its allocation
+/// reused where big enough: the head's chunks of logits share one buffer). False, with y
+/// untouched, where it does not run: no AVX-512 BF16, x not a plain f32 matrix on the CPU
+/// (or tracked), or fewer than [`crate::ops::gemm::MIN_ROWS`] rows (the weight's decoding
+/// would cost more than the product).
+pub fn bf16_linear_into(x: &Tensor, w: &QMatrix, y: &mut Vec<f32>) -> Result<bool> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::ops::gemm::MIN_ROWS;
+        let (out, inp) = (w.out_dim(), w.in_dim());
+        let plain = x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && x.rank() == 2;
+        if !HeadProduct::Bf16.supported() || !plain || x.track_op() {
+            return Ok(false);
+        }
+        let (m, k) = x.dims2()?;
+        if m < MIN_ROWS || k != inp {
+            return Ok(false);
+        }
+        let x = x.contiguous()?;
+        let (xs, xl) = x.storage_and_layout();
+        let Some(xv) = crate::ops::f32s(&xs) else {
+            return Ok(false);
+        };
+        let xv = &xv[xl.start_offset()..][..m * inp];
+        // W's rows r0..r0+n (one 16-row tile), depths j0..j0+nc (j0 a multiple of 32):
+        // decoded exactly as the other products multiply them, then rounded by the packing.
+        let fill = |r0: usize, n: usize, j0: usize, nc: usize, dst: &mut [f32]| {
+            debug_assert!(n <= super::TILE && dst.len() == n * nc);
+            w.tile_span_into(r0 / super::TILE, j0, nc, dst)
+        };
+        y.clear();
+        y.reserve(m * out);
+        // SAFETY: the CPU runs the bf16 product (checked above); y has room for m rows of
+        // `out` floats, each written by the product; x holds m rows of `inp` floats.
+        unsafe {
+            crate::ops::gemm_bf16::gemm_bf16_cols(m, out, inp, xv, &fill, y.as_mut_ptr(), out);
+            y.set_len(m * out);
+        }
+        Ok(true)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (x, w, y);
+        Ok(false)
+    }
 }
 
 /// x·Wᵀ with W dequantized a chunk of whole 16-row tiles at a time, the chunks' outputs
@@ -682,6 +794,32 @@ mod tests {
             let limbs = qlinear_train(&x, &w, TrainProduct::Limbs).unwrap();
             let e = off(&limbs);
             assert!(e > 0.0 && e < 1e-4, "two limbs off by {e}");
+            // The head's bf16 product: the f64 product of the bf16-rounded x and weights, up
+            // to f32 accumulation error (and so off the unrounded one by the rounding);
+            // nothing where it does not run, the buffer untouched.
+            let mut yb = vec![7.0f32; 3];
+            let ran = bf16_linear_into(&x, &w, &mut yb).unwrap();
+            let runs = HeadProduct::Bf16.supported() && n >= crate::ops::gemm::MIN_ROWS;
+            assert_eq!(ran, runs, "{n} rows");
+            if !ran {
+                assert_eq!(yb, [7.0; 3]);
+                continue;
+            }
+            let round = |v: f32| half::bf16::from_f32(v).to_f64();
+            let worst = (0..n * out).fold(0f64, |m, k| {
+                let (r, o) = (k / out, k % out);
+                let exact: f64 = (0..inp)
+                    .map(|i| round(xv[r * inp + i]) * round(wd[o * inp + i]))
+                    .sum();
+                m.max((yb[k] as f64 - exact).abs())
+            }) / scale;
+            assert_eq!(yb.len(), n * out);
+            assert!(
+                worst < 1e-6,
+                "bf16 product off its rounded operands' by {worst}"
+            );
+            let yt = Tensor::from_vec(yb, (n, out), x.device()).unwrap();
+            assert!(off(&yt) > 1e-4, "the bf16 product rounded nothing");
         }
     }
 
