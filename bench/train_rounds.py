@@ -55,7 +55,7 @@ for rnd in range(1, a.rounds + 1):
                 LOWRANK_ENV)
         rows.append({"round": rnd, "isa": a.isa, "tool": "lowrank", "config": c,
                      "tok_s": r["tokens_per_s"], "peak_rss_mb": r["peak_rss_mb"],
-                     "paths": {k: r.get(k) for k in ("isa_cap", "int8_kernel", "f32_gemm", "train_product", "train_dx")},
+                     "paths": {k: r.get(k) for k in ("isa_cap", "int8_kernel", "f32_gemm", "train_product", "train_dx", "train_head")},
                      "vs_best_peft": round(r["tokens_per_s"] / best, 3) if best else None,
                      "vs_peft_f32": round(r["tokens_per_s"] / peer["float32"], 3) if "float32" in peer else None})
         print(json.dumps(rows[-1]), flush=True)

@@ -969,6 +969,33 @@ mod tests {
     }
 
     #[test]
+    fn the_head_product_follows_the_cpu_and_the_variable() {
+        let auto = match HeadProduct::Bf16.supported() {
+            true => HeadProduct::Bf16,
+            false => HeadProduct::Packed,
+        };
+        assert_eq!(HeadProduct::choose(None), (auto, None));
+        assert_eq!(HeadProduct::choose(Some(" Auto")), (auto, None));
+        assert_eq!(
+            HeadProduct::choose(Some("PACKED")),
+            (HeadProduct::Packed, None)
+        );
+        let (p, w) = HeadProduct::choose(Some("bf16"));
+        match HeadProduct::Bf16.supported() {
+            true => assert_eq!((p, w), (HeadProduct::Bf16, None)),
+            false => {
+                assert_eq!(p, HeadProduct::Packed);
+                assert!(w.expect("a warning").contains("cannot run"));
+            }
+        }
+        let (p, w) = HeadProduct::choose(Some("limbs"));
+        assert_eq!(p, auto);
+        assert!(w
+            .expect("a warning")
+            .contains("LOWRANK_TRAIN_HEAD=limbs: unknown"));
+    }
+
+    #[test]
     fn the_product_follows_the_kernel_and_the_variable() {
         let (p, w) = TrainProduct::choose(None, Kernel::Portable);
         assert_eq!((p, w), (TrainProduct::Dequantized, None));
