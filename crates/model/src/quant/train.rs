@@ -61,12 +61,9 @@ impl TrainProduct {
     pub fn detect() -> TrainProduct {
         static P: std::sync::OnceLock<TrainProduct> = std::sync::OnceLock::new();
         *P.get_or_init(|| {
-            let forced = std::env::var("LOWRANK_TRAIN_PRODUCT").ok();
-            let (p, warning) = TrainProduct::choose(forced.as_deref(), Kernel::detect());
-            if let Some(w) = warning {
-                eprintln!("lowrank: warning: {w}");
-            }
-            p
+            from_env("LOWRANK_TRAIN_PRODUCT", |v| {
+                TrainProduct::choose(v, Kernel::detect())
+            })
         })
     }
 
@@ -125,14 +122,7 @@ impl DxProduct {
     /// default runs).
     pub fn detect() -> DxProduct {
         static P: std::sync::OnceLock<DxProduct> = std::sync::OnceLock::new();
-        *P.get_or_init(|| {
-            let forced = std::env::var("LOWRANK_TRAIN_DX").ok();
-            let (p, warning) = DxProduct::choose(forced.as_deref());
-            if let Some(w) = warning {
-                eprintln!("lowrank: warning: {w}");
-            }
-            p
-        })
+        *P.get_or_init(|| from_env("LOWRANK_TRAIN_DX", DxProduct::choose))
     }
 
     fn choose(forced: Option<&str>) -> (DxProduct, Option<String>) {
@@ -189,14 +179,7 @@ impl HeadProduct {
     /// runs).
     pub fn detect() -> HeadProduct {
         static P: std::sync::OnceLock<HeadProduct> = std::sync::OnceLock::new();
-        *P.get_or_init(|| {
-            let forced = std::env::var("LOWRANK_TRAIN_HEAD").ok();
-            let (p, warning) = HeadProduct::choose(forced.as_deref());
-            if let Some(w) = warning {
-                eprintln!("lowrank: warning: {w}");
-            }
-            p
-        })
+        *P.get_or_init(|| from_env("LOWRANK_TRAIN_HEAD", HeadProduct::choose))
     }
 
     fn choose(forced: Option<&str>) -> (HeadProduct, Option<String>) {
@@ -229,6 +212,17 @@ impl std::str::FromStr for DxProduct {
             )),
         }
     }
+}
+
+/// The choice `choose` makes from variable `var`'s value (unset: `None`), its warning, if
+/// any, printed once on stderr.
+fn from_env<T>(var: &str, choose: impl Fn(Option<&str>) -> (T, Option<String>)) -> T {
+    let forced = std::env::var(var).ok();
+    let (p, warning) = choose(forced.as_deref());
+    if let Some(w) = warning {
+        eprintln!("lowrank: warning: {w}");
+    }
+    p
 }
 
 /// The value of variable `var` (`forced`) among `all` by name (trimmed, any case; empty or
