@@ -149,11 +149,12 @@ pub enum HeadProduct {
     Packed,
     /// h and the decoded head rounded to bf16, products summed in f32 (`vdpbf16ps`,
     /// [`crate::ops::gemm_bf16::gemm_bf16_cols`]), where the backward's dX runs in bf16 too
-    /// (`Llama::head_in_bf16`). Why only the head: with every projection's forward rounded
-    /// so, the worst LoRA gradient of the PEFT fixture was 4.9–5.5 % off (the bound is 5 %);
-    /// with only the head's, 1.9 % (dX f32) and 2.3 % (dX bf16), as with the two limbs.
-    /// And the head's forward is a fifth of a 135 M step's multiply-adds, which the two
-    /// limbs ran at ≈ half of `vdpbf16ps`'s rate. AVX-512 BF16 only.
+    /// (`Llama::train_head`). Why only the head: with every projection's forward rounded
+    /// so, the worst LoRA gradient of PEFT's long case was 4.9–5.5 % off (the bound is 5 %),
+    /// with the MLP's alone 7.7 %; with only the head's, 2.3–2.4 % (the head on the packed
+    /// product: 1.7–2.7 %). And the head's forward is a fifth of a 135 M step's
+    /// multiply-adds, which the two limbs ran at ≈ half of `vdpbf16ps`'s rate. AVX-512 BF16
+    /// only.
     Bf16,
 }
 
