@@ -176,7 +176,7 @@ impl Llama {
     /// How LoRA training's forward multiplies the packed LM head under int8/int4 compute
     /// (default: bf16 where the CPU has AVX-512 BF16, see [`quant::HeadProduct`]). Bf16
     /// runs only where the backward's dX does ([`Llama::train_head`]): `--backward-dx f32`
-    /// keeps the whole step off bf16. A product this CPU cannot run leaves the current one.
+    /// keeps both products off bf16. A product this CPU cannot run leaves the current one.
     pub fn set_train_head(&mut self, p: quant::HeadProduct) {
         if p.supported() {
             self.train_head = p;
