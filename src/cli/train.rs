@@ -116,7 +116,7 @@ pub struct TrainArgs {
     pub checkpoint_layers: bool,
     /// How the backward multiplies dX = dY·W₀ through the packed base (int8/int4 compute):
     /// bf16 (CPUs with AVX-512 BF16: about twice that product's speed, dY and W₀ rounded to
-    /// bf16, and the LM head's forward too, see the README) or f32 (both products in f32)
+    /// bf16, and the LM head's forward too, see the README) or f32 (both off bf16)
     /// [default: bf16 where the CPU has AVX-512 BF16, else f32]
     #[arg(long)]
     pub backward_dx: Option<String>,
