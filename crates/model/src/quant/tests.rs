@@ -737,21 +737,24 @@ fn tile_decoding_is_bitwise_row_into() {
                 q.row_into(o, row);
             }
             assert_eq!(bits(&q.dequantize()), bits(&want), "nibbles {}", q.nibbles);
-            let (i0, ni) = (QK, inp - QK - 5); // a span from block 1 to inside the last block
-            for t in 0..out.div_ceil(TILE) {
-                let n = TILE.min(out - t * TILE);
-                for k in Kernel::supported_list() {
-                    let mut got = vec![0f32; n * ni];
-                    q.tile_span_with(k, t, i0, ni, &mut got);
-                    for (lane, row) in got.chunks(ni).enumerate() {
-                        let o = t * TILE + lane;
-                        assert_eq!(
-                            bits(row),
-                            bits(&want[o * inp + i0..o * inp + i0 + ni]),
-                            "{} decoder, nibbles {}, row {o}",
-                            k.name(),
-                            q.nibbles
-                        );
+            // A span from block 1 to inside the last block, and every column (three whole
+            // blocks of the full tiles, then a partial one).
+            for (i0, ni) in [(QK, inp - QK - 5), (0, inp)] {
+                for t in 0..out.div_ceil(TILE) {
+                    let n = TILE.min(out - t * TILE);
+                    for k in Kernel::supported_list() {
+                        let mut got = vec![0f32; n * ni];
+                        q.tile_span_with(k, t, i0, ni, &mut got);
+                        for (lane, row) in got.chunks(ni).enumerate() {
+                            let o = t * TILE + lane;
+                            assert_eq!(
+                                bits(row),
+                                bits(&want[o * inp + i0..o * inp + i0 + ni]),
+                                "{} decoder, nibbles {}, row {o}",
+                                k.name(),
+                                q.nibbles
+                            );
+                        }
                     }
                 }
             }
