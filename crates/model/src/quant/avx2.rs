@@ -366,6 +366,16 @@ unsafe fn whole_blocks<const NIB: bool>(
         let mp = w.m.as_ptr().add(tb * TILE);
         let tbytes = if NIB { TB4 } else { TB };
         let qb = w.q.as_ptr().add(tb * tbytes);
+        // The next tile's same block (what a caller filling 16 rows at a time decodes next):
+        // its bytes lie a whole tile row away, past where the hardware prefetcher follows.
+        if t + 1 < w.tiles {
+            let nq = w.q.as_ptr().wrapping_add((tb + w.nb) * tbytes);
+            for line in (0..tbytes).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(nq.wrapping_add(line) as *const i8);
+            }
+            _mm_prefetch::<_MM_HINT_T0>(w.d.as_ptr().wrapping_add((tb + w.nb) * TILE) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(w.m.as_ptr().wrapping_add((tb + w.nb) * TILE) as *const i8);
+        }
         for half in 0..2 {
             // Lanes 8·half..8·half + 8: four lane pairs.
             let (d8, m8) = (
