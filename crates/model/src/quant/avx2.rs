@@ -31,6 +31,47 @@ impl Mode {
 /// The CPU has AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn quantize_block(xb: &[f32; QK], ab: &mut [i8; QK]) -> (f32, i32) {
+    let (sc, _, _, total) = first_limb(xb, ab);
+    (sc, total)
+}
+
+/// Both limbs of a full block ([`super::Activations::quantize_fine`]): the first as
+/// [`quantize_block`], the residual as [`super::quantize_residual`], bitwise equal to them
+/// for finite inputs. The residual is x − s·a as the scalar code rounds it (a product, then
+/// a difference: no FMA), and a NaN residual gives 0 there, so its lanes are masked to 0
+/// here (the conversion would give i32::MIN). Returns ((s, Σa₁), (s/256, Σa₂)).
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn quantize_fine_block(
+    xb: &[f32; QK],
+    ab: &mut [i8; QK],
+    ab2: &mut [i8; QK],
+) -> [(f32, i32); 2] {
+    let (sc, x, q, total) = first_limb(xb, ab);
+    let (s2, inv2) = super::residual_scale(sc);
+    let (scv, inv2) = (_mm256_set1_ps(sc), _mm256_set1_ps(inv2));
+    let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+    let mut q2 = [_mm256_setzero_si256(); 4];
+    for k in 0..4 {
+        let r = _mm256_sub_ps(x[k], _mm256_mul_ps(scv, _mm256_cvtepi32_ps(q[k])));
+        let y = _mm256_mul_ps(r, inv2);
+        let ordered = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_ORD_Q>(y, y));
+        let c = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(y, lo), hi));
+        q2[k] = _mm256_and_si256(c, ordered);
+    }
+    [(sc, total), (s2, store_i8(q2, ab2))]
+}
+
+/// The first limb of a full block: x's four vectors, its scale, the clamped integers as i32
+/// lanes (also stored into `ab` as i8) and their sum.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn first_limb(xb: &[f32; QK], ab: &mut [i8; QK]) -> (f32, [__m256; 4], [__m256i; 4], i32) {
     let p = xb.as_ptr();
     let x = [
         _mm256_loadu_ps(p),
@@ -55,6 +96,17 @@ pub(super) unsafe fn quantize_block(xb: &[f32; QK], ab: &mut [i8; QK]) -> (f32, 
         let qi = _mm256_cvtps_epi32(_mm256_mul_ps(v, inv));
         _mm256_max_epi32(_mm256_min_epi32(qi, hi), lo)
     });
+    let total = store_i8(q, ab);
+    (sc, x, q, total)
+}
+
+/// Stores 32 i32 lanes in ±127 as i8 into `ab`, in order; returns their sum.
+///
+/// # Safety
+/// The CPU has AVX2.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn store_i8(q: [__m256i; 4], ab: &mut [i8; QK]) -> i32 {
     // Narrow i32 → i8 (values are in ±127, so the saturating packs are exact). The packs
     // work per 128-bit lane, leaving 4-element runs in the order 0 1 2 3 | 4 5 6 7 of
     // (q[0] lo, q[1] lo, q[2] lo, q[3] lo | q[0] hi, …); the permute restores x's order.
@@ -70,7 +122,7 @@ pub(super) unsafe fn quantize_block(xb: &[f32; QK], ab: &mut [i8; QK]) -> (f32, 
     );
     let s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
     let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32::<0b01>(s2));
-    (sc, _mm_cvtsi128_si32(s1))
+    _mm_cvtsi128_si32(s1)
 }
 
 /// Rows r0..r0+nr of tile t, in the matrix's mode.

@@ -3,7 +3,7 @@
 
 #[cfg(target_arch = "x86_64")]
 use super::{avx2, vnni, NR_AVX2, NR_VNNI, NR_VNNI_LIMBS};
-use super::{portable::portable, quantize_act_block, Call, NR_PORTABLE, QK};
+use super::{portable::portable, quantize_act_block, quantize_residual, Call, NR_PORTABLE, QK};
 #[cfg(target_arch = "x86_64")]
 use crate::isa::Isa;
 
@@ -206,6 +206,40 @@ impl Kernel {
             }
         }
         quantize_act_block(xb, ab)
+    }
+
+    /// Both limbs of one activation block ([`Activations::quantize_fine`]): the first as
+    /// [`Kernel::quantize_block`], then the residual x − s·a ([`quantize_residual`]);
+    /// ((s, Σa₁), (s/256, Σa₂)). A short tail block takes the scalar residual (the rest
+    /// of `ab2` is zeroed), a full one the kernel's vector routine, bitwise the same.
+    ///
+    /// # Safety
+    /// The CPU supports this kernel ([`Kernel::supported`]).
+    pub(super) unsafe fn quantize_fine_block(
+        self,
+        xb: &[f32],
+        ab: &mut [i8; QK],
+        ab2: &mut [i8; QK],
+    ) -> [(f32, i32); 2] {
+        #[cfg(target_arch = "x86_64")]
+        if let Ok(full) = <&[f32; QK]>::try_from(xb) {
+            match self {
+                Kernel::Portable => {}
+                // SAFETY: the caller guarantees the CPU has AVX2 + FMA.
+                Kernel::Avx2 => return unsafe { avx2::quantize_fine_block(full, ab, ab2) },
+                // SAFETY: the caller guarantees the CPU has AVX-512 F/BW/VNNI.
+                Kernel::Vnni512 => return unsafe { vnni::quantize_fine_block(full, ab, ab2) },
+            }
+        }
+        // SAFETY: as this function's.
+        let (sc, total) = unsafe { self.quantize_block(xb, ab) };
+        let mut cur = [0f32; QK];
+        let cur = &mut cur[..xb.len()];
+        // x − s·a, a product and then a difference, as the vector routines round it.
+        for ((v, &x), &a) in cur.iter_mut().zip(xb).zip(ab.iter()) {
+            *v = x - sc * a as f32;
+        }
+        [(sc, total), quantize_residual(cur, sc, ab2)]
     }
 
     /// The call `c` ([`Call`]): activation rows r0..r0+nr (nr ≤ [`Kernel::rows_per_call`]) of

@@ -1078,30 +1078,27 @@ impl Activations {
         // One row of x: its `limbs` activation rows, adjacent.
         let work = |r: usize, (ar, (sr, (sar, sumr))): RowOut<'_>| {
             let xr = &x[r * inp..(r + 1) * inp];
-            // The block being quantized: x's, then (in place) the residual.
-            let mut cur = [0f32; QK];
+            let (a1, a2) = ar.split_at_mut(kp);
             for b in 0..nb {
                 let xb = &xr[b * QK..((b + 1) * QK).min(inp)];
-                let cur = &mut cur[..xb.len()];
-                cur.copy_from_slice(xb);
-                let ab: &mut [i8; QK] = (&mut ar[b * QK..(b + 1) * QK])
+                let ab: &mut [i8; QK] = (&mut a1[b * QK..(b + 1) * QK])
                     .try_into()
                     .expect("QK-sized chunk");
-                // SAFETY: the CPU supports `kernel` (asserted above).
-                let (sc, total) = unsafe { kernel.quantize_block(cur, ab) };
-                sumr[b] = total;
                 if !two {
+                    // SAFETY: the CPU supports `kernel` (asserted above).
+                    let (sc, total) = unsafe { kernel.quantize_block(xb, ab) };
+                    sumr[b] = total;
                     sr[b] = sc;
                     sar[b] = sc * total as f32;
                     continue;
                 }
-                for (v, &av) in cur.iter_mut().zip(ab.iter()) {
-                    *v -= sc * av as f32;
-                }
-                let ab2: &mut [i8; QK] = (&mut ar[kp + b * QK..kp + (b + 1) * QK])
+                let ab2: &mut [i8; QK] = (&mut a2[b * QK..(b + 1) * QK])
                     .try_into()
                     .expect("QK-sized chunk");
-                let (s2, total2) = quantize_residual(cur, sc, ab2);
+                // SAFETY: as above.
+                let [(sc, total), (s2, total2)] =
+                    unsafe { kernel.quantize_fine_block(xb, ab, ab2) };
+                sumr[b] = total;
                 sumr[nb + b] = total2;
                 sr[b] = s2;
                 sar[b] = sc * total as f32 + s2 * total2 as f32;
@@ -1131,12 +1128,7 @@ impl Activations {
 /// product), written so that it vectorizes: the rounding is the 1.5·2²³ addition, read off
 /// the sum's bits. `r` may be a short tail block (the rest of `ab` is zeroed); a NaN gives 0.
 fn quantize_residual(r: &[f32], s: f32, ab: &mut [i8; QK]) -> (f32, i32) {
-    let s2 = s * (1.0 / 256.0);
-    let inv = if s > 0.0 {
-        ((1.0 / s) * 256.0).min(f32::MAX)
-    } else {
-        0.0
-    };
+    let (s2, inv) = residual_scale(s);
     const C: f32 = 12_582_912.0; // 1.5 · 2^23
     let mut q = [0i32; QK];
     for (qi, &v) in q.iter_mut().zip(r) {
@@ -1153,6 +1145,18 @@ fn quantize_residual(r: &[f32], s: f32, ab: &mut [i8; QK]) -> (f32, i32) {
         total += qi;
     }
     (s2, total)
+}
+
+/// The second limb's scale s/256 for a first limb of scale s, and the multiplier 256/s (0
+/// for s = 0, capped at `f32::MAX` as [`act_scale`] caps 1/s), shared by every path.
+#[inline(always)]
+fn residual_scale(s: f32) -> (f32, f32) {
+    let inv = if s > 0.0 {
+        ((1.0 / s) * 256.0).min(f32::MAX)
+    } else {
+        0.0
+    };
+    (s * (1.0 / 256.0), inv)
 }
 
 /// One row's slices of [`Activations`] while it is being filled: (a, (s, (s·Σa, Σa))).

@@ -514,9 +514,9 @@ fn extreme_blocks(top: u32) {
     assert_near_reference(&y, &x, &q.dequantize(), rows, out, &what);
 }
 
-#[test]
-fn activation_quantizers_agree() {
-    let kernels = vector_kernels("activation_quantizers_agree");
+/// 60 blocks of activations at the quantizers' edges: exact ties, zeros of both signs,
+/// tiny, denormal and huge values, a lone non-zero, and scales across e^±30.
+fn edge_activation_blocks() -> Vec<f32> {
     let mut x = rand_vec(32 * 60, 9);
     let blocks: Vec<&mut [f32]> = x.chunks_mut(QK).collect();
     for (i, xb) in blocks.into_iter().enumerate() {
@@ -541,6 +541,13 @@ fn activation_quantizers_agree() {
             }
         }
     }
+    x
+}
+
+#[test]
+fn activation_quantizers_agree() {
+    let kernels = vector_kernels("activation_quantizers_agree");
+    let x = edge_activation_blocks();
     for xb in x.chunks_exact(QK) {
         let mut p = [0i8; QK];
         let want = quantize_act_block(xb, &mut p);
@@ -578,6 +585,52 @@ fn activation_quantizers_agree() {
         let want = Activations::quantize(Kernel::Portable, &x, 3, inp, nb);
         for &k in &kernels {
             let got = Activations::quantize(k, &x, 3, inp, nb);
+            assert_eq!(got.a, want.a, "{} inp {inp}", k.name());
+            assert_eq!(bits(&got.s), bits(&want.s), "{} inp {inp}", k.name());
+            assert_eq!(bits(&got.sa), bits(&want.sa), "{} inp {inp}", k.name());
+            assert_eq!(got.sum, want.sum, "{} inp {inp}", k.name());
+        }
+    }
+}
+
+/// Each vector path's two-limb block quantizer gives bitwise the scalar definition: the
+/// first limb by `quantize_act_block`, the residual x − s·a (product, then difference)
+/// by `quantize_residual`; and whole rows of every length agree across the paths.
+#[test]
+fn fine_quantizers_agree() {
+    let kernels = vector_kernels("fine_quantizers_agree");
+    let mut x = edge_activation_blocks();
+    // Many ordinary blocks too: a residual rounded differently (an FMA, say) shows only
+    // where it falls near a rounding boundary.
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    x.extend((0..32 * 4000).map(|i| {
+        let scale = (((i / 32) % 40) as f32 - 20.0).exp();
+        rng.random_range(-1.0f32..1.0) * scale
+    }));
+    for xb in x.chunks_exact(QK) {
+        let (mut p, mut p2) = ([0i8; QK], [0i8; QK]);
+        let (s, total) = quantize_act_block(xb, &mut p);
+        let r: Vec<f32> = xb.iter().zip(&p).map(|(&v, &a)| v - s * a as f32).collect();
+        let (s2, total2) = quantize_residual(&r, s, &mut p2);
+        let want = [(s.to_bits(), total), (s2.to_bits(), total2)];
+        for &k in kernels.iter().chain([&Kernel::Portable]) {
+            let (mut v, mut v2) = ([0i8; QK], [0i8; QK]);
+            // SAFETY: `kernels` are the ones this CPU supports, and portable runs anywhere.
+            let got = unsafe { k.quantize_fine_block(xb, &mut v, &mut v2) };
+            assert_eq!(
+                (got.map(|(s, t)| (s.to_bits(), t)), v, v2),
+                (want, p, p2),
+                "{} on {xb:?}",
+                k.name()
+            );
+        }
+    }
+    for inp in 1..=70 {
+        let x = rand_vec(3 * inp, 100 + inp as u64);
+        let nb = inp.div_ceil(QK);
+        let want = Activations::quantize_fine(Kernel::Portable, &x, 3, inp, nb);
+        for &k in &kernels {
+            let got = Activations::quantize_fine(k, &x, 3, inp, nb);
             assert_eq!(got.a, want.a, "{} inp {inp}", k.name());
             assert_eq!(bits(&got.s), bits(&want.s), "{} inp {inp}", k.name());
             assert_eq!(bits(&got.sa), bits(&want.sa), "{} inp {inp}", k.name());

@@ -7,22 +7,71 @@ use std::arch::x86_64::*;
 /// The CPU has AVX-512 F, BW and VNNI.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 pub(super) unsafe fn quantize_block(xb: &[f32; QK], ab: &mut [i8; QK]) -> (f32, i32) {
-    let x0 = _mm512_loadu_ps(xb.as_ptr());
-    let x1 = _mm512_loadu_ps(xb.as_ptr().add(16));
-    let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+    let (sc, _, _, total) = first_limb(xb, ab);
+    (sc, total)
+}
+
+/// Both limbs of a full block, as [`super::avx2::quantize_fine_block`] (which says why it
+/// is bitwise the scalar code's) on 16-lane vectors; a NaN residual's lanes convert under a
+/// zero mask.
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW and VNNI.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(super) unsafe fn quantize_fine_block(
+    xb: &[f32; QK],
+    ab: &mut [i8; QK],
+    ab2: &mut [i8; QK],
+) -> [(f32, i32); 2] {
+    let (sc, x, q, total) = first_limb(xb, ab);
+    let (s2, inv2) = super::residual_scale(sc);
+    let (scv, inv2) = (_mm512_set1_ps(sc), _mm512_set1_ps(inv2));
+    let (lo, hi) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
+    let q2 = [0, 1].map(|k| {
+        let r = _mm512_sub_ps(x[k], _mm512_mul_ps(scv, _mm512_cvtepi32_ps(q[k])));
+        let y = _mm512_mul_ps(r, inv2);
+        let ordered = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(y, y);
+        _mm512_maskz_cvtps_epi32(ordered, _mm512_min_ps(_mm512_max_ps(y, lo), hi))
+    });
+    [(sc, total), (s2, store_i8(q2, ab2))]
+}
+
+/// The first limb of a full block: x's two vectors, its scale, the clamped integers as i32
+/// lanes (also stored into `ab` as i8) and their sum.
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW and VNNI.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[inline]
+unsafe fn first_limb(xb: &[f32; QK], ab: &mut [i8; QK]) -> (f32, [__m512; 2], [__m512i; 2], i32) {
+    let x = [
+        _mm512_loadu_ps(xb.as_ptr()),
+        _mm512_loadu_ps(xb.as_ptr().add(16)),
+    ];
+    let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x[0]), _mm512_abs_ps(x[1])));
     let (sc, inv) = super::act_scale(amax);
     let inv = _mm512_set1_ps(inv);
     // Round to nearest even (the default rounding mode), then narrow.
     let lim = _mm512_set1_epi32(127);
     let clamp = |v: __m512i| _mm512_max_epi32(_mm512_min_epi32(v, lim), _mm512_set1_epi32(-127));
-    let q0 = clamp(_mm512_cvtps_epi32(_mm512_mul_ps(x0, inv)));
-    let q1 = clamp(_mm512_cvtps_epi32(_mm512_mul_ps(x1, inv)));
-    _mm_storeu_si128(ab.as_mut_ptr() as *mut __m128i, _mm512_cvtepi32_epi8(q0));
+    let q = x.map(|v| clamp(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv))));
+    let total = store_i8(q, ab);
+    (sc, x, q, total)
+}
+
+/// Stores 32 i32 lanes in ±127 as i8 into `ab`, in order; returns their sum.
+///
+/// # Safety
+/// The CPU has AVX-512 F.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn store_i8(q: [__m512i; 2], ab: &mut [i8; QK]) -> i32 {
+    _mm_storeu_si128(ab.as_mut_ptr() as *mut __m128i, _mm512_cvtepi32_epi8(q[0]));
     _mm_storeu_si128(
         ab.as_mut_ptr().add(16) as *mut __m128i,
-        _mm512_cvtepi32_epi8(q1),
+        _mm512_cvtepi32_epi8(q[1]),
     );
-    (sc, _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)))
+    _mm512_reduce_add_epi32(_mm512_add_epi32(q[0], q[1]))
 }
 
 /// Rows r0..r0+nr of tiles t and t + 1 (where the matrix has it), for the matrix's q
