@@ -760,16 +760,15 @@ impl Llama {
                 })
                 .collect();
         };
-        // [N, Σ out] (training: see quant::TrainProduct)
-        let y = match rec.is_some() {
-            true => quant::qlinear_train(x, q, self.train_product)?,
-            false => quant::qlinear(x, q)?,
-        };
         let widths = targets
             .iter()
             .map(|&(t, _)| self.weights.layers[layer].linear(t).dim(0))
             .collect::<candle_core::Result<Vec<usize>>>()?;
-        let parts = ops::split_cols(&y, &widths)?; // [N, out] each
+        // [N, out] each (training: see quant::TrainProduct)
+        let parts = match rec.is_some() {
+            true => quant::qlinear_train_parts(x, q, self.train_product, &widths)?,
+            false => ops::split_cols(&quant::qlinear(x, q)?, &widths)?,
+        };
         let mut outs = Vec::with_capacity(targets.len());
         for (&(t, b), part) in targets.iter().zip(parts) {
             let key = ModuleKey::new(layer, t);

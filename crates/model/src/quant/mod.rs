@@ -668,6 +668,41 @@ impl QMatrix {
         y
     }
 
+    /// [`QMatrix::matmul_fine`] with y's columns split into consecutive parts of `widths`
+    /// (a fused q/k/v or gate/up pack's targets), each written straight into its own
+    /// [rows, width] vector: the fused output and its copy into parts were 2–3 % of an int8
+    /// training step (memmove, and the zeroing and faulting-in of the parts). `None` where
+    /// the widths do not sum to the output dim, or a part other than the last does not
+    /// start and end on a kernel call's tile group (16 outputs, 32 on AVX-512): the caller
+    /// then splits the whole product. Every cell is the same as in the whole product.
+    pub fn matmul_fine_parts(
+        &self,
+        x: &[f32],
+        rows: usize,
+        widths: &[usize],
+    ) -> Option<Vec<Vec<f32>>> {
+        let kernel = Kernel::detect();
+        let group = TILE * kernel.tiles_per_call();
+        let (last, inner) = widths.split_last()?;
+        if widths.iter().sum::<usize>() != self.out
+            || *last == 0
+            || inner.iter().any(|&w| w == 0 || !w.is_multiple_of(group))
+        {
+            return None;
+        }
+        assert!(
+            kernel.supported(),
+            "int8 kernel {} on this CPU",
+            kernel.name()
+        );
+        assert_eq!(x.len(), rows * self.inp, "int8 matmul: input size");
+        let act = Activations::quantize_fine(kernel, x, rows, self.inp, self.nb);
+        let mut ys: Vec<Vec<f32>> = widths.iter().map(|_| Vec::new()).collect();
+        let tile_major = self.q.len() >= TILE_MAJOR_BYTES;
+        self.products_parts(kernel, &act, rows, true, &mut ys, widths, tile_major);
+        Some(ys)
+    }
+
     /// y [rows, out] from activations quantized for this matrix (on a supported `kernel`):
     /// one activation row per row of y, or with `limbs` a pair of them (a row's limbs, as
     /// [`Activations::quantize_fine`] lays them out), combined per block in the kernel's
@@ -681,33 +716,72 @@ impl QMatrix {
         y: &mut Vec<f32>,
         tile_major: bool,
     ) {
-        let cells = rows * self.out;
-        // Every cell is stored by exactly one kernel call below (no kernel accumulates into
-        // y), so y starts uninitialized: zero-filling it was 0.5 % of an int8 training step.
-        // Unit tests and debug builds start from NaN instead, so that a cell no call wrote
-        // shows in every comparison.
-        y.clear();
-        match cfg!(any(test, debug_assertions)) {
-            true => y.resize(cells, f32::NAN),
-            false => y.reserve(cells),
-        };
+        let mut ys = [std::mem::take(y)];
+        self.products_parts(kernel, act, rows, limbs, &mut ys, &[self.out], tile_major);
+        let [whole] = ys;
+        *y = whole;
+    }
+
+    /// [`QMatrix::products`] into consecutive column parts of `widths` (summing to out; each
+    /// but the last a multiple of the kernel's tiles per call, so that no call straddles two
+    /// parts), part j into `ys[j]` as [rows, widths[j]].
+    #[allow(clippy::too_many_arguments)]
+    fn products_parts(
+        &self,
+        kernel: Kernel,
+        act: &Activations,
+        rows: usize,
+        limbs: bool,
+        ys: &mut [Vec<f32>],
+        widths: &[usize],
+        tile_major: bool,
+    ) {
+        let tpc = kernel.tiles_per_call();
+        assert_eq!(ys.len(), widths.len());
+        assert_eq!(
+            widths.iter().sum::<usize>(),
+            self.out,
+            "int8 matmul: part widths"
+        );
+        // Each part's first tile and output pointer.
+        let mut parts = Vec::with_capacity(widths.len());
+        let mut first = 0;
+        for (j, (y, &w)) in ys.iter_mut().zip(widths).enumerate() {
+            assert!(
+                j + 1 == widths.len() || w.is_multiple_of(TILE * tpc),
+                "int8 matmul: part {j} of width {w} splits a kernel call"
+            );
+            // Every cell is stored by exactly one kernel call below (no kernel accumulates
+            // into y), so y starts uninitialized: zero-filling it was 0.5 % of an int8
+            // training step. Unit tests and debug builds start from NaN instead, so that a
+            // cell no call wrote shows in every comparison.
+            y.clear();
+            match cfg!(any(test, debug_assertions)) {
+                true => y.resize(rows * w, f32::NAN),
+                false => y.reserve(rows * w),
+            };
+            parts.push((first, SendPtr(y.as_mut_ptr()), w));
+            first += w / TILE;
+        }
         if rows == 0 {
             return;
         }
+        // The part holding tile t: (its first tile, its cells, its width).
+        let part_of = |t: usize| -> (usize, &SendPtr, usize) {
+            let (f, p, w) = &parts[parts.partition_point(|&(f, _, _)| f <= t) - 1];
+            (*f, p, *w)
+        };
         let arows = if limbs { 2 * rows } else { rows };
         let nr_max = kernel.rows_per_call(limbs);
         // Every call takes whole pairs of limb rows: units start at multiples of ROW_BLOCK
         // and calls at multiples of nr_max, both even, and arows is even with limbs.
         const _: () = assert!(ROW_BLOCK.is_multiple_of(2));
         assert!(nr_max <= NR_MAX && nr_max.is_multiple_of(2));
-        let out = self.out;
         // Tiles a call computes (t, t + 1, … where the matrix has them); units take whole
         // calls' worth.
-        let tpc = kernel.tiles_per_call();
         let tiles_per_unit = tile_chunk(self.tiles, arows).next_multiple_of(tpc);
         let tile_units = self.tiles.div_ceil(tiles_per_unit);
         let row_units = arows.div_ceil(ROW_BLOCK);
-        let yp = SendPtr(y.as_mut_ptr());
         let per_row = if limbs { 2 } else { 1 };
         // Consecutive units (which a thread takes together) share their rows, re-reading the
         // weights once per block of rows; for a weight far bigger than the activations that
@@ -725,18 +799,22 @@ impl QMatrix {
             let r_end = ((ru + 1) * ROW_BLOCK).min(arows);
             let t_end = ((tu + 1) * tiles_per_unit).min(self.tiles);
             for t in (tu * tiles_per_unit..t_end).step_by(tpc) {
+                let (f, yp, ld) = part_of(t);
                 let mut r0 = ru * ROW_BLOCK;
                 while r0 < r_end {
                     let nr = (r_end - r0).min(nr_max);
-                    // SAFETY: y's row r0 / per_row + r (r < nr / per_row) exists (< rows) and
-                    // its lanes from 16t on, min(16·tpc, out − 16t) of them, are this unit's
+                    // SAFETY: t is a multiple of tpc (units start at multiples of it) and the
+                    // part's first tile f too (every part before the last is a multiple of tpc
+                    // tiles), so tiles t..t + tpc lie in this part (or past the matrix's
+                    // end). Its row r0 / per_row + r (r < nr / per_row) exists (< rows) and its
+                    // lanes from 16(t − f) on, min(16·tpc, out − 16t) of them, are this unit's
                     // alone (its own rows and tiles); rows r0..r0+nr < arows exist in `act`
                     // (whole limb pairs with `limbs`); t < tiles; `kernel` is supported (the
-                    // callers assert it); `y` outlives the parallel loop.
+                    // callers assert it); the parts outlive the parallel loop.
                     unsafe {
                         let y = OutTile {
-                            p: yp.get().add(r0 / per_row * out + t * TILE),
-                            ld: out,
+                            p: yp.get().add(r0 / per_row * ld + (t - f) * TILE),
+                            ld,
                         };
                         let (w, x) = (self, act);
                         kernel.run(Call {
@@ -753,10 +831,12 @@ impl QMatrix {
                 }
             }
         });
-        // SAFETY: the units cover rows 0..rows and tiles 0..tiles, and each call stored every
-        // lane < out of its rows and tiles (see `Kernel::run`), so all `cells` floats of
-        // the allocation are initialized.
-        unsafe { y.set_len(cells) };
+        for (y, &w) in ys.iter_mut().zip(widths) {
+            // SAFETY: the units cover rows 0..rows and tiles 0..tiles, and each call stored
+            // every lane < out of its rows and tiles (see `Kernel::run`), so all rows·w
+            // floats of each part's allocation are initialized.
+            unsafe { y.set_len(rows * w) };
+        }
     }
 }
 
@@ -1257,7 +1337,8 @@ use kernel::Kernel;
 pub use kernel::{kernel_name, supported_kernels};
 pub use train::{
     bf16_linear_into, dequantized_input_grad, dequantized_input_grad_rows, qlinear_train,
-    qlinear_train_into, qlinear_train_vec, DxProduct, HeadProduct, TrainProduct,
+    qlinear_train_into, qlinear_train_parts, qlinear_train_vec, DxProduct, HeadProduct,
+    TrainProduct,
 };
 
 mod kernel;

@@ -1057,3 +1057,61 @@ fn four_bit_packing_rounds_to_sixteen_levels() {
     assert_eq!(four.rounded_blocks(), 0);
     assert!(fields(&four) == fields(&eight), "Q4_1 under 4 bits");
 }
+
+/// The two-limb product written into column parts gives, part by part, bitwise the whole
+/// product's columns, on every kernel path and in both work orders; widths that would split
+/// a kernel call, or do not sum to the output dim, are refused.
+#[test]
+fn fine_product_parts_are_the_whole_split() {
+    // (inp, widths): q/k/v-like, gate/up-like, a ragged last part, odd tile counts.
+    let cases: [(usize, &[usize]); 5] = [
+        (96, &[64, 32, 32]),
+        (64, &[96, 96]),
+        (70, &[32, 64, 21]),
+        (40, &[32, 16, 48]),
+        (32, &[16, 16, 16]),
+    ];
+    for (inp, widths) in cases {
+        let out: usize = widths.iter().sum();
+        let w = QMatrix::from_f32(&q4_weights(out, inp, 5), out, inp).unwrap();
+        for rows in [1, 3, 70] {
+            let x = rand_vec(rows * inp, rows as u64);
+            for k in Kernel::supported_list() {
+                let mut whole = Vec::new();
+                w.matmul_fine_with(k, &x, rows, &mut whole);
+                let group = TILE * k.tiles_per_call();
+                let fits = widths[..widths.len() - 1].iter().all(|w| w % group == 0);
+                let act = Activations::quantize_fine(k, &x, rows, inp, w.nb);
+                for tile_major in [false, true] {
+                    if !fits {
+                        continue;
+                    }
+                    let mut ys: Vec<Vec<f32>> = widths.iter().map(|_| Vec::new()).collect();
+                    w.products_parts(k, &act, rows, true, &mut ys, widths, tile_major);
+                    let mut off = 0;
+                    for (y, &wd) in ys.iter().zip(widths) {
+                        let want: Vec<f32> = (0..rows)
+                            .flat_map(|r| whole[r * out + off..][..wd].to_vec())
+                            .collect();
+                        assert!(
+                            bits(y) == bits(&want),
+                            "{} widths {widths:?} rows {rows} part at {off}",
+                            k.name()
+                        );
+                        off += wd;
+                    }
+                }
+                if k == Kernel::detect() {
+                    let got = w.matmul_fine_parts(&x, rows, widths);
+                    assert_eq!(got.is_some(), fits, "{} widths {widths:?}", k.name());
+                }
+            }
+        }
+        let w2 = QMatrix::from_f32(&q4_weights(out, inp, 6), out, inp).unwrap();
+        let x = rand_vec(2 * inp, 1);
+        assert!(
+            w2.matmul_fine_parts(&x, 2, &widths[1..]).is_none(),
+            "widths short of out"
+        );
+    }
+}

@@ -321,6 +321,35 @@ pub fn qlinear_train(x: &Tensor, w: &QMatrix, product: TrainProduct) -> Result<T
     }
 }
 
+/// [`qlinear_train`] of a fused pack, split into its targets' outputs: consecutive column
+/// parts of `widths` (summing to the pack's out dim), each [n, width]. The limbs' product
+/// writes each part straight into its own tensor where the widths fall on the kernel's
+/// tile groups ([`QMatrix::matmul_fine_parts`]); otherwise the whole product is split.
+pub fn qlinear_train_parts(
+    x: &Tensor,
+    w: &QMatrix,
+    product: TrainProduct,
+    widths: &[usize],
+) -> Result<Vec<Tensor>> {
+    let plain = x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && x.rank() == 2;
+    if product == TrainProduct::Limbs && plain && !x.track_op() && x.dim(1)? == w.in_dim() {
+        let x = x.contiguous()?;
+        let rows = x.dim(0)?;
+        let (xs, xl) = x.storage_and_layout();
+        if let Some(v) = crate::ops::f32s(&xs) {
+            let v = &v[xl.start_offset()..][..rows * w.in_dim()];
+            if let Some(parts) = w.matmul_fine_parts(v, rows, widths) {
+                return parts
+                    .into_iter()
+                    .zip(widths)
+                    .map(|(p, &wd)| Ok(Tensor::from_vec(p, (rows, wd), x.device())?))
+                    .collect();
+            }
+        }
+    }
+    crate::ops::split_cols(&qlinear_train(x, w, product)?, widths)
+}
+
 /// [`qlinear_train`] as a row-major vector [n·out] (no tensor, and no copy out of one,
 /// where the dequantized product runs on our gemm).
 pub fn qlinear_train_vec(x: &Tensor, w: &QMatrix, product: TrainProduct) -> Result<Vec<f32>> {
