@@ -322,15 +322,29 @@ pub fn qlinear_train(x: &Tensor, w: &QMatrix, product: TrainProduct) -> Result<T
 }
 
 /// [`qlinear_train`] of a fused pack, split into its targets' outputs: consecutive column
-/// parts of `widths` (summing to the pack's out dim), each [n, width]. The limbs' product
-/// writes each part straight into its own tensor where the widths fall on the kernel's
-/// tile groups ([`QMatrix::matmul_fine_parts`]); otherwise the whole product is split.
+/// parts of `widths` (summing to the pack's out dim), each [n, width]. Each product writes
+/// the parts straight into their own tensors where the widths allow it (the limbs' where
+/// they fall on the kernel's tile groups, [`QMatrix::matmul_fine_parts`]; the dequantized
+/// one's on whole 16-row tiles, one gemm per part); otherwise the whole product is split.
 pub fn qlinear_train_parts(
     x: &Tensor,
     w: &QMatrix,
     product: TrainProduct,
     widths: &[usize],
 ) -> Result<Vec<Tensor>> {
+    let as_tensors = |parts: Vec<Vec<f32>>, rows: usize| -> Result<Vec<Tensor>> {
+        parts
+            .into_iter()
+            .zip(widths)
+            .map(|(p, &wd)| Ok(Tensor::from_vec(p, (rows, wd), x.device())?))
+            .collect()
+    };
+    #[cfg(target_arch = "x86_64")]
+    if product == TrainProduct::Dequantized {
+        if let Some(parts) = dequantized_linear_parts(x, w, widths)? {
+            return as_tensors(parts, x.dim(0)?);
+        }
+    }
     let plain = x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && x.rank() == 2;
     if product == TrainProduct::Limbs && plain && !x.track_op() && x.dim(1)? == w.in_dim() {
         let x = x.contiguous()?;
@@ -339,11 +353,7 @@ pub fn qlinear_train_parts(
         if let Some(v) = crate::ops::f32s(&xs) {
             let v = &v[xl.start_offset()..][..rows * w.in_dim()];
             if let Some(parts) = w.matmul_fine_parts(v, rows, widths) {
-                return parts
-                    .into_iter()
-                    .zip(widths)
-                    .map(|(p, &wd)| Ok(Tensor::from_vec(p, (rows, wd), x.device())?))
-                    .collect();
+                return as_tensors(parts, rows);
             }
         }
     }
@@ -486,7 +496,7 @@ fn dequantized_linear_own(
     w: &QMatrix,
     chunk_rows: Option<usize>,
 ) -> Result<Option<Vec<f32>>> {
-    use crate::ops::gemm::{gemm_fill_cols, gemm_raw, BLayout, GemmKernel, MIN_ROWS};
+    use crate::ops::gemm::{gemm_raw, BLayout, GemmKernel, MIN_ROWS};
     let (out, inp) = (w.out_dim(), w.in_dim());
     let plain = x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && x.rank() == 2;
     if !GemmKernel::detect().is_own() || !plain || x.track_op() {
@@ -502,22 +512,10 @@ fn dequantized_linear_own(
         return Ok(None);
     };
     let xv = &xv[xl.start_offset()..][..m * inp];
-    let mut y: Vec<f32> = Vec::with_capacity(m * out);
     let Some(rows) = chunk_rows else {
-        // W's rows r0..r0+n (one 16-row tile), columns j0..j0+nc (j0 a multiple of 32):
-        // decoded exactly, as in the chunks.
-        let fill = |r0: usize, n: usize, j0: usize, nc: usize, dst: &mut [f32]| {
-            debug_assert!(n <= super::TILE && dst.len() == n * nc);
-            w.tile_span_into(r0 / super::TILE, j0, nc, dst)
-        };
-        // SAFETY: y has room for m rows of `out` floats, each written by the product; x
-        // holds m rows of `inp` floats.
-        unsafe {
-            gemm_fill_cols(m, out, inp, xv, inp, &fill, y.as_mut_ptr(), out);
-            y.set_len(m * out);
-        }
-        return Ok(Some(y));
+        return Ok(Some(decoded_cols_product(xv, m, w, 0, out)));
     };
+    let mut y: Vec<f32> = Vec::with_capacity(m * out);
     for_decoded_chunks(w, rows, |r0, n, wc| {
         // SAFETY: y has room for m rows of `out` floats; this chunk writes columns
         // r0..r0+n of each (r0 + n ≤ out), and the chunks together write every column.
@@ -540,6 +538,75 @@ fn dequantized_linear_own(
     // SAFETY: every float of the m·out written above (the loop covers 0..out).
     unsafe { y.set_len(m * out) };
     Ok(Some(y))
+}
+
+/// x·W[c0..c0 + n]ᵀ [m, n] on our f32 gemm, which decodes those rows of the pack 16 rows
+/// and one depth block at a time straight into its panels (c0 a multiple of 16, and n too
+/// unless the rows run to the pack's end). xv: m rows of the pack's in dim.
+#[cfg(target_arch = "x86_64")]
+fn decoded_cols_product(xv: &[f32], m: usize, w: &QMatrix, c0: usize, n: usize) -> Vec<f32> {
+    use crate::ops::gemm::gemm_fill_cols;
+    let inp = w.in_dim();
+    assert!(xv.len() >= m * inp && c0.is_multiple_of(super::TILE) && c0 + n <= w.out_dim());
+    assert!(n.is_multiple_of(super::TILE) || c0 + n == w.out_dim());
+    // W's rows c0 + r0.. (one 16-row tile: r0 is a multiple of 16, and the tile holds n
+    // rows where the product does), columns j0..j0+nc (j0 a multiple of 32): decoded
+    // exactly, as in the chunks.
+    let fill = |r0: usize, rn: usize, j0: usize, nc: usize, dst: &mut [f32]| {
+        debug_assert!(rn <= super::TILE && dst.len() == rn * nc);
+        w.tile_span_into((c0 + r0) / super::TILE, j0, nc, dst)
+    };
+    let mut y: Vec<f32> = Vec::with_capacity(m * n);
+    // SAFETY: y has room for m rows of n floats, each written by the product; xv holds m
+    // rows of `inp` floats.
+    unsafe {
+        gemm_fill_cols(m, n, inp, xv, inp, &fill, y.as_mut_ptr(), n);
+        y.set_len(m * n);
+    }
+    y
+}
+
+/// [`dequantized_linear_own`] of a fused pack into its targets' column parts of `widths`
+/// (each [m, width], written in place by its own product), or `None` where that does not
+/// run: as there, or chunked decoding, or a part other than the last not on whole tiles.
+#[cfg(target_arch = "x86_64")]
+fn dequantized_linear_parts(
+    x: &Tensor,
+    w: &QMatrix,
+    widths: &[usize],
+) -> Result<Option<Vec<Vec<f32>>>> {
+    use crate::ops::gemm::{GemmKernel, MIN_ROWS};
+    let plain = x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && x.rank() == 2;
+    if !GemmKernel::detect().is_own() || !plain || x.track_op() || chunk_rows(w).is_some() {
+        return Ok(None);
+    }
+    let (m, k) = x.dims2()?;
+    let Some((_, inner)) = widths.split_last() else {
+        return Ok(None);
+    };
+    if m < MIN_ROWS
+        || k != w.in_dim()
+        || widths.iter().sum::<usize>() != w.out_dim()
+        || inner.iter().any(|wd| !wd.is_multiple_of(super::TILE))
+    {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let (xs, xl) = x.storage_and_layout();
+    let Some(xv) = crate::ops::f32s(&xs) else {
+        return Ok(None);
+    };
+    let xv = &xv[xl.start_offset()..][..m * k];
+    let mut c0 = 0;
+    let parts = widths
+        .iter()
+        .map(|&wd| {
+            let y = decoded_cols_product(xv, m, w, c0, wd);
+            c0 += wd;
+            y
+        })
+        .collect();
+    Ok(Some(parts))
 }
 
 /// The frozen part of an input gradient through the packed `w`: dX = Σ_t dY_t·W_t [N, in],
@@ -759,6 +826,63 @@ fn input_grad_views(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fused pack's product into its targets' parts is, part by part, bitwise the whole
+    /// product's columns, for both training products (each writing the parts in place where
+    /// the widths allow it, else splitting): q/k/v-like parts, a ragged last part, and parts
+    /// off the tile grid.
+    #[test]
+    fn fused_products_split_into_parts_exactly() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+        let cases: [(usize, &[usize]); 4] = [
+            (96, &[64, 32, 32]),
+            (64, &[96, 96]),
+            (70, &[32, 64, 21]),
+            (40, &[24, 40, 48]),
+        ];
+        for (inp, widths) in cases {
+            let out: usize = widths.iter().sum();
+            let wv: Vec<f32> = (0..out * inp)
+                .map(|_| rng.random_range(-1f32..1.0))
+                .collect();
+            let w = QMatrix::from_f32(&wv, out, inp).unwrap();
+            for n in [5, crate::ops::gemm::MIN_ROWS + 3] {
+                let xv: Vec<f32> = (0..n * inp).map(|_| rng.random_range(-2f32..2.0)).collect();
+                let x = Tensor::from_slice(&xv, (n, inp), &candle_core::Device::Cpu).unwrap();
+                for product in [TrainProduct::Limbs, TrainProduct::Dequantized] {
+                    let whole: Vec<f32> = qlinear_train(&x, &w, product)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
+                    let parts = qlinear_train_parts(&x, &w, product, widths).unwrap();
+                    assert_eq!(parts.len(), widths.len());
+                    let mut off = 0;
+                    for (p, &wd) in parts.iter().zip(widths) {
+                        assert_eq!(p.dims2().unwrap(), (n, wd));
+                        let got: Vec<u32> = p
+                            .flatten_all()
+                            .unwrap()
+                            .to_vec1::<f32>()
+                            .unwrap()
+                            .iter()
+                            .map(|v| v.to_bits())
+                            .collect();
+                        let want: Vec<u32> = (0..n)
+                            .flat_map(|r| whole[r * out + off..][..wd].iter().map(|v| v.to_bits()))
+                            .collect();
+                        assert!(
+                            got == want,
+                            "{product:?} widths {widths:?} n {n} part at {off}"
+                        );
+                        off += wd;
+                    }
+                }
+            }
+        }
+    }
 
     /// The dequantized product is x times the weights the packing holds, in f64 up to f32
     /// accumulation error, whatever the chunking (a chunk placed at the wrong rows, or a
