@@ -640,14 +640,20 @@ impl QMatrix {
         y: &mut Vec<f32>,
         tile_major: bool,
     ) {
+        let act = self.fine_activations(kernel, x, rows);
+        self.products(kernel, &act, rows, true, y, tile_major)
+    }
+
+    /// Two-limb activations of x [rows, in] for this matrix on `kernel`, which the CPU must
+    /// support (asserted, as the size of x).
+    fn fine_activations(&self, kernel: Kernel, x: &[f32], rows: usize) -> Activations {
         assert!(
             kernel.supported(),
             "int8 kernel {} on this CPU",
             kernel.name()
         );
         assert_eq!(x.len(), rows * self.inp, "int8 matmul: input size");
-        let act = Activations::quantize_fine(kernel, x, rows, self.inp, self.nb);
-        self.products(kernel, &act, rows, true, y, tile_major)
+        Activations::quantize_fine(kernel, x, rows, self.inp, self.nb)
     }
 
     /// [`QMatrix::matmul`] on a given kernel path (which the CPU must support).
@@ -690,13 +696,7 @@ impl QMatrix {
         {
             return None;
         }
-        assert!(
-            kernel.supported(),
-            "int8 kernel {} on this CPU",
-            kernel.name()
-        );
-        assert_eq!(x.len(), rows * self.inp, "int8 matmul: input size");
-        let act = Activations::quantize_fine(kernel, x, rows, self.inp, self.nb);
+        let act = self.fine_activations(kernel, x, rows);
         let mut ys: Vec<Vec<f32>> = widths.iter().map(|_| Vec::new()).collect();
         let tile_major = self.q.len() >= TILE_MAJOR_BYTES;
         self.products_parts(kernel, &act, rows, true, &mut ys, widths, tile_major);

@@ -579,12 +579,18 @@ fn activation_quantizers_agree() {
     quantize_act_block(&xb, &mut p);
     assert_eq!(&p[1..5], &[-14, -14, -12, -12]);
     // Tail blocks (every length) through the whole row quantizer.
+    row_quantizers_agree(&kernels, false);
+}
+
+/// Rows of every length 1..=70 (whole and tail blocks) through the row quantizer, one limb
+/// or (`two`) two: every vector kernel's activations bitwise the portable ones.
+fn row_quantizers_agree(kernels: &[Kernel], two: bool) {
     for inp in 1..=70 {
-        let x = rand_vec(3 * inp, inp as u64);
+        let x = rand_vec(3 * inp, inp as u64 + if two { 100 } else { 0 });
         let nb = inp.div_ceil(QK);
-        let want = Activations::quantize(Kernel::Portable, &x, 3, inp, nb);
-        for &k in &kernels {
-            let got = Activations::quantize(k, &x, 3, inp, nb);
+        let want = Activations::quantize_limbs(Kernel::Portable, &x, 3, inp, nb, two);
+        for &k in kernels {
+            let got = Activations::quantize_limbs(k, &x, 3, inp, nb, two);
             assert_eq!(got.a, want.a, "{} inp {inp}", k.name());
             assert_eq!(bits(&got.s), bits(&want.s), "{} inp {inp}", k.name());
             assert_eq!(bits(&got.sa), bits(&want.sa), "{} inp {inp}", k.name());
@@ -625,18 +631,7 @@ fn fine_quantizers_agree() {
             );
         }
     }
-    for inp in 1..=70 {
-        let x = rand_vec(3 * inp, 100 + inp as u64);
-        let nb = inp.div_ceil(QK);
-        let want = Activations::quantize_fine(Kernel::Portable, &x, 3, inp, nb);
-        for &k in &kernels {
-            let got = Activations::quantize_fine(k, &x, 3, inp, nb);
-            assert_eq!(got.a, want.a, "{} inp {inp}", k.name());
-            assert_eq!(bits(&got.s), bits(&want.s), "{} inp {inp}", k.name());
-            assert_eq!(bits(&got.sa), bits(&want.sa), "{} inp {inp}", k.name());
-            assert_eq!(got.sum, want.sum, "{} inp {inp}", k.name());
-        }
-    }
+    row_quantizers_agree(&kernels, true);
 }
 
 #[test]
