@@ -321,6 +321,27 @@ pub fn qlinear_train(x: &Tensor, w: &QMatrix, product: TrainProduct) -> Result<T
     }
 }
 
+/// `f(rows, m)` on x's m rows as one f32 slice (x made contiguous), where x is a plain f32
+/// matrix [m, inp] on the CPU; `None` (f not run) otherwise. The products that take slices
+/// share this check.
+fn with_rows<R>(
+    x: &Tensor,
+    inp: usize,
+    f: impl FnOnce(&[f32], usize) -> Result<R>,
+) -> Result<Option<R>> {
+    let plain = x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && x.rank() == 2;
+    if !plain || x.dim(1)? != inp {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let m = x.dim(0)?;
+    let (xs, xl) = x.storage_and_layout();
+    match crate::ops::f32s(&xs) {
+        Some(v) => Ok(Some(f(&v[xl.start_offset()..][..m * inp], m)?)),
+        None => Ok(None),
+    }
+}
+
 /// [`qlinear_train`] of a fused pack, split into its targets' outputs: consecutive column
 /// parts of `widths` (summing to the pack's out dim), each [n, width]. Each product writes
 /// the parts straight into their own tensors where the widths allow it (the limbs' where
@@ -345,16 +366,12 @@ pub fn qlinear_train_parts(
             return as_tensors(parts, x.dim(0)?);
         }
     }
-    let plain = x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && x.rank() == 2;
-    if product == TrainProduct::Limbs && plain && !x.track_op() && x.dim(1)? == w.in_dim() {
-        let x = x.contiguous()?;
-        let rows = x.dim(0)?;
-        let (xs, xl) = x.storage_and_layout();
-        if let Some(v) = crate::ops::f32s(&xs) {
-            let v = &v[xl.start_offset()..][..rows * w.in_dim()];
-            if let Some(parts) = w.matmul_fine_parts(v, rows, widths) {
-                return as_tensors(parts, rows);
-            }
+    if product == TrainProduct::Limbs && !x.track_op() {
+        let parts = with_rows(x, w.in_dim(), |v, rows| {
+            Ok(w.matmul_fine_parts(v, rows, widths).map(|p| (p, rows)))
+        })?;
+        if let Some(Some((parts, rows))) = parts {
+            return as_tensors(parts, rows);
         }
     }
     crate::ops::split_cols(&qlinear_train(x, w, product)?, widths)
@@ -387,13 +404,12 @@ pub fn qlinear_train_into(
     }
     // The limbs' product is a vector already: taken as it is, not through a tensor and a
     // copy out of it (that copy was a second 50 MB buffer per head chunk).
-    let plain = x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && x.rank() == 2;
-    if product == TrainProduct::Limbs && plain && x.dim(1)? == w.in_dim() {
-        let x = x.contiguous()?;
-        let rows = x.dim(0)?;
-        let (xs, xl) = x.storage_and_layout();
-        if let Some(v) = crate::ops::f32s(&xs) {
-            w.matmul_fine_into(&v[xl.start_offset()..][..rows * w.in_dim()], rows, y);
+    if product == TrainProduct::Limbs {
+        let done = with_rows(x, w.in_dim(), |v, rows| {
+            w.matmul_fine_into(v, rows, y);
+            Ok(())
+        })?;
+        if done.is_some() {
             return Ok(());
         }
     }
@@ -496,48 +512,48 @@ fn dequantized_linear_own(
     w: &QMatrix,
     chunk_rows: Option<usize>,
 ) -> Result<Option<Vec<f32>>> {
-    use crate::ops::gemm::{gemm_raw, BLayout, GemmKernel, MIN_ROWS};
+    use crate::ops::gemm::{gemm_raw, BLayout};
+    if !own_gemm_rows(x)? {
+        return Ok(None);
+    }
     let (out, inp) = (w.out_dim(), w.in_dim());
-    let plain = x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && x.rank() == 2;
-    if !GemmKernel::detect().is_own() || !plain || x.track_op() {
-        return Ok(None);
-    }
-    let (m, k) = x.dims2()?;
-    if m < MIN_ROWS || k != inp {
-        return Ok(None);
-    }
-    let x = x.contiguous()?;
-    let (xs, xl) = x.storage_and_layout();
-    let Some(xv) = crate::ops::f32s(&xs) else {
-        return Ok(None);
-    };
-    let xv = &xv[xl.start_offset()..][..m * inp];
-    let Some(rows) = chunk_rows else {
-        return Ok(Some(decoded_cols_product(xv, m, w, 0, out)));
-    };
-    let mut y: Vec<f32> = Vec::with_capacity(m * out);
-    for_decoded_chunks(w, rows, |r0, n, wc| {
-        // SAFETY: y has room for m rows of `out` floats; this chunk writes columns
-        // r0..r0+n of each (r0 + n ≤ out), and the chunks together write every column.
-        unsafe {
-            gemm_raw::<false>(
-                m,
-                n,
-                inp,
-                xv,
-                inp,
-                wc,
-                BLayout::Cols,
-                y.as_mut_ptr().add(r0),
-                out,
-                false,
-            )
+    with_rows(x, inp, |xv, m| {
+        let Some(rows) = chunk_rows else {
+            return Ok(decoded_cols_product(xv, m, w, 0, out));
         };
-        Ok(())
-    })?;
-    // SAFETY: every float of the m·out written above (the loop covers 0..out).
-    unsafe { y.set_len(m * out) };
-    Ok(Some(y))
+        let mut y: Vec<f32> = Vec::with_capacity(m * out);
+        for_decoded_chunks(w, rows, |r0, n, wc| {
+            // SAFETY: y has room for m rows of `out` floats; this chunk writes columns
+            // r0..r0+n of each (r0 + n ≤ out), and the chunks together write every column.
+            unsafe {
+                gemm_raw::<false>(
+                    m,
+                    n,
+                    inp,
+                    xv,
+                    inp,
+                    wc,
+                    BLayout::Cols,
+                    y.as_mut_ptr().add(r0),
+                    out,
+                    false,
+                )
+            };
+            Ok(())
+        })?;
+        // SAFETY: every float of the m·out written above (the loop covers 0..out).
+        unsafe { y.set_len(m * out) };
+        Ok(y)
+    })
+}
+
+/// Whether x suits our own f32 gemm's products: that gemm path runs, x is an untracked
+/// matrix of at least [`crate::ops::gemm::MIN_ROWS`] rows (below that the weight's decoding
+/// costs more than the product).
+#[cfg(target_arch = "x86_64")]
+fn own_gemm_rows(x: &Tensor) -> Result<bool> {
+    use crate::ops::gemm::{GemmKernel, MIN_ROWS};
+    Ok(GemmKernel::detect().is_own() && !x.track_op() && x.rank() == 2 && x.dim(0)? >= MIN_ROWS)
 }
 
 /// x·W[c0..c0 + n]ᵀ [m, n] on our f32 gemm, which decodes those rows of the pack 16 rows
@@ -575,38 +591,27 @@ fn dequantized_linear_parts(
     w: &QMatrix,
     widths: &[usize],
 ) -> Result<Option<Vec<Vec<f32>>>> {
-    use crate::ops::gemm::{GemmKernel, MIN_ROWS};
-    let plain = x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && x.rank() == 2;
-    if !GemmKernel::detect().is_own() || !plain || x.track_op() || chunk_rows(w).is_some() {
-        return Ok(None);
-    }
-    let (m, k) = x.dims2()?;
     let Some((_, inner)) = widths.split_last() else {
         return Ok(None);
     };
-    if m < MIN_ROWS
-        || k != w.in_dim()
+    if !own_gemm_rows(x)?
+        || chunk_rows(w).is_some()
         || widths.iter().sum::<usize>() != w.out_dim()
         || inner.iter().any(|wd| !wd.is_multiple_of(super::TILE))
     {
         return Ok(None);
     }
-    let x = x.contiguous()?;
-    let (xs, xl) = x.storage_and_layout();
-    let Some(xv) = crate::ops::f32s(&xs) else {
-        return Ok(None);
-    };
-    let xv = &xv[xl.start_offset()..][..m * k];
-    let mut c0 = 0;
-    let parts = widths
-        .iter()
-        .map(|&wd| {
-            let y = decoded_cols_product(xv, m, w, c0, wd);
-            c0 += wd;
-            y
-        })
-        .collect();
-    Ok(Some(parts))
+    with_rows(x, w.in_dim(), |xv, m| {
+        let mut c0 = 0;
+        Ok(widths
+            .iter()
+            .map(|&wd| {
+                let y = decoded_cols_product(xv, m, w, c0, wd);
+                c0 += wd;
+                y
+            })
+            .collect())
+    })
 }
 
 /// The frozen part of an input gradient through the packed `w`: dX = Σ_t dY_t·W_t [N, in],
