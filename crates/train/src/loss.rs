@@ -13,7 +13,7 @@ use std::path::Path;
 use candle_core::Tensor;
 use lowrank_lora::Adapter;
 use lowrank_model::model::AdapterSet;
-use lowrank_model::ops::gemm::{matmul_frozen, matmul_frozen_vec, BLayout};
+use lowrank_model::ops::gemm::{matmul_frozen, matmul_frozen_into, BLayout};
 use lowrank_model::{ForwardOpts, Llama, LoadedModel, LogitsMode, SeqInput};
 use rayon::prelude::*;
 
@@ -220,14 +220,15 @@ fn head_chunks(
     // logits, where the training product dequantizes: see quant::TrainProduct) decode the
     // head once per chunk (2 × for 512 tokens), so smaller chunks would decode it more often.
     let chunk = chunk_rows(m, model.cfg.vocab_size);
-    // The logits [n, V], row-major: the floats the loop below rewrites in place. Int8 keeps
-    // one buffer for every chunk (see `Llama::lm_head_train_into`), and for later calls.
+    // The logits [n, V], row-major: the floats the loop below rewrites in place. One buffer
+    // for every chunk and for later calls (see `Llama::lm_head_train_into` and
+    // `matmul_frozen_into`).
     let mut data: Vec<f32> = std::mem::take(&mut *LOGITS.lock().unwrap_or_else(|e| e.into_inner()));
     for start in (0..m).step_by(chunk) {
         let n = chunk.min(m - start);
         let hc = hd.narrow(0, start, n)?; // [n, H]
         match &wd {
-            Some(wd) => data = matmul_frozen_vec(&hc, wd, BLayout::Cols)?,
+            Some(wd) => matmul_frozen_into(&hc, wd, BLayout::Cols, &mut data)?,
             None if want_grad => model.lm_head_train_into(&hc, &mut data)?,
             None => data = model.lm_head(&hc)?.flatten_all()?.to_vec1::<f32>()?,
         };

@@ -173,16 +173,24 @@ pub fn matmul_frozen(x: &Tensor, w: &Tensor, layout: BLayout) -> candle_core::Re
     }
 }
 
-/// [`matmul_frozen`] as a row-major vector [m·n] (for a caller that works on the floats
-/// in place: no tensor, and no copy out of one, on our path).
-pub fn matmul_frozen_vec(x: &Tensor, w: &Tensor, layout: BLayout) -> candle_core::Result<Vec<f32>> {
+/// [`matmul_frozen`] as a row-major vector [m·n] in `c`, its contents replaced (for a
+/// caller that works on the floats in place: no tensor, and no copy out of one, on our
+/// path, which writes into c's allocation where it is big enough). The f32 loss's head
+/// chunks (256 × 49152 logits) share one 50 MB buffer so: a fresh one per chunk was handed
+/// back to the OS when the last was dropped, then faulted in and cleared page by page by
+/// the kernel (1 % of an f32 step on a 2-core EPYC, `perf record`).
+pub fn matmul_frozen_into(
+    x: &Tensor,
+    w: &Tensor,
+    layout: BLayout,
+    c: &mut Vec<f32>,
+) -> candle_core::Result<()> {
     #[cfg(target_arch = "x86_64")]
-    if GemmKernel::detect().is_own() {
-        if let Some((c, _)) = tensor_product_own(x, w, layout)? {
-            return Ok(c);
-        }
+    if GemmKernel::detect().is_own() && tensor_product_own_into(x, w, layout, c)?.is_some() {
+        return Ok(());
     }
-    matmul_frozen(x, w, layout)?.flatten_all()?.to_vec1()
+    *c = matmul_frozen(x, w, layout)?.flatten_all()?.to_vec1()?;
+    Ok(())
 }
 
 /// a·b for a [B, m, k] and b [B, k, n] (candle's batched matmul) on this process's f32
@@ -279,6 +287,18 @@ fn tensor_product_own(
     w: &Tensor,
     layout: BLayout,
 ) -> candle_core::Result<Option<(Vec<f32>, usize)>> {
+    let mut c = Vec::new();
+    Ok(tensor_product_own_into(x, w, layout, &mut c)?.map(|n| (c, n)))
+}
+
+/// [`tensor_product_own`] into `c` (see [`product_own_into`]).
+#[cfg(target_arch = "x86_64")]
+fn tensor_product_own_into(
+    x: &Tensor,
+    w: &Tensor,
+    layout: BLayout,
+    c: &mut Vec<f32>,
+) -> candle_core::Result<Option<usize>> {
     if !(x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() == 2) {
         return Ok(None);
     }
@@ -288,7 +308,7 @@ fn tensor_product_own(
     let Some(xv) = super::f32s(&xs) else {
         return Ok(None);
     };
-    product_own(&xv[xl.start_offset()..][..m * k], m, k, w, layout)
+    product_own_into(&xv[xl.start_offset()..][..m * k], m, k, w, layout, c)
 }
 
 /// x·Wᵀ or x·W (by `layout`) for x given as m rows of k floats, on this process's f32 path:
@@ -319,6 +339,21 @@ fn product_own(
     w: &Tensor,
     layout: BLayout,
 ) -> candle_core::Result<Option<(Vec<f32>, usize)>> {
+    let mut c = Vec::new();
+    Ok(product_own_into(x, m, k, w, layout, &mut c)?.map(|n| (c, n)))
+}
+
+/// [`product_own`] into `c`: its contents replaced by the m·n floats (its allocation kept
+/// where big enough), returning n; `None` (c untouched) where candle's path must take it.
+#[cfg(target_arch = "x86_64")]
+fn product_own_into(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &Tensor,
+    layout: BLayout,
+    c: &mut Vec<f32>,
+) -> candle_core::Result<Option<usize>> {
     let plain = w.device().is_cpu() && w.dtype() == DType::F32 && w.rank() == 2;
     if !plain || !w.is_contiguous() || m < MIN_ROWS || x.len() < m * k {
         return Ok(None);
@@ -340,7 +375,8 @@ fn product_own(
     let wv = &wv[wl.start_offset()..][..k * n];
     // Not zero-filled first: the product writes every element (a memset of each output
     // was ≈ 3 % of a training step).
-    let mut c: Vec<f32> = Vec::with_capacity(m * n);
+    c.clear();
+    c.reserve(m * n);
     // SAFETY: c has room for m·n floats, and gemm_raw writes each of them.
     unsafe {
         gemm_raw::<false>(
@@ -357,7 +393,7 @@ fn product_own(
         );
         c.set_len(m * n);
     }
-    Ok(Some((c, n)))
+    Ok(Some(n))
 }
 
 /// C [m, n] = A [m, k] · B [k, n], A and C row-major and contiguous, B = `w` read by
@@ -1649,6 +1685,43 @@ mod tests {
             assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
             // x [m, 40] against W [24, 40] read as rows: k = 24 ≠ 40.
             assert!(matmul_frozen(&x, &w, BLayout::Rows).is_err());
+        }
+    }
+
+    /// `matmul_frozen_into` replaces its buffer's contents with `matmul_frozen`'s floats,
+    /// bit for bit, on both sides of MIN_ROWS, whatever the buffer held (longer, shorter,
+    /// NaN), and keeps its allocation where it is big enough; a shape mismatch is an error.
+    #[test]
+    fn matmul_frozen_into_replaces_the_buffer() {
+        let dev = candle_core::Device::Cpu;
+        let w = Tensor::new(fill(24 * 40, 7), &dev)
+            .unwrap()
+            .reshape((24, 40))
+            .unwrap();
+        let mut c = vec![f32::NAN; (MIN_ROWS + 9) * 24 + 5];
+        for m in [MIN_ROWS + 9, MIN_ROWS + 2, MIN_ROWS - 1, MIN_ROWS + 9] {
+            let x = Tensor::new(fill(m * 40, m as u64), &dev)
+                .unwrap()
+                .reshape((m, 40))
+                .unwrap();
+            let want: Vec<f32> = matmul_frozen(&x, &w, BLayout::Cols)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let (ptr, cap) = (c.as_ptr(), c.capacity());
+            matmul_frozen_into(&x, &w, BLayout::Cols, &mut c).unwrap();
+            assert_eq!(c.len(), m * 24);
+            assert!(c.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()));
+            #[cfg(target_arch = "x86_64")]
+            if GemmKernel::detect().is_own() && m >= MIN_ROWS && cap >= m * 24 {
+                assert_eq!((c.as_ptr(), c.capacity()), (ptr, cap), "reallocated");
+            }
+            let _ = (ptr, cap);
+            assert!(matmul_frozen_into(&x, &w, BLayout::Rows, &mut c).is_err());
+            // Stale values for the next round.
+            c.iter_mut().for_each(|v| *v = f32::NAN);
         }
     }
 

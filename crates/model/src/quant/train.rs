@@ -385,8 +385,8 @@ pub fn qlinear_train_vec(x: &Tensor, w: &QMatrix, product: TrainProduct) -> Resu
     Ok(y)
 }
 
-/// [`qlinear_train_vec`] into `y` (its contents replaced). The limbs' product writes into
-/// y's allocation where it is big enough: the head's chunks of 256 × 49152 logits reuse one
+/// [`qlinear_train_vec`] into `y` (its contents replaced). The limbs' product and the
+/// dequantized one on our gemm write into y's allocation where it is big enough: the head's chunks of 256 × 49152 logits reuse one
 /// 50 MB buffer, where a fresh one per chunk was faulted in and cleared by the kernel page
 /// by page (2.5 % of an int8 step on a 2-core EPYC).
 pub fn qlinear_train_into(
@@ -396,11 +396,9 @@ pub fn qlinear_train_into(
     y: &mut Vec<f32>,
 ) -> Result<()> {
     #[cfg(target_arch = "x86_64")]
-    if product == TrainProduct::Dequantized {
-        if let Some(v) = dequantized_linear_own(x, w, chunk_rows(w))? {
-            *y = v;
-            return Ok(());
-        }
+    if product == TrainProduct::Dequantized && dequantized_linear_own_into(x, w, chunk_rows(w), y)?
+    {
+        return Ok(());
     }
     // The limbs' product is a vector already: taken as it is, not through a tensor and a
     // copy out of it (that copy was a second 50 MB buffer per head chunk).
@@ -512,16 +510,32 @@ fn dequantized_linear_own(
     w: &QMatrix,
     chunk_rows: Option<usize>,
 ) -> Result<Option<Vec<f32>>> {
+    let mut y = Vec::new();
+    Ok(dequantized_linear_own_into(x, w, chunk_rows, &mut y)?.then_some(y))
+}
+
+/// [`dequantized_linear_own`] into `y`: its contents replaced by the n·out floats (its
+/// allocation kept where big enough) and `true`, or `false` (y untouched) where the candle
+/// path must take it.
+#[cfg(target_arch = "x86_64")]
+fn dequantized_linear_own_into(
+    x: &Tensor,
+    w: &QMatrix,
+    chunk_rows: Option<usize>,
+    y: &mut Vec<f32>,
+) -> Result<bool> {
     use crate::ops::gemm::{gemm_raw, BLayout};
     if !own_gemm_rows(x)? {
-        return Ok(None);
+        return Ok(false);
     }
     let (out, inp) = (w.out_dim(), w.in_dim());
-    with_rows(x, inp, |xv, m| {
+    let done = with_rows(x, inp, |xv, m| {
         let Some(rows) = chunk_rows else {
-            return Ok(decoded_cols_product(xv, m, w, 0, out));
+            decoded_cols_product_into(xv, m, w, 0, out, y);
+            return Ok(());
         };
-        let mut y: Vec<f32> = Vec::with_capacity(m * out);
+        y.clear();
+        y.reserve(m * out);
         for_decoded_chunks(w, rows, |r0, n, wc| {
             // SAFETY: y has room for m rows of `out` floats; this chunk writes columns
             // r0..r0+n of each (r0 + n ≤ out), and the chunks together write every column.
@@ -543,8 +557,9 @@ fn dequantized_linear_own(
         })?;
         // SAFETY: every float of the m·out written above (the loop covers 0..out).
         unsafe { y.set_len(m * out) };
-        Ok(y)
-    })
+        Ok(())
+    })?;
+    Ok(done.is_some())
 }
 
 /// Whether x suits our own f32 gemm's products: that gemm path runs, x is an untracked
@@ -561,6 +576,22 @@ fn own_gemm_rows(x: &Tensor) -> Result<bool> {
 /// unless the rows run to the pack's end). xv: m rows of the pack's in dim.
 #[cfg(target_arch = "x86_64")]
 fn decoded_cols_product(xv: &[f32], m: usize, w: &QMatrix, c0: usize, n: usize) -> Vec<f32> {
+    let mut y = Vec::new();
+    decoded_cols_product_into(xv, m, w, c0, n, &mut y);
+    y
+}
+
+/// [`decoded_cols_product`] into `y` (its contents replaced, its allocation kept where big
+/// enough).
+#[cfg(target_arch = "x86_64")]
+fn decoded_cols_product_into(
+    xv: &[f32],
+    m: usize,
+    w: &QMatrix,
+    c0: usize,
+    n: usize,
+    y: &mut Vec<f32>,
+) {
     use crate::ops::gemm::gemm_fill_cols;
     let inp = w.in_dim();
     assert!(xv.len() >= m * inp && c0.is_multiple_of(super::TILE) && c0 + n <= w.out_dim());
@@ -572,14 +603,14 @@ fn decoded_cols_product(xv: &[f32], m: usize, w: &QMatrix, c0: usize, n: usize) 
         debug_assert!(rn <= super::TILE && dst.len() == rn * nc);
         w.tile_span_into((c0 + r0) / super::TILE, j0, nc, dst)
     };
-    let mut y: Vec<f32> = Vec::with_capacity(m * n);
+    y.clear();
+    y.reserve(m * n);
     // SAFETY: y has room for m rows of n floats, each written by the product; xv holds m
     // rows of `inp` floats.
     unsafe {
         gemm_fill_cols(m, n, inp, xv, inp, &fill, y.as_mut_ptr(), n);
         y.set_len(m * n);
     }
-    y
 }
 
 /// [`dequantized_linear_own`] of a fused pack into its targets' column parts of `widths`
@@ -1198,8 +1229,15 @@ mod tests {
             for product in [TrainProduct::Limbs, TrainProduct::Dequantized] {
                 let want = qlinear_train(&x, &w, product).unwrap();
                 let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+                let (ptr, cap) = (buf.as_ptr(), buf.capacity());
                 qlinear_train_into(&x, &w, product, &mut buf).unwrap();
                 assert_eq!(buf.len(), m * out);
+                // Our products write into the buffer's allocation (big enough here).
+                #[cfg(target_arch = "x86_64")]
+                if product == TrainProduct::Limbs || own_gemm_rows(&x).unwrap() {
+                    assert_eq!((buf.as_ptr(), buf.capacity()), (ptr, cap), "{product:?}");
+                }
+                let _ = (ptr, cap);
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&buf), bits(&want), "{product:?}, {m} rows");
             }
