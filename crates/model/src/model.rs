@@ -767,7 +767,7 @@ impl Llama {
         // [N, out] each (training: see quant::TrainProduct)
         let parts = match rec.is_some() {
             true => quant::qlinear_train_parts(x, q, self.train_product, &widths)?,
-            false => ops::split_cols(&quant::qlinear(x, q)?, &widths)?,
+            false => quant::qlinear_parts(x, q, &widths)?,
         };
         let mut outs = Vec::with_capacity(targets.len());
         for (&(t, b), part) in targets.iter().zip(parts) {

@@ -656,18 +656,24 @@ impl QMatrix {
         Activations::quantize_fine(kernel, x, rows, self.inp, self.nb)
     }
 
-    /// [`QMatrix::matmul`] on a given kernel path (which the CPU must support).
-    fn matmul_with(&self, kernel: Kernel, x: &[f32], rows: usize) -> Vec<f32> {
+    /// One-limb activations of x [rows, in] for this matrix on `kernel` (as
+    /// [`QMatrix::fine_activations`]).
+    fn activations(&self, kernel: Kernel, x: &[f32], rows: usize) -> Activations {
         assert!(
             kernel.supported(),
             "int8 kernel {} on this CPU",
             kernel.name()
         );
         assert_eq!(x.len(), rows * self.inp, "int8 matmul: input size");
+        Activations::quantize(kernel, x, rows, self.inp, self.nb)
+    }
+
+    /// [`QMatrix::matmul`] on a given kernel path (which the CPU must support).
+    fn matmul_with(&self, kernel: Kernel, x: &[f32], rows: usize) -> Vec<f32> {
+        let act = self.activations(kernel, x, rows);
         if rows == 0 {
             return vec![];
         }
-        let act = Activations::quantize(kernel, x, rows, self.inp, self.nb);
         let mut y = Vec::new();
         let tile_major = self.q.len() >= TILE_MAJOR_BYTES;
         self.products(kernel, &act, rows, false, &mut y, tile_major);
@@ -687,6 +693,23 @@ impl QMatrix {
         rows: usize,
         widths: &[usize],
     ) -> Option<Vec<Vec<f32>>> {
+        self.matmul_parts_limbs(x, rows, widths, true)
+    }
+
+    /// [`QMatrix::matmul`] into column parts, as [`QMatrix::matmul_fine_parts`] (inference's
+    /// fused q/k/v and gate/up: the split copied 8 MB a layer of a 512-token prefill).
+    pub fn matmul_parts(&self, x: &[f32], rows: usize, widths: &[usize]) -> Option<Vec<Vec<f32>>> {
+        self.matmul_parts_limbs(x, rows, widths, false)
+    }
+
+    /// The parts' product with one-limb activations, or with `fine` two.
+    fn matmul_parts_limbs(
+        &self,
+        x: &[f32],
+        rows: usize,
+        widths: &[usize],
+        fine: bool,
+    ) -> Option<Vec<Vec<f32>>> {
         let kernel = Kernel::detect();
         let group = TILE * kernel.tiles_per_call();
         let (last, inner) = widths.split_last()?;
@@ -696,10 +719,13 @@ impl QMatrix {
         {
             return None;
         }
-        let act = self.fine_activations(kernel, x, rows);
+        let act = match fine {
+            true => self.fine_activations(kernel, x, rows),
+            false => self.activations(kernel, x, rows),
+        };
         let mut ys: Vec<Vec<f32>> = widths.iter().map(|_| Vec::new()).collect();
         let tile_major = self.q.len() >= TILE_MAJOR_BYTES;
-        self.products_parts(kernel, &act, rows, true, &mut ys, widths, tile_major);
+        self.products_parts(kernel, &act, rows, fine, &mut ys, widths, tile_major);
         Some(ys)
     }
 
@@ -1406,6 +1432,24 @@ impl CustomOp1 for QLinear<'_> {
 /// x·Wᵀ through a packed weight. x: [.., in] f32 on the CPU → [.., out]. No gradient.
 pub fn qlinear(x: &Tensor, w: &QMatrix) -> Result<Tensor> {
     qlinear_op(x, w, false)
+}
+
+/// [`qlinear`] of a fused pack split into its targets' outputs: consecutive column parts
+/// of `widths` (summing to the pack's out dim), each [n, width], written straight into
+/// their own tensors where the widths fall on the kernel's tile groups
+/// ([`QMatrix::matmul_parts`]); otherwise the whole product is split. x: [n, in].
+pub fn qlinear_parts(x: &Tensor, w: &QMatrix, widths: &[usize]) -> Result<Vec<Tensor>> {
+    let parts = train::with_rows(x, w.in_dim(), |v, rows| {
+        Ok(w.matmul_parts(v, rows, widths).map(|p| (p, rows)))
+    })?;
+    if let Some(Some((parts, rows))) = parts {
+        return parts
+            .into_iter()
+            .zip(widths)
+            .map(|(p, &wd)| Ok(Tensor::from_vec(p, (rows, wd), x.device())?))
+            .collect();
+    }
+    crate::ops::split_cols(&qlinear(x, w)?, widths)
 }
 
 /// [`qlinear`] with two-limb activations ([`QMatrix::matmul_fine`]; training).

@@ -1053,9 +1053,10 @@ fn four_bit_packing_rounds_to_sixteen_levels() {
     assert!(fields(&four) == fields(&eight), "Q4_1 under 4 bits");
 }
 
-/// The two-limb product written into column parts gives, part by part, bitwise the whole
-/// product's columns, on every kernel path and in both work orders; widths that would split
-/// a kernel call, or do not sum to the output dim, are refused.
+/// The product written into column parts gives, part by part, bitwise the whole product's
+/// columns, with one-limb activations (inference) and two (training), on every kernel path
+/// and in both work orders; widths that would split a kernel call, or do not sum to the
+/// output dim, are refused.
 #[test]
 fn fine_product_parts_are_the_whole_split() {
     // (inp, widths): q/k/v-like, gate/up-like, a ragged last part, odd tile counts.
@@ -1071,18 +1072,23 @@ fn fine_product_parts_are_the_whole_split() {
         let w = QMatrix::from_f32(&q4_weights(out, inp, 5), out, inp).unwrap();
         for rows in [1, 3, 70] {
             let x = rand_vec(rows * inp, rows as u64);
-            for k in Kernel::supported_list() {
-                let mut whole = Vec::new();
-                w.matmul_fine_with(k, &x, rows, &mut whole);
-                let group = TILE * k.tiles_per_call();
-                let fits = widths[..widths.len() - 1].iter().all(|w| w % group == 0);
-                let act = Activations::quantize_fine(k, &x, rows, inp, w.nb);
-                for tile_major in [false, true] {
-                    if !fits {
-                        continue;
+            for (k, fine) in Kernel::supported_list()
+                .into_iter()
+                .flat_map(|k| [(k, false), (k, true)])
+            {
+                let (whole, act) = match fine {
+                    true => {
+                        let mut whole = Vec::new();
+                        w.matmul_fine_with(k, &x, rows, &mut whole);
+                        (whole, Activations::quantize_fine(k, &x, rows, inp, w.nb))
                     }
-                    let mut ys: Vec<Vec<f32>> = widths.iter().map(|_| Vec::new()).collect();
-                    w.products_parts(k, &act, rows, true, &mut ys, widths, tile_major);
+                    false => (
+                        w.matmul_with(k, &x, rows),
+                        Activations::quantize(k, &x, rows, inp, w.nb),
+                    ),
+                };
+                // Each part bitwise the whole product's columns.
+                let check = |ys: &[Vec<f32>], what: &str| {
                     let mut off = 0;
                     for (y, &wd) in ys.iter().zip(widths) {
                         let want: Vec<f32> = (0..rows)
@@ -1090,15 +1096,38 @@ fn fine_product_parts_are_the_whole_split() {
                             .collect();
                         assert!(
                             bits(y) == bits(&want),
-                            "{} widths {widths:?} rows {rows} part at {off}",
+                            "{} (two limbs: {fine}, {what}) widths {widths:?} rows {rows} part at {off}",
                             k.name()
                         );
                         off += wd;
                     }
+                };
+                let group = TILE * k.tiles_per_call();
+                let fits = widths[..widths.len() - 1].iter().all(|w| w % group == 0);
+                for tile_major in [false, true] {
+                    if !fits {
+                        continue;
+                    }
+                    let mut ys: Vec<Vec<f32>> = widths.iter().map(|_| Vec::new()).collect();
+                    w.products_parts(k, &act, rows, fine, &mut ys, widths, tile_major);
+                    check(
+                        &ys,
+                        if tile_major {
+                            "tile-major"
+                        } else {
+                            "row-major"
+                        },
+                    );
                 }
                 if k == Kernel::detect() {
-                    let got = w.matmul_fine_parts(&x, rows, widths);
+                    let got = match fine {
+                        true => w.matmul_fine_parts(&x, rows, widths),
+                        false => w.matmul_parts(&x, rows, widths),
+                    };
                     assert_eq!(got.is_some(), fits, "{} widths {widths:?}", k.name());
+                    if let Some(got) = got {
+                        check(&got, "public form");
+                    }
                 }
             }
         }
@@ -1108,5 +1137,6 @@ fn fine_product_parts_are_the_whole_split() {
             w2.matmul_fine_parts(&x, 2, &widths[1..]).is_none(),
             "widths short of out"
         );
+        assert!(w2.matmul_parts(&x, 2, &widths[1..]).is_none());
     }
 }

@@ -324,7 +324,7 @@ pub fn qlinear_train(x: &Tensor, w: &QMatrix, product: TrainProduct) -> Result<T
 /// `f(rows, m)` on x's m rows as one f32 slice (x made contiguous), where x is a plain f32
 /// matrix [m, inp] on the CPU; `None` (f not run) otherwise. The products that take slices
 /// share this check.
-fn with_rows<R>(
+pub(super) fn with_rows<R>(
     x: &Tensor,
     inp: usize,
     f: impl FnOnce(&[f32], usize) -> Result<R>,
