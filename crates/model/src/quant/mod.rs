@@ -1439,17 +1439,48 @@ pub fn qlinear(x: &Tensor, w: &QMatrix) -> Result<Tensor> {
 /// their own tensors where the widths fall on the kernel's tile groups
 /// ([`QMatrix::matmul_parts`]); otherwise the whole product is split. x: [n, in].
 pub fn qlinear_parts(x: &Tensor, w: &QMatrix, widths: &[usize]) -> Result<Vec<Tensor>> {
-    let parts = train::with_rows(x, w.in_dim(), |v, rows| {
+    let parts = with_rows(x, w.in_dim(), |v, rows| {
         Ok(w.matmul_parts(v, rows, widths).map(|p| (p, rows)))
     })?;
     if let Some(Some((parts, rows))) = parts {
-        return parts
-            .into_iter()
-            .zip(widths)
-            .map(|(p, &wd)| Ok(Tensor::from_vec(p, (rows, wd), x.device())?))
-            .collect();
+        return parts_tensors(parts, rows, widths, x.device());
     }
     crate::ops::split_cols(&qlinear(x, w)?, widths)
+}
+
+/// Column parts of a product ([rows, width] each, row-major) as tensors on `device`.
+fn parts_tensors(
+    parts: Vec<Vec<f32>>,
+    rows: usize,
+    widths: &[usize],
+    device: &candle_core::Device,
+) -> Result<Vec<Tensor>> {
+    parts
+        .into_iter()
+        .zip(widths)
+        .map(|(p, &wd)| Ok(Tensor::from_vec(p, (rows, wd), device)?))
+        .collect()
+}
+
+/// `f(rows, m)` on x's m rows as one f32 slice (x made contiguous), where x is a plain f32
+/// matrix [m, inp] on the CPU; `None` (f not run) otherwise. The products that take slices
+/// share this check.
+fn with_rows<R>(
+    x: &Tensor,
+    inp: usize,
+    f: impl FnOnce(&[f32], usize) -> Result<R>,
+) -> Result<Option<R>> {
+    let plain = x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && x.rank() == 2;
+    if !plain || x.dim(1)? != inp {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let m = x.dim(0)?;
+    let (xs, xl) = x.storage_and_layout();
+    match crate::ops::f32s(&xs) {
+        Some(v) => Ok(Some(f(&v[xl.start_offset()..][..m * inp], m)?)),
+        None => Ok(None),
+    }
 }
 
 /// [`qlinear`] with two-limb activations ([`QMatrix::matmul_fine`]; training).

@@ -25,7 +25,7 @@
 use candle_core::Tensor;
 
 use super::kernel::Kernel;
-use super::{qlinear_fine, QMatrix};
+use super::{parts_tensors, qlinear_fine, with_rows, QMatrix};
 use crate::error::Result;
 
 /// The product training's forward runs for a packed frozen weight (see the module docs).
@@ -321,27 +321,6 @@ pub fn qlinear_train(x: &Tensor, w: &QMatrix, product: TrainProduct) -> Result<T
     }
 }
 
-/// `f(rows, m)` on x's m rows as one f32 slice (x made contiguous), where x is a plain f32
-/// matrix [m, inp] on the CPU; `None` (f not run) otherwise. The products that take slices
-/// share this check.
-pub(super) fn with_rows<R>(
-    x: &Tensor,
-    inp: usize,
-    f: impl FnOnce(&[f32], usize) -> Result<R>,
-) -> Result<Option<R>> {
-    let plain = x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && x.rank() == 2;
-    if !plain || x.dim(1)? != inp {
-        return Ok(None);
-    }
-    let x = x.contiguous()?;
-    let m = x.dim(0)?;
-    let (xs, xl) = x.storage_and_layout();
-    match crate::ops::f32s(&xs) {
-        Some(v) => Ok(Some(f(&v[xl.start_offset()..][..m * inp], m)?)),
-        None => Ok(None),
-    }
-}
-
 /// [`qlinear_train`] of a fused pack, split into its targets' outputs: consecutive column
 /// parts of `widths` (summing to the pack's out dim), each [n, width]. Each product writes
 /// the parts straight into their own tensors where the widths allow it (the limbs' where
@@ -353,13 +332,7 @@ pub fn qlinear_train_parts(
     product: TrainProduct,
     widths: &[usize],
 ) -> Result<Vec<Tensor>> {
-    let as_tensors = |parts: Vec<Vec<f32>>, rows: usize| -> Result<Vec<Tensor>> {
-        parts
-            .into_iter()
-            .zip(widths)
-            .map(|(p, &wd)| Ok(Tensor::from_vec(p, (rows, wd), x.device())?))
-            .collect()
-    };
+    let as_tensors = |parts, rows| parts_tensors(parts, rows, widths, x.device());
     #[cfg(target_arch = "x86_64")]
     if product == TrainProduct::Dequantized {
         if let Some(parts) = dequantized_linear_parts(x, w, widths)? {
