@@ -12,7 +12,7 @@ use lowrank_tasks::{task_by_name, Metric};
 use lowrank_train::loss::eval_loss_file;
 
 use super::progress::Bars;
-use super::{AdapterArgs, ComputeArg, ComputeKind, ModelArg};
+use super::{AdapterArgs, ComputeArg, ModelArg};
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -113,16 +113,7 @@ pub fn run(a: EvalArgs, device: &Device) -> Result<()> {
         let r = score_predictions(&examples, &metrics, &preds);
         return report(&a, task.as_deref().map(|t| t.name()), &r);
     }
-    let mut lm = match (a.compute.compute, a.adapters.merged) {
-        (c @ (ComputeKind::Int8 | ComputeKind::Int4), false) => {
-            super::load_for(&a.model, device, c.into())?
-        }
-        _ => {
-            let mut lm = super::load(&a.model, device)?;
-            a.compute.apply(&mut lm)?;
-            lm
-        }
-    };
+    let mut lm = a.compute.load(&a.model, device, a.adapters.merged)?;
     let set = a.adapters.apply(&mut lm)?;
     if let (Some(data), None) = (&a.data, metric) {
         let with = a.adapters.describe();

@@ -102,6 +102,24 @@ impl ComputeArg {
         }
     }
 
+    /// Load `m` for this arithmetic and KV cache type, as every inference command does. A
+    /// packed compute packs while loading (no f32 copy of the base: less memory and a faster
+    /// start) unless `keep_f32` (adapters to merge into the f32 weights); then the f32 model
+    /// is loaded and packed.
+    pub fn load(&self, m: &ModelArg, device: &Device, keep_f32: bool) -> Result<LoadedModel> {
+        let compute: lowrank_model::quant::Compute = self.compute.into();
+        let mut lm = match compute.packed() && !keep_f32 {
+            true => load_for(m, device, compute)?,
+            false => {
+                let mut lm = load(m, device)?;
+                self.apply(&mut lm)?;
+                lm
+            }
+        };
+        lm.model.set_kv_dtype(self.kv_dtype());
+        Ok(lm)
+    }
+
     /// Switch `lm` to this arithmetic (packs the weights for int8) and KV cache type.
     pub fn apply(&self, lm: &mut LoadedModel) -> Result<()> {
         lm.model.set_kv_dtype(self.kv_dtype());
@@ -515,18 +533,7 @@ fn info(m: &ModelArg, device: &Device) -> Result<()> {
 }
 
 fn generate_cmd(a: GenerateArgs, device: &Device) -> Result<()> {
-    // Int8 packs while loading (no f32 copy: less memory, and a faster start), unless the
-    // adapters are to be merged into the f32 weights first.
-    let mut lm = match (a.compute.compute, a.adapters.merged) {
-        (c @ (ComputeKind::Int8 | ComputeKind::Int4), false) => {
-            load_for(&a.model, device, c.into())?
-        }
-        _ => {
-            let mut lm = load(&a.model, device)?;
-            a.compute.apply(&mut lm)?;
-            lm
-        }
-    };
+    let mut lm = a.compute.load(&a.model, device, a.adapters.merged)?;
     let set = a.adapters.apply(&mut lm)?;
     let prompt_text = match (&a.prompt, &a.chat) {
         (Some(p), _) => p.clone(),
@@ -596,6 +603,35 @@ mod tests {
         let mut missing = Vec::new();
         walk(&cli, "lowrank", &mut missing);
         assert!(missing.is_empty(), "arguments without help: {missing:#?}");
+    }
+
+    /// Every inference command loads through `ComputeArg::load`: the model it returns runs
+    /// the compute and the KV cache type the flags name (a packed compute packed while loading,
+    /// the f32 weights kept only where adapters are to be merged into them).
+    #[test]
+    fn inference_loads_run_the_compute_and_kv_cache_asked_for() {
+        use super::{ComputeArg, ComputeKind, KvKind, ModelArg};
+        let m = ModelArg {
+            model: concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/tiny-llama-hf/model"
+            )
+            .into(),
+        };
+        let d = candle_core::Device::Cpu;
+        for compute in [ComputeKind::F32, ComputeKind::Int8, ComputeKind::Int4] {
+            for kv_cache in [KvKind::Auto, KvKind::F32, KvKind::F16] {
+                for keep_f32 in [false, true] {
+                    let a = ComputeArg { compute, kv_cache };
+                    let lm = a.load(&m, &d, keep_f32).unwrap();
+                    let what = format!("{compute:?} {kv_cache:?} keep_f32={keep_f32}");
+                    assert_eq!(lm.model.kv_dtype(), a.kv_dtype(), "{what}");
+                    assert_eq!(lm.model.compute(), compute.into(), "{what}");
+                    let f32_kept = compute == ComputeKind::F32 || keep_f32;
+                    assert_eq!(lm.model.has_f32_weights(), f32_kept, "{what}");
+                }
+            }
+        }
     }
 
     /// `--kv-cache auto` follows the compute (f16 beside int8, which measured faster for

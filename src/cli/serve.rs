@@ -61,13 +61,9 @@ fn model_id(spec: &str) -> Option<String> {
 }
 
 pub fn serve(a: ServeArgs, device: &Device) -> Result<()> {
-    // Int8 serving packs while loading: no f32 copy of the base stays resident (adapters
+    // A packed compute packs while loading: no f32 copy of the base stays resident (adapters
     // run unmerged, from their own f32 A and B).
-    let lm = if a.compute.compute != super::ComputeKind::F32 {
-        super::load_for(&a.model, device, a.compute.compute.into())?
-    } else {
-        super::load(&a.model, device)?
-    };
+    let lm = a.compute.load(&a.model, device, false)?;
     let mut cfg = lowrank_serve::ServeConfig {
         host: a.host.clone(),
         port: a.port,
@@ -266,8 +262,8 @@ pub fn bench(c: BenchCmd, device: &Device) -> Result<()> {
             no_base,
             no_merged,
         } => {
-            let mut lm = super::load(&model, device)?;
-            compute.apply(&mut lm)?;
+            // The merged scenario merges into the f32 weights, so they stay loaded for it.
+            let lm = compute.load(&model, device, !no_merged)?;
             let cfg = lowrank_serve::BenchConfig {
                 adapter_counts: adapters,
                 requests,
@@ -298,8 +294,8 @@ fn bench_infer(
     repeats: usize,
     device: &Device,
 ) -> Result<()> {
-    let mut lm = super::load(m, device)?;
-    compute.apply(&mut lm)?;
+    // Loaded as `serve` and `generate` load it (packed while loading for a packed compute).
+    let lm = compute.load(m, device, false)?;
     let text = "The history of low-rank adaptation begins with the observation that fine-tuning updates have low intrinsic rank. ".repeat(64);
     let mut ids = lm.tok.encode(&text)?;
     ids.truncate(prompt_tokens);

@@ -37,6 +37,12 @@ impl KvDtype {
             KvDtype::F16 => DType::F16,
         }
     }
+
+    /// Bytes one cached token takes in a cache of this type: its K and V in every layer (what
+    /// a server reserves per token of a request).
+    pub fn bytes_per_token(self, num_layers: usize, num_kv_heads: usize, head_dim: usize) -> usize {
+        num_layers * 2 * num_kv_heads * head_dim * self.dtype().size_in_bytes()
+    }
 }
 
 #[derive(Debug)]
@@ -164,6 +170,36 @@ mod tests {
     /// An f16 cache holds K and V rounded once to half precision (within 2⁻¹¹ relative, 2⁻²⁵
     /// absolute below f16's normal range), in
     /// half the bytes of an f32 cache, and keeps what earlier steps appended when it grows.
+    /// What a cache holds per token is what [`KvDtype::bytes_per_token`] says, for both types
+    /// (a server's admission budget counts with it).
+    #[test]
+    fn bytes_per_token_is_what_the_cache_holds() {
+        let d = Device::Cpu;
+        let (layers, kv_heads, hd) = (3, 2, 8);
+        for dtype in [KvDtype::F32, KvDtype::F16] {
+            let mut c = KvCache::with_dtype(layers, dtype);
+            // 32 tokens: exactly the first capacity, so the buffers hold no spare rows.
+            for t in [20, 12] {
+                let k = Tensor::randn(0f32, 1.0, (kv_heads, t, hd), &d).unwrap();
+                for l in 0..layers {
+                    c.append(l, &k, &k).unwrap();
+                }
+                c.advance(t);
+            }
+            assert_eq!(c.len(), 32);
+            assert_eq!(
+                c.bytes(),
+                32 * dtype.bytes_per_token(layers, kv_heads, hd),
+                "{}",
+                dtype.name()
+            );
+        }
+        assert_eq!(
+            KvDtype::F16.bytes_per_token(30, 3, 64) * 2,
+            KvDtype::F32.bytes_per_token(30, 3, 64)
+        );
+    }
+
     #[test]
     fn f16_cache_rounds_once_and_halves_the_bytes() {
         let d = Device::Cpu;

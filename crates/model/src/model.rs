@@ -150,6 +150,13 @@ impl Llama {
         self.kv_dtype
     }
 
+    /// Bytes one token takes in the caches [`Llama::new_cache`] makes (every layer's K and V).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        let c = &self.cfg;
+        self.kv_dtype
+            .bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim)
+    }
+
     /// How LoRA training's forward multiplies the packed weights under int8/int4 compute
     /// (default: the faster product on this CPU's kernel path, see [`quant::TrainProduct`]).
     pub fn set_train_product(&mut self, p: quant::TrainProduct) {

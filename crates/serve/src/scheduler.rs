@@ -97,10 +97,9 @@ impl Scheduler {
         cfg: SchedulerConfig,
         metrics: Arc<Metrics>,
     ) -> Scheduler {
-        let c = &model.cfg;
-        // K and V, every layer, f32 activations.
-        let kv_per_token = c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4;
-        let max_pos = c.max_position_embeddings;
+        // K and V, every layer, in the cache's element type (f16 caches take half).
+        let kv_per_token = model.kv_bytes_per_token();
+        let max_pos = model.cfg.max_position_embeddings;
         let (tx, rx) = mpsc::channel();
         let queued = Arc::new(AtomicU64::new(0));
         let alive = Arc::new(AtomicBool::new(true));

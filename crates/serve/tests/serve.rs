@@ -361,6 +361,51 @@ async fn context_overflow_and_timeout() {
     r.error_message();
 }
 
+/// The KV budget counts the cache's element type: a request that an f32 cache could not hold
+/// within the budget is admitted when the server caches K and V in f16 (half the bytes a token),
+/// and the refusal names the bytes it needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kv_budget_counts_the_cache_element_type() {
+    let lm = tiny();
+    let c = &lm.model.cfg;
+    let f32_token = c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4;
+    let cfg = ServeConfig {
+        kv_cache_bytes: 100 * f32_token,
+        ..Default::default()
+    };
+    let body = json!({"model": "model", "prompt": "x", "max_tokens": 150, "temperature": 0});
+    let s = state(lm, cfg.clone());
+    let r = post(&s, "/v1/completions", &body).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+    let m = r.error_message();
+    assert!(
+        m.contains(&format!("budget of {} bytes", 100 * f32_token)),
+        "{m}"
+    );
+    let mut lm = tiny();
+    lm.model.set_kv_dtype(lowrank_model::KvDtype::F16);
+    let s = state(lm, cfg);
+    let r = post(&s, "/v1/completions", &body).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    // Past 200 tokens even f16 does not fit; the need is counted at 2 bytes a value.
+    let r = post(
+        &s,
+        "/v1/completions",
+        &json!({"model": "model", "prompt": "x", "max_tokens": 250}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+    let m = r.error_message();
+    let need: usize = m
+        .split("need ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no byte count in {m}"));
+    assert_eq!(need % (f32_token / 2), 0, "{m}");
+    assert!((251..=260).contains(&(need / (f32_token / 2))), "{m}");
+}
+
 /// Greedy completions in mixed batches (3 adapters, a mixture and the base; different prompt
 /// lengths and max_tokens, so prefills and decodes share forwards) equal each request alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 8)]

@@ -342,9 +342,15 @@ pub async fn serve(
         .await
         .map_err(|e| ServeError::Invalid(format!("cannot listen on {addr}: {e}")))?;
     let local = listener.local_addr()?;
+    let (m, budget) = (&state.model, state.cfg.kv_cache_bytes);
     eprintln!(
-        "lowrank serve: model `{}` with {} adapter(s) on http://{local}/v1",
+        "lowrank serve: model `{}` ({} compute, {} KV cache: {} tokens in the {} MiB budget) with \
+         {} adapter(s) on http://{local}/v1",
         state.base_id,
+        m.compute().name(),
+        m.kv_dtype().name(),
+        budget / m.kv_bytes_per_token().max(1),
+        budget >> 20,
         state.registry.names().len()
     );
     serve_on(listener, state, shutdown).await
