@@ -43,6 +43,11 @@ pub struct ServeArgs {
     /// Byte budget for resident adapters (LRU eviction of idle ones beyond it).
     #[arg(long, default_value_t = 2 << 30)]
     pub max_adapter_bytes: u64,
+    /// Byte budget for the KV caches of running requests: a request is admitted while the
+    /// caches reserved for every running one (prompt + max_tokens each, at the cache type's
+    /// bytes per token) fit in it; one that alone needs more gets HTTP 400.
+    #[arg(long, default_value_t = 4 << 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub kv_cache_bytes: u64,
     /// Requests waiting for a batch slot before new ones get HTTP 429.
     #[arg(long, default_value_t = 256)]
     pub max_queue: usize,
@@ -78,6 +83,8 @@ pub fn serve(a: ServeArgs, device: &Device) -> Result<()> {
         adapter_cache: a.adapter_cache.clone(),
         max_batch: a.max_batch.max(1),
         max_adapter_bytes: a.max_adapter_bytes,
+        kv_cache_bytes: usize::try_from(a.kv_cache_bytes)
+            .context("--kv-cache-bytes does not fit this machine's address space")?,
         max_queue: a.max_queue,
         preload: a.preload,
         model_id: model_id(&a.model.model),

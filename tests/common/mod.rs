@@ -73,6 +73,39 @@ impl Server {
         assert!(st.success());
     }
 
+    /// The first line of the server's stderr that contains `pat`, read within `limit`
+    /// (panics with what it read otherwise). Lines read are consumed.
+    pub fn stderr_line(&mut self, pat: &str, limit: Duration) -> String {
+        use std::io::BufRead;
+        let err = self.child.stderr.take().expect("stderr already taken");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let pat_owned = pat.to_string();
+        // A thread reads, so that a server that prints nothing cannot block the test, and
+        // goes on reading to the end: a closed pipe would make the server's next eprintln fail.
+        std::thread::spawn(move || {
+            let mut seen = String::new();
+            let mut found = false;
+            for line in std::io::BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                if !found && line.contains(&pat_owned) {
+                    found = true;
+                    let _ = tx.send(Ok(line));
+                } else if !found {
+                    seen.push_str(&line);
+                    seen.push('\n');
+                }
+            }
+            if !found {
+                let _ = tx.send(Err(seen));
+            }
+        });
+        match rx.recv_timeout(limit) {
+            Ok(Ok(line)) => line,
+            Ok(Err(seen)) => panic!("no stderr line with `{pat}`; the server wrote:\n{seen}"),
+            Err(_) => panic!("no stderr line with `{pat}` within {limit:?}"),
+        }
+    }
+
     /// Wait up to `limit` for the server to exit; its exit status.
     pub fn wait(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + limit;

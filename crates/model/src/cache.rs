@@ -56,6 +56,8 @@ pub struct KvCache {
     layers: Vec<Option<LayerKv>>,
     len: usize,
     dtype: KvDtype,
+    /// Tokens the buffers grow to at most (see [`KvCache::with_limit`]).
+    limit: usize,
 }
 
 impl Clone for KvCache {
@@ -75,6 +77,7 @@ impl Clone for KvCache {
             layers,
             len: self.len,
             dtype: self.dtype,
+            limit: self.limit,
         }
     }
 }
@@ -90,6 +93,18 @@ impl KvCache {
             layers: (0..num_layers).map(|_| None).collect(),
             len: 0,
             dtype,
+            limit: usize::MAX,
+        }
+    }
+
+    /// A cache that is expected to hold at most `tokens`: its buffers grow by doubling as
+    /// usual but never beyond `tokens` (unless a step needs more), so its bytes stay within
+    /// what a server reserved for the request (`tokens` × [`KvDtype::bytes_per_token`]);
+    /// doubling alone could reach twice that.
+    pub fn with_limit(num_layers: usize, dtype: KvDtype, tokens: usize) -> Self {
+        KvCache {
+            limit: tokens,
+            ..KvCache::with_dtype(num_layers, dtype)
         }
     }
 
@@ -133,7 +148,7 @@ impl KvCache {
                 .map(|b| b.k.dim(1))
                 .transpose()?
                 .unwrap_or(0);
-            let cap = need.max(old_cap * 2).max(32);
+            let cap = need.max(old_cap * 2).max(32).min(self.limit).max(need);
             let dev: &Device = k.device();
             let nk = Tensor::zeros((nkv, cap, hd), k.dtype(), dev)?;
             let nv = Tensor::zeros((nkv, cap, hd), v.dtype(), dev)?;
@@ -198,6 +213,42 @@ mod tests {
             KvDtype::F16.bytes_per_token(30, 3, 64) * 2,
             KvDtype::F32.bytes_per_token(30, 3, 64)
         );
+    }
+
+    /// A limited cache never grows past its limit (where doubling would: 32 → 64 for 33
+    /// tokens), holds what an unlimited one holds, bit for bit, and still takes a step past
+    /// its limit rather than fail.
+    #[test]
+    fn a_limited_cache_stays_within_its_tokens() {
+        let d = Device::Cpu;
+        let (kv_heads, hd) = (2, 8);
+        for dtype in [KvDtype::F32, KvDtype::F16] {
+            let per_token = dtype.bytes_per_token(1, kv_heads, hd);
+            let mut free = KvCache::with_dtype(1, dtype);
+            let mut lim = KvCache::with_limit(1, dtype, 45);
+            for (t, cap) in [(20, 32), (13, 45), (12, 45), (3, 48)] {
+                let k = Tensor::randn(0f32, 1.0, (kv_heads, t, hd), &d).unwrap();
+                let v = (&k * 3.0).unwrap();
+                let (fk, fv) = free.append(0, &k, &v).unwrap();
+                let (lk, lv) = lim.append(0, &k, &v).unwrap();
+                free.advance(t);
+                lim.advance(t);
+                let f32s = |x: &Tensor| {
+                    let x = x.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+                    x.to_vec1::<f32>().unwrap()
+                };
+                assert_eq!(f32s(&lk), f32s(&fk));
+                assert_eq!(f32s(&lv), f32s(&fv));
+                assert_eq!(
+                    lim.bytes(),
+                    cap * per_token,
+                    "{} at {}",
+                    dtype.name(),
+                    lim.len()
+                );
+            }
+            assert_eq!(free.bytes(), 64 * per_token);
+        }
     }
 
     #[test]

@@ -204,6 +204,12 @@ impl Llama {
         KvCache::with_dtype(self.cfg.num_layers, self.kv_dtype)
     }
 
+    /// [`Llama::new_cache`] for a sequence of at most `tokens` (its buffers never grow past
+    /// them, see [`KvCache::with_limit`]).
+    pub fn new_cache_for(&self, tokens: usize) -> KvCache {
+        KvCache::with_limit(self.cfg.num_layers, self.kv_dtype, tokens)
+    }
+
     /// A model for int8 compute only: `weights` holds placeholders for the projections, the
     /// embedding and the head (see `weights::Packer`), `q` their packing, and `fingerprint`
     /// the fingerprint of the f32 weights they came from.

@@ -346,9 +346,9 @@ impl<'a> Loop<'a> {
     fn admit(&self, st: &mut LoopState, rows: &mut Vec<Row<'a>>) {
         while rows.len() < self.cfg.max_batch.max(1) {
             let Some(r) = st.waiting.front() else { break };
-            let need = (r.prompt.len() + r.params.max_tokens)
-                .min(self.model.cfg.max_position_embeddings)
-                * self.kv_per_token;
+            let tokens =
+                (r.prompt.len() + r.params.max_tokens).min(self.model.cfg.max_position_embeddings);
+            let need = tokens * self.kv_per_token;
             if !rows.is_empty() && st.reserved + need > self.cfg.kv_cache_bytes {
                 break;
             }
@@ -359,7 +359,8 @@ impl<'a> Loop<'a> {
                 prompt_tokens: r.prompt.len(),
                 input: r.prompt,
                 fed: 0,
-                cache: self.model.new_cache(),
+                // Its buffers stay within the tokens reserved for it.
+                cache: self.model.new_cache_for(tokens),
                 adapters: r.adapters,
                 adapter_names: r.adapter_names,
                 request_mixture: r.request_mixture,
