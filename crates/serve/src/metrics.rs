@@ -89,6 +89,10 @@ pub struct Metrics {
     pub queue_depth: AtomicU64,
     pub running: AtomicU64,
     pub kv_cache_bytes: AtomicU64,
+    /// KV bytes reserved for the running requests (prompt + max_tokens each), which admission
+    /// holds within `kv_cache_budget_bytes`.
+    pub kv_cache_reserved_bytes: AtomicU64,
+    pub kv_cache_budget_bytes: AtomicU64,
     pub resident_adapters: AtomicU64,
     pub resident_adapter_bytes: AtomicU64,
     pub batch_rows: Histogram,
@@ -115,6 +119,8 @@ impl Default for Metrics {
             queue_depth: AtomicU64::new(0),
             running: AtomicU64::new(0),
             kv_cache_bytes: AtomicU64::new(0),
+            kv_cache_reserved_bytes: AtomicU64::new(0),
+            kv_cache_budget_bytes: AtomicU64::new(0),
             resident_adapters: AtomicU64::new(0),
             resident_adapter_bytes: AtomicU64::new(0),
             batch_rows: Histogram::new(&BATCH_BOUNDS),
@@ -233,6 +239,20 @@ impl Metrics {
             "gauge",
             "Bytes held by KV caches.",
             self.kv_cache_bytes.load(Ordering::Relaxed),
+        );
+        g(
+            &mut o,
+            "lowrank_kv_cache_reserved_bytes",
+            "gauge",
+            "KV cache bytes reserved for the running requests (prompt + max_tokens each).",
+            self.kv_cache_reserved_bytes.load(Ordering::Relaxed),
+        );
+        g(
+            &mut o,
+            "lowrank_kv_cache_budget_bytes",
+            "gauge",
+            "The KV cache budget admission keeps the reserved bytes within.",
+            self.kv_cache_budget_bytes.load(Ordering::Relaxed),
         );
         g(
             &mut o,

@@ -100,6 +100,9 @@ impl Scheduler {
         // K and V, every layer, in the cache's element type (f16 caches take half).
         let kv_per_token = model.kv_bytes_per_token();
         let max_pos = model.cfg.max_position_embeddings;
+        metrics
+            .kv_cache_budget_bytes
+            .store(cfg.kv_cache_bytes as u64, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel();
         let queued = Arc::new(AtomicU64::new(0));
         let alive = Arc::new(AtomicBool::new(true));
@@ -263,7 +266,7 @@ impl<'a> Loop<'a> {
             self.receive(&rx, &mut st, rows.is_empty());
             self.expire(&mut st, &mut rows);
             self.admit(&mut st, &mut rows);
-            self.publish(rows.len());
+            self.publish(rows.len(), st.reserved);
             if rows.is_empty() {
                 continue;
             }
@@ -275,11 +278,17 @@ impl<'a> Loop<'a> {
                 .kv_cache_bytes
                 .store(kv as u64, Ordering::Relaxed);
             self.metrics
+                .kv_cache_reserved_bytes
+                .store(st.reserved as u64, Ordering::Relaxed);
+            self.metrics
                 .running
                 .store(rows.len() as u64, Ordering::Relaxed);
         }
         self.metrics.running.store(0, Ordering::Relaxed);
         self.metrics.kv_cache_bytes.store(0, Ordering::Relaxed);
+        self.metrics
+            .kv_cache_reserved_bytes
+            .store(0, Ordering::Relaxed);
     }
 
     /// Take new requests; block for one only when no row is running and none is waiting.
@@ -377,8 +386,11 @@ impl<'a> Loop<'a> {
         }
     }
 
-    /// Queue depth and running rows, for /metrics and /health.
-    fn publish(&self, running: usize) {
+    /// Queue depth, running rows and their reserved KV bytes, for /metrics and /health.
+    fn publish(&self, running: usize, reserved: usize) {
+        self.metrics
+            .kv_cache_reserved_bytes
+            .store(reserved as u64, Ordering::Relaxed);
         self.metrics
             .queue_depth
             .store(self.queued.load(Ordering::SeqCst), Ordering::Relaxed);

@@ -384,7 +384,66 @@ async fn kv_budget_counts_the_cache_element_type() {
     );
     let mut lm = tiny();
     lm.model.set_kv_dtype(lowrank_model::KvDtype::F16);
+    let prompt = lm.tok.encode("x").unwrap().len();
     let s = state(lm, cfg);
+    // Streamed: while it runs, /metrics shows its reservation (at 2 bytes a value) and the
+    // budget; after it, nothing stays reserved.
+    // 190 tokens fit the f16 budget (≤ 200); greedy on the tiny model runs them all.
+    let sbody = json!({"model": "model", "prompt": "x", "max_tokens": 190, "temperature": 0,
+        "stream": true, "stream_options": {"include_usage": true}});
+    let resp = lowrank_serve::app(s.clone())
+        .oneshot(request(
+            "POST",
+            "/v1/completions",
+            Some(&sbody.to_string()),
+            None,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut stream = resp.into_body().into_data_stream();
+    let _ = stream.next().await.unwrap().unwrap();
+    let gauge = |text: &str, name: &str| -> u64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"));
+        line[name.len() + 1..].trim().parse().unwrap()
+    };
+    let m = call(&s, "GET", "/metrics", None, None).await;
+    let reserved = gauge(&m.text, "lowrank_kv_cache_reserved_bytes");
+    assert_eq!(
+        reserved as usize,
+        (prompt + 190) * f32_token / 2,
+        "{}",
+        m.text
+    );
+    assert_eq!(
+        gauge(&m.text, "lowrank_kv_cache_budget_bytes") as usize,
+        100 * f32_token
+    );
+    // The caches hold no more than was reserved.
+    assert!(
+        gauge(&m.text, "lowrank_kv_cache_bytes") <= reserved,
+        "{}",
+        m.text
+    );
+    let mut rest = Vec::new();
+    while let Some(c) = stream.next().await {
+        rest.extend_from_slice(&c.unwrap());
+    }
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.contains("\"completion_tokens\":190"), "{rest}");
+    let mut left = u64::MAX;
+    for _ in 0..400 {
+        let m = call(&s, "GET", "/metrics", None, None).await;
+        left = gauge(&m.text, "lowrank_kv_cache_reserved_bytes");
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(left, 0, "a finished request's KV reservation stayed");
     let r = post(&s, "/v1/completions", &body).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     // Past 200 tokens even f16 does not fit; the need is counted at 2 bytes a value.
