@@ -391,18 +391,7 @@ async fn kv_budget_counts_the_cache_element_type() {
     // 190 tokens fit the f16 budget (≤ 200); greedy on the tiny model runs them all.
     let sbody = json!({"model": "model", "prompt": "x", "max_tokens": 190, "temperature": 0,
         "stream": true, "stream_options": {"include_usage": true}});
-    let resp = lowrank_serve::app(s.clone())
-        .oneshot(request(
-            "POST",
-            "/v1/completions",
-            Some(&sbody.to_string()),
-            None,
-        ))
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    let mut stream = resp.into_body().into_data_stream();
-    let _ = stream.next().await.unwrap().unwrap();
+    let mut stream = open_stream(&s, "/v1/completions", &sbody).await;
     let gauge = |text: &str, name: &str| -> u64 {
         let line = text
             .lines()
@@ -579,18 +568,7 @@ async fn queue_full_gives_429() {
     // A long streaming request occupies the only batch slot...
     let mut body = chat_body("model", "Go on", 400);
     body["stream"] = json!(true);
-    let resp = lowrank_serve::app(s.clone())
-        .oneshot(request(
-            "POST",
-            "/v1/chat/completions",
-            Some(&body.to_string()),
-            None,
-        ))
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    let mut stream = resp.into_body().into_data_stream();
-    let _ = stream.next().await.unwrap().unwrap();
+    let stream = open_stream(&s, "/v1/chat/completions", &body).await;
     for _ in 0..400 {
         if s.metrics.running.load(std::sync::atomic::Ordering::Relaxed) == 1
             && s.scheduler.queued() == 0

@@ -158,6 +158,20 @@ pub async fn call(
     }
 }
 
+/// POST a streaming request and wait for its first chunk (the request is then running); the
+/// rest of the body.
+pub async fn open_stream(s: &AppState, uri: &str, body: &Value) -> axum::body::BodyDataStream {
+    use futures_util::StreamExt;
+    let resp = lowrank_serve::app(s.clone())
+        .oneshot(request("POST", uri, Some(&body.to_string()), None))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut stream = resp.into_body().into_data_stream();
+    let _ = stream.next().await.unwrap().unwrap();
+    stream
+}
+
 pub async fn post(s: &AppState, uri: &str, body: &Value) -> Resp {
     call(s, "POST", uri, Some(&body.to_string()), None).await
 }
