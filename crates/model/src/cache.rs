@@ -182,9 +182,6 @@ impl KvCache {
 mod tests {
     use super::*;
 
-    /// An f16 cache holds K and V rounded once to half precision (within 2⁻¹¹ relative, 2⁻²⁵
-    /// absolute below f16's normal range), in
-    /// half the bytes of an f32 cache, and keeps what earlier steps appended when it grows.
     /// What a cache holds per token is what [`KvDtype::bytes_per_token`] says, for both types
     /// (a server's admission budget counts with it).
     #[test]
@@ -251,6 +248,9 @@ mod tests {
         }
     }
 
+    /// An f16 cache holds K and V rounded once to half precision (within 2⁻¹¹ relative, 2⁻²⁵
+    /// absolute below f16's normal range), in
+    /// half the bytes of an f32 cache, and keeps what earlier steps appended when it grows.
     #[test]
     fn f16_cache_rounds_once_and_halves_the_bytes() {
         let d = Device::Cpu;
