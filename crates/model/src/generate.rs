@@ -325,7 +325,9 @@ pub fn generate(
             max,
         });
     }
-    let mut cache = model.new_cache();
+    // The cache never holds more than the prompt and max_tokens (the loop below stops there
+    // or at the context), so its buffers need not grow past them.
+    let mut cache = model.new_cache_for((prompt.len() + params.max_tokens).min(max));
     let mut sampler = Sampler::new(params.clone());
     let mut stream = TextStream::new(tok, params.stop.clone());
     let mut ids = Vec::new();
@@ -391,13 +393,17 @@ pub fn greedy_batch(
     eos_ids: &[u32],
 ) -> Result<Vec<Vec<u32>>> {
     let n = prompts.len();
-    let mut caches: Vec<KvCache> = (0..n).map(|_| model.new_cache()).collect();
+    let max = model.cfg.max_position_embeddings;
+    // Each row's cache holds at most its prompt and max_tokens.
+    let mut caches: Vec<KvCache> = prompts
+        .iter()
+        .map(|p| model.new_cache_for((p.len() + max_tokens).min(max)))
+        .collect();
     let mut outs: Vec<Vec<u32>> = vec![vec![]; n];
     let mut next: Vec<Vec<u32>> = prompts.to_vec();
     let mut active: Vec<usize> = (0..n)
         .filter(|&i| !prompts[i].is_empty() && max_tokens > 0)
         .collect();
-    let max = model.cfg.max_position_embeddings;
     while !active.is_empty() {
         let logits = {
             let mut cache_refs: Vec<Option<&mut KvCache>> = caches.iter_mut().map(Some).collect();
