@@ -5,11 +5,21 @@
 //! `cargo run --release -p lowrank-model --example f32_gemm`
 //! (`RAYON_NUM_THREADS=1 CANDLE_NUM_THREADS=1` for one core).
 
+#[cfg(target_arch = "x86_64")]
 use candle_core::{Device, Tensor};
+#[cfg(target_arch = "x86_64")]
 use lowrank_model::ops::gemm::{gemm_f32, BLayout, GemmKernel};
+#[cfg(target_arch = "x86_64")]
 use std::time::Instant;
 
+#[cfg(not(target_arch = "x86_64"))]
+fn main() {
+    eprintln!("f32_gemm times the x86 kernels (AVX2, AVX-512); this build has none");
+    std::process::exit(2);
+}
+
 /// Seconds of one call of `f` after `warm` untimed ones.
+#[cfg(target_arch = "x86_64")]
 fn secs(warm: usize, mut f: impl FnMut()) -> f64 {
     for _ in 0..warm {
         f();
@@ -19,6 +29,7 @@ fn secs(warm: usize, mut f: impl FnMut()) -> f64 {
     s.elapsed().as_secs_f64()
 }
 
+#[cfg(target_arch = "x86_64")]
 fn main() {
     let d = Device::Cpu;
     let r = |s: &[usize]| Tensor::randn(0f32, 1f32, s, &d).unwrap();

@@ -746,12 +746,7 @@ const GEMM_CHILD: &str = "f32_gemm_path_child";
 /// dequantized pack.
 #[test]
 fn f32_gemm_paths_agree_on_a_long_batch() {
-    // `LOWRANK_ISA` (lowrank_model::isa) caps the paths as a CPU without them would.
-    let avx2 = cfg!(target_arch = "x86_64")
-        && lowrank_model::isa::Isa::Avx2.allowed()
-        && std::is_x86_feature_detected!("avx2")
-        && std::is_x86_feature_detected!("fma");
-    if !avx2 {
+    if own_gemm_paths().is_empty() {
         eprintln!("skipped: this CPU runs only candle's f32 path (nothing to compare)");
         return;
     }
@@ -761,6 +756,16 @@ fn f32_gemm_paths_agree_on_a_long_batch() {
         gemm_paths_agree(&dir, compute);
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Our own f32 gemm paths this CPU runs (`LOWRANK_ISA`, in `lowrank_model::isa`, caps them
+/// as a CPU without them would), by the names `LOWRANK_F32_GEMM` takes.
+fn own_gemm_paths() -> Vec<&'static str> {
+    lowrank_model::ops::gemm::GemmKernel::supported_list()
+        .into_iter()
+        .filter(|k| k.is_own())
+        .map(|k| k.name())
+        .collect()
 }
 
 /// One compute's half of [`f32_gemm_paths_agree_on_a_long_batch`].
@@ -786,17 +791,10 @@ fn gemm_paths_agree(dir: &std::path::Path, compute: &str) {
         candle_core::safetensors::load(&file, &Device::Cpu).unwrap()
     };
     let candle = run("candle");
-    let avx512 = cfg!(target_arch = "x86_64")
-        && lowrank_model::isa::Isa::Avx512.allowed()
-        && std::is_x86_feature_detected!("avx512f");
-    if !avx512 {
+    let ours = own_gemm_paths();
+    if !ours.contains(&"avx512") {
         eprintln!("{compute}: the avx512 path skipped: this CPU has no AVX-512");
     }
-    let ours: &[&str] = if avx512 {
-        &["avx2", "avx512"]
-    } else {
-        &["avx2"]
-    };
     for path in ours {
         let ours = run(path);
         paths_agree(compute, path, &ours, &candle);

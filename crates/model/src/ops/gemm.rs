@@ -18,6 +18,13 @@
 //! Results are not bitwise equal to candle's (another summation order); tests bound the
 //! difference against an f64 product. `LOWRANK_F32_GEMM=candle|avx2|avx512` forces a path.
 
+// The blocking constants, the column tasks and the packing buffer serve the x86 kernels only;
+// elsewhere every product takes candle's path (an aarch64 build compiles them unused).
+#![cfg_attr(
+    not(target_arch = "x86_64"),
+    allow(dead_code, unused_imports, unused_macros)
+)]
+
 #[cfg(target_arch = "x86_64")]
 use crate::isa::Isa;
 use candle_core::{DType, Tensor};
@@ -79,6 +86,19 @@ impl GemmKernel {
         self != GemmKernel::Candle
     }
 
+    /// The paths this CPU runs (and `LOWRANK_ISA` allows), widest first; candle's, last, is
+    /// always among them.
+    pub fn supported_list() -> Vec<GemmKernel> {
+        let all = [
+            #[cfg(target_arch = "x86_64")]
+            GemmKernel::Avx512,
+            #[cfg(target_arch = "x86_64")]
+            GemmKernel::Avx2,
+            GemmKernel::Candle,
+        ];
+        all.into_iter().filter(|k| k.supported()).collect()
+    }
+
     fn supported(self) -> bool {
         match self {
             GemmKernel::Candle => true,
@@ -99,13 +119,7 @@ impl GemmKernel {
 
     /// The default on this CPU: our widest kernel that runs here, else candle.
     fn auto() -> GemmKernel {
-        #[cfg(target_arch = "x86_64")]
-        for k in [GemmKernel::Avx512, GemmKernel::Avx2] {
-            if k.supported() {
-                return k;
-            }
-        }
-        GemmKernel::Candle
+        GemmKernel::supported_list()[0]
     }
 
     /// The choice from `LOWRANK_F32_GEMM`'s value, with the warning to print, if any.

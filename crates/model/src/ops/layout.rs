@@ -335,6 +335,7 @@ mod tests {
             1e-40,
         ]);
         let want: Vec<u16> = v.iter().map(|&x| bf16::from_f32(x).to_bits()).collect();
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut paths = vec![Bf16Path::Scalar];
         #[cfg(target_arch = "x86_64")]
         {

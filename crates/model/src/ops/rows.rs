@@ -483,6 +483,7 @@ pub(super) struct AttnShape {
 /// The register-blocked `$row::<G, C>` for g ≤ 4 query heads per KV head and head_dim 64
 /// (C = `$c64` vectors) or 128 (`$c128`), else `$generic`: one shape table for every
 /// instruction set's kernels.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_macros))] // the x86 kernels' table
 macro_rules! pick_row_kernel {
     ($row:ident, $generic:ident, $e:ty, $g:expr, $hd:expr, $c64:literal, $c128:literal) => {
         match ($g, $hd) {

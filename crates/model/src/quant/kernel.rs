@@ -159,6 +159,7 @@ impl Kernel {
 
     /// Most activation rows one kernel call takes (with `limbs`, an even number: whole limb
     /// pairs).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] // only VNNI's differs
     pub(super) fn rows_per_call(self, limbs: bool) -> usize {
         match self {
             Kernel::Portable => NR_PORTABLE,
